@@ -1,0 +1,95 @@
+"""Configuration from environment variables (12-factor); the only module that reads ``os.environ``.
+
+Every setting has a documented default so that ``python -m app train`` works on a fresh machine.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_DATA_DIR = Path(__file__).resolve().parent / "sample_data" / "boolq"
+
+
+def _env(name: str, default: str) -> str:
+    value = os.environ.get(name)
+    return default if value is None or value == "" else value
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = _env(name, str(default))
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from exc
+
+
+def _env_paths(name: str, default: str) -> tuple[Path, ...]:
+    return tuple(Path(p).expanduser() for p in _env(name, default).split(os.pathsep) if p)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All runtime settings. Build with :meth:`from_env`; override fields with ``dataclasses.replace``."""
+
+    # Where run folders (params, metrics, predictions, fine-tuned model) are written. Shared by API and workers.
+    artifacts_dir: Path = PROJECT_ROOT / "runs"
+    # BoolQ folder with train.jsonl and val.jsonl; empty = the bundled sample.
+    data_dir: Path = SAMPLE_DATA_DIR
+    # Model used when a request does not name one.
+    default_model: str = "bert-base-multilingual-cased"
+    # Intra-op threads for torch; 0 = torch's default (all cores).
+    num_threads: int = 0
+    # Redis holding the job queue and job state.
+    redis_url: str = "redis://localhost:6379/0"
+    # RQ queue name.
+    queue_name: str = "boolq-train"
+    # Seconds a training job may run before RQ stops it (default 24 h).
+    job_timeout: int = 24 * 3600
+    # Seconds a finished job's result stays in Redis (default 30 days).
+    result_ttl: int = 30 * 24 * 3600
+    # Bearer token required for POST /train, cancel and /predict; empty = no auth.
+    api_token: str = field(default="", repr=False)
+    # Largest accepted request body in bytes.
+    max_content_length: int = 1024 * 1024
+    # Folders (besides ARTIFACTS_DIR) under which a request may name a local model folder.
+    model_roots: tuple[Path, ...] = ()
+    # Fine-tuned models kept in memory per API process.
+    predict_cache_size: int = 2
+    # Experiment trackers: comma-separated list of mlflow, neptune, none.
+    tracker: str = "mlflow"
+    # MLflow tracking URI; empty = SQLite store under ARTIFACTS_DIR/mlflow.
+    mlflow_tracking_uri: str = ""
+    # Registered model name for model versions.
+    registered_model_name: str = "boolq-bert"
+    # Neptune project and token; without both, Neptune runs offline.
+    neptune_project: str = ""
+    neptune_api_token: str = field(default="", repr=False)
+    neptune_mode: str = ""
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        """Read every setting from its environment variable, falling back to the defaults above."""
+        default = cls()
+        return cls(
+            artifacts_dir=Path(_env("ARTIFACTS_DIR", str(default.artifacts_dir))).expanduser(),
+            data_dir=Path(_env("DATA_DIR", str(default.data_dir))).expanduser(),
+            default_model=_env("DEFAULT_MODEL", default.default_model),
+            num_threads=_env_int("NUM_THREADS", default.num_threads),
+            redis_url=_env("REDIS_URL", default.redis_url),
+            queue_name=_env("QUEUE_NAME", default.queue_name),
+            job_timeout=_env_int("JOB_TIMEOUT", default.job_timeout),
+            result_ttl=_env_int("RESULT_TTL", default.result_ttl),
+            api_token=_env("API_TOKEN", ""),
+            max_content_length=_env_int("MAX_CONTENT_LENGTH", default.max_content_length),
+            model_roots=_env_paths("MODEL_ROOTS", ""),
+            predict_cache_size=_env_int("PREDICT_CACHE_SIZE", default.predict_cache_size),
+            tracker=_env("TRACKER", default.tracker),
+            mlflow_tracking_uri=_env("MLFLOW_TRACKING_URI", ""),
+            registered_model_name=_env("REGISTERED_MODEL_NAME", default.registered_model_name),
+            neptune_project=_env("NEPTUNE_PROJECT", ""),
+            neptune_api_token=_env("NEPTUNE_API_TOKEN", ""),
+            neptune_mode=_env("NEPTUNE_MODE", ""),
+        )

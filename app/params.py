@@ -1,0 +1,41 @@
+"""The training parameters: one typed model shared by the CLI, the REST API and the jobs."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+
+DEFAULT_MODEL = "bert-base-multilingual-cased"
+
+# Strict types: JSON `true` is not an int and "32" is not an int; an int is accepted for a float.
+PositiveCount = Annotated[StrictInt, Field(ge=1)]
+Number = StrictFloat | StrictInt
+
+
+class TrainParams(BaseModel):
+    """Hyperparameters of one fine-tuning run. Unknown fields are rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    batch_size: Annotated[StrictInt, Field(ge=1, le=512, description="Examples per optimisation step.")] = 32
+    lr: Annotated[Number, Field(gt=0, le=1, description="AdamW learning rate.")] = 5e-5
+    eps: Annotated[Number, Field(gt=0, le=1e-2, description="AdamW epsilon.")] = 1e-8
+    epochs: Annotated[StrictInt, Field(ge=1, le=100, description="Passes over the training split.")] = 2
+    model: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=512,
+            description="Hub name, local folder, or the alias 'minilm' (offline all-MiniLM-L6-v2).",
+        ),
+    ] = DEFAULT_MODEL
+    max_length: Annotated[StrictInt, Field(ge=16, le=512, description="Tokens per question+passage pair.")] = 256
+    dev_size: Annotated[Number, Field(gt=0, lt=0.5, description="Share of train held out as dev.")] = 0.1
+    seed: Annotated[
+        StrictInt,
+        Field(ge=0, le=2**32 - 1, description="Seed for split, init and order."),
+    ] = 42
+    train_limit: Annotated[PositiveCount | None, Field(description="Use the first N train rows.")] = None
+    eval_limit: Annotated[PositiveCount | None, Field(description="Evaluate on the first N val rows.")] = None
+    warmup_ratio: Annotated[Number, Field(ge=0, le=0.5, description="Share of steps for LR warm-up.")] = 0.0

@@ -1,0 +1,61 @@
+"""Answering questions with a fine-tuned run folder (CLI ``predict`` and the API's ``/predict``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from app.data import BoolQExample
+from app.training import encode, predict_probabilities
+
+DEFAULT_MAX_LENGTH = 256
+
+
+class ModelDirError(ValueError):
+    """The folder is not a fine-tuned run or model folder."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    answer: bool
+    probability: float
+
+    def to_dict(self) -> dict:
+        return {"answer": self.answer, "probability": self.probability}
+
+
+def find_model_folder(path: str | Path) -> Path:
+    """Accept a run folder (holding ``model/``) or the model folder itself."""
+    path = Path(path).expanduser()
+    for candidate in (path / "model", path):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise ModelDirError(f"{path} is neither a run folder with model/ nor a model folder with config.json")
+
+
+class Predictor:
+    """A fine-tuned classifier loaded once, answering batches of (question, passage) pairs."""
+
+    def __init__(self, path: str | Path):
+        folder = find_model_folder(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModelForSequenceClassification.from_pretrained(folder, attn_implementation="sdpa")
+        self.model.eval()
+        self.max_length = min(trained_max_length(folder), self.model.config.max_position_embeddings)
+
+    def predict(self, pairs: list[tuple[str, str]]) -> list[Answer]:
+        rows = [BoolQExample(idx=i, question=q, passage=p, label=False) for i, (q, p) in enumerate(pairs)]
+        encoded = encode(self.tokenizer, rows, self.max_length)
+        probabilities = predict_probabilities(self.model, self.tokenizer.pad_token_id, encoded)
+        return [Answer(answer=p >= 0.5, probability=p) for p in probabilities]
+
+
+def trained_max_length(model_folder: Path) -> int:
+    """The ``max_length`` the run trained with (from its params.json), so inference truncates the same way."""
+    params = model_folder.parent / "params.json"
+    if params.is_file():
+        return int(json.loads(params.read_text()).get("max_length", DEFAULT_MAX_LENGTH))
+    return DEFAULT_MAX_LENGTH

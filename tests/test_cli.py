@@ -1,0 +1,69 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "app", *args], cwd=ROOT, capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["--batch-size", "0"], "--batch-size"),
+        (["--lr", "abc"], "--lr"),
+        (["--eps", "1"], "--eps"),
+        (["--epochs", "2.5"], "--epochs"),
+        (["--max-length", "8"], "--max-length"),
+    ],
+)
+def test_bad_option_is_one_line_naming_it_exit_2(args, option):
+    proc = run_cli("train", *args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and option in lines[0]
+
+
+def test_unknown_option_exit_2():
+    proc = run_cli("train", "--learning-rate", "1")
+    assert proc.returncode == 2 and "--learning-rate" in proc.stderr
+
+
+def test_offline_default_model_fails_fast(tmp_path):
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = run_cli("train", "--train-limit", "8", "--output-dir", str(tmp_path), env=env)
+    assert proc.returncode == 1
+    assert "minilm" in proc.stderr and "--model PATH" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_train_json_then_predict(tmp_path):
+    proc = run_cli(
+        "train", "--model", "minilm", "--train-limit", "16", "--eval-limit", "6", "--max-length", "32",
+        "--epochs", "1", "--batch-size", "8", "--output-dir", str(tmp_path), "--tracker", "none", "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    for key in ("accuracy", "predictions", "n_eval", "dev_accuracy", "run_dir", "params"):
+        assert key in out
+    assert out["n_eval"] == len(out["predictions"]) == 6 and set(out["predictions"]) <= {0, 1}
+    assert out["params"]["model"] == "minilm"
+
+    proc = run_cli(
+        "predict", "--model-dir", out["run_dir"], "--question", "is the sky blue", "--passage", "Sky -- blue"
+    )
+    assert proc.returncode == 0, proc.stderr
+    answer = json.loads(proc.stdout)
+    assert isinstance(answer["answer"], bool) and 0 <= answer["probability"] <= 1
+
+
+def test_predict_with_a_folder_that_is_not_a_model(tmp_path):
+    proc = run_cli("predict", "--model-dir", str(tmp_path), "--question", "q", "--passage", "p")
+    assert proc.returncode == 2 and "--model-dir" in proc.stderr

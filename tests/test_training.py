@@ -1,0 +1,117 @@
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+from sklearn.metrics import accuracy_score
+
+from app.modeling import ModelNotAvailable, resolve_model
+from app.params import TrainParams
+from app.predict import Predictor
+from app.training import Encoded, collate, length_grouped_batches, train_and_evaluate
+from tests.conftest import TINY_PARAMS
+
+
+def test_loss_decreases(tiny_run):
+    result, _ = tiny_run
+    losses = result.metrics["loss_curve"]
+    steps_per_epoch = len(losses) // TINY_PARAMS["epochs"]
+    first, last = losses[:steps_per_epoch], losses[-steps_per_epoch:]
+    assert statistics.mean(last) < statistics.mean(first) - 0.05
+
+
+def test_run_folder_holds_every_output(tiny_run):
+    result, _ = tiny_run
+    run_dir = Path(result.run_dir)
+    assert json.loads((run_dir / "params.json").read_text()) == TrainParams(**TINY_PARAMS).model_dump()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("accuracy", "precision", "recall", "f1", "confusion_matrix", "dev_accuracy_per_epoch", "loss_curve"):
+        assert key in metrics
+    assert len(metrics["dev_accuracy_per_epoch"]) == TINY_PARAMS["epochs"]
+    assert metrics["train_examples_per_s"] > 0 and metrics["timings_s"]["train"] > 0
+    assert (run_dir / "model" / "model.safetensors").is_file()
+    assert (run_dir / "model" / "tokenizer.json").is_file()
+
+
+def test_accuracy_equals_sklearn_on_written_predictions(tiny_run):
+    result, _ = tiny_run
+    rows = [json.loads(line) for line in (Path(result.run_dir) / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == result.n_eval == TINY_PARAMS["eval_limit"]
+    assert [r["prediction"] for r in rows] == result.predictions
+    assert [r["idx"] for r in rows] == list(range(TINY_PARAMS["eval_limit"]))
+    assert all(r["prediction"] == int(r["probability"] >= 0.5) for r in rows)
+    assert result.accuracy == accuracy_score([r["label"] for r in rows], [r["prediction"] for r in rows])
+    cm = result.metrics["confusion_matrix"]
+    assert sum(map(sum, cm)) == result.n_eval and cm[0][0] + cm[1][1] == round(result.accuracy * result.n_eval)
+
+
+def test_progress_reports_every_step_and_each_epochs_dev_accuracy(tiny_run):
+    result, progress = tiny_run
+    steps = [p.step for p in progress if p.dev_accuracy is None]
+    assert steps == list(range(1, progress[-1].total_steps + 1))
+    dev = [p.dev_accuracy for p in progress if p.dev_accuracy is not None]
+    assert dev == result.metrics["dev_accuracy_per_epoch"]
+    assert all(p.examples_per_s > 0 and p.epochs == TINY_PARAMS["epochs"] for p in progress)
+
+
+def test_save_and_predict_round_trip(tiny_run):
+    result, _ = tiny_run
+    predictor = Predictor(result.run_dir)
+    rows = [json.loads(line) for line in (Path(result.run_dir) / "predictions.jsonl").read_text().splitlines()]
+    from app.config import SAMPLE_DATA_DIR
+    from app.data import load_boolq
+
+    val = load_boolq(SAMPLE_DATA_DIR).val[:3]
+    answers = predictor.predict([(e.question, e.passage) for e in val])
+    for answer, row in zip(answers, rows, strict=False):
+        assert answer.answer == bool(row["prediction"])
+        assert answer.probability == pytest.approx(row["probability"], abs=1e-4)
+
+
+def test_training_is_reproducible(tmp_path):
+    params = TrainParams(**{**TINY_PARAMS, "epochs": 1, "train_limit": 16, "eval_limit": 8})
+    a = train_and_evaluate(params, _sample(), tmp_path / "a")
+    b = train_and_evaluate(params, _sample(), tmp_path / "b")
+    assert a.metrics["loss_curve"] == b.metrics["loss_curve"]
+    assert a.predictions == b.predictions
+
+
+def _sample():
+    from app.config import SAMPLE_DATA_DIR
+
+    return SAMPLE_DATA_DIR
+
+
+def test_length_grouped_batches_cover_every_index_once_and_group_lengths():
+    lengths = [(i * 37) % 100 for i in range(200)]
+    batches = length_grouped_batches(lengths, 8, torch.Generator().manual_seed(0))
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    spread = statistics.mean(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches)
+    assert spread < 20  # random batches of 8 would span about 78 of 100
+
+
+def test_collate_pads_to_the_longest_in_batch():
+    data = Encoded(input_ids=[[1, 2, 3], [4]], token_type_ids=[[0, 0, 1], [0]], labels=[1, 0])
+    batch = collate(data, [0, 1], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [1, 0]
+
+
+def test_minilm_alias_is_the_packaged_model():
+    assert (Path(resolve_model("minilm")) / "model.safetensors").is_file()
+
+
+def test_unloadable_model_offline_fails_fast_naming_the_alternatives(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelNotAvailable) as exc:
+        resolve_model("bert-base-multilingual-cased")
+    assert "minilm" in str(exc.value) and "--model PATH" in str(exc.value)
+
+
+def test_missing_local_model_folder_is_reported(tmp_path):
+    with pytest.raises(ModelNotAvailable, match="does not exist"):
+        resolve_model(str(tmp_path / "missing"))
