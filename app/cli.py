@@ -100,6 +100,7 @@ def describe_validation_error(exc: ValidationError) -> str:
 
 
 def run_train(args: argparse.Namespace, settings: Settings) -> int:
+    from app.tracking import make_tracker
     from app.training import train_and_evaluate
 
     try:
@@ -108,7 +109,7 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
         return usage_error(describe_validation_error(exc))
     if args.tracker:
         settings = replace(settings, tracker=args.tracker)
-    tracker = make_tracker_for(settings)
+    tracker = make_tracker(settings)
     data_dir = args.data_dir or settings.data_dir
     output_dir = Path(args.output_dir) if args.output_dir else settings.artifacts_dir
     with ProgressBar() as bar:
@@ -125,13 +126,6 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print(summary(result))
     return 0
-
-
-def make_tracker_for(settings: Settings):
-    from app import tracking
-
-    factory = getattr(tracking, "make_tracker", None)
-    return factory(settings) if factory else tracking.NullTracker()
 
 
 def summary(result) -> str:
