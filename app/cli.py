@@ -40,7 +40,10 @@ def add_train_parser(commands) -> None:
         "--data-dir",
         help="folder with train.jsonl and val.jsonl, or 'hub' (default: DATA_DIR)",
     )
-    train.add_argument("--output-dir", help="where run folders are written (default: ARTIFACTS_DIR)")
+    train.add_argument(
+        "--output-dir",
+        help="where run folders, the local MLflow store and Neptune offline runs go (default: ARTIFACTS_DIR)",
+    )
     train.add_argument("--tracker", help="mlflow, neptune, none, or a comma list (default: TRACKER)")
     train.add_argument(
         "--json",
@@ -109,9 +112,14 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
         return usage_error(describe_validation_error(exc))
     if args.tracker:
         settings = replace(settings, tracker=args.tracker)
-    tracker = make_tracker(settings)
+    if args.output_dir:  # the local MLflow store and Neptune offline folder go with the run folders
+        settings = replace(settings, artifacts_dir=Path(args.output_dir))
+    try:
+        tracker = make_tracker(settings)
+    except ValueError as exc:
+        return usage_error(str(exc))
     data_dir = args.data_dir or settings.data_dir
-    output_dir = Path(args.output_dir) if args.output_dir else settings.artifacts_dir
+    output_dir = settings.artifacts_dir
     with ProgressBar() as bar:
         result = train_and_evaluate(
             params,

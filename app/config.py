@@ -30,6 +30,11 @@ def _env_paths(name: str, default: str) -> tuple[Path, ...]:
     return tuple(Path(p).expanduser() for p in _env(name, default).split(os.pathsep) if p)
 
 
+def _env_optional_path(name: str) -> Path | None:
+    raw = _env(name, "")
+    return Path(raw).expanduser() if raw else None
+
+
 @dataclass(frozen=True)
 class Settings:
     """All runtime settings. Build with :meth:`from_env`; override fields with ``dataclasses.replace``."""
@@ -62,12 +67,17 @@ class Settings:
     tracker: str = "mlflow"
     # MLflow tracking URI; empty = SQLite store under ARTIFACTS_DIR/mlflow.
     mlflow_tracking_uri: str = ""
+    # MLflow experiment the runs are logged to (created on first use).
+    mlflow_experiment_name: str = "boolq"
     # Registered model name for model versions.
     registered_model_name: str = "boolq-bert"
     # Neptune project and token; without both, Neptune runs offline.
     neptune_project: str = ""
     neptune_api_token: str = field(default="", repr=False)
+    # Neptune connection mode; empty = async with project and token, offline without.
     neptune_mode: str = ""
+    # Folder holding Neptune's .neptune data (offline runs); empty = ARTIFACTS_DIR/.neptune.
+    neptune_data_dir: Path | None = None
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -88,8 +98,10 @@ class Settings:
             predict_cache_size=_env_int("PREDICT_CACHE_SIZE", default.predict_cache_size),
             tracker=_env("TRACKER", default.tracker),
             mlflow_tracking_uri=_env("MLFLOW_TRACKING_URI", ""),
+            mlflow_experiment_name=_env("MLFLOW_EXPERIMENT_NAME", default.mlflow_experiment_name),
             registered_model_name=_env("REGISTERED_MODEL_NAME", default.registered_model_name),
             neptune_project=_env("NEPTUNE_PROJECT", ""),
             neptune_api_token=_env("NEPTUNE_API_TOKEN", ""),
             neptune_mode=_env("NEPTUNE_MODE", ""),
+            neptune_data_dir=_env_optional_path("NEPTUNE_DATA_DIRECTORY"),
         )

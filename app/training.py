@@ -31,7 +31,7 @@ from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmu
 from app.data import BoolQExample, load_boolq, split_train_dev
 from app.modeling import bf16_supported, load_classifier, load_tokenizer
 from app.params import TrainParams
-from app.tracking import NullTracker, Tracker
+from app.tracking import NullTracker, Tracker, ended_on_error
 
 log = logging.getLogger(__name__)
 
@@ -116,48 +116,50 @@ def train_and_evaluate(
     write_json(run_dir / "params.json", params.model_dump())
     tracker.start_run(run_id, params.model_dump())
 
-    t0 = time.perf_counter()
-    tokenizer = load_tokenizer(params.model)
-    model = load_classifier(params.model)
-    max_length = min(params.max_length, model.config.max_position_embeddings)
-    train_set, dev_set, val_set = (encode(tokenizer, rows, max_length) for rows in (train_rows, dev_rows, val_rows))
-    tokenize_s = time.perf_counter() - t0
+    with ended_on_error(tracker):  # a crash still closes the tracker run, as FAILED
+        t0 = time.perf_counter()
+        tokenizer = load_tokenizer(params.model)
+        model = load_classifier(params.model)
+        max_length = min(params.max_length, model.config.max_position_embeddings)
+        train_set, dev_set, val_set = (encode(tokenizer, rows, max_length) for rows in (train_rows, dev_rows, val_rows))
+        tokenize_s = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    history = fine_tune(model, tokenizer.pad_token_id, train_set, dev_set, params, on_progress, tracker)
-    train_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        history = fine_tune(model, tokenizer.pad_token_id, train_set, dev_set, params, on_progress, tracker)
+        train_s = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    probabilities = predict_probabilities(model, tokenizer.pad_token_id, val_set)
-    eval_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        probabilities = predict_probabilities(model, tokenizer.pad_token_id, val_set)
+        eval_s = time.perf_counter() - t0
 
-    predictions = [int(p >= 0.5) for p in probabilities]
-    metrics = classification_metrics(val_set.labels, predictions)
-    metrics |= {
-        "dev_accuracy_per_epoch": history["dev_accuracy"],
-        "loss_curve": history["loss"],
-        "n_train": len(train_set),
-        "n_dev": len(dev_set),
-        "n_eval": len(val_set),
-        "max_length": max_length,
-        "precision_mode": "bf16" if use_bf16() else "fp32",
-        "train_examples_per_s": len(train_set) * params.epochs / train_s,
-        "timings_s": {
-            "tokenize_and_load": tokenize_s,
-            "train": train_s,
-            "eval": eval_s,
-        },
-    }
-    write_predictions(run_dir / "predictions.jsonl", val_rows, predictions, probabilities)
-    save_model(model, tokenizer, run_dir / "model")
-    metrics["timings_s"]["total"] = time.perf_counter() - started
-    write_json(run_dir / "metrics.json", metrics)
+        predictions = [int(p >= 0.5) for p in probabilities]
+        metrics = classification_metrics(val_set.labels, predictions)
+        metrics |= {
+            "dev_accuracy_per_epoch": history["dev_accuracy"],
+            "loss_curve": history["loss"],
+            "n_train": len(train_set),
+            "n_dev": len(dev_set),
+            "n_eval": len(val_set),
+            "max_length": max_length,
+            "precision_mode": "bf16" if use_bf16() else "fp32",
+            "train_examples_per_s": len(train_set) * params.epochs / train_s,
+            "timings_s": {
+                "tokenize_and_load": tokenize_s,
+                "train": train_s,
+                "eval": eval_s,
+            },
+        }
+        write_predictions(run_dir / "predictions.jsonl", val_rows, predictions, probabilities)
+        save_model(model, tokenizer, run_dir / "model")
+        metrics["timings_s"]["total"] = time.perf_counter() - started
+        write_json(run_dir / "metrics.json", metrics)
 
-    tracker.log_metrics(final_metrics(metrics), step=None)
-    tracker.log_artifact(run_dir / "predictions.jsonl")
-    tracker.log_artifact(run_dir / "metrics.json")
-    tracker.register_model(run_dir / "model", final_metrics(metrics))
-    tracking = tracker.end_run("FINISHED")
+        tracker.log_metrics(final_metrics(metrics), step=None)
+        tracker.log_artifact(run_dir / "predictions.jsonl")
+        tracker.log_artifact(run_dir / "metrics.json")
+        tracker.log_dict(confusion_matrix_report(metrics), "confusion_matrix.json")
+        tracker.register_model(run_dir / "model", final_metrics(metrics))
+        tracking = tracker.end_run("FINISHED")
 
     return RunResult(
         run_id=run_id,
@@ -343,6 +345,11 @@ def final_metrics(metrics: dict) -> dict[str, float]:
     """The scalar metrics worth a tracker's chart."""
     keys = ("accuracy", "precision", "recall", "f1", "train_examples_per_s")
     return {k: float(metrics[k]) for k in keys}
+
+
+def confusion_matrix_report(metrics: dict) -> dict:
+    """The confusion matrix with its axes named, as trackers store it (rows: label, columns: prediction)."""
+    return {"labels": ["no", "yes"], "rows": "label", "columns": "prediction", "matrix": metrics["confusion_matrix"]}
 
 
 def write_json(path: Path, data: dict) -> None:

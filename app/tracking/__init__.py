@@ -1,0 +1,230 @@
+"""Experiment tracking: the interface the engine calls and ``make_tracker``, which picks the backends.
+
+Backends (MLflow, Neptune) sit behind :class:`CompositeTracker`, which never lets a tracking failure
+fail a training run: the failing backend is switched off, a warning is logged and ``end_run`` reports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
+
+KNOWN_TRACKERS = ("mlflow", "neptune", "none")
+# Longest tracker error kept in a job result (MLflow server errors can carry whole HTML pages).
+MAX_ERROR_CHARS = 500
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class Tracker(Protocol):
+    """What the engine tells a tracker during one run."""
+
+    def start_run(self, run_id: str, params: dict) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int | None) -> None: ...
+    def log_artifact(self, path: Path) -> None: ...
+    def log_dict(self, data: dict, name: str) -> None: ...
+    def register_model(self, model_dir: Path, metrics: dict[str, float]) -> None: ...
+    def end_run(self, status: str) -> dict:
+        """Close the run; return the references (run ids, model version) and any errors."""
+        ...
+
+
+class Backend(Tracker, Protocol):
+    """One tracking service. It may raise anywhere; :class:`CompositeTracker` contains that."""
+
+    def references(self) -> dict:
+        """What is known so far (run id, model version, ...), without any I/O."""
+        ...
+
+    def close(self) -> None:
+        """Release resources after a failure, without waiting for a remote service."""
+        ...
+
+
+class NullTracker:
+    """Tracks nothing (``TRACKER=none``)."""
+
+    def start_run(self, run_id: str, params: dict) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None) -> None:
+        pass
+
+    def log_artifact(self, path: Path) -> None:
+        pass
+
+    def log_dict(self, data: dict, name: str) -> None:
+        pass
+
+    def register_model(self, model_dir: Path, metrics: dict[str, float]) -> None:
+        pass
+
+    def end_run(self, status: str) -> dict:
+        return {}
+
+
+class CompositeTracker:
+    """Logs to every configured backend; a backend that raises is reported and switched off, never raised.
+
+    ``end_run`` returns ``{<backend>: {references}, ..., "errors": {<backend>: "Type: message"}}``.
+    Backends are built in ``start_run`` (not here), so a missing client library is a tracking error too.
+    """
+
+    def __init__(self, factories: dict[str, Callable[[], Backend]], secrets: tuple[str, ...] = ()):
+        self.factories = factories
+        self.secrets = tuple(s for s in secrets if s)
+        self.backends: dict[str, Backend] = {}
+        self.errors: dict[str, str] = {}
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.factories)
+
+    def start_run(self, run_id: str, params: dict) -> None:
+        self.backends, self.errors = {}, {}
+        for name, factory in self.factories.items():
+            with self.contained(name):
+                self.backends[name] = factory()
+                self.backends[name].start_run(run_id, params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None) -> None:
+        for name, backend in self.working():
+            with self.contained(name):
+                backend.log_metrics(metrics, step)
+
+    def log_artifact(self, path: Path) -> None:
+        for name, backend in self.working():
+            with self.contained(name):
+                backend.log_artifact(path)
+
+    def log_dict(self, data: dict, name: str) -> None:
+        for backend_name, backend in self.working():
+            with self.contained(backend_name):
+                backend.log_dict(data, name)
+
+    def register_model(self, model_dir: Path, metrics: dict[str, float]) -> None:
+        for name, backend in self.working():
+            with self.contained(name):
+                backend.register_model(model_dir, metrics)
+
+    def end_run(self, status: str) -> dict:
+        for name, backend in self.backends.items():
+            if name in self.errors:
+                close_quietly(name, backend)
+            else:
+                with self.contained(name):
+                    backend.end_run(status)
+        result = {name: self.references(name) for name in self.factories}
+        result["errors"] = dict(self.errors)
+        return result
+
+    def working(self) -> list[tuple[str, Backend]]:
+        return [(name, b) for name, b in self.backends.items() if name not in self.errors]
+
+    def references(self, name: str) -> dict:
+        backend = self.backends.get(name)
+        if backend is None:
+            return {}
+        try:
+            return backend.references()
+        except Exception:  # references() does no I/O; a bug there must still not fail the run
+            log.exception("tracker %s: could not collect references", name)
+            return {}
+
+    @contextlib.contextmanager
+    def contained(self, name: str) -> Iterator[None]:
+        """Run one backend call; on error record it, warn once and switch the backend off."""
+        try:
+            yield
+        except Exception as exc:
+            message = one_line(redact(f"{type(exc).__name__}: {exc}", self.secrets))[:MAX_ERROR_CHARS]
+            self.errors[name] = message
+            log.warning("tracker %s failed and is switched off for this run (training continues): %s", name, message)
+
+
+def close_quietly(name: str, backend: Backend) -> None:
+    try:
+        backend.close()
+    except Exception as exc:
+        log.debug("tracker %s: close after failure raised %s", name, type(exc).__name__)
+
+
+def redact(text: str, secrets: tuple[str, ...]) -> str:
+    """Replace every secret (token, URI password) in ``text`` with ``***``."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def one_line(text: str) -> str:
+    """Client errors come with colour codes and banners; a job result wants one plain line."""
+    return " ".join(ANSI_ESCAPE.sub("", text).split())
+
+
+def uri_password(uri: str) -> str:
+    """The password embedded in ``scheme://user:password@host``, if any (so it can be redacted)."""
+    try:
+        return urlsplit(uri).password or ""
+    except ValueError:
+        return ""
+
+
+def parse_tracker_names(value: str) -> tuple[str, ...]:
+    """``"MLflow, neptune"`` → ``("mlflow", "neptune")``; ``"none"`` → ``()``; unknown names raise ValueError."""
+    names = [n.strip().lower() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in KNOWN_TRACKERS]
+    if unknown or not names:
+        raise ValueError(
+            f"TRACKER (--tracker) must be a comma-separated list of {', '.join(KNOWN_TRACKERS)}; got {value!r}"
+        )
+    return tuple(dict.fromkeys(n for n in names if n != "none"))
+
+
+def make_tracker(settings) -> Tracker:
+    """The tracker(s) named by ``settings.tracker``; ValueError names the field and allowed values."""
+    names = parse_tracker_names(settings.tracker)
+    if not names:
+        return NullTracker()
+    factories = {name: backend_factory(name, settings) for name in names}
+    secrets = (settings.neptune_api_token, settings.api_token, uri_password(settings.mlflow_tracking_uri))
+    return CompositeTracker(factories, secrets)
+
+
+def backend_factory(name: str, settings) -> Callable[[], Backend]:
+    """A zero-argument constructor, so the client library is imported only when a run starts."""
+    if name == "mlflow":
+
+        def build_mlflow() -> Backend:
+            from app.tracking.mlflow_tracker import MlflowTracker
+
+            return MlflowTracker.from_settings(settings)
+
+        return build_mlflow
+
+    def build_neptune() -> Backend:
+        from app.tracking.neptune_tracker import NeptuneTracker
+
+        return NeptuneTracker.from_settings(settings)
+
+    return build_neptune
+
+
+def run_status(exc: BaseException) -> str:
+    """MLflow's run status for a run that ended with ``exc``."""
+    return "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit) else "FAILED"
+
+
+@contextlib.contextmanager
+def ended_on_error(tracker: Tracker) -> Iterator[None]:
+    """If the body raises, end the tracker run as FAILED (or KILLED) before re-raising."""
+    try:
+        yield
+    except BaseException as exc:
+        tracker.end_run(run_status(exc))
+        raise

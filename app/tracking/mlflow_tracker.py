@@ -1,0 +1,183 @@
+"""MLflow backend: params, metric curves, artifacts and a registered model version per run.
+
+Without ``MLFLOW_TRACKING_URI`` the store is local and needs no server: SQLite at
+``ARTIFACTS_DIR/mlflow/mlflow.db`` and artifacts under ``ARTIFACTS_DIR/mlflow/artifacts``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+# MLflow 3 sends usage telemetry from the client; a training run must never reach out to the network.
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric, Param  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT_ARTIFACTS = "artifacts"
+# Per-step metrics are buffered and sent with log_batch when this many are pending or this many seconds passed.
+FLUSH_EVERY_METRICS = 50
+FLUSH_EVERY_SECONDS = 10.0
+LOG_BATCH_LIMIT = 1000  # MLflow's maximum metrics per log_batch request
+# SQLite allows one writer at a time; other RQ workers wait for it and retry on "database is locked".
+LOCKED_RETRIES = 6
+LOCKED_FIRST_WAIT_S = 0.25
+MODEL_ARTIFACT_PATH = "model"
+
+
+def local_store(artifacts_dir: Path) -> tuple[str, str]:
+    """The default tracking URI (SQLite) and artifact location (a folder) under ``artifacts_dir``."""
+    root = (Path(artifacts_dir) / "mlflow").resolve()
+    return f"sqlite:///{root / 'mlflow.db'}", (root / EXPERIMENT_ARTIFACTS).as_uri()
+
+
+def without_credentials(uri: str) -> str:
+    """``http://user:pw@host`` → ``http://host``: the URI as it may appear in a job result."""
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+
+
+class MlflowTracker:
+    """One MLflow run per training run, through ``MlflowClient`` (no global active run)."""
+
+    def __init__(self, tracking_uri: str, artifact_location: str | None, experiment_name: str, model_name: str):
+        self.tracking_uri = tracking_uri
+        self.artifact_location = artifact_location
+        self.experiment_name = experiment_name
+        self.model_name = model_name
+        self.client: MlflowClient | None = None
+        self.experiment_id: str | None = None
+        self.run_id: str | None = None
+        self.artifact_uri: str | None = None
+        self.model_version: str | None = None
+        self.pending: list[Metric] = []
+        self.flushed_at = time.monotonic()
+
+    @classmethod
+    def from_settings(cls, settings) -> MlflowTracker:
+        if settings.mlflow_tracking_uri:
+            uri, artifacts = settings.mlflow_tracking_uri, None  # the server decides where artifacts go
+        else:
+            uri, artifacts = local_store(settings.artifacts_dir)
+        return cls(uri, artifacts, settings.mlflow_experiment_name, settings.registered_model_name)
+
+    def start_run(self, run_id: str, params: dict) -> None:
+        with sqlite_setup_lock(self.tracking_uri):
+            # The client creates (and migrates) the store's tables when constructed: keep that under the lock.
+            self.client = self.retrying(MlflowClient, tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+            self.experiment_id = self.retrying(self.ensure_experiment)
+            self.retrying(self.client.search_registered_models, max_results=1)  # creates the registry tables
+        run = self.retrying(self.client.create_run, self.experiment_id, run_name=run_id, tags={"boolq.run_id": run_id})
+        self.run_id, self.artifact_uri = run.info.run_id, run.info.artifact_uri
+        self.retrying(self.client.log_batch, self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+
+    def ensure_experiment(self) -> str:
+        experiment = self.client.get_experiment_by_name(self.experiment_name)
+        if experiment is not None:
+            return experiment.experiment_id
+        return self.client.create_experiment(self.experiment_name, artifact_location=self.artifact_location)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None) -> None:
+        timestamp = int(time.time() * 1000)
+        self.pending += [Metric(key, float(value), timestamp, step or 0) for key, value in metrics.items()]
+        due = len(self.pending) >= FLUSH_EVERY_METRICS or time.monotonic() - self.flushed_at >= FLUSH_EVERY_SECONDS
+        if step is None or due:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send buffered metrics in as few requests as MLflow allows."""
+        while self.pending:
+            batch = self.pending[:LOG_BATCH_LIMIT]
+            self.retrying(self.client.log_batch, self.run_id, metrics=batch)
+            del self.pending[: len(batch)]
+        self.flushed_at = time.monotonic()
+
+    def log_artifact(self, path: Path) -> None:
+        self.retrying(self.client.log_artifact, self.run_id, str(path))
+
+    def log_dict(self, data: dict, name: str) -> None:
+        self.retrying(self.client.log_dict, self.run_id, data, name)
+
+    def register_model(self, model_dir: Path, metrics: dict[str, float]) -> None:
+        """Copy the model folder into the run's artifacts and register it as a new version, metrics as tags."""
+        self.retrying(self.client.log_artifacts, self.run_id, str(model_dir), MODEL_ARTIFACT_PATH)
+        self.ensure_registered_model()
+        version = self.retrying(
+            self.client.create_model_version,
+            self.model_name,
+            source=f"{self.artifact_uri}/{MODEL_ARTIFACT_PATH}",
+            run_id=self.run_id,
+            tags={key: str(value) for key, value in metrics.items()},
+        )
+        self.model_version = str(version.version)
+        self.retrying(self.client.set_tag, self.run_id, "model_version", f"{self.model_name}/{self.model_version}")
+
+    def ensure_registered_model(self) -> None:
+        try:
+            self.retrying(self.client.get_registered_model, self.model_name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            with contextlib.suppress(MlflowException):  # another worker may create it at the same moment
+                self.retrying(self.client.create_registered_model, self.model_name)
+
+    def end_run(self, status: str) -> dict:
+        if self.run_id is not None:
+            self.flush()
+            self.retrying(self.client.set_terminated, self.run_id, status)
+        return self.references()
+
+    def references(self) -> dict:
+        return {
+            "tracking_uri": without_credentials(self.tracking_uri),
+            "experiment_id": self.experiment_id,
+            "mlflow_run_id": self.run_id,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "model_uri": f"models:/{self.model_name}/{self.model_version}" if self.model_version else None,
+        }
+
+    def close(self) -> None:
+        self.pending.clear()
+
+    def retrying(self, call: Callable, *args, **kwargs):
+        """``call(*args, **kwargs)``, retried with backoff while another process holds the SQLite write lock."""
+        wait = LOCKED_FIRST_WAIT_S
+        for attempt in range(LOCKED_RETRIES + 1):
+            try:
+                return call(*args, **kwargs)
+            except Exception as exc:
+                if attempt == LOCKED_RETRIES or "database is locked" not in str(exc):
+                    raise
+                log.info("MLflow store is locked by another process; retrying in %.2f s", wait)
+                time.sleep(wait)
+                wait *= 2
+        raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def sqlite_setup_lock(tracking_uri: str) -> Iterator[None]:
+    """Serialise first-time schema creation of a SQLite store between processes (workers starting together)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    db_path = Path(tracking_uri.removeprefix("sqlite:///"))
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(db_path.with_name(db_path.name + ".lock"), "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
