@@ -165,7 +165,7 @@ def test_mlflow_artifacts_hold_predictions_metrics_confusion_matrix_and_model(ml
     assert [json.loads(line)["prediction"] for line in predictions.splitlines()] == result["predictions"]
 
 
-def test_registered_model_version_has_metric_tags_and_loads_for_prediction(mlflow_cli_run, tmp_path):
+def test_registered_model_version_has_metric_tags_and_loads_for_prediction(mlflow_cli_run, tmp_path, monkeypatch):
     from mlflow.artifacts import download_artifacts
 
     from app.predict import Predictor
@@ -176,8 +176,9 @@ def test_registered_model_version_has_metric_tags_and_loads_for_prediction(mlflo
     assert version.run_id == result["tracking"]["mlflow"]["mlflow_run_id"]
     assert float(version.tags["accuracy"]) == pytest.approx(result["accuracy"])
     assert {"precision", "recall", "f1"} <= set(version.tags)
-    uri = local_store_uri(out)
-    model_dir = download_artifacts("models:/boolq-bert/1", dst_path=str(tmp_path), tracking_uri=uri, registry_uri=uri)
+    # MLflow resolves models:/ URIs against the process-wide registry (it ignores registry_uri=), i.e. the env.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", local_store_uri(out))
+    model_dir = download_artifacts("models:/boolq-bert/1", dst_path=str(tmp_path))
     (answer,) = Predictor(model_dir).predict([("is the sky blue", "The sky is blue on a clear day.")])
     assert answer.answer in (True, False) and 0.0 <= answer.probability <= 1.0
 
@@ -339,7 +340,7 @@ def test_unreachable_mlflow_server_is_reported_and_training_finishes(tmp_path, m
     assert tracking["mlflow"]["mlflow_run_id"] is None
     assert tracking["mlflow"]["tracking_uri"].startswith("http://127.0.0.1:")  # credentials dropped
     assert tracking["neptune"]["offline_dir"] and not tracking["errors"].get("neptune")  # the other one carried on
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    warnings = [r.getMessage() for r in caplog.records if r.name.startswith("app.tracking")]
     assert len(warnings) == 1 and "tracker mlflow failed" in warnings[0]
     assert "s3cret-pw" not in json.dumps(tracking) and "s3cret-pw" not in caplog.text
 
