@@ -93,3 +93,8 @@ class Settings:
             neptune_api_token=_env("NEPTUNE_API_TOKEN", ""),
             neptune_mode=_env("NEPTUNE_MODE", ""),
         )
+
+
+def environment_with(**overrides: str) -> dict[str, str]:
+    """This process's environment plus ``overrides``: what a child process (``python -m app stack``) gets."""
+    return {**os.environ, **overrides}
