@@ -62,6 +62,44 @@ def add_predict_parser(commands) -> None:
     predict.set_defaults(handler=run_predict)
 
 
+def add_serve_parser(commands) -> None:
+    serve = commands.add_parser("serve", help="serve the REST API with gunicorn (app/gunicorn_conf.py)")
+    serve.add_argument("--host", default="0.0.0.0", help="interface to bind (default: 0.0.0.0)")
+    serve.add_argument("--port", type=int, help="port (default: PORT or 5000)")
+    serve.add_argument("--workers", type=int, help="worker processes (default: WEB_WORKERS or 2)")
+    serve.set_defaults(handler=run_serve)
+
+
+def run_serve(args: argparse.Namespace, settings: Settings) -> int:
+    """Replace this process with gunicorn, so signals and exit codes are gunicorn's own."""
+    import os
+
+    config = Path(__file__).resolve().parent / "gunicorn_conf.py"
+    port = args.port if args.port is not None else settings.port
+    argv = [sys.executable, "-m", "gunicorn", "--config", str(config), "--bind", f"{args.host}:{port}"]
+    if args.workers is not None:
+        if args.workers < 1:
+            return usage_error("--workers: must be at least 1")
+        argv += ["--workers", str(args.workers)]
+    os.execv(sys.executable, [*argv, "app.api:create_app()"])
+
+
+def add_worker_parser(commands) -> None:
+    worker = commands.add_parser("worker", help="run an RQ worker for training jobs (REDIS_URL, QUEUE_NAME)")
+    worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+    worker.set_defaults(handler=run_worker)
+
+
+def run_worker(args: argparse.Namespace, settings: Settings) -> int:
+    import app.training  # noqa: F401  (loaded once here, so each forked job starts without importing torch)
+    from app.jobs import make_worker
+
+    quiet_libraries()
+    worker = make_worker(settings)
+    worker.work(burst=args.burst, logging_level="INFO")
+    return 0
+
+
 def add_stack_parser(commands) -> None:
     stack = commands.add_parser(
         "stack",
@@ -99,6 +137,8 @@ def build_parser() -> ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     add_train_parser(commands)
     add_predict_parser(commands)
+    add_serve_parser(commands)
+    add_worker_parser(commands)
     add_stack_parser(commands)
     return parser
 
