@@ -14,6 +14,7 @@ import fcntl
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -249,7 +250,7 @@ class Stack:
     def start_children(self, children: list[Child], env: dict[str, str]) -> None:
         for child in children:
             child.start(env)
-            log.info("started %s (pid %d): %s", child.name, child.pid, " ".join(child.argv))
+            log.info("started %s (pid %d): %s", child.name, child.pid, shlex.join(child.argv))
 
     def wait_until(self, what: str, is_ready, children: list[Child]) -> None:
         """Poll ``is_ready`` until it holds; fail at once, naming the log, if one of ``children`` exits."""
