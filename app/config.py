@@ -111,3 +111,8 @@ class Settings:
             worker_heartbeat=_env_int("WORKER_HEARTBEAT", default.worker_heartbeat),
             job_retries=_env_int("JOB_RETRIES", default.job_retries),
         )
+
+
+def environment_with(**overrides: str) -> dict[str, str]:
+    """This process's environment plus ``overrides``: what a child process (``python -m app stack``) gets."""
+    return {**os.environ, **overrides}
