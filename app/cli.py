@@ -65,11 +65,84 @@ def add_predict_parser(commands) -> None:
     predict.set_defaults(handler=run_predict)
 
 
+def add_serve_parser(commands) -> None:
+    serve = commands.add_parser("serve", help="serve the REST API with gunicorn (app/gunicorn_conf.py)")
+    serve.add_argument("--host", default="0.0.0.0", help="interface to bind (default: 0.0.0.0)")
+    serve.add_argument("--port", type=int, help="port (default: PORT or 5000)")
+    serve.add_argument("--workers", type=int, help="worker processes (default: WEB_WORKERS or 2)")
+    serve.set_defaults(handler=run_serve)
+
+
+def run_serve(args: argparse.Namespace, settings: Settings) -> int:
+    """Replace this process with gunicorn, so signals and exit codes are gunicorn's own."""
+    import os
+
+    config = Path(__file__).resolve().parent / "gunicorn_conf.py"
+    port = args.port if args.port is not None else settings.port
+    argv = [sys.executable, "-m", "gunicorn", "--config", str(config), "--bind", f"{args.host}:{port}"]
+    if args.workers is not None:
+        if args.workers < 1:
+            return usage_error("--workers: must be at least 1")
+        argv += ["--workers", str(args.workers)]
+    os.execv(sys.executable, [*argv, "app.api:create_app()"])
+
+
+def add_worker_parser(commands) -> None:
+    worker = commands.add_parser("worker", help="run an RQ worker for training jobs (REDIS_URL, QUEUE_NAME)")
+    worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+    worker.set_defaults(handler=run_worker)
+
+
+def run_worker(args: argparse.Namespace, settings: Settings) -> int:
+    import app.training  # noqa: F401  (loaded once here, so each forked job starts without importing torch)
+    from app.jobs import make_worker
+
+    quiet_libraries()
+    worker = make_worker(settings)
+    worker.work(burst=args.burst, logging_level="INFO")
+    return 0
+
+
+def add_stack_parser(commands) -> None:
+    stack = commands.add_parser(
+        "stack",
+        help="run redis, API replicas, workers and nginx locally (the docker-compose topology, no Docker)",
+    )
+    stack.add_argument("--replicas", type=int_at_least(1), default=3, help="API replicas (default: 3)")
+    stack.add_argument("--workers", type=int_at_least(0), default=2, help="RQ worker processes (default: 2)")
+    stack.add_argument("--port", type=int_at_least(1), default=4000, help="nginx port (default: 4000)")
+    stack.add_argument("--host", default="127.0.0.1", help="nginx address (default: 127.0.0.1; 0.0.0.0 for all)")
+    stack.add_argument(
+        "--web-workers", type=int_at_least(1), default=1, help="gunicorn processes per replica (default: 1)"
+    )
+    stack.add_argument("--state-dir", type=Path, help="config, logs and Redis data (default: ARTIFACTS_DIR/stack)")
+    stack.add_argument("--redis-port", type=int_at_least(1), default=0, help="Redis port (default: a free one)")
+    stack.set_defaults(handler=run_stack)
+
+
+def int_at_least(minimum: int):
+    """An argparse type: an integer ≥ minimum, with a one-line error naming the rule."""
+
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {raw!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m app", description="Fine-tune and serve BERT on BoolQ.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     add_train_parser(commands)
     add_predict_parser(commands)
+    add_serve_parser(commands)
+    add_worker_parser(commands)
+    add_stack_parser(commands)
     return parser
 
 
@@ -193,6 +266,21 @@ def run_predict(args: argparse.Namespace, settings: Settings) -> int:
     (answer,) = predictor.predict([(args.question, args.passage)])
     print(json.dumps(answer.to_dict()))
     return 0
+
+
+def run_stack(args: argparse.Namespace, settings: Settings) -> int:
+    from app.stack import StackOptions, run_stack
+
+    options = StackOptions(
+        replicas=args.replicas,
+        workers=args.workers,
+        host=args.host,
+        port=args.port,
+        web_workers=args.web_workers,
+        state_dir=args.state_dir,
+        redis_port=args.redis_port,
+    )
+    return run_stack(options, settings)
 
 
 def usage_error(message: str) -> int:

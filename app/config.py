@@ -78,6 +78,18 @@ class Settings:
     neptune_mode: str = ""
     # Folder holding Neptune's .neptune data (offline runs); empty = ARTIFACTS_DIR/.neptune.
     neptune_data_dir: Path | None = None
+    # HTTP port of ``python -m app serve`` (gunicorn binds 0.0.0.0:PORT).
+    port: int = 5000
+    # Gunicorn worker processes and threads per process.
+    web_workers: int = 2
+    web_threads: int = 4
+    # Longest ``POST /train?wait=true`` wait in seconds; gunicorn's timeout is set above it.
+    max_wait: int = 600
+    # Seconds between an RQ worker's heartbeats while a job runs; a killed worker's job is failed
+    # about WORKER_HEARTBEAT + 60 s after its last heartbeat (RQ's abandoned-job handling).
+    worker_heartbeat: int = 30
+    # Times RQ re-runs a job whose worker died (0: it is failed at once, with the reason).
+    job_retries: int = 0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -104,4 +116,15 @@ class Settings:
             neptune_api_token=_env("NEPTUNE_API_TOKEN", ""),
             neptune_mode=_env("NEPTUNE_MODE", ""),
             neptune_data_dir=_env_optional_path("NEPTUNE_DATA_DIRECTORY"),
+            port=_env_int("PORT", default.port),
+            web_workers=_env_int("WEB_WORKERS", default.web_workers),
+            web_threads=_env_int("WEB_THREADS", default.web_threads),
+            max_wait=_env_int("MAX_WAIT", default.max_wait),
+            worker_heartbeat=_env_int("WORKER_HEARTBEAT", default.worker_heartbeat),
+            job_retries=_env_int("JOB_RETRIES", default.job_retries),
         )
+
+
+def environment_with(**overrides: str) -> dict[str, str]:
+    """This process's environment plus ``overrides``: what a child process (``python -m app stack``) gets."""
+    return {**os.environ, **overrides}

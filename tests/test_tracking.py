@@ -357,3 +357,29 @@ def test_bad_neptune_token_is_reported_without_the_token(tmp_path, caplog):
     assert tracking["errors"]["neptune"].startswith("NeptuneInvalidApiTokenException")
     assert token not in json.dumps(tracking) and token not in caplog.text
     assert token not in repr(settings)
+
+
+# --- jobs: the worker's result and GET /jobs/<id> carry the same tracking object --------------------------------
+
+
+def test_training_job_reports_tracking_references(redis_url, launcher, tmp_path):
+    from app.api import create_app
+    from tests.conftest import TINY_JOB, service_settings, wait_for
+
+    settings = service_settings(redis_url, tmp_path, tracker="mlflow,neptune")
+    launcher.worker(settings)
+    client = create_app(settings).test_client()
+    job_id = client.post("/train", json=TINY_JOB).get_json()["job_id"]
+
+    def ended():
+        view = client.get(f"/jobs/{job_id}").get_json()
+        return view if view["status"] in ("succeeded", "failed", "cancelled") else None
+
+    view = wait_for(ended, 300, f"job {job_id} to end", interval_s=0.5)
+    assert view["status"] == "succeeded", view["error"]
+    tracking = view["result"]["tracking"]
+    assert tracking["errors"] == {}
+    assert tracking["mlflow"]["model_version"] == "1" and tracking["mlflow"]["mlflow_run_id"]
+    assert tracking["neptune"]["neptune_run_id"].startswith("offline/")
+    run = mlflow_client(settings.artifacts_dir).get_run(tracking["mlflow"]["mlflow_run_id"])
+    assert run.info.run_name == job_id and run.info.status == "FINISHED"

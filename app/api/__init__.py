@@ -1,0 +1,40 @@
+"""The REST service: ``create_app(settings)`` builds the Flask app (blueprints, error handlers, metrics)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from flask import Flask
+
+from app.config import Settings
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the app from ``settings`` (default: the environment). Connects lazily: nothing blocks here."""
+    from app.api import health, jobs, openapi, predict
+    from app.api.context import Service
+    from app.api.errors import register_error_handlers
+    from app.api.metrics import ServiceMetrics
+    from app.jobs import connect_redis, training_queue
+
+    settings = settings or Settings.from_env()
+    app = Flask(__name__)
+    app.config.update(MAX_CONTENT_LENGTH=settings.max_content_length)
+    app.json.sort_keys = False
+    queue = training_queue(settings, connect_redis(settings))
+    metrics = ServiceMetrics(queue)
+    app.extensions["boolq"] = Service(settings, queue, predict.PredictorCache(settings.predict_cache_size), metrics)
+
+    for blueprint in (health.bp, jobs.bp, predict.bp, openapi.bp):
+        app.register_blueprint(blueprint)
+    register_error_handlers(app)
+    metrics.instrument(app)
+    app.after_request(add_replica_header)
+    return app
+
+
+def add_replica_header(response):
+    """``X-Replica: host:pid`` on every response, so load balancing can be observed."""
+    response.headers["X-Replica"] = f"{socket.gethostname()}:{os.getpid()}"
+    return response

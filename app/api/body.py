@@ -1,0 +1,30 @@
+"""Reading a request: JSON objects only, with 400/415/413/422 for each way a body can be wrong."""
+
+from __future__ import annotations
+
+from flask import request
+from pydantic import BaseModel, ValidationError
+
+from app.api.errors import ApiError, from_validation
+
+
+def json_object() -> dict:
+    """The request body as a JSON object; an empty body counts as ``{}``."""
+    if not request.content_length and not request.data:
+        return {}
+    if request.mimetype != "application/json":
+        raise ApiError(415, f"send the body as application/json, not {request.mimetype or 'no content type'}")
+    body = request.get_json(silent=True)
+    if body is None:
+        raise ApiError(400, "the body is not valid JSON")
+    if not isinstance(body, dict):
+        raise ApiError(422, "the body must be a JSON object", {"body": "must be a JSON object"})
+    return body
+
+
+def parse(model: type[BaseModel], data: dict, where: str = "body") -> BaseModel:
+    """Validate ``data`` with ``model``; a violation becomes 422 naming each field and its rule."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation(exc, where) from exc

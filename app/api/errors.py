@@ -1,0 +1,91 @@
+"""Every error a client sees: one JSON shape ``{"error": {"code", "message", "fields"}}``, never a traceback."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from flask import Flask, jsonify
+from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+# Pydantic adds the tried union member ("float", "int", "list[...]") to an error's location; not a field.
+UNION_MEMBER = re.compile(r"int|float|str|bool|none|[\w-]+\[.*\]")
+HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    500: "internal_error",
+    503: "service_unavailable",
+}
+
+
+class ApiError(Exception):
+    """An error the API answers with a status code, a stable code word, a message and per-field rules."""
+
+    def __init__(self, status: int, message: str, fields: dict[str, str] | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.fields = fields or {}
+        self.code = code or HTTP_CODES.get(status, "error")
+
+
+def error_response(status: int, message: str, fields: dict | None = None, code: str | None = None):
+    body = {"error": {"code": code or HTTP_CODES.get(status, "error"), "message": message, "fields": fields or {}}}
+    return jsonify(body), status
+
+
+def validation_fields(exc: ValidationError) -> dict[str, str]:
+    """``{"batch_size": "Input should be less than or equal to 512", ...}``: each field with its rule."""
+    fields = {}
+    for error in exc.errors(include_url=False):
+        parts = [str(p) for p in error["loc"] if not (isinstance(p, str) and UNION_MEMBER.fullmatch(p))]
+        name = ".".join(parts) or "body"
+        fields.setdefault(name, error["msg"])
+    return fields
+
+
+def from_validation(exc: ValidationError, where: str = "body") -> ApiError:
+    """A 422 naming every invalid field of ``where`` (body or query) and the rule it broke."""
+    fields = validation_fields(exc)
+    return ApiError(422, f"invalid {where}: " + "; ".join(f"{k}: {v}" for k, v in fields.items()), fields)
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def api_error(exc: ApiError):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+        body, status = error_response(exc.status, exc.message, exc.fields, exc.code)
+        return body, status, headers
+
+    @app.errorhandler(ValidationError)
+    def validation_error(exc: ValidationError):
+        return api_error(from_validation(exc))
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        response = error_response(exc.code or 500, exc.description or exc.name)
+        if exc.code == 405 and exc.valid_methods:
+            return *response, {"Allow": ", ".join(exc.valid_methods)}
+        return response
+
+    @app.errorhandler(RedisConnectionError)
+    @app.errorhandler(RedisTimeoutError)
+    def redis_down(exc: Exception):
+        log.warning("redis unavailable: %s", exc)
+        return error_response(503, "the job store (Redis) is unreachable; try again later", code="redis_unavailable")
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        log.exception("unhandled error")
+        return error_response(500, "internal error; see the server log")

@@ -1,0 +1,51 @@
+"""Liveness, readiness and metrics: what a load balancer and Prometheus ask."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from flask import Blueprint, Response, jsonify
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
+
+from app.api.context import current_service
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/healthz")
+def healthz():
+    return jsonify(status="ok")
+
+
+@bp.get("/readyz")
+def readyz():
+    """Ready when Redis answers and ARTIFACTS_DIR is writable; 503 naming what is not."""
+    service = current_service()
+    checks = {"redis": redis_check(service.queue.connection), "artifacts": artifacts_check(service.settings)}
+    ready = all(v == "ok" for v in checks.values())
+    return jsonify(status="ok" if ready else "unavailable", checks=checks), 200 if ready else 503
+
+
+def redis_check(connection) -> str:
+    try:
+        connection.ping()
+    except RedisError as exc:
+        return f"unreachable: {exc}"
+    return "ok"
+
+
+def artifacts_check(settings) -> str:
+    try:
+        settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=settings.artifacts_dir, prefix=".readyz-"):
+            pass
+    except OSError as exc:
+        return f"not writable: {os.strerror(exc.errno) if exc.errno else exc}"
+    return "ok"
+
+
+@bp.get("/metrics")
+def metrics():
+    return Response(generate_latest(current_service().metrics.registry), mimetype=CONTENT_TYPE_LATEST)

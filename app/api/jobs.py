@@ -1,0 +1,109 @@
+"""Training endpoints: submit (optionally wait), list, inspect, cancel, and per-example predictions."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from flask import Blueprint, jsonify, request, url_for
+
+from app import jobs
+from app.api.auth import require_token
+from app.api.body import json_object, parse
+from app.api.context import current_service
+from app.api.errors import ApiError
+from app.api.schemas import JobsQuery, TrainQuery
+from app.model_access import ModelNotAllowed, model_for_training
+from app.params import TrainParams
+
+bp = Blueprint("jobs", __name__)
+
+JOB_ID = "<job_id>"
+JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@bp.post("/train")
+@require_token
+def train():
+    service = current_service()
+    query = parse(TrainQuery, request.args.to_dict(), where="query")
+    body = {"model": service.settings.default_model} | json_object()
+    params = parse(TrainParams, body)
+    try:
+        params = params.model_copy(update={"model": model_for_training(params.model, service.settings)})
+    except ModelNotAllowed as exc:
+        raise ApiError(422, str(exc), {"model": str(exc)}) from exc
+    job = jobs.enqueue_training(service.queue, params, service.settings)
+    if query.wait:
+        timeout = min(query.timeout or service.settings.max_wait, service.settings.max_wait)
+        if jobs.wait_until(lambda: jobs.public_status(refreshed(job)) in jobs.FINAL_STATUSES, timeout, 0.25):
+            return finished_training(job)
+    location = url_for("jobs.show", job_id=job.id)
+    return jsonify(job_id=job.id, status=jobs.public_status(job)), 202, {"Location": location}
+
+
+def refreshed(job):
+    job.get_status(refresh=True)
+    return job
+
+
+def finished_training(job):
+    """The seed's synchronous answer: accuracy and predictions, or the job's error."""
+    view = jobs.describe_job(job)
+    if view["status"] != "succeeded":
+        error = view["error"] or {"type": "Cancelled", "message": "the job was cancelled"}
+        raise ApiError(500, f"job {job.id} {view['status']}: {error['type']}: {error['message']}", code="job_failed")
+    value = job.return_value()
+    keys = ("accuracy", "n_eval", "dev_accuracy", "predictions", "metrics", "tracking")
+    return jsonify({"job_id": job.id, "status": "succeeded"} | {k: value.get(k) for k in keys})
+
+
+@bp.get("/jobs")
+def index():
+    query = parse(JobsQuery, request.args.to_dict(), where="query")
+    page, total = jobs.recent_jobs(current_service().queue, query.page, query.per_page)
+    return jsonify(
+        jobs=[jobs.describe_job(j) for j in page],
+        page=query.page,
+        per_page=query.per_page,
+        total=total,
+    )
+
+
+@bp.get(f"/jobs/{JOB_ID}")
+def show(job_id: str):
+    return jsonify(jobs.describe_job(find_job(job_id)))
+
+
+@bp.post(f"/jobs/{JOB_ID}/cancel")
+@require_token
+def cancel(job_id: str):
+    service = current_service()
+    try:
+        job = jobs.cancel_training(service.queue, find_job(job_id))
+    except jobs.JobAlreadyFinished as exc:
+        raise ApiError(409, str(exc)) from exc
+    view = jobs.describe_job(job)
+    return jsonify(view), 200 if view["status"] == "cancelled" else 202
+
+
+@bp.get(f"/jobs/{JOB_ID}/predictions")
+def predictions(job_id: str):
+    job = find_job(job_id)
+    status = jobs.public_status(job)
+    if status != "succeeded":
+        raise ApiError(409, f"job {job_id} is {status}; predictions exist once it has succeeded")
+    path = current_service().settings.artifacts_dir / job_id / "predictions.jsonl"
+    if not path.is_file():
+        raise ApiError(404, f"the run folder of job {job_id} has no predictions.jsonl (was it deleted?)")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return jsonify(job_id=job_id, predictions=rows)
+
+
+def find_job(job_id: str):
+    if not JOB_ID_PATTERN.fullmatch(job_id):
+        raise ApiError(404, f"no job {job_id!r}", {"job_id": "job ids are 1-64 letters, digits, '-' or '_'"})
+    try:
+        return jobs.fetch_job(current_service().queue, job_id)
+    except jobs.JobNotFound as exc:
+        raise ApiError(404, f"no job {job_id}", {"job_id": "unknown job id"}) from exc

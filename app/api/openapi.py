@@ -1,0 +1,181 @@
+"""``GET /openapi.json``: the paths are listed here; every schema is generated from the pydantic models."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+from pydantic.json_schema import models_json_schema
+
+from app.api import schemas
+from app.params import TrainParams
+
+bp = Blueprint("openapi", __name__)
+
+REF = "#/components/schemas/{model}"
+MODELS = (
+    TrainParams,
+    schemas.TrainQuery,
+    schemas.JobsQuery,
+    schemas.PredictOne,
+    schemas.PredictBatch,
+    schemas.PredictOneResponse,
+    schemas.PredictBatchResponse,
+    schemas.JobAccepted,
+    schemas.JobView,
+    schemas.JobList,
+    schemas.TrainResult,
+    schemas.PredictionList,
+    schemas.ErrorBody,
+    schemas.Health,
+)
+ERRORS = {
+    "400": "Malformed JSON",
+    "401": "Missing or wrong bearer token (when API_TOKEN is set)",
+    "404": "Unknown job, route or model",
+    "405": "Wrong method",
+    "409": "Job in the wrong state for this request",
+    "413": "Body over MAX_CONTENT_LENGTH",
+    "415": "Body is not application/json",
+    "422": "A field breaks its rule (each named in error.fields)",
+    "500": "Internal error (no details leak)",
+    "503": "Redis unreachable",
+}
+
+
+def ref(model) -> dict:
+    return {"$ref": REF.format(model=model.__name__)}
+
+
+def json_response(description: str, model=None) -> dict:
+    content = {"application/json": {"schema": ref(model)}} if model else {}
+    return {"description": description, "content": content} if content else {"description": description}
+
+
+def operation(summary: str, responses: dict, body=None, query=None, secured: bool = False) -> dict:
+    op = {
+        "summary": summary,
+        "responses": responses | {k: json_response(v, schemas.ErrorBody) for k, v in ERRORS.items()},
+    }
+    if body is not None:
+        op["requestBody"] = {
+            "required": False,
+            "content": {
+                "application/json": {"schema": {"oneOf": [ref(m) for m in body]} if len(body) > 1 else ref(body[0])}
+            },
+        }
+    parameters = []
+    if query is not None:
+        for name, field in query.model_fields.items():
+            parameters.append({"name": name, "in": "query", "required": False, "description": field.description or ""})
+    if parameters:
+        op["parameters"] = parameters
+    if secured:
+        op["security"] = [{"bearer": []}]
+    return op
+
+
+JOB_ID_PARAM = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def paths() -> dict:
+    return {
+        "/train": {
+            "post": operation(
+                "Queue a fine-tuning job (wait=true: wait for its result)",
+                {
+                    "202": json_response("Queued (Location: /jobs/<id>)", schemas.JobAccepted),
+                    "200": json_response("wait=true and the job succeeded in time", schemas.TrainResult),
+                },
+                body=[TrainParams],
+                query=schemas.TrainQuery,
+                secured=True,
+            )
+        },
+        "/jobs": {
+            "get": operation(
+                "Recent jobs, newest first", {"200": json_response("A page", schemas.JobList)}, query=schemas.JobsQuery
+            )
+        },
+        "/jobs/{job_id}": {
+            "get": operation("Status, progress, result or error", {"200": json_response("The job", schemas.JobView)}),
+            "parameters": [JOB_ID_PARAM],
+        },
+        "/jobs/{job_id}/cancel": {
+            "post": operation(
+                "Cancel a queued job or stop a running one",
+                {
+                    "200": json_response("Cancelled", schemas.JobView),
+                    "202": json_response("Stop requested, not yet confirmed", schemas.JobView),
+                },
+                secured=True,
+            ),
+            "parameters": [JOB_ID_PARAM],
+        },
+        "/jobs/{job_id}/predictions": {
+            "get": operation(
+                "Per-example val predictions", {"200": json_response("Predictions", schemas.PredictionList)}
+            ),
+            "parameters": [JOB_ID_PARAM],
+        },
+        "/predict": {
+            "post": operation(
+                "Answer yes/no questions with a fine-tuned model (default: latest succeeded job)",
+                {
+                    "200": {
+                        "description": "One answer, or one per item",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "oneOf": [ref(schemas.PredictOneResponse), ref(schemas.PredictBatchResponse)]
+                                }
+                            }
+                        },
+                    }
+                },
+                body=[schemas.PredictOne, schemas.PredictBatch],
+                secured=True,
+            )
+        },
+        "/healthz": {"get": {"summary": "Process alive", "responses": {"200": json_response("ok", schemas.Health)}}},
+        "/readyz": {
+            "get": {
+                "summary": "Redis reachable and ARTIFACTS_DIR writable",
+                "responses": {
+                    "200": json_response("ready", schemas.Health),
+                    "503": json_response("not ready", schemas.Health),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus text format",
+                "responses": {"200": {"description": "metrics", "content": {"text/plain": {}}}},
+            }
+        },
+        "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1"}}}},
+    }
+
+
+def component_schemas() -> dict:
+    _, top = models_json_schema([(m, "validation") for m in MODELS], ref_template=REF)
+    return top["$defs"]
+
+
+def openapi_document() -> dict:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "boolq-service",
+            "version": "0.1.0",
+            "description": "Fine-tune BERT on BoolQ, serve answers.",
+        },
+        "paths": paths(),
+        "components": {
+            "schemas": component_schemas(),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+@bp.get("/openapi.json")
+def openapi():
+    return jsonify(openapi_document())

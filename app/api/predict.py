@@ -1,0 +1,70 @@
+"""``POST /predict``: answers from a fine-tuned model, loaded once per process and kept in a bounded LRU cache."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from flask import Blueprint, jsonify
+
+from app import jobs
+from app.api.auth import require_token
+from app.api.body import json_object, parse
+from app.api.context import current_service
+from app.api.errors import ApiError
+from app.api.schemas import PredictBatch, PredictOne
+from app.model_access import ModelNotAllowed, fine_tuned_model
+
+bp = Blueprint("predict", __name__)
+
+
+class PredictorCache:
+    """Up to ``size`` loaded models per process, least recently used evicted first; thread-safe."""
+
+    def __init__(self, size: int):
+        self.size = max(size, 1)
+        self.loaded: OrderedDict[Path, object] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, folder: Path):
+        from app.predict import Predictor
+
+        with self.lock:
+            if folder in self.loaded:
+                self.loaded.move_to_end(folder)
+                return self.loaded[folder]
+            predictor = Predictor(folder)
+            self.loaded[folder] = predictor
+            while len(self.loaded) > self.size:
+                self.loaded.popitem(last=False)
+            return predictor
+
+
+@bp.post("/predict")
+@require_token
+def predict():
+    body = json_object()
+    request_ = parse(PredictBatch if "items" in body else PredictOne, body)
+    items = request_.items if isinstance(request_, PredictBatch) else [request_]
+    name = request_.model or default_model_name()
+    predictor = current_service().predictors.get(model_folder(name))
+    answers = [a.to_dict() for a in predictor.predict([(i.question, i.passage) for i in items])]
+    if isinstance(request_, PredictBatch):
+        return jsonify(answers=answers, model=name)
+    return jsonify(answers[0] | {"model": name})
+
+
+def default_model_name() -> str:
+    """The latest succeeded training job."""
+    job_id = jobs.latest_succeeded_job_id(current_service().queue)
+    if job_id is None:
+        raise ApiError(404, "no training job has succeeded yet: POST /train first, or name a model", code="no_model")
+    return job_id
+
+
+def model_folder(name: str) -> Path:
+    try:
+        return fine_tuned_model(name, current_service().settings)
+    except ModelNotAllowed as exc:
+        raise ApiError(422, str(exc), {"model": str(exc)}) from exc

@@ -1,0 +1,155 @@
+"""Request and response shapes of the API as pydantic models; ``/openapi.json`` is generated from them."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_ITEMS = 256
+Text = Annotated[str, Field(min_length=1, max_length=20_000)]
+ModelName = Annotated[
+    str,
+    Field(min_length=1, max_length=512, description="A succeeded job id or a model folder under the model roots."),
+]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainQuery(Strict):
+    """Query string of ``POST /train``."""
+
+    wait: bool = Field(False, description="Wait for the job to finish (up to `timeout` seconds).")
+    timeout: float | None = Field(None, gt=0, description="Seconds to wait when wait=true (capped by MAX_WAIT).")
+
+
+class JobsQuery(Strict):
+    """Query string of ``GET /jobs``."""
+
+    page: int = Field(1, ge=1)
+    per_page: int = Field(20, ge=1, le=100)
+
+
+class QuestionPassage(Strict):
+    question: Annotated[str, Field(min_length=1, max_length=2_000)]
+    passage: Text
+
+
+class PredictOne(QuestionPassage):
+    """``POST /predict`` with one question."""
+
+    model: ModelName | None = None
+
+
+class PredictBatch(Strict):
+    """``POST /predict`` with up to 256 questions."""
+
+    items: Annotated[list[QuestionPassage], Field(min_length=1, max_length=MAX_ITEMS)]
+    model: ModelName | None = None
+
+
+class Answer(BaseModel):
+    answer: bool
+    probability: float
+
+
+class PredictOneResponse(Answer):
+    model: str
+
+
+class PredictBatchResponse(BaseModel):
+    answers: list[Answer]
+    model: str
+
+
+Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    status: Status
+
+
+class JobProgress(BaseModel):
+    epoch: int
+    epochs: int
+    step: int
+    total_steps: int
+    loss: float
+    dev_accuracy: float | None
+    examples_per_s: float
+
+
+class JobResult(BaseModel):
+    accuracy: float
+    n_eval: int
+    dev_accuracy: float
+    metrics: dict
+    tracking: dict | None
+    model: str = Field(description="Name this model in POST /predict (the job id = its run folder).")
+
+
+class JobError(BaseModel):
+    type: str
+    message: str
+
+
+class JobView(BaseModel):
+    job_id: str
+    status: Status
+    params: dict
+    progress: JobProgress | None
+    created_at: str | None
+    enqueued_at: str | None
+    started_at: str | None
+    ended_at: str | None
+    result: JobResult | None
+    error: JobError | None
+
+
+class JobList(BaseModel):
+    jobs: list[JobView]
+    page: int
+    per_page: int
+    total: int
+
+
+class TrainResult(BaseModel):
+    """``POST /train?wait=true`` when the job succeeded in time (the seed's contract)."""
+
+    job_id: str
+    status: Status
+    accuracy: float
+    n_eval: int
+    dev_accuracy: float
+    predictions: list[int]
+    metrics: dict
+
+
+class Prediction(BaseModel):
+    idx: int | str
+    label: int
+    prediction: int
+    probability: float
+
+
+class PredictionList(BaseModel):
+    job_id: str
+    predictions: list[Prediction]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    fields: dict[str, str]
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, str] | None = None

@@ -1,0 +1,292 @@
+"""Training as RQ jobs: the queue, the task a worker runs, and a job's state as the API reports it.
+
+The lifecycle is RQ's (statuses and registries in Redis); this module only maps it to the API's
+words (queued | running | succeeded | failed | cancelled). Progress lives in the job's ``meta``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+from dataclasses import asdict
+
+from redis import Redis
+from rq import Queue, Retry, Worker, get_current_job
+from rq.command import send_stop_job_command
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+from app.config import Settings
+from app.params import TrainParams
+
+log = logging.getLogger(__name__)
+
+# Progress is written to Redis at most this often (plus after every dev evaluation and the last step).
+PROGRESS_INTERVAL_S = 0.5
+# API-side Redis timeouts: a dead Redis answers 503 in seconds instead of hanging a request.
+REDIS_CONNECT_TIMEOUT_S = 2
+REDIS_SOCKET_TIMEOUT_S = 5
+
+PUBLIC_STATUS = {
+    JobStatus.CREATED: "queued",
+    JobStatus.QUEUED: "queued",
+    JobStatus.DEFERRED: "queued",
+    JobStatus.SCHEDULED: "queued",
+    JobStatus.READY_TO_ENQUEUE: "queued",
+    JobStatus.RATE_LIMITED: "queued",
+    JobStatus.STARTED: "running",
+    JobStatus.FINISHED: "succeeded",
+    JobStatus.FAILED: "failed",
+    JobStatus.STOPPED: "cancelled",
+    JobStatus.CANCELED: "cancelled",
+}
+FINAL_STATUSES = {"succeeded", "failed", "cancelled"}
+
+
+class JobNotFound(LookupError):
+    """No job with this id (never created, or its record expired)."""
+
+
+class JobAlreadyFinished(RuntimeError):
+    """Cancel was asked for a job that has already ended."""
+
+
+def connect_redis(settings: Settings) -> Redis:
+    """A Redis client with short timeouts, for the API."""
+    return Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+    )
+
+
+def training_queue(settings: Settings, connection: Redis) -> Queue:
+    """The RQ queue of training jobs; JSON-serialized so job data is plain and readable (no pickle)."""
+    return Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
+
+
+def enqueue_training(queue: Queue, params: TrainParams, settings: Settings) -> Job:
+    """Put one training run on the queue; the job id becomes the run folder's name."""
+    return queue.enqueue(
+        train_job,
+        params.model_dump(),
+        job_timeout=settings.job_timeout,
+        result_ttl=settings.result_ttl,
+        failure_ttl=settings.result_ttl,
+        retry=Retry(max=settings.job_retries) if settings.job_retries > 0 else None,
+        meta={"progress": None},
+        description=f"train {params.model}",
+    )
+
+
+def train_job(params_dict: dict) -> dict:
+    """The task an RQ worker runs: fine-tune, evaluate, write ``ARTIFACTS_DIR/<job id>/``, return the results."""
+    from app.model_access import model_for_training
+    from app.tracking import make_tracker
+    from app.training import train_and_evaluate
+
+    settings = Settings.from_env()
+    job = get_current_job()
+    params = TrainParams(**params_dict)
+    params = params.model_copy(update={"model": model_for_training(params.model, settings)})
+    remove_unfinished_run(settings, job.id)
+    result = train_and_evaluate(
+        params,
+        settings.data_dir,
+        settings.artifacts_dir,
+        run_id=job.id,
+        num_threads=settings.num_threads,
+        on_progress=ProgressReporter(job),
+        tracker=make_tracker(settings),
+    )
+    return result.to_dict()
+
+
+def remove_unfinished_run(settings: Settings, job_id: str) -> None:
+    """A retried job starts over: drop the folder a killed attempt left without metrics.json."""
+    run_dir = settings.artifacts_dir / job_id
+    if run_dir.is_dir() and not (run_dir / "metrics.json").exists():
+        log.warning("removing unfinished run folder %s from an earlier attempt", run_dir)
+        shutil.rmtree(run_dir)
+
+
+class ProgressReporter:
+    """The engine's progress callback: stores progress in the job's meta, throttled to spare Redis."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.last_write = 0.0
+
+    def __call__(self, progress) -> None:
+        now = time.monotonic()
+        epoch_end = progress.dev_accuracy is not None or progress.step == progress.total_steps
+        if not epoch_end and now - self.last_write < PROGRESS_INTERVAL_S:
+            return
+        self.job.meta["progress"] = asdict(progress)
+        self.job.save_meta()
+        self.last_write = now
+
+
+def make_worker(settings: Settings) -> Worker:
+    """An RQ worker on the training queue; each job runs in a forked work horse it watches."""
+    connection = Redis.from_url(settings.redis_url)
+    return Worker(
+        [training_queue(settings, connection)],
+        connection=connection,
+        serializer=JSONSerializer,
+        job_monitoring_interval=settings.worker_heartbeat,
+    )
+
+
+def fetch_job(queue: Queue, job_id: str) -> Job:
+    """The job, after letting RQ fail jobs whose worker died (so none stays 'running' forever)."""
+    try:
+        job = Job.fetch(job_id, connection=queue.connection, serializer=queue.serializer)
+    except NoSuchJobError as exc:
+        raise JobNotFound(job_id) from exc
+    if job.get_status(refresh=False) == JobStatus.STARTED:
+        queue.started_job_registry.cleanup()
+        job.refresh()
+    return job
+
+
+def public_status(job: Job) -> str:
+    return PUBLIC_STATUS.get(job.get_status(refresh=False), "queued")
+
+
+def all_job_ids(queue: Queue) -> set[str]:
+    """Ids of every job RQ still knows on this queue, whatever its state (registries clean up first)."""
+    registries = (
+        queue.started_job_registry,
+        queue.finished_job_registry,
+        queue.failed_job_registry,
+        queue.canceled_job_registry,
+        queue.deferred_job_registry,
+        queue.scheduled_job_registry,
+    )
+    ids = set(queue.get_job_ids())
+    for registry in registries:
+        ids.update(registry.get_job_ids())
+    return ids
+
+
+def recent_jobs(queue: Queue, page: int, per_page: int) -> tuple[list[Job], int]:
+    """One page of jobs, newest first, and the total count."""
+    jobs = [j for j in Job.fetch_many(all_job_ids(queue), queue.connection, queue.serializer) if j is not None]
+    jobs.sort(key=lambda j: j.created_at, reverse=True)
+    start = (page - 1) * per_page
+    return jobs[start : start + per_page], len(jobs)
+
+
+def latest_succeeded_job_id(queue: Queue) -> str | None:
+    """The most recently finished job (FinishedJobRegistry scores are expiry times, later = newer)."""
+    ids = queue.finished_job_registry.get_job_ids(0, 0, desc=True)
+    return ids[0] if ids else None
+
+
+def cancel_training(queue: Queue, job: Job, wait_s: float = 5.0) -> Job:
+    """Cancel a queued job, or stop a running one (RQ kills its work horse); wait briefly for the stop."""
+    if public_status(job) in FINAL_STATUSES:
+        raise JobAlreadyFinished(f"job {job.id} has already {public_status(job)}")
+    if public_status(job) == "queued":
+        # A worker may take the job between our read and the cancel; then it is stopped below instead.
+        with contextlib.suppress(InvalidJobOperation):
+            job.cancel()
+        job.refresh()
+    if job.get_status(refresh=False) == JobStatus.STARTED:
+        send_stop_job_command(queue.connection, job.id, serializer=queue.serializer)
+        wait_until(lambda: job.get_status() != JobStatus.STARTED, wait_s)
+        job.refresh()
+    return job
+
+
+def wait_until(done, timeout_s: float, interval_s: float = 0.2) -> bool:
+    """Poll ``done()`` until it is true or ``timeout_s`` passes; return its last value."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(min(interval_s, max(deadline - time.monotonic(), 0)))
+    return True
+
+
+def describe_job(job: Job) -> dict:
+    """What ``GET /jobs/<id>`` shows: status, params, progress, timestamps, and result or error."""
+    status = public_status(job)
+    return {
+        "job_id": job.id,
+        "status": status,
+        "params": job.args[0] if job.args else {},
+        "progress": job.meta.get("progress"),
+        "created_at": isoformat(job.created_at),
+        "enqueued_at": isoformat(job.enqueued_at),
+        "started_at": isoformat(job.started_at),
+        "ended_at": isoformat(job.ended_at),
+        "result": result_summary(job) if status == "succeeded" else None,
+        "error": failure_of(job) if status == "failed" else None,
+    }
+
+
+def result_summary(job: Job) -> dict | None:
+    """The run's results without the per-example predictions (those are at /jobs/<id>/predictions)."""
+    value = job.return_value()
+    if not value:
+        return None
+    keys = ("accuracy", "n_eval", "dev_accuracy", "metrics", "tracking")
+    return {k: value.get(k) for k in keys} | {"model": job.id}
+
+
+def failure_of(job: Job) -> dict:
+    """The error of a failed job as ``{"type", "message"}``; never the traceback."""
+    result = job.latest_result()
+    return describe_failure(result.exc_string if result is not None else "")
+
+
+def describe_failure(exc_string: str | None) -> dict:
+    """Turn RQ's failure text (a traceback or a worker-side note) into a short type and message."""
+    text = (exc_string or "").strip()
+    if "AbandonedJobError" in text:
+        return {
+            "type": "WorkerLost",
+            "message": "the worker running this job stopped sending heartbeats (killed or lost); job abandoned",
+        }
+    if text.startswith("Work-horse terminated unexpectedly"):
+        return {
+            "type": "WorkerKilled",
+            "message": f"the process running this job was killed (for example out of memory): {text.rstrip('; ')}",
+        }
+    if not text:
+        return {"type": "Unknown", "message": "the job failed without an error message"}
+    kind, _, message = exception_text(text).partition(": ")
+    return {"type": kind.rsplit(".", 1)[-1], "message": " ".join(message.split()) or kind}
+
+
+def exception_text(traceback_text: str) -> str:
+    """The ``Type: message`` part of a traceback: the unindented lines after the last frame."""
+    lines = traceback_text.splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    rest = lines[frames[-1] + 1 :] if frames else lines
+    while rest and rest[0].startswith(" "):
+        rest = rest[1:]
+    return "\n".join(rest) or lines[-1]
+
+
+def isoformat(moment) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+def job_counts(queue: Queue) -> dict[str, int]:
+    """Jobs per public status, for the metrics endpoint (stopped jobs sit in RQ's failed registry)."""
+    counts = dict.fromkeys(("queued", "running", "succeeded", "failed", "cancelled"), 0)
+    counts["queued"] = queue.count + queue.deferred_job_registry.count + queue.scheduled_job_registry.count
+    counts["running"] = queue.started_job_registry.count
+    counts["succeeded"] = queue.finished_job_registry.count
+    counts["cancelled"] = queue.canceled_job_registry.count
+    failed_ids = queue.failed_job_registry.get_job_ids()
+    for job in Job.fetch_many(failed_ids, queue.connection, queue.serializer):
+        if job is not None:
+            counts[public_status(job)] += 1
+    return counts

@@ -1,0 +1,98 @@
+"""nginx in front of the API replicas: one template, two layouts (docker-compose and the native stack).
+
+``nginx/nginx.conf`` is the compose rendering, committed so compose can mount it; regenerate it with
+``python -m app.nginx_config`` after editing ``nginx/nginx.conf.template`` (a test checks they agree).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import jinja2
+
+from app.config import PROJECT_ROOT
+
+NGINX_DIR = PROJECT_ROOT / "nginx"
+TEMPLATE_NAME = "nginx.conf.template"
+COMPOSE_CONF_PATH = NGINX_DIR / "nginx.conf"
+
+# Port of the API replicas inside the compose network and of nginx on the host (the seed's 4000 → 5000).
+COMPOSE_API_SERVER = "api:5000"
+LISTEN_PORT = 4000
+# Docker's embedded DNS server, reachable from every container on a user-defined network.
+DOCKER_DNS = "127.0.0.11"
+
+
+@dataclass(frozen=True)
+class NginxLayout:
+    """Everything that differs between the compose and the native nginx; the rest lives in the template."""
+
+    layout_name: str
+    listen: str
+    servers: tuple[str, ...]
+    pid_path: str
+    error_log: str
+    access_log: str
+    # DNS server to re-resolve server names with; empty: names are resolved once, at start.
+    resolver: str = ""
+    # Mark servers `resolve` (open-source nginx ≥ 1.27.3) so new or moved replicas are picked up.
+    resolve: bool = False
+    # Folder for nginx's temp files; empty: the compiled-in defaults (fine inside the nginx image).
+    temp_dir: str = ""
+    # Account for nginx's worker processes; only meaningful when the master runs as root.
+    user: str = ""
+
+
+def compose_layout() -> NginxLayout:
+    """nginx in the official image, in front of the compose service `api` however many replicas it has."""
+    return NginxLayout(
+        layout_name="compose",
+        listen=str(LISTEN_PORT),
+        servers=(COMPOSE_API_SERVER,),
+        pid_path="/var/run/nginx.pid",
+        error_log="/dev/stderr",
+        access_log="/dev/stdout",
+        resolver=DOCKER_DNS,
+        resolve=True,
+    )
+
+
+def native_layout(listen: str, api_addresses: list[str], state_dir: Path) -> NginxLayout:
+    """nginx run by ``python -m app stack``: local replicas, and pid, logs and temp files under state_dir."""
+    state_dir = state_dir.resolve()
+    return NginxLayout(
+        layout_name="native",
+        listen=listen,
+        servers=tuple(api_addresses),
+        pid_path=str(state_dir / "nginx.pid"),
+        error_log=str(state_dir / "logs" / "nginx-error.log"),
+        access_log=str(state_dir / "logs" / "nginx-access.log"),
+        temp_dir=str(state_dir / "nginx-temp"),
+        # As root, nginx would hand its workers to `nobody`, who cannot enter the stack's private folders.
+        user=pwd.getpwuid(0).pw_name if os.geteuid() == 0 else "",
+    )
+
+
+def render_nginx_conf(layout: NginxLayout) -> str:
+    """The nginx.conf text for a layout."""
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(NGINX_DIR),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    return environment.get_template(TEMPLATE_NAME).render(**asdict(layout))
+
+
+def write_compose_conf() -> Path:
+    COMPOSE_CONF_PATH.write_text(render_nginx_conf(compose_layout()))
+    return COMPOSE_CONF_PATH
+
+
+if __name__ == "__main__":
+    print(f"wrote {write_compose_conf()}")

@@ -1,0 +1,416 @@
+"""``python -m app stack``: the docker-compose topology without Docker.
+
+redis-server, N API replicas (``python -m app serve``), M RQ workers (``python -m app worker``) and nginx in
+front of the replicas, all children of this one command. Each child runs in its own process group, so a
+Ctrl-C reaches only the stack, which then stops nginx, the replicas and workers, and Redis last, and makes
+sure no process of any group is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+import requests
+from rq import Worker
+
+from app.config import PROJECT_ROOT, Settings, environment_with
+from app.nginx_config import native_layout, render_nginx_conf
+
+log = logging.getLogger(__name__)
+
+STATE_FILE_NAME = "stack.json"
+READY_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 15.0
+POLL_INTERVAL_S = 0.25
+# Debian installs nginx in /usr/sbin, which is not on an ordinary user's PATH.
+SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
+PR_SET_PDEATHSIG = 1
+
+
+class StackError(Exception):
+    """The stack cannot start or keep running; the message says which process and where its log is."""
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    replicas: int = 3
+    workers: int = 2
+    host: str = "127.0.0.1"
+    port: int = 4000
+    web_workers: int = 1
+    state_dir: Path | None = None
+    redis_port: int = 0
+
+
+@dataclass
+class Child:
+    """One process of the stack, started in a new session (its own process group)."""
+
+    name: str
+    role: str  # redis | api | worker | nginx
+    argv: list[str]
+    log_path: Path
+    url: str = ""
+    process: subprocess.Popen | None = field(default=None, repr=False)
+    exit_code: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid if self.process else 0
+
+    def start(self, env: dict[str, str]) -> None:
+        with open(self.log_path, "ab") as log_file:
+            self.process = subprocess.Popen(
+                self.argv,
+                cwd=PROJECT_ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
+
+    def exited(self) -> bool:
+        """True once the group leader has exited (and is reaped); records its exit code."""
+        if self.process is None:
+            return True
+        code = self.process.poll()
+        if code is not None:
+            self.exit_code = code
+        return code is not None
+
+    def group_alive(self) -> bool:
+        """Whether any process of the child's group (gunicorn's workers, RQ's work horse, ...) is still there."""
+        if self.process is None:
+            return False
+        self.exited()
+        try:
+            os.killpg(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def signal_group(self, signum: int) -> None:
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signum)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "role": self.role,
+            "pid": self.pid,
+            "url": self.url,
+            "log": str(self.log_path),
+            "exit_code": self.exit_code,
+        }
+
+
+def die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if the stack itself dies (even by SIGKILL), so nothing is orphaned."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def find_binary(name: str) -> str:
+    path = shutil.which(name) or shutil.which(name, path=SBIN_PATH)
+    if path is None:
+        raise StackError(f"{name} not found; install it with `sudo apt-get install nginx redis-server`")
+    return path
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the kernel reports free now (held together while choosing, so they differ)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def ensure_port_free(host: str, port: int) -> None:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise StackError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror}); choose another") from exc
+
+
+class Stack:
+    """Starts, watches and stops the stack's processes."""
+
+    def __init__(self, options: StackOptions, settings: Settings):
+        self.options = options
+        self.settings = settings
+        self.artifacts_dir = settings.artifacts_dir.resolve()
+        self.state_dir = (options.state_dir or self.artifacts_dir / "stack").resolve()
+        self.logs_dir = self.state_dir / "logs"
+        self.state_file = self.state_dir / STATE_FILE_NAME
+        self.url = f"http://{options.host}:{options.port}"
+        self.stopping = threading.Event()
+        self.children: list[Child] = []
+        self.redis_url = ""
+
+    # --- planning ---------------------------------------------------------------------------------------
+
+    def plan(self) -> None:
+        """Choose ports and build every child's command line; write the nginx config."""
+        redis_bin, nginx_bin = find_binary("redis-server"), find_binary("nginx")
+        ensure_port_free(self.options.host, self.options.port)
+        ports = free_ports(self.options.replicas + 1)
+        redis_port = self.options.redis_port or ports.pop()
+        self.redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        for directory in (self.logs_dir, self.state_dir / "redis", self.state_dir / "nginx-temp"):
+            directory.mkdir(parents=True, exist_ok=True)
+
+        self.children.append(
+            Child(
+                "redis",
+                "redis",
+                [redis_bin, "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(self.state_dir / "redis")]
+                + ["--appendonly", "yes", "--save", "", "--daemonize", "no", "--logfile", ""],
+                self.logs_dir / "redis.log",
+                url=self.redis_url,
+            )
+        )
+        api_ports = ports[: self.options.replicas]
+        for number, port in enumerate(api_ports, start=1):
+            serve = ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(self.options.web_workers)]
+            self.children.append(
+                Child(
+                    f"api-{number}",
+                    "api",
+                    [sys.executable, "-m", "app", *serve],
+                    self.logs_dir / f"api-{number}.log",
+                    url=f"http://127.0.0.1:{port}",
+                )
+            )
+        for number in range(1, self.options.workers + 1):
+            self.children.append(
+                Child(
+                    f"worker-{number}",
+                    "worker",
+                    [sys.executable, "-m", "app", "worker"],
+                    self.logs_dir / f"worker-{number}.log",
+                )
+            )
+        conf_path = self.write_nginx_conf([f"127.0.0.1:{port}" for port in api_ports])
+        nginx_argv = [nginx_bin, "-c", str(conf_path), "-p", str(self.state_dir)]
+        nginx_argv += ["-e", str(self.logs_dir / "nginx-error.log"), "-g", "daemon off;"]
+        self.children.append(Child("nginx", "nginx", nginx_argv, self.logs_dir / "nginx.log", url=self.url))
+
+    def write_nginx_conf(self, api_addresses: list[str]) -> Path:
+        layout = native_layout(f"{self.options.host}:{self.options.port}", api_addresses, self.state_dir)
+        conf_path = self.state_dir / "nginx.conf"
+        conf_path.write_text(render_nginx_conf(layout))
+        return conf_path
+
+    def of_role(self, role: str) -> list[Child]:
+        return [child for child in self.children if child.role == role]
+
+    # --- starting ---------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start in dependency order, each stage ready before the next: Redis, replicas + workers, nginx."""
+        env = environment_with(REDIS_URL=self.redis_url, ARTIFACTS_DIR=str(self.artifacts_dir), PYTHONUNBUFFERED="1")
+        self.start_children(self.of_role("redis"), env)
+        self.wait_until("redis answers PING", self.redis_answers, self.of_role("redis"))
+        self.start_children(self.of_role("api") + self.of_role("worker"), env)
+        self.wait_until("every API replica answers /healthz", self.replicas_healthy, self.of_role("api"))
+        self.wait_until("every worker is registered", self.workers_registered, self.of_role("worker"))
+        self.start_children(self.of_role("nginx"), env)
+        self.wait_until("nginx answers /healthz", self.nginx_healthy, self.of_role("nginx"))
+
+    def start_children(self, children: list[Child], env: dict[str, str]) -> None:
+        for child in children:
+            child.start(env)
+            log.info("started %s (pid %d): %s", child.name, child.pid, shlex.join(child.argv))
+
+    def wait_until(self, what: str, is_ready, children: list[Child]) -> None:
+        """Poll ``is_ready`` until it holds; fail at once, naming the log, if one of ``children`` exits."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not is_ready():
+            for child in children:
+                if child.exited():
+                    raise StackError(
+                        f"{child.name} exited with code {child.exit_code} while starting; see {child.log_path}"
+                    )
+            if self.stopping.is_set():
+                raise StackError(f"stopped while waiting until {what}")
+            if time.monotonic() > deadline:
+                raise StackError(f"timed out after {READY_TIMEOUT_S:.0f} s waiting until {what}; see {self.logs_dir}")
+            time.sleep(POLL_INTERVAL_S)
+        log.info("ready: %s", what)
+
+    def redis_answers(self) -> bool:
+        try:
+            return redis.Redis.from_url(self.redis_url, socket_timeout=1).ping()
+        except redis.RedisError:
+            return False
+
+    def replicas_healthy(self) -> bool:
+        return all(answers_healthz(child.url) for child in self.of_role("api"))
+
+    def workers_registered(self) -> bool:
+        connection = redis.Redis.from_url(self.redis_url, socket_timeout=1)
+        return Worker.count(connection=connection) >= len(self.of_role("worker"))
+
+    def nginx_healthy(self) -> bool:
+        return answers_healthz(self.url)
+
+    # --- running ----------------------------------------------------------------------------------------
+
+    def watch(self) -> None:
+        """Until asked to stop: notice children that exit, log them, and give up when the stack cannot serve."""
+        while not self.stopping.wait(POLL_INTERVAL_S):
+            for child in self.children:
+                if child.exit_code is None and child.exited():
+                    self.report_exit(child)
+            self.write_state()
+
+    def report_exit(self, child: Child) -> None:
+        log.warning(
+            "%s (pid %d) exited unexpectedly with code %s; see %s",
+            child.name,
+            child.pid,
+            child.exit_code,
+            child.log_path,
+        )
+        # A killed gunicorn master leaves its workers behind for a while; end the whole group now.
+        child.signal_group(signal.SIGKILL)
+        if child.role in ("redis", "nginx"):
+            raise StackError(f"{child.name} is gone; the stack cannot serve without it")
+        alive = [c for c in self.of_role(child.role) if c.exit_code is None]
+        if not alive:
+            raise StackError(f"no {child.role} process is left")
+        log.warning("continuing with %d %s process(es); nginx skips the dead replica", len(alive), child.role)
+
+    def write_state(self) -> None:
+        """stack.json: where everything is, for people and for tests (pids to signal, URLs, logs)."""
+        state = {
+            "pid": os.getpid(),
+            "url": self.url,
+            "redis_url": self.redis_url,
+            "artifacts_dir": str(self.artifacts_dir),
+            "state_dir": str(self.state_dir),
+            "nginx_conf": str(self.state_dir / "nginx.conf"),
+            "children": [child.describe() for child in self.children],
+        }
+        temporary = self.state_file.with_suffix(".tmp")
+        temporary.write_text(json.dumps(state, indent=2))
+        temporary.replace(self.state_file)
+
+    def summary(self, seconds: float) -> str:
+        lines = [f"boolq stack ready in {seconds:.1f} s; Ctrl-C (or SIGTERM to pid {os.getpid()}) stops it all."]
+        lines.append(f"  {'API via nginx':<14} {self.url:<28} log {self.logs_dir / 'nginx-access.log'}")
+        for child in self.children:
+            if child.role != "nginx":
+                lines.append(f"  {child.name:<14} {child.url or '-':<28} pid {child.pid:<7} log {child.log_path}")
+        lines.append(f"  {'artifacts':<14} {self.artifacts_dir}")
+        lines.append(f"  {'state':<14} {self.state_file}")
+        lines.append(f"Try: curl {self.url}/healthz")
+        return "\n".join(lines)
+
+    # --- stopping ---------------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """nginx first (no new requests), then replicas and workers, Redis last (workers record job failures)."""
+        for stage in (["nginx"], ["api", "worker"], ["redis"]):
+            stop_groups([c for c in self.children if c.role in stage and c.process is not None])
+        with contextlib.suppress(FileNotFoundError):
+            self.state_file.unlink()
+        log.info("stack stopped; no process left")
+
+
+def answers_healthz(base_url: str) -> bool:
+    try:
+        return requests.get(f"{base_url}/healthz", timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def stop_groups(children: list[Child]) -> None:
+    """SIGTERM every group, wait for all of them to empty, SIGKILL what is left after STOP_TIMEOUT_S."""
+    for child in children:
+        child.signal_group(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while any(child.group_alive() for child in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for child in children:
+        if child.group_alive():
+            log.warning("%s did not stop within %.0f s; killing it", child.name, STOP_TIMEOUT_S)
+            child.signal_group(signal.SIGKILL)
+            child.process.wait()
+        log.info("stopped %s (pid %d, exit code %s)", child.name, child.pid, child.exit_code)
+
+
+@contextlib.contextmanager
+def exclusive_state_dir(state_dir: Path):
+    """One stack per state folder: two would share Redis' append-only file and nginx's pid file."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / "stack.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise StackError(f"another stack is running with state folder {state_dir}; use --state-dir") from exc
+        yield
+
+
+def run_stack(options: StackOptions, settings: Settings) -> int:
+    """Start the stack, print where everything is, run until Ctrl-C/SIGTERM, stop everything. Exit code."""
+    stack = Stack(options, settings)
+
+    def request_stop(signum, _frame) -> None:
+        log.info("received %s; stopping the stack", signal.Signals(signum).name)
+        stack.stopping.set()
+
+    previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    started = time.monotonic()
+    try:
+        with exclusive_state_dir(stack.state_dir):
+            try:
+                stack.plan()
+                stack.start()
+                stack.write_state()
+                print(stack.summary(time.monotonic() - started), flush=True)
+                stack.watch()
+                return 0
+            except StackError as exc:
+                if stack.stopping.is_set():  # Ctrl-C while starting: a normal stop
+                    return 0
+                log.error("%s", exc)
+                return 1
+            finally:
+                stack.stop()
+    except StackError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

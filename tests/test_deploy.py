@@ -1,0 +1,150 @@
+"""Deployment files: the compose file as docker-compose reads it, and nginx from the shared template.
+
+The compose nginx (1.28 image, `resolve`) cannot run here; the native rendering of the same template runs on the
+Debian nginx, so the parts they share (upstream, timeouts, JSON error pages) are exercised for real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from app.nginx_config import COMPOSE_CONF_PATH, compose_layout, native_layout, render_nginx_conf
+from app.stack import find_binary, free_ports
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+
+
+def docker_compose(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    binary = shutil.which("docker-compose")
+    assert binary, "docker-compose is missing: sudo apt-get install docker-compose (.ci/run installs it)"
+    return subprocess.run(
+        [binary, "-f", str(COMPOSE_FILE), *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=60
+    )
+
+
+def test_docker_compose_accepts_the_compose_file():
+    proc = docker_compose("config", "-q")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_compose_topology_nginx_4000_in_front_of_three_api_replicas():
+    config = yaml.safe_load(docker_compose("config").stdout)
+    services = config["services"]
+    # docker-compose 1.29 lists profiled services too (Compose v2 hides them): check who is behind a profile.
+    profiles = {name: service.get("profiles", []) for name, service in services.items()}
+    assert profiles == {
+        "nginx": [],
+        "api": [],
+        "worker": [],
+        "redis": [],
+        "worker-gpu": ["gpu"],
+        "mlflow": ["mlflow"],
+    }
+    assert services["api"]["deploy"]["replicas"] == 3
+    assert "ports" not in services["api"]  # only nginx is published
+    assert [str(p["published"]) for p in services["nginx"]["ports"]] == ["4000"]
+    assert services["nginx"]["depends_on"]["api"]["condition"] == "service_healthy"
+    assert services["worker"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert services["redis"]["command"] == ["redis-server", "--appendonly", "yes"]
+    for name in ("api", "worker"):
+        assert ("artifacts", "/data/artifacts") in mounts(services[name])
+
+
+def mounts(service: dict) -> list[tuple[str, str]]:
+    """(source, target) of each volume, from the short syntax (compose 1.29) or the long one (v2)."""
+    pairs = []
+    for volume in service.get("volumes", []):
+        if isinstance(volume, str):
+            source, target, *_ = volume.split(":")
+            pairs.append((source, target))
+        else:
+            pairs.append((volume["source"], volume["target"]))
+    return pairs
+
+
+def test_compose_profiles_add_gpu_worker_and_mlflow():
+    env = {**os.environ, "WORKER_REPLICAS": "0", "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    config = yaml.safe_load(docker_compose("--profile", "gpu", "--profile", "mlflow", "config", env=env).stdout)
+    services = config["services"]
+    assert services["worker"]["deploy"]["replicas"] == 0
+    devices = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+    assert services["api"]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert services["worker"]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert "mlflow" in services
+
+
+def test_committed_nginx_conf_is_the_compose_rendering_of_the_template():
+    assert COMPOSE_CONF_PATH.read_text() == render_nginx_conf(compose_layout()), (
+        "nginx/nginx.conf is stale: run `python -m app.nginx_config`"
+    )
+
+
+def test_compose_nginx_reresolves_the_api_service_through_docker_dns():
+    conf = render_nginx_conf(compose_layout())
+    assert "resolver 127.0.0.11 valid=10s" in conf
+    assert "server api:5000 max_fails=3 fail_timeout=10s resolve;" in conf
+    assert "zone api 64k;" in conf  # `resolve` needs a shared-memory zone
+    compose = COMPOSE_FILE.read_text()
+    assert "image: nginx:1.28" in compose  # open-source nginx supports `resolve` from 1.27.3
+
+
+@pytest.fixture
+def native_nginx(tmp_path):
+    """The native rendering, pointing at two local ports where nothing listens."""
+    listen_port, *api_ports = free_ports(3)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "nginx-temp").mkdir()
+    layout = native_layout(f"127.0.0.1:{listen_port}", [f"127.0.0.1:{p}" for p in api_ports], tmp_path)
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(render_nginx_conf(layout))
+    argv = [find_binary("nginx"), "-c", str(conf), "-p", str(tmp_path), "-e", str(tmp_path / "logs" / "error.log")]
+    return argv, f"http://127.0.0.1:{listen_port}"
+
+
+def test_native_nginx_conf_passes_nginx_t(native_nginx):
+    argv, _ = native_nginx
+    proc = subprocess.run([*argv, "-t"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "syntax is ok" in proc.stderr and "test is successful" in proc.stderr
+
+
+def test_native_nginx_answers_json_errors_when_no_replica_is_up(native_nginx):
+    argv, url = native_nginx
+    nginx = subprocess.Popen([*argv, "-g", "daemon off;"], start_new_session=True)
+    try:
+        wait_for_port(url)
+        response = requests.get(f"{url}/healthz", timeout=10)
+        assert response.status_code == 502
+        assert response.headers["Content-Type"] == "application/json"
+        assert json.loads(response.text)["error"]["code"] == "bad_gateway"
+
+        too_large = requests.post(f"{url}/predict", data=b"x" * (3 * 1024 * 1024), timeout=10)
+        assert too_large.status_code == 413
+        assert json.loads(too_large.text)["error"]["code"] == "payload_too_large"
+    finally:
+        os.killpg(nginx.pid, signal.SIGTERM)
+        nginx.wait(timeout=10)
+
+
+def wait_for_port(url: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
