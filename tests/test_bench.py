@@ -11,6 +11,7 @@ import torch
 from app.config import PROJECT_ROOT, SAMPLE_DATA_DIR
 from bench.train_speed import (
     BenchConfig,
+    best_peaks,
     engine_padded_tokens,
     format_table,
     load_model,
@@ -109,3 +110,9 @@ def test_script_prints_one_json_object():
     assert summary["baseline_examples_per_s"] > 0 and summary["engine_examples_per_s"] > 0
     assert summary["speedup"] > 0 and [r["side"] for r in summary["runs"]] == ["baseline", "engine"]
     assert summary["matmul_peak_gflops"]["fp32"] > 0 and summary["matmul_peak_gflops"]["bf16"] > 0
+
+
+def test_peak_is_the_best_measurement_per_dtype():
+    before = {"fp32": {"n": 2048, "gflops": 50.0}, "bf16": {"n": 512, "gflops": 1.0}}
+    after = {"fp32": {"n": 2048, "gflops": 150.0}, "bf16": {"n": 512, "gflops": 0.5}}
+    assert best_peaks(before, after) == {"fp32": after["fp32"], "bf16": before["bf16"]}
