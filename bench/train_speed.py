@@ -1,0 +1,482 @@
+"""Training throughput: our engine against the seed's tutorial loop, side by side, plus the matmul peak.
+
+Both sides train the same model on the same rows with the same hyperparameters, seed and thread count,
+each in a fresh subprocess (so peak RSS is its own), alternating baseline, engine, baseline, engine, ...
+so that background load hits both alike. Ratios are the point; absolute numbers move with the machine.
+
+    python bench/train_speed.py --quick --json   # ~2-4 min on 2 cores, one JSON object on stdout
+    python bench/train_speed.py                  # the full comparison (>= 1,000 train rows, 2 epochs)
+
+Training FLOPs are estimated as 6 x non-embedding parameters x tokens (forward + backward, attention
+scores left out): "useful" counts real tokens, "raw" counts the tokens actually computed, padding included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # run as `python bench/train_speed.py`, import the package from the repo
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+from transformers import AutoModelForSequenceClassification, BertConfig  # noqa: E402
+
+from app.data import load_boolq, split_train_dev  # noqa: E402
+from app.modeling import bf16_supported, load_classifier, load_tokenizer  # noqa: E402
+from app.params import TrainParams  # noqa: E402
+from app.tracking import NullTracker  # noqa: E402
+from app.training import configure_torch, encode, fine_tune, length_grouped_batches, use_bf16  # noqa: E402
+from bench.tutorial_loop import encode_padded, seed_everything, train_tutorial  # noqa: E402
+
+log = logging.getLogger("bench.train_speed")
+
+FULL_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "boolq"
+SIDES = ("baseline", "engine")
+TARGET_SPEEDUP = 2.5
+TARGET_ACCURACY_GAP_POINTS = 1.0
+# Random-init BERT shapes for speed-only runs; "minilm" is the pretrained offline model.
+RANDOM_CONFIGS = {
+    "base": dict(),  # BertConfig() defaults: bert-base (12 layers, hidden 768)
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
+}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What both sides share: data slice, hyperparameters, seed, threads and model."""
+
+    data_dir: str
+    train_rows: int
+    dev_size: float
+    max_length: int
+    batch_size: int
+    lr: float
+    eps: float
+    epochs: int
+    seed: int
+    threads: int
+    model_size: str
+
+
+MODES = {
+    # Quick: a small slice, one epoch; a re-check of the ratio in a few minutes.
+    "quick": dict(train_rows=200, dev_size=0.2, epochs=1, repeats=1),
+    # Full: 1,000 train + 250 dev rows, two epochs, each side twice.
+    "full": dict(train_rows=1250, dev_size=0.2, epochs=2, repeats=2),
+}
+
+
+# ---------------------------------------------------------------- one side, run inside its own subprocess
+
+
+def load_rows(config: BenchConfig):
+    """The first ``train_rows`` BoolQ train rows, split into train and dev as the engine splits them."""
+    boolq = load_boolq(config.data_dir)
+    return split_train_dev(boolq.train[: config.train_rows], config.dev_size, config.seed)
+
+
+def load_model(config: BenchConfig):
+    """minilm's tokenizer plus either pretrained minilm or a random-init BERT of the named size."""
+    tokenizer = load_tokenizer("minilm")
+    if config.model_size == "minilm":
+        return tokenizer, load_classifier("minilm")
+    bert = BertConfig(num_labels=2, vocab_size=tokenizer.vocab_size, **RANDOM_CONFIGS[config.model_size])
+    return tokenizer, AutoModelForSequenceClassification.from_config(bert, attn_implementation="sdpa")
+
+
+def nonembedding_params(model: torch.nn.Module) -> int:
+    """Parameters that cost FLOPs per token (the embedding lookups do not)."""
+    embeddings = sum(p.numel() for p in model.base_model.embeddings.parameters())
+    return sum(p.numel() for p in model.parameters()) - embeddings
+
+
+def run_baseline(config: BenchConfig) -> dict:
+    """The tutorial loop: per-example tokenization padded to max_length, fp32, random batches."""
+    seed_everything(config.seed)
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    tokenizer, model = load_model(config)
+    train_rows, dev_rows = load_rows(config)
+
+    started = time.perf_counter()
+    train_data = encode_padded(tokenizer, train_rows, config.max_length)
+    dev_data = encode_padded(tokenizer, dev_rows, config.max_length)
+    tokenize_s = time.perf_counter() - started
+
+    result = train_tutorial(
+        model,
+        train_data,
+        dev_data,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        eps=config.eps,
+        epochs=config.epochs,
+    )
+    return side_report(
+        "baseline",
+        config,
+        n_train=len(train_rows),
+        n_dev=len(dev_rows),
+        tokenize_s=tokenize_s,
+        train_s=result.train_s,
+        dev_eval_s=result.dev_eval_s,
+        dev_accuracy=result.dev_accuracy,
+        real_tokens=result.real_tokens,
+        padded_tokens=result.padded_tokens,
+        params=nonembedding_params(model),
+        precision="fp32",
+    )
+
+
+class ProgressClock:
+    """Timestamps the engine's progress callbacks, to tell dev-evaluation time from training steps."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, float | None]] = []
+
+    def __call__(self, progress) -> None:
+        self.events.append((time.perf_counter(), progress.dev_accuracy))
+
+    def dev_eval_s(self) -> float:
+        """Sum over epochs of (dev report time - last step time); the engine reports right after each."""
+        pairs = zip(self.events, self.events[1:], strict=False)
+        return sum(t_dev - t_step for (t_step, _), (t_dev, acc) in pairs if acc is not None)
+
+
+def engine_padded_tokens(lengths: list[int], batch_size: int, seed: int, epochs: int) -> int:
+    """Tokens the engine computes, padding included: replays its length-grouped batch order."""
+    generator = torch.Generator().manual_seed(seed)
+    total = 0
+    for _ in range(epochs):
+        for batch in length_grouped_batches(lengths, batch_size, generator):
+            total += max(lengths[i] for i in batch) * len(batch)
+    return total
+
+
+def run_engine(config: BenchConfig) -> dict:
+    """Our engine's pieces (``encode`` + ``fine_tune``), exactly as ``train_and_evaluate`` calls them."""
+    configure_torch(config.seed, config.threads)
+    tokenizer, model = load_model(config)
+    train_rows, dev_rows = load_rows(config)
+    params = TrainParams(
+        model="minilm",
+        batch_size=config.batch_size,
+        lr=config.lr,
+        eps=config.eps,
+        epochs=config.epochs,
+        max_length=config.max_length,
+        dev_size=config.dev_size,
+        seed=config.seed,
+    )
+
+    started = time.perf_counter()
+    train_set = encode(tokenizer, train_rows, config.max_length)
+    dev_set = encode(tokenizer, dev_rows, config.max_length)
+    tokenize_s = time.perf_counter() - started
+
+    clock = ProgressClock()
+    started = time.perf_counter()
+    history = fine_tune(model, tokenizer.pad_token_id, train_set, dev_set, params, clock, NullTracker())
+    train_s = time.perf_counter() - started
+
+    lengths = [len(ids) for ids in train_set.input_ids]
+    return side_report(
+        "engine",
+        config,
+        n_train=len(train_rows),
+        n_dev=len(dev_rows),
+        tokenize_s=tokenize_s,
+        train_s=train_s,
+        dev_eval_s=clock.dev_eval_s(),
+        dev_accuracy=history["dev_accuracy"][-1],
+        real_tokens=sum(lengths) * config.epochs,
+        padded_tokens=engine_padded_tokens(lengths, config.batch_size, config.seed, config.epochs),
+        params=nonembedding_params(model),
+        precision="bf16" if use_bf16() else "fp32",
+    )
+
+
+def side_report(
+    side: str,
+    config: BenchConfig,
+    *,
+    n_train: int,
+    n_dev: int,
+    tokenize_s: float,
+    train_s: float,
+    dev_eval_s: float,
+    dev_accuracy: float,
+    real_tokens: int,
+    padded_tokens: int,
+    params: int,
+    precision: str,
+) -> dict:
+    """Throughput and FLOP/s of one run. ``train_s`` includes the per-epoch dev evaluation both sides do."""
+    examples = n_train * config.epochs
+    step_s = train_s - dev_eval_s
+    return {
+        "side": side,
+        "n_train": n_train,
+        "n_dev": n_dev,
+        "examples_trained": examples,
+        "tokenize_s": tokenize_s,
+        "train_s": train_s,
+        "dev_eval_s": dev_eval_s,
+        "examples_per_s": examples / (tokenize_s + train_s),
+        "examples_per_s_excl_tokenization": examples / train_s,
+        "dev_accuracy": dev_accuracy,
+        "real_tokens": real_tokens,
+        "padded_tokens": padded_tokens,
+        "nonembedding_params": params,
+        "useful_gflops": 6 * params * real_tokens / step_s / 1e9,
+        "raw_gflops": 6 * params * padded_tokens / step_s / 1e9,
+        "precision": precision,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+RUNNERS = {"baseline": run_baseline, "engine": run_engine}
+
+
+# ---------------------------------------------------------------- the parent: peak, alternation, summary
+
+
+def time_matmul(a: torch.Tensor, b: torch.Tensor) -> float:
+    started = time.perf_counter()
+    torch.mm(a, b)
+    return time.perf_counter() - started
+
+
+def matmul_gflops(dtype: torch.dtype, max_n: int, repeats: int = 5, min_s: float = 0.2) -> dict:
+    """Best-of-``repeats`` square matmul GFLOP/s; the size grows to ``max_n`` or until one takes ``min_s``.
+
+    The cap on time matters for bf16 on CPUs without native bf16, where a 2048² matmul takes ~20 s.
+    """
+    n = min(256, max_n)
+    while True:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        if time_matmul(a, b) >= min_s or n >= max_n:
+            break
+        n *= 2
+    best = min(time_matmul(a, b) for _ in range(repeats))
+    return {"n": n, "gflops": 2 * n**3 / best / 1e9}
+
+
+def measure_peaks(max_n: int) -> dict[str, dict]:
+    """fp32 and bf16 matmul peaks with the same thread count the runs use."""
+    peaks = {"fp32": matmul_gflops(torch.float32, max_n), "bf16": matmul_gflops(torch.bfloat16, max_n)}
+    log.info("matmul peak: %s", peaks)
+    return peaks
+
+
+def best_peaks(*measurements: dict[str, dict]) -> dict[str, dict]:
+    """Per dtype, the best of measurements taken before and after the runs (load only ever lowers a peak)."""
+    return {dtype: max((m[dtype] for m in measurements), key=lambda p: p["gflops"]) for dtype in measurements[0]}
+
+
+def machine_description(threads: int) -> dict:
+    """CPU model, core count, torch version and thread count, for the results table."""
+    model = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
+        model = names[0] if names else model
+    return {
+        "cpu": model,
+        "cpus": os.cpu_count(),
+        "torch_threads": threads or torch.get_num_threads(),
+        "native_bf16": bf16_supported(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def run_in_subprocess(side: str, config: BenchConfig) -> dict:
+    """One side in a fresh interpreter; its last stdout line is its JSON report."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--config", json.dumps(asdict(config))]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{side} run failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_alternating(config: BenchConfig, repeats: int) -> list[dict]:
+    """baseline, engine, baseline, engine, ...: background load drifts over both alike."""
+    runs = []
+    for repeat in range(1, repeats + 1):
+        for side in SIDES:
+            started = time.perf_counter()
+            run = run_in_subprocess(side, config)
+            log.info(
+                "repeat %d/%d %-8s %6.2f ex/s (%6.2f excl. tokenization), dev acc %.4f, %.0f s",
+                repeat,
+                repeats,
+                side,
+                run["examples_per_s"],
+                run["examples_per_s_excl_tokenization"],
+                run["dev_accuracy"],
+                time.perf_counter() - started,
+            )
+            runs.append(run)
+    return runs
+
+
+def summarize(config: BenchConfig, runs: list[dict], peaks: dict, machine: dict) -> dict:
+    """Medians per side, ratios engine/baseline, FLOP/s against the measured peak, and the targets."""
+    summary: dict = {}
+    for side in SIDES:
+        mine = [r for r in runs if r["side"] == side]
+        for key in ("examples_per_s", "examples_per_s_excl_tokenization", "useful_gflops", "raw_gflops"):
+            summary[f"{side}_{key}"] = statistics.median(r[key] for r in mine)
+        summary[f"{side}_dev_accuracy"] = mine[0]["dev_accuracy"]
+        summary[f"{side}_peak_rss_mb"] = max(r["peak_rss_mb"] for r in mine)
+        summary[f"{side}_precision"] = mine[0]["precision"]
+        peak = peaks[mine[0]["precision"]]["gflops"]
+        summary[f"{side}_useful_pct_of_peak"] = 100 * summary[f"{side}_useful_gflops"] / peak
+        summary[f"{side}_raw_pct_of_peak"] = 100 * summary[f"{side}_raw_gflops"] / peak
+        summary[f"{side}_padding_share"] = 1 - mine[0]["real_tokens"] / mine[0]["padded_tokens"]
+    summary["speedup"] = summary["engine_examples_per_s"] / summary["baseline_examples_per_s"]
+    summary["speedup_excl_tokenization"] = (
+        summary["engine_examples_per_s_excl_tokenization"] / summary["baseline_examples_per_s_excl_tokenization"]
+    )
+    # If both sides ran at equal FLOP/s per token, the speedup would be the ratio of tokens computed.
+    first = {side: next(r for r in runs if r["side"] == side) for side in SIDES}
+    summary["speedup_bound_from_padding"] = first["baseline"]["padded_tokens"] / first["engine"]["padded_tokens"]
+    pairs = zip(runs[0::2], runs[1::2], strict=True)
+    summary["speedup_per_repeat"] = [e["examples_per_s"] / b["examples_per_s"] for b, e in pairs]
+    gap = 100 * (summary["engine_dev_accuracy"] - summary["baseline_dev_accuracy"])
+    summary["dev_accuracy_gap_points"] = gap
+    summary["speedup_target_met"] = summary["speedup"] >= TARGET_SPEEDUP
+    summary["accuracy_target_met"] = abs(gap) <= TARGET_ACCURACY_GAP_POINTS
+    summary["matmul_peak_gflops"] = {dtype: peak["gflops"] for dtype, peak in peaks.items()}
+    summary["matmul_sizes"] = {dtype: peak["n"] for dtype, peak in peaks.items()}
+    summary["flops_note"] = (
+        "training FLOPs = 6 x non-embedding params x tokens over training-step time (dev eval and tokenization "
+        "excluded); useful = real tokens, raw = tokens computed incl. padding; % of the matmul peak of the "
+        "precision each side trains in"
+    )
+    summary["examples_per_s_note"] = (
+        "train examples x epochs / (tokenization + training loop incl. per-epoch dev eval); medians over repeats"
+    )
+    summary["config"] = asdict(config)
+    summary["machine"] = machine
+    summary["runs"] = runs
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    """The summary as a small text table: one metric a line, baseline | engine | engine/baseline."""
+    rows = [
+        ("examples/s (incl. tokenization)", "examples_per_s", "{:.2f}"),
+        ("examples/s (excl. tokenization)", "examples_per_s_excl_tokenization", "{:.2f}"),
+        ("dev accuracy", "dev_accuracy", "{:.4f}"),
+        ("peak RSS (MB)", "peak_rss_mb", "{:.0f}"),
+        ("useful GFLOP/s (real tokens)", "useful_gflops", "{:.1f}"),
+        ("raw GFLOP/s (incl. padding)", "raw_gflops", "{:.1f}"),
+        ("useful % of matmul peak", "useful_pct_of_peak", "{:.1f}"),
+        ("padding share of tokens", "padding_share", "{:.2f}"),
+    ]
+    lines = [f"{'metric':34} {'baseline':>10} {'engine':>10} {'ratio':>7}"]
+    for label, key, fmt in rows:
+        base, eng = summary[f"baseline_{key}"], summary[f"engine_{key}"]
+        ratio = f"{eng / base:.2f}x" if base else "-"
+        lines.append(f"{label:34} {fmt.format(base):>10} {fmt.format(eng):>10} {ratio:>7}")
+    peaks = summary["matmul_peak_gflops"]
+    lines += [
+        f"precision: baseline {summary['baseline_precision']}, engine {summary['engine_precision']}; "
+        f"matmul peak fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s",
+        f"tokens computed baseline/engine {summary['speedup_bound_from_padding']:.2f}x "
+        "(the speedup if both ran at equal FLOP/s per token)",
+        f"speedup {summary['speedup']:.2f}x incl. tokenization ({summary['speedup_excl_tokenization']:.2f}x excl.), "
+        f"target {TARGET_SPEEDUP}x: {'met' if summary['speedup_target_met'] else 'NOT met'}; "
+        f"dev accuracy gap {summary['dev_accuracy_gap_points']:+.1f} points, "
+        f"target ±{TARGET_ACCURACY_GAP_POINTS:g}: {'met' if summary['accuracy_target_met'] else 'NOT met'}",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small slice, 1 epoch, 1 repeat (a few minutes)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout (table on stderr)")
+    parser.add_argument("--repeats", type=int, help="alternating baseline/engine pairs (quick 1, full 2)")
+    parser.add_argument("--train-rows", type=int, help="first N BoolQ train rows, before the dev split")
+    parser.add_argument("--dev-size", type=float, help="share of those rows held out as dev (0.2)")
+    parser.add_argument("--epochs", type=int, help="quick 1, full 2")
+    parser.add_argument("--max-length", type=int, default=256, help="tokens; the baseline pads to it")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--eps", type=float, default=1e-8)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for both sides; 0 = torch default")
+    parser.add_argument("--data-dir", default=str(FULL_DATA_DIR), help="BoolQ folder with train.jsonl")
+    parser.add_argument(
+        "--model-size",
+        choices=["minilm", *RANDOM_CONFIGS],
+        default="minilm",
+        help="pretrained minilm, or a random-init BERT (base = bert-base size) for speed only",
+    )
+    parser.add_argument("--matmul-size", type=int, default=2048, help="largest square matmul for the peak")
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[BenchConfig, int]:
+    """Mode presets, overridden by any option given explicitly."""
+    preset = MODES["quick" if args.quick else "full"]
+    config = BenchConfig(
+        data_dir=str(Path(args.data_dir).expanduser().resolve()),
+        train_rows=preset["train_rows"],
+        dev_size=preset["dev_size"],
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        eps=args.eps,
+        epochs=preset["epochs"],
+        seed=args.seed,
+        threads=args.threads,
+        model_size=args.model_size,
+    )
+    overrides = {"train_rows": args.train_rows, "dev_size": args.dev_size, "epochs": args.epochs}
+    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    return config, args.repeats or preset["repeats"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    if args.worker:
+        print(json.dumps(RUNNERS[args.worker](BenchConfig(**json.loads(args.config)))))
+        return 0
+
+    config, repeats = config_from_args(args)
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    log.info("config %s, %d repeat(s)", asdict(config), repeats)
+    before = measure_peaks(args.matmul_size)
+    runs = run_alternating(config, repeats)
+    peaks = best_peaks(before, measure_peaks(args.matmul_size))
+    summary = summarize(config, runs, peaks, machine_description(config.threads))
+    if args.json:
+        print(format_table(summary), file=sys.stderr)
+        print(json.dumps(summary))
+    else:
+        print(format_table(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The training benchmark: both sides really train, and the script prints one JSON object with the ratio."""
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from app.config import PROJECT_ROOT, SAMPLE_DATA_DIR
+from bench.train_speed import (
+    BenchConfig,
+    best_peaks,
+    engine_padded_tokens,
+    format_table,
+    load_model,
+    load_rows,
+    run_baseline,
+    run_engine,
+    summarize,
+)
+from bench.tutorial_loop import encode_padded, train_tutorial
+
+TINY = BenchConfig(
+    data_dir=str(SAMPLE_DATA_DIR),
+    train_rows=20,
+    dev_size=0.2,
+    max_length=32,
+    batch_size=8,
+    lr=1e-4,
+    eps=1e-8,
+    epochs=1,
+    seed=3,
+    threads=0,
+    model_size="minilm",
+)
+PEAKS = {"fp32": {"n": 256, "gflops": 100.0}, "bf16": {"n": 256, "gflops": 1.0}}
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return [run_baseline(TINY), run_engine(TINY)]
+
+
+def test_both_sides_train_the_same_rows(runs):
+    baseline, engine = runs
+    for run in runs:
+        assert run["n_train"] == 16 and run["n_dev"] == 4
+        assert run["examples_per_s"] > 0 and run["examples_per_s_excl_tokenization"] >= run["examples_per_s"]
+        assert 0 <= run["dev_accuracy"] <= 1
+        assert 0 < run["dev_eval_s"] < run["train_s"]
+        assert 0 < run["real_tokens"] <= run["padded_tokens"]
+        assert run["useful_gflops"] > 0 and run["peak_rss_mb"] > 100
+    assert baseline["real_tokens"] == engine["real_tokens"]
+    assert baseline["padded_tokens"] == 16 * TINY.max_length  # the tutorial pads every example to max_length
+
+
+def test_summary_reports_ratios_and_targets(runs):
+    summary = summarize(TINY, runs, PEAKS, machine={"cpu": "test"})
+    for key in ("baseline_examples_per_s", "engine_examples_per_s", "baseline_dev_accuracy", "engine_dev_accuracy"):
+        assert key in summary
+    assert summary["speedup"] == pytest.approx(summary["engine_examples_per_s"] / summary["baseline_examples_per_s"])
+    assert summary["speedup_target_met"] == (summary["speedup"] >= 2.5)
+    assert "speedup" in format_table(summary)
+    json.dumps(summary)
+
+
+def test_tutorial_loop_updates_the_weights():
+    config = replace(TINY, model_size="tiny")
+    torch.manual_seed(0)
+    tokenizer, model = load_model(config)
+    train_rows, dev_rows = load_rows(config)
+    before = [p.detach().clone() for p in model.parameters()]
+    result = train_tutorial(
+        model,
+        encode_padded(tokenizer, train_rows, 32),
+        encode_padded(tokenizer, dev_rows, 32),
+        batch_size=8,
+        lr=1e-3,
+        eps=1e-8,
+        epochs=1,
+    )
+    assert len(result.losses) == 2 and all(loss == loss for loss in result.losses)  # 16 rows / 8, no NaN
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_engine_padded_tokens_counts_batch_widths():
+    lengths = [5, 9, 3, 7]
+    assert engine_padded_tokens(lengths, batch_size=1, seed=0, epochs=2) == 2 * sum(lengths)
+    assert engine_padded_tokens(lengths, batch_size=4, seed=0, epochs=1) == 4 * 9
+
+
+def test_script_prints_one_json_object():
+    command = [
+        sys.executable,
+        "bench/train_speed.py",
+        "--json",
+        "--model-size=tiny",
+        "--train-rows=20",
+        "--max-length=32",
+        "--epochs=1",
+        "--repeats=1",
+        "--matmul-size=128",
+        f"--data-dir={SAMPLE_DATA_DIR}",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout)
+    assert summary["baseline_examples_per_s"] > 0 and summary["engine_examples_per_s"] > 0
+    assert summary["speedup"] > 0 and [r["side"] for r in summary["runs"]] == ["baseline", "engine"]
+    assert summary["matmul_peak_gflops"]["fp32"] > 0 and summary["matmul_peak_gflops"]["bf16"] > 0
+
+
+def test_peak_is_the_best_measurement_per_dtype():
+    before = {"fp32": {"n": 2048, "gflops": 50.0}, "bf16": {"n": 512, "gflops": 1.0}}
+    after = {"fp32": {"n": 2048, "gflops": 150.0}, "bf16": {"n": 512, "gflops": 0.5}}
+    assert best_peaks(before, after) == {"fp32": after["fp32"], "bf16": before["bf16"]}
