@@ -6,6 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.training import Progress
+
 MAX_ITEMS = 256
 Text = Annotated[str, Field(min_length=1, max_length=20_000)]
 ModelName = Annotated[
@@ -72,16 +74,6 @@ class JobAccepted(BaseModel):
     status: Status
 
 
-class JobProgress(BaseModel):
-    epoch: int
-    epochs: int
-    step: int
-    total_steps: int
-    loss: float
-    dev_accuracy: float | None
-    examples_per_s: float
-
-
 class JobResult(BaseModel):
     accuracy: float
     n_eval: int
@@ -100,7 +92,7 @@ class JobView(BaseModel):
     job_id: str
     status: Status
     params: dict
-    progress: JobProgress | None
+    progress: Progress | None
     created_at: str | None
     enqueued_at: str | None
     started_at: str | None
