@@ -58,6 +58,10 @@ class Settings:
     model_roots: tuple[Path, ...] = ()
     # Fine-tuned models kept in memory per API process.
     predict_cache_size: int = 2
+    # Micro-batching of concurrent /predict requests per API process: at most PREDICT_MAX_BATCH pairs per
+    # forward pass, collected for up to PREDICT_BATCH_WAIT_MS after the first; PREDICT_MAX_BATCH=1 turns it off.
+    predict_max_batch: int = 32
+    predict_batch_wait_ms: int = 2
     # Experiment trackers: comma-separated list of mlflow, neptune, none.
     tracker: str = "mlflow"
     # MLflow tracking URI; empty = SQLite store under ARTIFACTS_DIR/mlflow.
@@ -98,6 +102,8 @@ class Settings:
             max_content_length=_env_int("MAX_CONTENT_LENGTH", default.max_content_length),
             model_roots=_env_paths("MODEL_ROOTS", ""),
             predict_cache_size=_env_int("PREDICT_CACHE_SIZE", default.predict_cache_size),
+            predict_max_batch=_env_int("PREDICT_MAX_BATCH", default.predict_max_batch),
+            predict_batch_wait_ms=_env_int("PREDICT_BATCH_WAIT_MS", default.predict_batch_wait_ms),
             tracker=_env("TRACKER", default.tracker),
             mlflow_tracking_uri=_env("MLFLOW_TRACKING_URI", ""),
             registered_model_name=_env("REGISTERED_MODEL_NAME", default.registered_model_name),
