@@ -40,7 +40,7 @@ class Settings:
     data_dir: Path = SAMPLE_DATA_DIR
     # Model used when a request does not name one.
     default_model: str = "bert-base-multilingual-cased"
-    # Intra-op threads for torch; 0 = torch's default (all cores).
+    # Intra-op threads for torch in training jobs and API processes; 0 = torch's default (all cores).
     num_threads: int = 0
     # Redis holding the job queue and job state.
     redis_url: str = "redis://localhost:6379/0"
@@ -59,8 +59,9 @@ class Settings:
     # Fine-tuned models kept in memory per API process.
     predict_cache_size: int = 2
     # Micro-batching of concurrent /predict requests per API process: at most PREDICT_MAX_BATCH pairs per
-    # forward pass, collected for up to PREDICT_BATCH_WAIT_MS after the first; PREDICT_MAX_BATCH=1 turns it off.
-    predict_max_batch: int = 32
+    # forward pass, collected for up to PREDICT_BATCH_WAIT_MS after the first; 1 = off (the default: it pays
+    # only with NUM_THREADS=1, see bench/README.md "Serving").
+    predict_max_batch: int = 1
     predict_batch_wait_ms: int = 2
     # Experiment trackers: comma-separated list of mlflow, neptune, none.
     tracker: str = "mlflow"

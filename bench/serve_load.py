@@ -67,13 +67,13 @@ def sample_pairs(n: int) -> list[tuple[str, str]]:
 # --- the stack ----------------------------------------------------------------------------------------------
 
 
-def stack_env(workdir: Path, max_batch: int, web_threads: int) -> dict[str, str]:
+def stack_env(workdir: Path, max_batch: int, web_threads: int, torch_threads: int) -> dict[str, str]:
     return os.environ | {
         "ARTIFACTS_DIR": str(workdir / "artifacts"),
         "TRACKER": "none",
         "HF_HUB_OFFLINE": "1",
         "DEFAULT_MODEL": "minilm",
-        "NUM_THREADS": "1",  # training jobs: one core per worker
+        "NUM_THREADS": str(torch_threads),  # torch intra-op threads in API processes and training jobs
         "WEB_THREADS": str(web_threads),
         "PREDICT_MAX_BATCH": str(max_batch),
         "PREDICT_BATCH_WAIT_MS": str(BATCH_WAIT_MS),
@@ -301,8 +301,12 @@ def poll_jobs(url: str, job_ids: list[str], deadline: float) -> tuple[dict[str, 
 
 
 def run(options) -> dict:
+    import torch
+
     from app.predict import Predictor
 
+    if options.torch_threads > 0:
+        torch.set_num_threads(options.torch_threads)  # the raw model gets what each API process gets
     pairs = sample_pairs(200)
     results: dict = {
         "machine": machine(),
@@ -311,6 +315,7 @@ def run(options) -> dict:
         "concurrency": options.concurrency,
         "duration_s": options.duration,
         "web_threads": options.web_threads,
+        "torch_threads": options.torch_threads,
         "max_length": MAX_LENGTH,
         "batch_wait_ms": BATCH_WAIT_MS,
         "max_batch": MAX_BATCH,
@@ -322,7 +327,7 @@ def run(options) -> dict:
     model = predictor = None
     for replicas in options.replicas:
         for mode, max_batch in modes:
-            env = stack_env(workdir, max_batch, options.web_threads)
+            env = stack_env(workdir, max_batch, options.web_threads, options.torch_threads)
             log(f"stack: {replicas} replica(s), micro-batching {mode}")
             with native_stack(f"r{replicas}-{mode}", replicas, 1, env, workdir) as state:
                 if model is None:
@@ -334,7 +339,7 @@ def run(options) -> dict:
             log(json.dumps(results["predict"][-1]))
     if options.train_jobs:
         log(f"stack: 2 replicas, {options.train_workers} workers; {options.train_jobs} concurrent POST /train")
-        env = stack_env(workdir, MAX_BATCH, options.web_threads)
+        env = stack_env(workdir, MAX_BATCH, options.web_threads, options.torch_threads)
         with native_stack("train", 2, options.train_workers, env, workdir) as state:
             results["train"] = drive_train(state["url"], options.train_jobs, options.train_timeout)
             results["train"] |= {"workers": options.train_workers, "replicas": 2, "job": TINY_JOB}
@@ -355,7 +360,8 @@ def print_table(results: dict) -> None:
     print(f"# {results['command']}")
     print(
         f"# /predict: 1 item, max_length {results['max_length']}, concurrency {results['concurrency']}, "
-        f"{results['duration_s']} s per row, {results['web_threads']} gunicorn threads per replica"
+        f"{results['duration_s']} s per row, {results['web_threads']} gunicorn threads per replica, "
+        f"{results['torch_threads']} torch thread(s) per process"
     )
     header = "| replicas | batching | requests | errors | req/s | p50 ms | p95 ms | p99 ms | mean batch |"
     header += " raw b32 ex/s | raw b1 ex/s | served/raw | load 1m |"
@@ -391,6 +397,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-requests", type=int, default=100_000, help="cap on requests per row")
     parser.add_argument("--raw-seconds", type=float, help="seconds per raw-throughput measurement (default: 5)")
     parser.add_argument("--web-threads", type=int, help="gunicorn threads per replica (default: --concurrency)")
+    threads_help = "NUM_THREADS of the API processes, also used for the raw model (default: 1; 0: torch's default)"
+    parser.add_argument("--torch-threads", type=int, default=1, help=threads_help)
     parser.add_argument("--batching-only", action="store_true", help="skip the rows with micro-batching off")
     parser.add_argument("--train-jobs", type=int, help="concurrent POST /train (default: 50, quick: 10; 0 skips)")
     parser.add_argument("--train-workers", type=int, default=2, help="RQ workers for the training load (default: 2)")

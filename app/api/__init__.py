@@ -29,6 +29,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         max_batch=settings.predict_max_batch,
         wait_s=settings.predict_batch_wait_ms / 1000,
         on_batch=metrics.predict_batch_size.observe,
+        num_threads=settings.num_threads,
     )
     app.extensions["boolq"] = Service(settings, queue, predictors, metrics)
 

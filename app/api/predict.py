@@ -27,8 +27,9 @@ class PredictorCache:
     share forward passes; ``get`` returns an object with ``predict(pairs)`` either way.
     """
 
-    def __init__(self, size: int, max_batch: int = 1, wait_s: float = 0.0, on_batch=None):
+    def __init__(self, size: int, max_batch: int = 1, wait_s: float = 0.0, on_batch=None, num_threads: int = 0):
         self.size = max(size, 1)
+        self.num_threads = num_threads
         self.max_batch = max_batch
         self.wait_s = wait_s
         self.on_batch = on_batch
@@ -49,8 +50,13 @@ class PredictorCache:
             return model
 
     def load(self, folder: Path):
+        import torch
+
         from app.predict import Predictor
 
+        if self.num_threads > 0:
+            # On a busy machine, a forward pass split over more threads than free cores waits at every op.
+            torch.set_num_threads(self.num_threads)
         predictor = Predictor(folder)
         if self.max_batch <= 1:
             return predictor
