@@ -131,3 +131,20 @@ def test_predict_endpoint_batches_concurrent_requests(tiny_run, redis_url, tmp_p
 
 def metric_value(text: str, name: str) -> float:
     return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_predictor_cache_answers_through_a_batcher_and_applies_num_threads(tiny_run):
+    import torch
+
+    from app.api.predict import PredictorCache
+
+    before = torch.get_num_threads()
+    try:
+        batched = PredictorCache(1, max_batch=8, wait_s=0.0, num_threads=1).get(Path(tiny_run[0].run_dir))
+        assert isinstance(batched, MicroBatcher) and torch.get_num_threads() == 1
+        plain = PredictorCache(1, max_batch=1).get(Path(tiny_run[0].run_dir))
+        assert isinstance(plain, Predictor)
+        assert_same_answers(batched.predict([("is it", "It is.")]), plain.predict([("is it", "It is.")]))
+        batched.close()
+    finally:
+        torch.set_num_threads(before)
