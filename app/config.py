@@ -45,7 +45,7 @@ class Settings:
     data_dir: Path = SAMPLE_DATA_DIR
     # Model used when a request does not name one.
     default_model: str = "bert-base-multilingual-cased"
-    # Intra-op threads for torch; 0 = torch's default (all cores).
+    # Intra-op threads for torch in training jobs and API processes; 0 = torch's default (all cores).
     num_threads: int = 0
     # Redis holding the job queue and job state.
     redis_url: str = "redis://localhost:6379/0"
@@ -63,6 +63,11 @@ class Settings:
     model_roots: tuple[Path, ...] = ()
     # Fine-tuned models kept in memory per API process.
     predict_cache_size: int = 2
+    # Micro-batching of concurrent /predict requests per API process: at most PREDICT_MAX_BATCH pairs per
+    # forward pass, collected for up to PREDICT_BATCH_WAIT_MS after the first; 1 = off (the default: it pays
+    # only with NUM_THREADS=1, see bench/README.md "Serving").
+    predict_max_batch: int = 1
+    predict_batch_wait_ms: int = 2
     # Experiment trackers: comma-separated list of mlflow, neptune, none.
     tracker: str = "mlflow"
     # MLflow tracking URI; empty = SQLite store under ARTIFACTS_DIR/mlflow.
@@ -108,6 +113,8 @@ class Settings:
             max_content_length=_env_int("MAX_CONTENT_LENGTH", default.max_content_length),
             model_roots=_env_paths("MODEL_ROOTS", ""),
             predict_cache_size=_env_int("PREDICT_CACHE_SIZE", default.predict_cache_size),
+            predict_max_batch=_env_int("PREDICT_MAX_BATCH", default.predict_max_batch),
+            predict_batch_wait_ms=_env_int("PREDICT_BATCH_WAIT_MS", default.predict_batch_wait_ms),
             tracker=_env("TRACKER", default.tracker),
             mlflow_tracking_uri=_env("MLFLOW_TRACKING_URI", ""),
             mlflow_experiment_name=_env("MLFLOW_EXPERIMENT_NAME", default.mlflow_experiment_name),

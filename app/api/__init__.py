@@ -24,7 +24,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False
     queue = training_queue(settings, connect_redis(settings))
     metrics = ServiceMetrics(queue)
-    app.extensions["boolq"] = Service(settings, queue, predict.PredictorCache(settings.predict_cache_size), metrics)
+    predictors = predict.PredictorCache(
+        settings.predict_cache_size,
+        max_batch=settings.predict_max_batch,
+        wait_s=settings.predict_batch_wait_ms / 1000,
+        on_batch=metrics.predict_batch_size.observe,
+        num_threads=settings.num_threads,
+    )
+    app.extensions["boolq"] = Service(settings, queue, predictors, metrics)
 
     for blueprint in (health.bp, jobs.bp, predict.bp, openapi.bp):
         app.register_blueprint(blueprint)

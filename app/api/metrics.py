@@ -58,6 +58,12 @@ class ServiceMetrics:
             ["method", "endpoint"],
             registry=self.registry,
         )
+        self.predict_batch_size = Histogram(
+            "boolq_predict_batch_size",
+            "Pairs per /predict forward pass in this process (micro-batching)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )
         self.registry.register(JobsByStatus(queue))
 
     def instrument(self, app: Flask) -> None:

@@ -14,31 +14,53 @@ from app.api.body import json_object, parse
 from app.api.context import current_service
 from app.api.errors import ApiError
 from app.api.schemas import PredictBatch, PredictOne
+from app.batching import MicroBatcher
 from app.model_access import ModelNotAllowed, fine_tuned_model
 
 bp = Blueprint("predict", __name__)
 
 
 class PredictorCache:
-    """Up to ``size`` loaded models per process, least recently used evicted first; thread-safe."""
+    """Up to ``size`` loaded models per process, least recently used evicted first; thread-safe.
 
-    def __init__(self, size: int):
+    With ``max_batch`` > 1 each model answers through a :class:`MicroBatcher`, so concurrent requests
+    share forward passes; ``get`` returns an object with ``predict(pairs)`` either way.
+    """
+
+    def __init__(self, size: int, max_batch: int = 1, wait_s: float = 0.0, on_batch=None, num_threads: int = 0):
         self.size = max(size, 1)
+        self.num_threads = num_threads
+        self.max_batch = max_batch
+        self.wait_s = wait_s
+        self.on_batch = on_batch
         self.loaded: OrderedDict[Path, object] = OrderedDict()
         self.lock = threading.Lock()
 
     def get(self, folder: Path):
-        from app.predict import Predictor
-
         with self.lock:
             if folder in self.loaded:
                 self.loaded.move_to_end(folder)
                 return self.loaded[folder]
-            predictor = Predictor(folder)
-            self.loaded[folder] = predictor
+            model = self.load(folder)
+            self.loaded[folder] = model
             while len(self.loaded) > self.size:
-                self.loaded.popitem(last=False)
+                _, evicted = self.loaded.popitem(last=False)
+                if isinstance(evicted, MicroBatcher):
+                    evicted.close()
+            return model
+
+    def load(self, folder: Path):
+        import torch
+
+        from app.predict import Predictor
+
+        if self.num_threads > 0:
+            # On a busy machine, a forward pass split over more threads than free cores waits at every op.
+            torch.set_num_threads(self.num_threads)
+        predictor = Predictor(folder)
+        if self.max_batch <= 1:
             return predictor
+        return MicroBatcher(predictor.predict, self.max_batch, self.wait_s, on_batch=self.on_batch)
 
 
 @bp.post("/predict")
