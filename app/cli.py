@@ -217,6 +217,7 @@ def summary(result) -> str:
         f"dev accuracy per epoch {[round(a, 4) for a in m['dev_accuracy_per_epoch']]}; "
         f"{m['train_examples_per_s']:.1f} train examples/s\n"
         f"run folder: {result.run_dir} (params.json, metrics.json, predictions.jsonl, model/)"
+        + "".join(f"\ntracking ({name}): {json.dumps(refs)}" for name, refs in result.tracking.items() if refs)
     )
 
 
