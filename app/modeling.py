@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 from pathlib import Path
@@ -101,8 +102,11 @@ def load_classifier(name: str) -> PreTrainedModel:
     return model
 
 
+@functools.cache
 def bf16_supported() -> bool:
-    """Whether this CPU runs bf16 matmuls natively (AVX512-BF16 / AMX), where autocast pays off."""
+    """Whether this CPU runs bf16 matmuls natively (AVX512-BF16 / AMX), where autocast pays off.
+
+    Elsewhere bf16 is far slower than fp32. Cached: the autocast helper asks on every batch."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

@@ -15,7 +15,7 @@ import random
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -141,7 +141,7 @@ def train_and_evaluate(
             "n_dev": len(dev_set),
             "n_eval": len(val_set),
             "max_length": max_length,
-            "precision_mode": "bf16" if use_bf16() else "fp32",
+            "precision_mode": "bf16" if bf16_supported() else "fp32",
             "train_examples_per_s": len(train_set) * params.epochs / train_s,
             "timings_s": {
                 "tokenize_and_load": tokenize_s,
@@ -230,13 +230,8 @@ def collate(data: Encoded, indices: list[int], pad_id: int) -> dict[str, torch.T
     }
 
 
-def use_bf16() -> bool:
-    """bf16 autocast only where the hardware has native bf16 (elsewhere it is slower than fp32)."""
-    return bf16_supported()
-
-
 def autocast() -> contextlib.AbstractContextManager:
-    if use_bf16():
+    if bf16_supported():
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -389,10 +384,3 @@ def save_model(model, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, folder)
-
-
-def iter_jsonl(path: Path) -> Iterator[dict]:
-    with path.open() as lines:
-        for line in lines:
-            if line.strip():
-                yield json.loads(line)

@@ -37,7 +37,7 @@ from app.data import load_boolq, split_train_dev  # noqa: E402
 from app.modeling import bf16_supported, load_classifier, load_tokenizer  # noqa: E402
 from app.params import TrainParams  # noqa: E402
 from app.tracking import NullTracker  # noqa: E402
-from app.training import configure_torch, encode, fine_tune, length_grouped_batches, use_bf16  # noqa: E402
+from app.training import configure_torch, encode, fine_tune, length_grouped_batches  # noqa: E402
 from bench.tutorial_loop import encode_padded, seed_everything, train_tutorial  # noqa: E402
 
 log = logging.getLogger("bench.train_speed")
@@ -204,7 +204,7 @@ def run_engine(config: BenchConfig) -> dict:
         real_tokens=sum(lengths) * config.epochs,
         padded_tokens=engine_padded_tokens(lengths, config.batch_size, config.seed, config.epochs),
         params=nonembedding_params(model),
-        precision="bf16" if use_bf16() else "fp32",
+        precision="bf16" if bf16_supported() else "fp32",
     )
 
 
