@@ -9,6 +9,7 @@ from pathlib import Path
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from app.data import BoolQExample
+from app.modeling import compute_last_layer_for_first_token_only
 from app.training import encode, predict_probabilities
 
 DEFAULT_MAX_LENGTH = 256
@@ -44,6 +45,7 @@ class Predictor:
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModelForSequenceClassification.from_pretrained(folder, attn_implementation="sdpa")
         self.model.eval()
+        compute_last_layer_for_first_token_only(self.model)
         self.max_length = min(trained_max_length(folder), self.model.config.max_position_embeddings)
 
     def predict(self, pairs: list[tuple[str, str]]) -> list[Answer]:

@@ -2,7 +2,8 @@
 
 A plain PyTorch loop (the seed's recipe: AdamW, linear schedule, clipping at 1.0, dev accuracy each
 epoch) with the speed features as small helpers: one fast-tokenizer call per split, length-grouped
-batches, dynamic padding and bf16 autocast where the CPU/GPU does bf16 natively.
+batches, dynamic padding, a fused AdamW, a last layer that computes only the [CLS] position the
+classifier reads, and bf16 autocast where the CPU/GPU does bf16 natively.
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ from sklearn.metrics import (
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from app.data import BoolQExample, load_boolq, split_train_dev
-from app.modeling import bf16_supported, load_classifier, load_tokenizer
+from app.modeling import (
+    bf16_supported,
+    compute_last_layer_for_first_token_only,
+    load_classifier,
+    load_tokenizer,
+)
 from app.params import TrainParams
 from app.tracking import NullTracker, Tracker, ended_on_error
 
@@ -250,7 +256,9 @@ def fine_tune(
     lengths = [len(ids) for ids in train_set.input_ids]
     steps_per_epoch = -(-len(train_set) // params.batch_size)
     total_steps = steps_per_epoch * params.epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, eps=params.eps)
+    compute_last_layer_for_first_token_only(model)
+    # fused: one kernel over all parameters instead of ~10 elementwise passes each (~3x faster step on CPU).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, eps=params.eps, fused=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(params.warmup_ratio * total_steps), total_steps)
     history: dict[str, list] = {"loss": [], "dev_accuracy": []}
     step, seen, started = 0, 0, time.perf_counter()
@@ -261,7 +269,7 @@ def fine_tune(
             with autocast():
                 loss = model(**collate(train_set, indices, pad_id)).loss
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

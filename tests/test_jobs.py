@@ -155,6 +155,15 @@ def test_a_job_that_raises_is_failed_with_its_error(client):
     assert client.get(f"/jobs/{final['job_id']}/predictions").status_code == 409
 
 
+def test_wait_true_on_a_failing_job_returns_its_error_as_get_jobs_does(client):
+    response = client.post("/train?wait=true&timeout=120", json=TINY_JOB | {"model": "broken"})
+    body = response.get_json()
+    assert response.status_code == 200, body
+    assert body["status"] == "failed" and body["error"]["type"] and body["error"]["message"]
+    assert body == client.get(f"/jobs/{body['job_id']}").get_json()
+    assert "Traceback" not in json.dumps(body)
+
+
 def test_cancel_stops_a_running_job_and_frees_its_worker(client):
     job_id = client.post("/train", json=LONG_JOB).get_json()["job_id"]
     running_with_progress(client, job_id)

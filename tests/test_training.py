@@ -5,8 +5,14 @@ from pathlib import Path
 import pytest
 import torch
 from sklearn.metrics import accuracy_score
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+)
 
-from app.modeling import ModelNotAvailable, resolve_model
+from app.modeling import ModelNotAvailable, compute_last_layer_for_first_token_only, resolve_model
 from app.params import TrainParams
 from app.predict import Predictor
 from app.training import Encoded, collate, length_grouped_batches, train_and_evaluate
@@ -97,6 +103,46 @@ def test_collate_pads_to_the_longest_in_batch():
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [1, 0]
+
+
+def tiny_bert(attn_implementation: str) -> BertForSequenceClassification:
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification._from_config(config, attn_implementation=attn_implementation)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_first_token_only_last_layer_gives_the_same_logits_and_gradients(attn_implementation):
+    torch.manual_seed(0)
+    full, fast = tiny_bert(attn_implementation), tiny_bert(attn_implementation)
+    fast.load_state_dict(full.state_dict())
+    assert compute_last_layer_for_first_token_only(fast)
+    ids = torch.randint(1, 100, (4, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 5:], mask[3, 2:] = 0, 0  # padded rows: the mask must be sliced, not dropped
+    labels = torch.tensor([0, 1, 1, 0])
+    outputs = [m.train()(input_ids=ids, attention_mask=mask, labels=labels) for m in (full, fast)]
+    for out in outputs:
+        out.loss.backward()
+    torch.testing.assert_close(outputs[1].logits, outputs[0].logits, rtol=0, atol=1e-6)
+    for (name, a), b in zip(full.named_parameters(), fast.parameters(), strict=True):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert fast.state_dict().keys() == full.state_dict().keys()  # saved checkpoints are unchanged
+
+
+def test_first_token_only_leaves_other_architectures_alone():
+    config = DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64, num_labels=2)
+    assert not compute_last_layer_for_first_token_only(DistilBertForSequenceClassification(config))
 
 
 def test_minilm_alias_is_the_packaged_model():

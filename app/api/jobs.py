@@ -48,11 +48,14 @@ def refreshed(job):
 
 
 def finished_training(job):
-    """The seed's synchronous answer: accuracy and predictions, or the job's error."""
+    """The seed's synchronous answer: accuracy and predictions; for a failed or cancelled job, its view.
+
+    The request itself succeeded either way (200); the job's outcome is in ``status`` and ``error``,
+    exactly as ``GET /jobs/<id>`` shows it, so clients read one shape and proxies see no 5xx.
+    """
     view = jobs.describe_job(job)
     if view["status"] != "succeeded":
-        error = view["error"] or {"type": "Cancelled", "message": "the job was cancelled"}
-        raise ApiError(500, f"job {job.id} {view['status']}: {error['type']}: {error['message']}", code="job_failed")
+        return jsonify(view)
     value = job.return_value()
     keys = ("accuracy", "n_eval", "dev_accuracy", "predictions", "metrics", "tracking")
     return jsonify({"job_id": job.id, "status": "succeeded"} | {k: value.get(k) for k in keys})
