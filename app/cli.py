@@ -157,9 +157,14 @@ def parse_train_params(args: argparse.Namespace) -> TrainParams:
     return TrainParams(**given)
 
 
+BOOLEAN_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
 def coerce_option(raw: str, annotation) -> object:
-    """'32' → 32, '5e-5' → 5e-05; anything unparsable stays a string for pydantic to reject by name."""
+    """'32' → 32, '5e-5' → 5e-05, 'true' → True; anything unparsable stays a string for pydantic to reject by name."""
     text = str(annotation)
+    if "bool" in text:
+        return BOOLEAN_WORDS.get(raw.lower(), raw)
     for kind in (int, float):
         if kind.__name__ in text:
             try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 DEFAULT_MODEL = "bert-base-multilingual-cased"
 
@@ -39,3 +39,7 @@ class TrainParams(BaseModel):
     train_limit: Annotated[PositiveCount | None, Field(description="Use the first N train rows.")] = None
     eval_limit: Annotated[PositiveCount | None, Field(description="Evaluate on the first N val rows.")] = None
     warmup_ratio: Annotated[Number, Field(ge=0, le=0.5, description="Share of steps for LR warm-up.")] = 0.0
+    keep_best_epoch: Annotated[
+        StrictBool,
+        Field(description="Keep the weights of the epoch with the best dev accuracy, not the last epoch's."),
+    ] = False

@@ -9,6 +9,8 @@ classifier reads, and bf16 autocast where the CPU/GPU does bf16 natively.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import logging
 import os
@@ -142,6 +144,7 @@ def train_and_evaluate(
         metrics = classification_metrics(val_set.labels, predictions)
         metrics |= {
             "dev_accuracy_per_epoch": history["dev_accuracy"],
+            "kept_epoch": history["kept_epoch"],
             "loss_curve": history["loss"],
             "n_train": len(train_set),
             "n_dev": len(dev_set),
@@ -173,7 +176,7 @@ def train_and_evaluate(
         params=params.model_dump(),
         accuracy=metrics["accuracy"],
         n_eval=len(val_set),
-        dev_accuracy=history["dev_accuracy"][-1],
+        dev_accuracy=history["dev_accuracy"][history["kept_epoch"] - 1],
         predictions=predictions,
         metrics=metrics,
         tracking=tracking,
@@ -182,11 +185,32 @@ def train_and_evaluate(
 
 def configure_torch(seed: int, num_threads: int) -> None:
     """Seed every generator and fix the thread count, so CPU runs are reproducible."""
+    keep_freed_memory_in_heap()
     if num_threads > 0:
         torch.set_num_threads(num_threads)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+# glibc mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+HEAP_KEEP_BYTES = 1 << 30
+
+
+def keep_freed_memory_in_heap() -> bool:
+    """Let glibc keep freed activation buffers for reuse instead of unmapping them; True if applied.
+
+    By default every block over the (at most 32 MiB) mmap threshold is mmap'd and returned to the kernel
+    on free, so each training step faults in, and the kernel zeroes, its large activations again.
+    Blocks up to 1 GiB now come from the heap and stay there: about 12 % faster CPU training steps
+    for about 6 % more peak RSS (bench/README.md). A no-op where libc is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, HEAP_KEEP_BYTES) and libc.mallopt(M_TRIM_THRESHOLD, HEAP_KEEP_BYTES))
+    except (OSError, AttributeError):
+        return False
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, rows: list[BoolQExample], max_length: int) -> Encoded:
@@ -251,7 +275,8 @@ def fine_tune(
     on_progress: ProgressCallback | None,
     tracker: Tracker,
 ) -> dict[str, list]:
-    """The training loop; returns the per-step loss curve and per-epoch dev accuracy."""
+    """The training loop; returns the per-step loss curve, per-epoch dev accuracy and the epoch whose weights
+    the model ends with (the last, or with ``keep_best_epoch`` the first with the best dev accuracy)."""
     generator = torch.Generator().manual_seed(params.seed)
     lengths = [len(ids) for ids in train_set.input_ids]
     steps_per_epoch = -(-len(train_set) // params.batch_size)
@@ -260,7 +285,8 @@ def fine_tune(
     # fused: one kernel over all parameters instead of ~10 elementwise passes each (~3x faster step on CPU).
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, eps=params.eps, fused=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(params.warmup_ratio * total_steps), total_steps)
-    history: dict[str, list] = {"loss": [], "dev_accuracy": []}
+    history: dict = {"loss": [], "dev_accuracy": [], "kept_epoch": params.epochs}
+    best_state: dict[str, torch.Tensor] | None = None
     step, seen, started = 0, 0, time.perf_counter()
 
     for epoch in range(1, params.epochs + 1):
@@ -294,6 +320,9 @@ def fine_tune(
         history["dev_accuracy"].append(float(dev_accuracy))
         tracker.log_metrics({"dev_accuracy": float(dev_accuracy)}, step=step)
         log.info("epoch %d/%d: dev accuracy %.4f", epoch, params.epochs, dev_accuracy)
+        if params.keep_best_epoch and dev_accuracy > max(history["dev_accuracy"][:-1], default=-1.0):
+            best_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+            history["kept_epoch"] = epoch
         report(
             on_progress,
             Progress(
@@ -306,6 +335,9 @@ def fine_tune(
                 seen / (time.perf_counter() - started),
             ),
         )
+    if best_state is not None:
+        model.load_state_dict(best_state)
+        log.info("kept the weights of epoch %d (best dev accuracy)", history["kept_epoch"])
     return history
 
 

@@ -20,6 +20,7 @@ def run_cli(*args, env=None):
         (["--eps", "1"], "--eps"),
         (["--epochs", "2.5"], "--epochs"),
         (["--max-length", "8"], "--max-length"),
+        (["--keep-best-epoch", "maybe"], "--keep-best-epoch"),
     ],
 )
 def test_bad_option_is_one_line_naming_it_exit_2(args, option):
@@ -67,3 +68,11 @@ def test_train_json_then_predict(tmp_path):
 def test_predict_with_a_folder_that_is_not_a_model(tmp_path):
     proc = run_cli("predict", "--model-dir", str(tmp_path), "--question", "q", "--passage", "p")
     assert proc.returncode == 2 and "--model-dir" in proc.stderr
+
+
+def test_boolean_options_read_true_and_false():
+    from app.cli import build_parser, parse_train_params
+
+    parse = build_parser().parse_args
+    assert parse_train_params(parse(["train", "--keep-best-epoch", "true"])).keep_best_epoch is True
+    assert parse_train_params(parse(["train", "--keep-best-epoch", "No"])).keep_best_epoch is False

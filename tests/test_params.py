@@ -42,6 +42,15 @@ def test_booleans_and_strings_are_not_integers(field):
             TrainParams(**{field: value})
 
 
+def test_keep_best_epoch_is_a_strict_boolean_off_by_default():
+    assert TrainParams().keep_best_epoch is False
+    assert TrainParams(keep_best_epoch=True).keep_best_epoch is True
+    for value in ("true", 1):
+        with pytest.raises(ValidationError) as exc:
+            TrainParams(keep_best_epoch=value)
+        assert exc.value.errors()[0]["loc"] == ("keep_best_epoch",)
+
+
 def test_floats_accept_ints_but_not_strings_or_booleans():
     assert TrainParams(lr=1).lr == 1
     for value in ("5e-5", True):

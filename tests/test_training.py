@@ -1,5 +1,7 @@
 import json
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,8 @@ from app.params import TrainParams
 from app.predict import Predictor
 from app.training import Encoded, collate, length_grouped_batches, train_and_evaluate
 from tests.conftest import TINY_PARAMS
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_loss_decreases(tiny_run):
@@ -73,6 +77,24 @@ def test_save_and_predict_round_trip(tiny_run):
     for answer, row in zip(answers, rows, strict=False):
         assert answer.answer == bool(row["prediction"])
         assert answer.probability == pytest.approx(row["probability"], abs=1e-4)
+
+
+def test_keep_best_epoch_ends_with_the_weights_of_the_best_dev_epoch(tmp_path):
+    from app.data import load_boolq, split_train_dev
+    from app.modeling import load_tokenizer
+    from app.training import encode, predict_probabilities
+
+    params = TrainParams(**{**TINY_PARAMS, "epochs": 3, "dev_size": 0.25, "keep_best_epoch": True})
+    result = train_and_evaluate(params, _sample(), tmp_path)
+    per_epoch = result.metrics["dev_accuracy_per_epoch"]
+    kept = result.metrics["kept_epoch"]
+    assert kept == per_epoch.index(max(per_epoch)) + 1 and result.dev_accuracy == max(per_epoch)
+    # The saved model is the kept epoch's: it scores that epoch's dev accuracy again.
+    _, dev_rows = split_train_dev(load_boolq(_sample()).train[: params.train_limit], params.dev_size, params.seed)
+    predictor = Predictor(result.run_dir)
+    dev = encode(load_tokenizer("minilm"), dev_rows, params.max_length)
+    probabilities = predict_probabilities(predictor.model, predictor.tokenizer.pad_token_id, dev)
+    assert accuracy_score(dev.labels, [int(p >= 0.5) for p in probabilities]) == max(per_epoch)
 
 
 def test_training_is_reproducible(tmp_path):
@@ -143,6 +165,37 @@ def test_first_token_only_last_layer_gives_the_same_logits_and_gradients(attn_im
 def test_first_token_only_leaves_other_architectures_alone():
     config = DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64, num_labels=2)
     assert not compute_last_layer_for_first_token_only(DistilBertForSequenceClassification(config))
+
+
+FAULTS_PER_STEP = """
+import resource, statistics, sys, torch
+from app.training import keep_freed_memory_in_heap
+
+applied = keep_freed_memory_in_heap() if sys.argv[1] == "tuned" else None
+x, w = torch.randn(16, 512, 384), torch.randn(384, 1536)
+faults = []
+for _ in range(12):  # a training-like step: a 48 MiB activation, used, freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.nn.functional.gelu(x @ w).sum()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(applied, statistics.median(faults[4:]))
+"""
+
+
+def faults_per_step(mode: str) -> tuple[str, float]:
+    proc = subprocess.run(
+        [sys.executable, "-c", FAULTS_PER_STEP, mode], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    applied, median = proc.stdout.split()
+    return applied, float(median)
+
+
+def test_freed_activations_are_reused_instead_of_faulted_in_again():
+    _, default = faults_per_step("default")
+    applied, tuned = faults_per_step("tuned")
+    assert applied == "True"
+    assert default > 10_000  # glibc default: the 48 MiB buffer is mmap'd and faulted in page by page each step
+    assert tuned < 1_000
 
 
 def test_minilm_alias_is_the_packaged_model():
