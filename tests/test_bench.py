@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from app.config import PROJECT_ROOT, SAMPLE_DATA_DIR
+from bench.step_ablation import VARIANTS, time_steps
 from bench.train_speed import (
     BenchConfig,
     best_peaks,
@@ -116,3 +117,9 @@ def test_peak_is_the_best_measurement_per_dtype():
     before = {"fp32": {"n": 2048, "gflops": 50.0}, "bf16": {"n": 512, "gflops": 1.0}}
     after = {"fp32": {"n": 2048, "gflops": 150.0}, "bf16": {"n": 512, "gflops": 0.5}}
     assert best_peaks(before, after) == {"fp32": after["fp32"], "bf16": before["bf16"]}
+
+
+@pytest.mark.parametrize("variant", ["engine", "without first_token_only"])
+def test_step_ablation_times_real_training_steps(variant):
+    seconds = time_steps(VARIANTS[variant], str(SAMPLE_DATA_DIR), rows=100, warmup=1, steps=2, threads=0)
+    assert len(seconds) == 2 and all(s > 0 for s in seconds)

@@ -1,0 +1,102 @@
+"""Where the engine's per-step speed comes from: its training step with one speed feature removed at a time.
+
+Every variant trains minilm on the same length-grouped batches (batch 32, max_length 256, real BoolQ rows)
+in a fresh subprocess, so glibc's allocator settings are each variant's own; variants alternate, round after
+round, so background load hits all alike. Reported: median seconds per optimisation step and the slowdown
+against the full engine.
+
+    python bench/step_ablation.py            # 4 variants x 2 rounds, ~8 min on 2 idle cores
+    python bench/step_ablation.py --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+
+from app.data import load_boolq  # noqa: E402
+from app.modeling import compute_last_layer_for_first_token_only, load_classifier, load_tokenizer  # noqa: E402
+from app.training import collate, encode, keep_freed_memory_in_heap, length_grouped_batches  # noqa: E402
+
+FULL_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "boolq"
+FEATURES = ("fused_adamw", "first_token_only", "heap_reuse")
+VARIANTS = {"engine": set(FEATURES)} | {f"without {f}": set(FEATURES) - {f} for f in FEATURES}
+
+
+def time_steps(features: set[str], data_dir: str, rows: int, warmup: int, steps: int, threads: int) -> list[float]:
+    """Seconds per step of the engine's step (forward, backward, clip, AdamW) with the given features."""
+    if "heap_reuse" in features:
+        keep_freed_memory_in_heap()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer("minilm")
+    model = load_classifier("minilm").train()
+    if "first_token_only" in features:
+        compute_last_layer_for_first_token_only(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-8, fused="fused_adamw" in features)
+    data = encode(tokenizer, load_boolq(data_dir).train[:rows], 256)
+    batches = length_grouped_batches([len(i) for i in data.input_ids], 32, torch.Generator().manual_seed(0))
+    seconds = []
+    for indices in batches[: warmup + steps]:
+        started = time.perf_counter()
+        model(**collate(data, indices, tokenizer.pad_token_id)).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds.append(time.perf_counter() - started)
+    return seconds[warmup:]
+
+
+def run_variant(name: str, args: argparse.Namespace) -> list[float]:
+    command = [sys.executable, __file__, "--variant", name, "--rows", str(args.rows), "--steps", str(args.steps)]
+    command += ["--threads", str(args.threads), "--data-dir", args.data_dir]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rows", type=int, default=1000, help="BoolQ train rows to draw batches from")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per variant and round (after 2 warm-up)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data-dir", default=str(FULL_DATA_DIR))
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # the child process
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(time_steps(VARIANTS[args.variant], args.data_dir, args.rows, 2, args.steps, args.threads)))
+        return 0
+
+    seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for _ in range(args.rounds):
+        for name in VARIANTS:
+            seconds[name] += run_variant(name, args)
+    medians = {name: statistics.median(s) for name, s in seconds.items()}
+    summary = {
+        name: {"s_per_step": medians[name], "slowdown_vs_engine": medians[name] / medians["engine"]}
+        for name in VARIANTS
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{'variant':<28} {'s/step':>8} {'vs engine':>10}")
+        for name, row in summary.items():
+            print(f"{name:<28} {row['s_per_step']:>8.3f} {row['slowdown_vs_engine']:>9.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
