@@ -204,6 +204,7 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
             data_dir,
             output_dir,
             num_threads=settings.num_threads,
+            device=settings.device,
             on_progress=bar.update,
             tracker=tracker,
         )
@@ -304,7 +305,7 @@ def quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from app.data import DataError
-    from app.modeling import ModelNotAvailable
+    from app.modeling import DeviceNotAvailable, ModelNotAvailable
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
@@ -316,6 +317,6 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries()
     try:
         return args.handler(args, settings)
-    except (DataError, ModelNotAvailable) as exc:
+    except (DataError, DeviceNotAvailable, ModelNotAvailable) as exc:
         print(f"python -m app: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -47,6 +47,8 @@ class Settings:
     default_model: str = "bert-base-multilingual-cased"
     # Intra-op threads for torch in training jobs and API processes; 0 = torch's default (all cores).
     num_threads: int = 0
+    # Where training runs: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N.
+    device: str = "auto"
     # Redis holding the job queue and job state.
     redis_url: str = "redis://localhost:6379/0"
     # RQ queue name.
@@ -105,6 +107,7 @@ class Settings:
             data_dir=Path(_env("DATA_DIR", str(default.data_dir))).expanduser(),
             default_model=_env("DEFAULT_MODEL", default.default_model),
             num_threads=_env_int("NUM_THREADS", default.num_threads),
+            device=_env("DEVICE", default.device),
             redis_url=_env("REDIS_URL", default.redis_url),
             queue_name=_env("QUEUE_NAME", default.queue_name),
             job_timeout=_env_int("JOB_TIMEOUT", default.job_timeout),

@@ -99,6 +99,7 @@ def train_job(params_dict: dict) -> dict:
         settings.artifacts_dir,
         run_id=job.id,
         num_threads=settings.num_threads,
+        device=settings.device,
         on_progress=ProgressReporter(job),
         tracker=make_tracker(settings),
     )

@@ -144,11 +144,32 @@ def _first_token_layer_forward(layer, hidden_states: torch.Tensor, attention_mas
     return layer.feed_forward_chunk(attention_output)
 
 
+class DeviceNotAvailable(ValueError):
+    """DEVICE names a device this machine does not have."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → the first CUDA GPU when torch sees one, else the CPU; ``cpu``, ``cuda``, ``cuda:N`` as named."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise DeviceNotAvailable(f"DEVICE={name!r}: expected auto, cpu, cuda or cuda:N") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceNotAvailable(f"DEVICE={name!r}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceNotAvailable(f"DEVICE={name!r}: torch sees no CUDA GPU here (torch {torch.__version__})")
+    return device
+
+
 @functools.cache
-def bf16_supported() -> bool:
-    """Whether this CPU runs bf16 matmuls natively (AVX512-BF16 / AMX), where autocast pays off.
+def bf16_supported(device_type: str = "cpu") -> bool:
+    """Whether the device runs bf16 matmuls natively (CPU: AVX512-BF16 / AMX; GPU: Ampere or newer).
 
     Elsewhere bf16 is far slower than fp32. Cached: the autocast helper asks on every batch."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

@@ -37,6 +37,7 @@ from app.modeling import (
     compute_last_layer_for_first_token_only,
     load_classifier,
     load_tokenizer,
+    resolve_device,
 )
 from app.params import TrainParams
 from app.tracking import NullTracker, Tracker, ended_on_error
@@ -105,6 +106,7 @@ def train_and_evaluate(
     *,
     run_id: str | None = None,
     num_threads: int = 0,
+    device: str = "auto",
     on_progress: ProgressCallback | None = None,
     tracker: Tracker | None = None,
 ) -> RunResult:
@@ -114,6 +116,7 @@ def train_and_evaluate(
     run_dir = Path(output_dir) / run_id
     tracker = tracker or NullTracker()
     configure_torch(params.seed, num_threads)
+    target = resolve_device(device)
 
     boolq = load_boolq(data_dir)
     train_rows = boolq.train[: params.train_limit] if params.train_limit else boolq.train
@@ -127,7 +130,7 @@ def train_and_evaluate(
     with ended_on_error(tracker):  # a crash still closes the tracker run, as FAILED
         t0 = time.perf_counter()
         tokenizer = load_tokenizer(params.model)
-        model = load_classifier(params.model)
+        model = load_classifier(params.model).to(target)
         max_length = min(params.max_length, model.config.max_position_embeddings)
         train_set, dev_set, val_set = (encode(tokenizer, rows, max_length) for rows in (train_rows, dev_rows, val_rows))
         tokenize_s = time.perf_counter() - t0
@@ -150,7 +153,8 @@ def train_and_evaluate(
             "n_dev": len(dev_set),
             "n_eval": len(val_set),
             "max_length": max_length,
-            "precision_mode": "bf16" if bf16_supported() else "fp32",
+            "precision_mode": "bf16" if bf16_supported(target.type) else "fp32",
+            "device": str(target),
             "train_examples_per_s": len(train_set) * params.epochs / train_s,
             "timings_s": {
                 "tokenize_and_load": tokenize_s,
@@ -240,8 +244,10 @@ def length_grouped_batches(lengths: list[int], batch_size: int, generator: torch
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
-def collate(data: Encoded, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad one batch to its longest member (dynamic padding)."""
+def collate(
+    data: Encoded, indices: list[int], pad_id: int, device: torch.device | None = None
+) -> dict[str, torch.Tensor]:
+    """Pad one batch to its longest member (dynamic padding), on ``device`` (default: the CPU)."""
     width = max(len(data.input_ids[i]) for i in indices)
     input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
     token_type_ids = torch.zeros((len(indices), width), dtype=torch.long)
@@ -252,17 +258,25 @@ def collate(data: Encoded, indices: list[int], pad_id: int) -> dict[str, torch.T
         token_type_ids[row, :n] = torch.tensor(data.token_type_ids[i])
         attention_mask[row, :n] = 1
     labels = torch.tensor([data.labels[i] for i in indices])
-    return {
+    batch = {
         "input_ids": input_ids,
         "token_type_ids": token_type_ids,
         "attention_mask": attention_mask,
         "labels": labels,
     }
+    if device is not None and device.type != "cpu":
+        batch = {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
+    return batch
 
 
-def autocast() -> contextlib.AbstractContextManager:
-    if bf16_supported():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+def device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast where the device computes bf16 natively; fp32 elsewhere."""
+    if bf16_supported(device.type):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -288,12 +302,13 @@ def fine_tune(
     history: dict = {"loss": [], "dev_accuracy": [], "kept_epoch": params.epochs}
     best_state: dict[str, torch.Tensor] | None = None
     step, seen, started = 0, 0, time.perf_counter()
+    device = device_of(model)
 
     for epoch in range(1, params.epochs + 1):
         model.train()
         for indices in length_grouped_batches(lengths, params.batch_size, generator):
-            with autocast():
-                loss = model(**collate(train_set, indices, pad_id)).loss
+            with autocast(device):
+                loss = model(**collate(train_set, indices, pad_id, device)).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
             optimizer.step()
@@ -350,13 +365,14 @@ def report(on_progress: ProgressCallback | None, progress: Progress) -> None:
 def predict_probabilities(model: torch.nn.Module, pad_id: int, data: Encoded) -> list[float]:
     """P(answer is yes) for each example, in input order; batches are formed by length to pad little."""
     model.eval()
+    device = device_of(model)
     by_length = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
     probabilities = [0.0] * len(data)
     for start in range(0, len(by_length), EVAL_BATCH_SIZE):
         indices = by_length[start : start + EVAL_BATCH_SIZE]
-        batch = collate(data, indices, pad_id)
+        batch = collate(data, indices, pad_id, device)
         batch.pop("labels")
-        with autocast():
+        with autocast(device):
             logits = model(**batch).logits.float()
         for i, p in zip(indices, torch.softmax(logits, dim=-1)[:, 1].tolist(), strict=True):
             probabilities[i] = p

@@ -47,6 +47,7 @@ SIDES = ("baseline", "engine")
 TARGET_SPEEDUP = 2.5
 TARGET_ACCURACY_GAP_POINTS = 1.0
 # Random-init BERT shapes for speed-only runs; "minilm" is the pretrained offline model.
+PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 RANDOM_CONFIGS = {
     "base": dict(),  # BertConfig() defaults: bert-base (12 layers, hidden 768)
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
@@ -68,6 +69,7 @@ class BenchConfig:
     seed: int
     threads: int
     model_size: str
+    device: str = "cpu"
 
 
 MODES = {
@@ -123,6 +125,7 @@ def run_baseline(config: BenchConfig) -> dict:
         lr=config.lr,
         eps=config.eps,
         epochs=config.epochs,
+        device=config.device,
     )
     return side_report(
         "baseline",
@@ -169,6 +172,7 @@ def run_engine(config: BenchConfig) -> dict:
     """Our engine's pieces (``encode`` + ``fine_tune``), exactly as ``train_and_evaluate`` calls them."""
     configure_torch(config.seed, config.threads)
     tokenizer, model = load_model(config)
+    model.to(config.device)
     train_rows, dev_rows = load_rows(config)
     params = TrainParams(
         model="minilm",
@@ -204,7 +208,7 @@ def run_engine(config: BenchConfig) -> dict:
         real_tokens=sum(lengths) * config.epochs,
         padded_tokens=engine_padded_tokens(lengths, config.batch_size, config.seed, config.epochs),
         params=nonembedding_params(model),
-        precision="bf16" if bf16_supported() else "fp32",
+        precision="bf16" if bf16_supported(torch.device(config.device).type) else "fp32",
     )
 
 
@@ -254,19 +258,26 @@ RUNNERS = {"baseline": run_baseline, "engine": run_engine}
 
 
 def time_matmul(a: torch.Tensor, b: torch.Tensor) -> float:
+    synchronize(a.device)
     started = time.perf_counter()
     torch.mm(a, b)
+    synchronize(a.device)
     return time.perf_counter() - started
 
 
-def matmul_gflops(dtype: torch.dtype, max_n: int, repeats: int = 5, min_s: float = 0.2) -> dict:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(dtype: torch.dtype, max_n: int, device: str = "cpu", repeats: int = 5, min_s: float = 0.2) -> dict:
     """Best-of-``repeats`` square matmul GFLOP/s; the size grows to ``max_n`` or until one takes ``min_s``.
 
     The cap on time matters for bf16 on CPUs without native bf16, where a 2048² matmul takes ~20 s.
     """
     n = min(256, max_n)
     while True:
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
         if time_matmul(a, b) >= min_s or n >= max_n:
             break
         n *= 2
@@ -274,9 +285,9 @@ def matmul_gflops(dtype: torch.dtype, max_n: int, repeats: int = 5, min_s: float
     return {"n": n, "gflops": 2 * n**3 / best / 1e9}
 
 
-def measure_peaks(max_n: int) -> dict[str, dict]:
-    """fp32 and bf16 matmul peaks with the same thread count the runs use."""
-    peaks = {"fp32": matmul_gflops(torch.float32, max_n), "bf16": matmul_gflops(torch.bfloat16, max_n)}
+def measure_peaks(max_n: int, device: str = "cpu") -> dict[str, dict]:
+    """fp32 and bf16 matmul peaks on the runs' device, with the same thread count the runs use."""
+    peaks = {dtype_name: matmul_gflops(dtype, max_n, device) for dtype_name, dtype in PEAK_DTYPES.items()}
     log.info("matmul peak: %s", peaks)
     return peaks
 
@@ -298,6 +309,7 @@ def machine_description(threads: int) -> dict:
         "cpus": os.cpu_count(),
         "torch_threads": threads or torch.get_num_threads(),
         "native_bf16": bf16_supported(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
@@ -429,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="pretrained minilm, or a random-init BERT (base = bert-base size) for speed only",
     )
     parser.add_argument("--matmul-size", type=int, default=2048, help="largest square matmul for the peak")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N, for both sides and the peak")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     return parser
@@ -449,6 +462,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[BenchConfig, int]:
         seed=args.seed,
         threads=args.threads,
         model_size=args.model_size,
+        device=args.device,
     )
     overrides = {"train_rows": args.train_rows, "dev_size": args.dev_size, "epochs": args.epochs}
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
@@ -466,9 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     log.info("config %s, %d repeat(s)", asdict(config), repeats)
-    before = measure_peaks(args.matmul_size)
+    before = measure_peaks(args.matmul_size, config.device)
     runs = run_alternating(config, repeats)
-    peaks = best_peaks(before, measure_peaks(args.matmul_size))
+    peaks = best_peaks(before, measure_peaks(args.matmul_size, config.device))
     summary = summarize(config, runs, peaks, machine_description(config.threads))
     if args.json:
         print(format_table(summary), file=sys.stderr)

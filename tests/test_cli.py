@@ -76,3 +76,13 @@ def test_boolean_options_read_true_and_false():
     parse = build_parser().parse_args
     assert parse_train_params(parse(["train", "--keep-best-epoch", "true"])).keep_best_epoch is True
     assert parse_train_params(parse(["train", "--keep-best-epoch", "No"])).keep_best_epoch is False
+
+
+def test_an_unknown_device_is_one_line_naming_device_and_writes_nothing(tmp_path):
+    import os
+
+    env = {**os.environ, "DEVICE": "tpu", "ARTIFACTS_DIR": str(tmp_path)}
+    proc = run_cli("train", "--model", "minilm", "--tracker", "none", env=env)
+    assert proc.returncode == 1
+    assert "DEVICE='tpu'" in proc.stderr.strip().splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []

@@ -204,7 +204,10 @@ def test_killed_worker_leaves_its_job_failed_within_a_bounded_time(launcher, red
     client = create_app(settings).test_client()
     job_id = client.post("/train", json=LONG_JOB).get_json()["job_id"]
     running_with_progress(client, job_id)
+    horses = horse_pids(worker.pid)  # RQ puts each work horse in a process group of its own (setpgrp)
     os.killpg(worker.pid, signal.SIGKILL)
+    for pid in horses:
+        os.kill(pid, signal.SIGKILL)
     worker.wait()
     final = final_view(client, job_id, timeout_s=settings.worker_heartbeat + 60 + 30)[-1]
     assert final["status"] == "failed"

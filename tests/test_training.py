@@ -14,7 +14,13 @@ from transformers import (
     DistilBertForSequenceClassification,
 )
 
-from app.modeling import ModelNotAvailable, compute_last_layer_for_first_token_only, resolve_model
+from app.modeling import (
+    DeviceNotAvailable,
+    ModelNotAvailable,
+    compute_last_layer_for_first_token_only,
+    resolve_device,
+    resolve_model,
+)
 from app.params import TrainParams
 from app.predict import Predictor
 from app.training import Encoded, collate, length_grouped_batches, train_and_evaluate
@@ -40,6 +46,7 @@ def test_run_folder_holds_every_output(tiny_run):
         assert key in metrics
     assert len(metrics["dev_accuracy_per_epoch"]) == TINY_PARAMS["epochs"]
     assert metrics["train_examples_per_s"] > 0 and metrics["timings_s"]["train"] > 0
+    assert metrics["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert (run_dir / "model" / "model.safetensors").is_file()
     assert (run_dir / "model" / "tokenizer.json").is_file()
 
@@ -196,6 +203,17 @@ def test_freed_activations_are_reused_instead_of_faulted_in_again():
     assert applied == "True"
     assert default > 10_000  # glibc default: the 48 MiB buffer is mmap'd and faulted in page by page each step
     assert tuned < 1_000
+
+
+def test_device_auto_is_the_cpu_without_a_gpu_and_a_missing_device_is_named():
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    for name in ("tpu", "gpu0"):
+        with pytest.raises(DeviceNotAvailable, match="expected auto, cpu, cuda or cuda:N"):
+            resolve_device(name)
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceNotAvailable, match="no CUDA GPU"):
+            resolve_device("cuda")
 
 
 def test_minilm_alias_is_the_packaged_model():

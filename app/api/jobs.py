@@ -53,6 +53,7 @@ def finished_training(job):
     The request itself succeeded either way (200); the job's outcome is in ``status`` and ``error``,
     exactly as ``GET /jobs/<id>`` shows it, so clients read one shape and proxies see no 5xx.
     """
+    job.refresh()  # the wait loop refreshed only the status; timestamps and result are read again here
     view = jobs.describe_job(job)
     if view["status"] != "succeeded":
         return jsonify(view)
