@@ -154,9 +154,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError as exc:
-        raise DeviceNotAvailable(f"DEVICE={name!r}: expected auto, cpu, cuda or cuda:N") from exc
-    if device.type not in ("cpu", "cuda"):
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
         raise DeviceNotAvailable(f"DEVICE={name!r}: expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceNotAvailable(f"DEVICE={name!r}: torch sees no CUDA GPU here (torch {torch.__version__})")

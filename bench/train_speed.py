@@ -46,8 +46,8 @@ FULL_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "boolq"
 SIDES = ("baseline", "engine")
 TARGET_SPEEDUP = 2.5
 TARGET_ACCURACY_GAP_POINTS = 1.0
-# Random-init BERT shapes for speed-only runs; "minilm" is the pretrained offline model.
 PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Random-init BERT shapes for speed-only runs; "minilm" is the pretrained offline model.
 RANDOM_CONFIGS = {
     "base": dict(),  # BertConfig() defaults: bert-base (12 layers, hidden 768)
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
