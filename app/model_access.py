@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from app.config import Settings
-from app.modeling import MINILM_ALIAS, is_hub_id
+from app.model_names import MINILM_ALIAS, is_hub_id
+from app.run_folder import checkpoint_folder
 
 
 class ModelNotAllowed(ValueError):
@@ -28,14 +29,6 @@ def folder_under_roots(name: str, roots: tuple[Path, ...]) -> Path | None:
         folder = candidate.resolve()
         if folder.is_dir() and any(folder.is_relative_to(root) for root in roots):
             return folder
-    return None
-
-
-def checkpoint_folder(folder: Path) -> Path | None:
-    """The Hugging Face checkpoint inside a run folder (``model/``) or the folder itself."""
-    for candidate in (folder / "model", folder):
-        if (candidate / "config.json").is_file():
-            return candidate
     return None
 
 
