@@ -203,7 +203,9 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
     data_dir = args.data_dir or settings.data_dir
     output_dir = settings.artifacts_dir
     quiet_libraries()
-    from app.training import train_and_evaluate  # torch and transformers load here, once the options are valid
+    from app.training import keep_freed_memory_in_heap, train_and_evaluate  # torch loads here, options valid
+
+    keep_freed_memory_in_heap()
 
     with ProgressBar() as bar:
         result = train_and_evaluate(

@@ -150,7 +150,6 @@ def train_and_evaluate(
 
 def configure_torch(seed: int, num_threads: int) -> None:
     """Seed every generator and fix the thread count, so CPU runs are reproducible."""
-    keep_freed_memory_in_heap()
     if num_threads > 0:
         torch.set_num_threads(num_threads)
     random.seed(seed)
@@ -169,7 +168,8 @@ def keep_freed_memory_in_heap() -> bool:
     By default every block over the (at most 32 MiB) mmap threshold is mmap'd and returned to the kernel
     on free, so each training step faults in, and the kernel zeroes, its large activations again.
     Blocks up to 1 GiB now come from the heap and stay there: about 12 % faster CPU training steps
-    for about 6 % more peak RSS (bench/README.md). A no-op where libc is not glibc.
+    for about 6 % more peak RSS (bench/README.md). A no-op where libc is not glibc. Process-wide, so the
+    process that exists to train calls it (CLI train, the worker's job), not a library function.
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

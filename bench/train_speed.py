@@ -38,7 +38,7 @@ from app.encoding import encode, length_grouped_batches  # noqa: E402
 from app.modeling import bf16_supported, load_classifier, load_tokenizer  # noqa: E402
 from app.params import TrainParams  # noqa: E402
 from app.tracking import NullTracker  # noqa: E402
-from app.training import configure_torch, fine_tune  # noqa: E402
+from app.training import configure_torch, fine_tune, keep_freed_memory_in_heap  # noqa: E402
 from bench.tutorial_loop import encode_padded, seed_everything, train_tutorial  # noqa: E402
 
 log = logging.getLogger("bench.train_speed")
@@ -171,6 +171,7 @@ def engine_padded_tokens(lengths: list[int], batch_size: int, seed: int, epochs:
 
 def run_engine(config: BenchConfig) -> dict:
     """Our engine's pieces (``encode`` + ``fine_tune``), exactly as ``train_and_evaluate`` calls them."""
+    keep_freed_memory_in_heap()
     configure_torch(config.seed, config.threads)
     tokenizer, model = load_model(config)
     model.to(config.device)

@@ -403,4 +403,4 @@ def test_training_job_reports_tracking_references(redis_url, launcher, tmp_path)
     assert tracking["mlflow"]["model_version"] == "1" and tracking["mlflow"]["mlflow_run_id"]
     assert tracking["neptune"]["neptune_run_id"].startswith("offline/")
     run = mlflow_client(settings.artifacts_dir).get_run(tracking["mlflow"]["mlflow_run_id"])
-    assert run.info.run_name == job_id and run.info.status == "FINISHED"
+    assert run.data.tags["boolq.run_id"] == job_id and run.info.status == "FINISHED"
