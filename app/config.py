@@ -26,6 +26,23 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from exc
 
 
+def _env_float(name: str, default: float) -> float:
+    raw = _env(name, str(default))
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name} must be a number, got {raw!r}") from exc
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = _env(name, "1" if default else "0").strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"environment variable {name} must be 1/0 (true/false), got {raw!r}")
+
+
 def _env_paths(name: str, default: str) -> tuple[Path, ...]:
     return tuple(Path(p).expanduser() for p in _env(name, default).split(os.pathsep) if p)
 
@@ -97,6 +114,21 @@ class Settings:
     worker_heartbeat: int = 30
     # Times RQ re-runs a job whose worker died (0: it is failed at once, with the reason).
     job_retries: int = 0
+    # --- Admission control and bounded work (issue 10; field name = env var lowercased) ---
+    # Queued jobs the service accepts; POST /train answers 429 with Retry-After above it.
+    max_queued_jobs: int = 50
+    # Queued + running jobs per client (its bearer token, else its address); 429 above it.
+    max_jobs_per_client: int = 10
+    # Compute budget of one job: epochs × training rows × max_length (default: 10 epochs of full BoolQ at 512).
+    max_job_tokens: int = 50_000_000
+    # Tokens (items × tokens per item after truncation) one /predict may ask for; 422 above it.
+    predict_max_tokens: int = 32_768
+    # Seconds a /predict may compute; then it stops between chunks and answers 503 (below nginx's 90 s).
+    predict_timeout_s: float = 60.0
+    # Concurrent POST /train?wait=true waiters per API process; 429 beyond, so waiters never take every thread.
+    max_waiters: int = 2
+    # 1: GET /jobs* are open to everyone even when API_TOKEN is set (by default they need the token too).
+    public_reads: bool = False
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -132,6 +164,13 @@ class Settings:
             max_wait=_env_int("MAX_WAIT", default.max_wait),
             worker_heartbeat=_env_int("WORKER_HEARTBEAT", default.worker_heartbeat),
             job_retries=_env_int("JOB_RETRIES", default.job_retries),
+            max_queued_jobs=_env_int("MAX_QUEUED_JOBS", default.max_queued_jobs),
+            max_jobs_per_client=_env_int("MAX_JOBS_PER_CLIENT", default.max_jobs_per_client),
+            max_job_tokens=_env_int("MAX_JOB_TOKENS", default.max_job_tokens),
+            predict_max_tokens=_env_int("PREDICT_MAX_TOKENS", default.predict_max_tokens),
+            predict_timeout_s=_env_float("PREDICT_TIMEOUT_S", default.predict_timeout_s),
+            max_waiters=_env_int("MAX_WAITERS", default.max_waiters),
+            public_reads=_env_bool("PUBLIC_READS", default.public_reads),
         )
 
 

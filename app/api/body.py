@@ -14,7 +14,10 @@ def json_object() -> dict:
         return {}
     if request.mimetype != "application/json":
         raise ApiError(415, f"send the body as application/json, not {request.mimetype or 'no content type'}")
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # json.loads gives up on deeply nested arrays with this, not a ValueError
+        body = None
     if body is None:
         raise ApiError(400, "the body is not valid JSON")
     if not isinstance(body, dict):
