@@ -37,7 +37,8 @@ ERRORS = {
     "415": "Body is not application/json",
     "422": "A field breaks its rule (each named in error.fields)",
     "500": "Internal error (no details leak)",
-    "503": "Redis unreachable",
+    "429": "Queue, client or waiter cap reached (Retry-After says when to retry)",
+    "503": "Redis unreachable, or /predict over PREDICT_TIMEOUT_S",
 }
 
 
