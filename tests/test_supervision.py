@@ -75,13 +75,17 @@ def test_a_killed_replica_or_nginx_is_restarted(stack, name):
     process, state_file, state = stack
     victim = child_named(state_file, name)
     os.killpg(victim["pid"], signal.SIGKILL)
-    back = wait_until(
-        lambda: (
-            child_named(state_file, name)["pid"] != victim["pid"]
-            and answers(child_named(state_file, name)["url"] + "/healthz")
-        ),
-        f"{name} restarted and answering",
-    )
+    through_nginx = []
+
+    def restarted() -> bool:
+        if name != "nginx":  # the other replica serves meanwhile
+            through_nginx.append(answers(state["url"] + "/healthz"))
+        child = child_named(state_file, name)
+        return child["pid"] != victim["pid"] and answers(child["url"] + "/healthz")
+
+    # A replica's restart is mostly its boot (torch, transformers): allow for a busy 2-core machine.
+    back = wait_until(restarted, f"{name} restarted and answering", timeout_s=RECOVERY_S if name == "nginx" else 90)
+    assert all(through_nginx), through_nginx.count(False)
     assert child_named(state_file, name)["restarts"] == victim["restarts"] + 1
     assert answers(state["url"] + "/healthz") and process.poll() is None
     print(f"\n{name} back in {back:.1f} s")
@@ -103,7 +107,7 @@ def test_a_killed_worker_is_restarted_and_runs_the_next_job(stack):
 def test_a_killed_redis_is_restarted_on_its_append_only_file_with_503_meanwhile(stack):
     process, state_file, state = stack
     url = state["url"]
-    submitted = [requests.post(f"{url}/train?wait=false", json=TINY_JOB, timeout=30) for _ in range(3)]
+    submitted = [requests.post(f"{url}/train?wait=false", json=TINY_JOB, timeout=30) for _ in range(2)]
     job_ids = [r.json()["job_id"] for r in submitted]
     time.sleep(1.5)  # appendfsync everysec: what was written a second ago is on disk
     victim = child_named(state_file, "redis")
