@@ -22,6 +22,7 @@ from rq.serializers import JSONSerializer
 from app.config import Settings
 from app.job_index import JobIndex
 from app.params import TrainParams
+from app.redaction import without_server_paths
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +230,9 @@ def describe_job(job: Job) -> dict:
         "enqueued_at": isoformat(job.enqueued_at),
         "started_at": isoformat(job.started_at),
         "ended_at": isoformat(job.ended_at),
-        "result": result_summary(job) if status == "succeeded" else None,
-        "error": failure_of(job) if status == "failed" else None,
+        # Results and errors are written by the worker and may name server files; params are the client's own.
+        "result": without_server_paths(result_summary(job)) if status == "succeeded" else None,
+        "error": without_server_paths(failure_of(job)) if status == "failed" else None,
     }
 
 

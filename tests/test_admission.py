@@ -138,3 +138,23 @@ def test_hostile_json_bodies_get_a_4xx_never_a_500(redis_url, tmp_path, body):
     response = client_for(redis_url, tmp_path).post("/train", data=body, content_type="application/json")
     assert 400 <= response.status_code < 500, response.get_data()[:300]
     error_of(response)
+
+
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        ("DataError: /srv/data/boolq/train.jsonl:3: invalid JSON", "DataError: …/train.jsonl:3: invalid JSON"),
+        ("sqlite:////srv/runs/mlflow/mlflow.db", "sqlite:…/mlflow.db"),
+        ("model folder '/srv/models/x' holds nothing", "model folder '…/x' holds nothing"),
+        ("http://mlflow:5000/api/2.0", "http://mlflow:5000/api/2.0"),
+        ("models:/boolq-bert/3", "models:/boolq-bert/3"),
+        ("google-bert/bert-base-uncased", "google-bert/bert-base-uncased"),
+    ],
+)
+def test_job_errors_and_tracking_links_name_files_never_where_they_live(text, shown):
+    from app.redaction import without_server_paths
+
+    assert without_server_paths({"error": {"message": text}, "n": [text, 1]}) == {
+        "error": {"message": shown},
+        "n": [shown, 1],
+    }

@@ -16,6 +16,7 @@ from app.api.errors import ApiError
 from app.api.schemas import JobsQuery, TrainQuery
 from app.model_access import ModelNotAllowed, loadable_here, model_for_training
 from app.params import TrainParams
+from app.redaction import without_server_paths
 
 bp = Blueprint("jobs", __name__)
 
@@ -94,7 +95,7 @@ def finished_training(job):
         return jsonify(view)
     value = job.return_value()
     keys = ("accuracy", "n_eval", "dev_accuracy", "predictions", "metrics", "tracking")
-    return jsonify({"job_id": job.id, "status": "succeeded"} | {k: value.get(k) for k in keys})
+    return jsonify(without_server_paths({"job_id": job.id, "status": "succeeded"} | {k: value.get(k) for k in keys}))
 
 
 @bp.get("/jobs")
