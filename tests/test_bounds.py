@@ -129,3 +129,4 @@ def test_health_stays_fast_while_20_clients_wait_and_waiters_beyond_the_cap_get_
     refused = next(a for a in answers if a.status_code == 429)
     assert "MAX_WAITERS" in error_of(refused)["message"] and "Retry-After" in refused.headers
     assert len(probes) > 10 and max(probes) < 1.0, (len(probes), max(probes), statistics.median(probes))
+    print(f"\n20 waiters: {codes.count(429)} refused; {len(probes)} probes, max {max(probes) * 1000:.0f} ms")
