@@ -16,6 +16,7 @@ import pytest
 import requests
 
 from app.stack import free_ports
+from tests.conftest import LONG_JOB
 from tests.test_e2e import ROOT, TINY_JOB, wait_for_state
 
 RECOVERY_S = 30
@@ -140,3 +141,25 @@ def test_a_killed_redis_is_restarted_on_its_append_only_file_with_503_meanwhile(
         timeout_s=120,
     )
     print(f"\nredis killed: API answered 503 JSON, then 200 again after {back:.1f} s ({len(seen)} probes)")
+
+
+def test_a_job_running_when_redis_dies_ends_failed_with_the_reason(stack):
+    process, state_file, state = stack
+    url = state["url"]
+    job_id = requests.post(f"{url}/train", json=LONG_JOB, timeout=30).json()["job_id"]
+    wait_until(
+        lambda: requests.get(f"{url}/jobs/{job_id}", timeout=10).json()["status"] == "running",
+        "the job to run",
+        timeout_s=120,
+    )
+    time.sleep(1.5)  # appendfsync everysec: the job's 'started' state is on disk
+    os.killpg(child_named(state_file, "redis")["pid"], signal.SIGKILL)
+    wait_until(lambda: answers(f"{url}/readyz"), "Redis back")
+    waited = wait_until(
+        lambda: requests.get(f"{url}/jobs/{job_id}", timeout=10).json()["status"] in ("failed", "succeeded"),
+        "the interrupted job to end",
+        timeout_s=90,
+    )
+    view = requests.get(f"{url}/jobs/{job_id}", timeout=10).json()
+    assert view["status"] == "failed" and view["error"]["type"] and view["error"]["message"], view
+    print(f"\njob running when Redis died: failed {waited:.1f} s after Redis was back: {view['error']}")
