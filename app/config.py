@@ -83,6 +83,21 @@ class Settings(BaseSettings):
     worker_heartbeat: int = 30
     # Times RQ re-runs a job whose worker died (0: it is failed at once, with the reason).
     job_retries: int = 0
+    # --- Admission control and bounded work (issue 10; field name = env var lowercased) ---
+    # Queued jobs the service accepts; POST /train answers 429 with Retry-After above it.
+    max_queued_jobs: int = 50
+    # Queued + running jobs per client (its bearer token, else its address); 429 above it.
+    max_jobs_per_client: int = 10
+    # Compute budget of one job: epochs × training rows × max_length (default: 10 epochs of full BoolQ at 512).
+    max_job_tokens: int = 50_000_000
+    # Tokens (items × tokens per item after truncation) one /predict may ask for; 422 above it.
+    predict_max_tokens: int = 32_768
+    # Seconds a /predict may compute; then it stops between chunks and answers 503 (below nginx's 90 s).
+    predict_timeout_s: float = 60.0
+    # Concurrent POST /train?wait=true waiters per API process; 429 beyond, so waiters never take every thread.
+    max_waiters: int = 2
+    # 1: GET /jobs* are open to everyone even when API_TOKEN is set (by default they need the token too).
+    public_reads: bool = False
 
     @field_validator("model_roots", mode="before")
     @classmethod

@@ -18,13 +18,17 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from app.config import Settings
+from app.job_index import JobIndex
 from app.params import TrainParams
+from app.redaction import without_server_paths
 
 log = logging.getLogger(__name__)
 
 LEARNED_NOTHING = "the model learned nothing: val accuracy is within 1 point of always answering the majority class"
 # The worker's task, by name: the web side never imports it (nor torch).
 TRAIN_TASK = "app.tasks.train_job"
+# RQ's failure_ttl when a job sets none (one year).
+DEFAULT_FAILURE_TTL = 365 * 24 * 3600
 # API-side Redis timeouts: a dead Redis answers 503 in seconds instead of hanging a request.
 REDIS_CONNECT_TIMEOUT_S = 2
 REDIS_SOCKET_TIMEOUT_S = 5
@@ -68,8 +72,8 @@ def training_queue(settings: Settings, connection: Redis) -> Queue:
 
 
 def enqueue_training(queue: Queue, params: TrainParams, settings: Settings) -> Job:
-    """Put one training run on the queue; the job id becomes the run folder's name."""
-    return queue.enqueue(
+    """Put one training run on the queue (and in the job index); the job id becomes the run folder's name."""
+    job = queue.enqueue(
         TRAIN_TASK,
         params.model_dump(),
         job_timeout=settings.job_timeout,
@@ -79,6 +83,8 @@ def enqueue_training(queue: Queue, params: TrainParams, settings: Settings) -> J
         meta={"progress": None},
         description=f"train {params.model}",
     )
+    JobIndex(queue).add(job)
+    return job
 
 
 def make_worker(settings: Settings) -> Worker:
@@ -108,28 +114,9 @@ def public_status(job: Job) -> str:
     return PUBLIC_STATUS.get(job.get_status(refresh=False), "queued")
 
 
-def all_job_ids(queue: Queue) -> set[str]:
-    """Ids of every job RQ still knows on this queue, whatever its state (registries clean up first)."""
-    registries = (
-        queue.started_job_registry,
-        queue.finished_job_registry,
-        queue.failed_job_registry,
-        queue.canceled_job_registry,
-        queue.deferred_job_registry,
-        queue.scheduled_job_registry,
-    )
-    ids = set(queue.get_job_ids())
-    for registry in registries:
-        ids.update(registry.get_job_ids())
-    return ids
-
-
 def recent_jobs(queue: Queue, page: int, per_page: int) -> tuple[list[Job], int]:
-    """One page of jobs, newest first, and the total count."""
-    jobs = [j for j in Job.fetch_many(all_job_ids(queue), queue.connection, queue.serializer) if j is not None]
-    jobs.sort(key=lambda j: j.created_at, reverse=True)
-    start = (page - 1) * per_page
-    return jobs[start : start + per_page], len(jobs)
+    """One page of jobs, newest first, and the total count; reads only that page (the job index)."""
+    return JobIndex(queue).page(page, per_page)
 
 
 def latest_succeeded_job_id(queue: Queue) -> str | None:
@@ -148,6 +135,7 @@ def cancel_training(queue: Queue, job: Job, wait_s: float = 5.0) -> Job:
             job.cancel()
         job.refresh()
     if job.get_status(refresh=False) == JobStatus.STARTED:
+        JobIndex(queue).mark_stopped(job, ttl_s=job.failure_ttl or DEFAULT_FAILURE_TTL)
         send_stop_job_command(queue.connection, job.id, serializer=queue.serializer)
         wait_until(lambda: job.get_status() != JobStatus.STARTED, wait_s)
         job.refresh()
@@ -176,8 +164,9 @@ def describe_job(job: Job) -> dict:
         "enqueued_at": isoformat(job.enqueued_at),
         "started_at": isoformat(job.started_at),
         "ended_at": isoformat(job.ended_at),
-        "result": result_summary(job) if status == "succeeded" else None,
-        "error": failure_of(job) if status == "failed" else None,
+        # Results and errors are written by the worker and may name server files; params are the client's own.
+        "result": without_server_paths(result_summary(job)) if status == "succeeded" else None,
+        "error": without_server_paths(failure_of(job)) if status == "failed" else None,
     }
 
 
@@ -233,14 +222,15 @@ def isoformat(moment) -> str | None:
 
 
 def job_counts(queue: Queue) -> dict[str, int]:
-    """Jobs per public status, for the metrics endpoint (stopped jobs sit in RQ's failed registry)."""
-    counts = dict.fromkeys(("queued", "running", "succeeded", "failed", "cancelled"), 0)
-    counts["queued"] = queue.count + queue.deferred_job_registry.count + queue.scheduled_job_registry.count
-    counts["running"] = queue.started_job_registry.count
-    counts["succeeded"] = queue.finished_job_registry.count
-    counts["cancelled"] = queue.canceled_job_registry.count
-    failed_ids = queue.failed_job_registry.get_job_ids()
-    for job in Job.fetch_many(failed_ids, queue.connection, queue.serializer):
-        if job is not None:
-            counts[public_status(job)] += 1
-    return counts
+    """Jobs per public status, for the metrics endpoint; registry sizes only, no job is loaded.
+
+    Jobs stopped by a cancel sit in RQ's failed registry; the job index remembers which, so they count as cancelled.
+    """
+    stopped = JobIndex(queue).stopped_in(queue.failed_job_registry.key)
+    return {
+        "queued": queue.count + queue.deferred_job_registry.count + queue.scheduled_job_registry.count,
+        "running": queue.started_job_registry.count,
+        "succeeded": queue.finished_job_registry.count,
+        "failed": queue.failed_job_registry.count - stopped,
+        "cancelled": queue.canceled_job_registry.count + stopped,
+    }

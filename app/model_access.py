@@ -12,9 +12,20 @@ from app.config import Settings
 from app.model_names import MINILM_ALIAS, is_hub_id
 from app.run_folder import checkpoint_folder
 
+# Longest model name a request may use: a file name's limit on Linux, so no name can make a path too long.
+MAX_MODEL_NAME = 255
+
 
 class ModelNotAllowed(ValueError):
     """The model name is not an alias, a hub id, nor a folder under the model roots."""
+
+
+def check_name_shape(name: str) -> None:
+    """Refuse names no file system or hub could hold (over-long, control characters) before touching the disk."""
+    if len(name) > MAX_MODEL_NAME:
+        raise ModelNotAllowed(f"model name is {len(name)} characters long; at most {MAX_MODEL_NAME} are allowed")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        raise ModelNotAllowed("model name contains control characters")
 
 
 def model_roots(settings: Settings) -> tuple[Path, ...]:
@@ -24,16 +35,44 @@ def model_roots(settings: Settings) -> tuple[Path, ...]:
 
 def folder_under_roots(name: str, roots: tuple[Path, ...]) -> Path | None:
     """The existing folder ``name`` names inside one of ``roots`` (a job id is a run folder), else None."""
-    candidates = [Path(name).expanduser()] if Path(name).expanduser().is_absolute() else [r / name for r in roots]
+    check_name_shape(name)
+    try:
+        path = Path(name).expanduser()
+    except RuntimeError:  # "~nosuchuser/..."
+        return None
+    candidates = [path] if path.is_absolute() else [r / name for r in roots]
     for candidate in candidates:
-        folder = candidate.resolve()
-        if folder.is_dir() and any(folder.is_relative_to(root) for root in roots):
-            return folder
+        try:
+            folder = candidate.resolve()
+            if folder.is_dir() and any(folder.is_relative_to(root) for root in roots):
+                return folder
+        except (OSError, ValueError):  # a component too long for the file system, a loop of links
+            continue
     return None
 
 
 def looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or ".." in name or "\\" in name
+
+
+def exists_quietly(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def loadable_here(name: str) -> None:
+    """Refuse a hub model this machine cannot load: offline (HF_HUB_OFFLINE) and not in the local cache."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if name == MINILM_ALIAS or Path(name).is_absolute() or not constants.HF_HUB_OFFLINE:
+        return
+    if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        raise ModelNotAllowed(
+            f"model '{name}' is not in this service's Hugging Face cache and the hub is off (HF_HUB_OFFLINE); "
+            f"use '{MINILM_ALIAS}', a fine-tuned job id, or a cached hub model"
+        )
 
 
 def model_for_training(name: str, settings: Settings) -> str:
@@ -44,9 +83,9 @@ def model_for_training(name: str, settings: Settings) -> str:
     if folder is not None:
         checkpoint = checkpoint_folder(folder)
         if checkpoint is None:
-            raise ModelNotAllowed(f"model folder '{name}' holds no checkpoint (config.json)")
+            raise ModelNotAllowed(f"model folder '{name}' holds no finished checkpoint (config.json, metrics.json)")
         return str(checkpoint)
-    if looks_like_path(name) or Path(name).exists():
+    if looks_like_path(name) or exists_quietly(Path(name)):
         raise ModelNotAllowed(f"model '{name}' is not a folder under ARTIFACTS_DIR or MODEL_ROOTS")
     if not is_hub_id(name):
         raise ModelNotAllowed(f"model '{name}' is neither the alias '{MINILM_ALIAS}', a hub id, nor a model folder")

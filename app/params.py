@@ -8,9 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 DEFAULT_MODEL = "bert-base-multilingual-cased"
 
-# Strict types: JSON `true` is not an int and "32" is not an int; an int is accepted for a float.
+# Strict types: JSON `true` is not an int and "32" is not an int; an int is accepted for a float (as a float).
+# One type, not a union, so bounds become JSON Schema's exclusiveMinimum/maximum in /openapi.json.
 PositiveCount = Annotated[StrictInt, Field(ge=1)]
-Number = StrictFloat | StrictInt
+Number = StrictFloat
 
 
 class TrainParams(BaseModel):
@@ -26,7 +27,7 @@ class TrainParams(BaseModel):
         str,
         Field(
             min_length=1,
-            max_length=512,
+            max_length=255,
             description="Hub name, local folder, or the alias 'minilm' (offline all-MiniLM-L6-v2).",
         ),
     ] = DEFAULT_MODEL

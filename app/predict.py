@@ -9,14 +9,30 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from app import run_folder
 from app.data import BoolQExample
-from app.encoding import encode
+from app.encoding import Encoded, encode
 from app.evaluation import predict_probabilities
 from app.modeling import compute_last_layer_for_first_token_only
 from app.params import TrainParams
 
+# Tokens per forward pass of a large request: the granularity at which a deadline or a gone client stops it.
+CHUNK_TOKENS = 4096
+
 
 class ModelDirError(ValueError):
     """The folder is not a fine-tuned run or model folder."""
+
+
+class TooManyTokens(ValueError):
+    """A request asks for more tokens (items × tokens after truncation) than allowed."""
+
+    def __init__(self, tokens: int, limit: int):
+        super().__init__(f"{tokens:,} tokens after truncation exceed the limit of {limit:,} per request")
+        self.tokens = tokens
+        self.limit = limit
+
+
+class PredictionStopped(RuntimeError):
+    """Work stopped between chunks because ``should_stop`` said why (deadline passed, client gone)."""
 
 
 @dataclass(frozen=True)
@@ -48,11 +64,38 @@ class Predictor:
         compute_last_layer_for_first_token_only(self.model)
         self.max_length = min(trained_max_length(folder), self.model.config.max_position_embeddings)
 
-    def predict(self, pairs: list[tuple[str, str]]) -> list[Answer]:
+    def predict(self, pairs: list[tuple[str, str]], max_tokens: int = 0, should_stop=None) -> list[Answer]:
+        """Answers in input order. Refuses more than ``max_tokens`` tokens (0: no limit) before computing;
+        between chunks of about CHUNK_TOKENS, stops with :class:`PredictionStopped` when ``should_stop()``
+        returns a reason."""
         rows = [BoolQExample(idx=i, question=q, passage=p, label=False) for i, (q, p) in enumerate(pairs)]
         encoded = encode(self.tokenizer, rows, self.max_length)
-        probabilities = predict_probabilities(self.model, self.tokenizer.pad_token_id, encoded)
+        lengths = [len(ids) for ids in encoded.input_ids]
+        if max_tokens and sum(lengths) > max_tokens:
+            raise TooManyTokens(sum(lengths), max_tokens)
+        probabilities = [0.0] * len(rows)
+        for chunk in token_chunks(lengths, CHUNK_TOKENS):
+            reason = should_stop() if should_stop is not None else None
+            if reason:
+                raise PredictionStopped(reason)
+            part = Encoded(
+                [encoded.input_ids[i] for i in chunk], [encoded.token_type_ids[i] for i in chunk], [0] * len(chunk)
+            )
+            for i, p in zip(chunk, predict_probabilities(self.model, self.tokenizer.pad_token_id, part), strict=True):
+                probabilities[i] = p
         return [Answer(answer=p >= 0.5, probability=p) for p in probabilities]
+
+
+def token_chunks(lengths: list[int], chunk_tokens: int) -> list[list[int]]:
+    """Indices grouped by length (little padding) into chunks of about ``chunk_tokens`` tokens each."""
+    chunks, current, size = [], [], 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if current and size + lengths[i] > chunk_tokens:
+            chunks.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += lengths[i]
+    return chunks + [current] if current else chunks
 
 
 def trained_max_length(model_folder: Path) -> int:

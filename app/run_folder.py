@@ -70,7 +70,13 @@ def is_finished(run_dir: Path) -> bool:
 
 
 def checkpoint_folder(folder: Path) -> Path | None:
-    """The Hugging Face checkpoint inside a run folder (``model/``) or the folder itself, if there is one."""
+    """The Hugging Face checkpoint inside a run folder (``model/``) or the folder itself, if there is one.
+
+    A run folder without ``metrics.json`` (written last) is unfinished: its job was killed or is still
+    running, so whatever weights it holds are never taken for a model.
+    """
+    if (folder / PARAMS).is_file() and not is_finished(folder):
+        return None
     for candidate in (folder / MODEL, folder):
         if (candidate / "config.json").is_file():
             return candidate

@@ -3,7 +3,8 @@
 redis-server, N API replicas (``python -m app serve``), M RQ workers (``python -m app worker``) and nginx in
 front of the replicas, all children of this one command. Each child runs in its own process group, so a
 Ctrl-C reaches only the stack, which then stops nginx, the replicas and workers, and Redis last, and makes
-sure no process of any group is left.
+sure no process of any group is left. While it runs, a child that dies is restarted with backoff
+(``app/supervisor.py``); Redis on the same append-only file, the replicas answering 503 meanwhile.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -31,6 +33,7 @@ from rq import Worker
 
 from app.config import PROJECT_ROOT, Settings, environment_with
 from app.nginx_config import native_layout, render_nginx_conf
+from app.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,7 @@ class Child:
     url: str = ""
     process: subprocess.Popen | None = field(default=None, repr=False)
     exit_code: int | None = None
+    restarts: int = 0
 
     @property
     def pid(self) -> int:
@@ -123,6 +127,7 @@ class Child:
             "url": self.url,
             "log": str(self.log_path),
             "exit_code": self.exit_code,
+            "restarts": self.restarts,
         }
 
 
@@ -176,6 +181,8 @@ class Stack:
         self.stopping = threading.Event()
         self.children: list[Child] = []
         self.redis_url = ""
+        self.env: dict[str, str] = {}
+        self.supervisor = Supervisor(self.restart_child)
 
     # --- planning ---------------------------------------------------------------------------------------
 
@@ -185,7 +192,9 @@ class Stack:
         ensure_port_free(self.options.host, self.options.port)
         ports = free_ports(self.options.replicas + 1)
         redis_port = self.options.redis_port or ports.pop()
-        self.redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        # Other local users can reach a loopback port; a per-stack password keeps them out of the job store.
+        redis_password = secrets.token_hex(16)
+        self.redis_url = f"redis://:{redis_password}@127.0.0.1:{redis_port}/0"
         for directory in (self.logs_dir, self.state_dir / "redis", self.state_dir / "nginx-temp"):
             directory.mkdir(parents=True, exist_ok=True)
 
@@ -194,7 +203,8 @@ class Stack:
                 "redis",
                 "redis",
                 [redis_bin, "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(self.state_dir / "redis")]
-                + ["--appendonly", "yes", "--save", "", "--daemonize", "no", "--logfile", ""],
+                + ["--appendonly", "yes", "--save", "", "--daemonize", "no", "--logfile", ""]
+                + ["--requirepass", redis_password],
                 self.logs_dir / "redis.log",
                 url=self.redis_url,
             )
@@ -239,6 +249,7 @@ class Stack:
     def start(self) -> None:
         """Start in dependency order, each stage ready before the next: Redis, replicas + workers, nginx."""
         env = environment_with(REDIS_URL=self.redis_url, ARTIFACTS_DIR=str(self.artifacts_dir), PYTHONUNBUFFERED="1")
+        self.env = env
         self.start_children(self.of_role("redis"), env)
         self.wait_until("redis answers PING", self.redis_answers, self.of_role("redis"))
         self.start_children(self.of_role("api") + self.of_role("worker"), env)
@@ -287,29 +298,15 @@ class Stack:
     # --- running ----------------------------------------------------------------------------------------
 
     def watch(self) -> None:
-        """Until asked to stop: notice children that exit, log them, and give up when the stack cannot serve."""
+        """Until asked to stop: restart children that exit (with backoff, logged), and keep stack.json current."""
         while not self.stopping.wait(POLL_INTERVAL_S):
             for child in self.children:
-                if child.exit_code is None and child.exited():
-                    self.report_exit(child)
+                self.supervisor.tend(child)
             self.write_state()
 
-    def report_exit(self, child: Child) -> None:
-        log.warning(
-            "%s (pid %d) exited unexpectedly with code %s; see %s",
-            child.name,
-            child.pid,
-            child.exit_code,
-            child.log_path,
-        )
-        # A killed gunicorn master leaves its workers behind for a while; end the whole group now.
-        child.signal_group(signal.SIGKILL)
-        if child.role in ("redis", "nginx"):
-            raise StackError(f"{child.name} is gone; the stack cannot serve without it")
-        alive = [c for c in self.of_role(child.role) if c.exit_code is None]
-        if not alive:
-            raise StackError(f"no {child.role} process is left")
-        log.warning("continuing with %d %s process(es); nginx skips the dead replica", len(alive), child.role)
+    def restart_child(self, child: Child) -> None:
+        child.start(self.env)
+        child.restarts += 1
 
     def write_state(self) -> None:
         """stack.json: where everything is, for people and for tests (pids to signal, URLs, logs)."""

@@ -152,7 +152,7 @@ def test_without_api_token_no_auth_is_needed(client):
     assert client.post("/train", json=TINY_JOB).status_code == 202
 
 
-def test_with_api_token_train_cancel_and_predict_need_the_bearer_token(redis_url, tmp_path):
+def test_with_api_token_train_cancel_predict_and_job_reads_need_the_bearer_token(redis_url, tmp_path):
     client = create_app(service_settings(redis_url, tmp_path, api_token="s3cret")).test_client()
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
         for path, body in (("/train", TINY_JOB), ("/predict", {"question": "q", "passage": "p"})):
@@ -161,9 +161,20 @@ def test_with_api_token_train_cancel_and_predict_need_the_bearer_token(redis_url
             assert response.headers["WWW-Authenticate"] == "Bearer"
     good = {"Authorization": "Bearer s3cret"}
     job_id = client.post("/train", json=TINY_JOB, headers=good).get_json()["job_id"]
-    assert client.get(f"/jobs/{job_id}").status_code == 200  # reading needs no token
+    for path in ("/jobs", f"/jobs/{job_id}", f"/jobs/{job_id}/predictions"):
+        assert client.get(path).status_code == 401, path
+    assert client.get(f"/jobs/{job_id}", headers=good).status_code == 200
+    for path in ("/healthz", "/readyz", "/openapi.json"):
+        assert client.get(path).status_code == 200, path
     assert client.post(f"/jobs/{job_id}/cancel").status_code == 401
     assert client.post(f"/jobs/{job_id}/cancel", headers=good).status_code == 200
+
+
+def test_public_reads_open_job_reads_but_not_what_spends_compute(redis_url, tmp_path):
+    client = create_app(service_settings(redis_url, tmp_path, api_token="s3cret", public_reads=True)).test_client()
+    job_id = client.post("/train", json=TINY_JOB, headers={"Authorization": "Bearer s3cret"}).get_json()["job_id"]
+    assert client.get("/jobs").status_code == 200 and client.get(f"/jobs/{job_id}").status_code == 200
+    assert client.post("/train", json=TINY_JOB).status_code == 401
 
 
 def test_a_queued_job_can_be_cancelled_and_then_not_again(client):

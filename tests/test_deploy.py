@@ -56,7 +56,18 @@ def test_compose_topology_nginx_4000_in_front_of_three_api_replicas():
     assert [str(p["published"]) for p in services["nginx"]["ports"]] == ["4000"]
     assert services["nginx"]["depends_on"]["api"]["condition"] == "service_healthy"
     assert services["worker"]["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert services["redis"]["command"] == ["redis-server", "--appendonly", "yes"]
+    assert services["redis"]["command"][:3] == ["redis-server", "--appendonly", "yes"]
+    for name in services:
+        assert services[name]["restart"] == "unless-stopped", name
+
+
+def test_compose_redis_needs_the_password_the_app_uses_and_is_not_published():
+    env = os.environ | {"REDIS_PASSWORD": "s3cret-pw"}
+    services = yaml.safe_load(docker_compose("config", env=env).stdout)["services"]
+    assert services["redis"]["command"][-2:] == ["--requirepass", "s3cret-pw"]
+    assert "ports" not in services["redis"]
+    for name in ("api", "worker"):
+        assert services[name]["environment"]["REDIS_URL"] == "redis://:s3cret-pw@redis:6379/0"
     for name in ("api", "worker"):
         assert ("artifacts", "/data/artifacts") in mounts(services[name])
 

@@ -121,7 +121,9 @@ def test_stack_trains_and_predicts_through_nginx_and_survives_a_dead_replica(sta
         assert client.request("GET", "/healthz").status_code == 200
     assert process.poll() is None, "the stack must keep serving with one replica left"
     after_kill = client.replicas - before_kill
-    assert len(after_kill) == 1, after_kill  # only the surviving replica answered after the kill
+    # Of the replicas from before the kill only the survivor answered again; the stack restarts the killed
+    # one as a new process (tests/test_supervision.py), which may answer too.
+    assert len(set(before_kill) & set(after_kill)) == 1, (before_kill, after_kill)
 
     # SIGTERM stops the stack cleanly and leaves no process of any child's group.
     process.send_signal(signal.SIGTERM)

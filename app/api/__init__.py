@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app.config import Settings
 
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the app from ``settings`` (default: the environment). Connects lazily: nothing blocks here."""
+    from app.admission import Admission
     from app.api import health, jobs, openapi, predict
     from app.api.context import Service
     from app.api.errors import register_error_handlers
@@ -31,7 +34,10 @@ def create_app(settings: Settings | None = None) -> Flask:
         on_batch=metrics.predict_batch_size.observe,
         num_threads=settings.num_threads,
     )
-    app.extensions["boolq"] = Service(settings, queue, predictors, metrics)
+    waiters = threading.BoundedSemaphore(max(settings.max_waiters, 1))
+    app.extensions["boolq"] = Service(settings, queue, predictors, metrics, Admission(queue, settings), waiters)
+    # Behind nginx the client's address is the last X-Forwarded-For hop (admission counts jobs per address).
+    app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=0, x_host=0, x_port=0, x_prefix=0)
 
     for blueprint in (health.bp, jobs.bp, predict.bp, openapi.bp):
         app.register_blueprint(blueprint)

@@ -12,14 +12,25 @@ def json_object() -> dict:
     """The request body as a JSON object; an empty body counts as ``{}``."""
     if not request.content_length and not request.data:
         return {}
+    if request.content_length is None and over_the_limit_when_chunked():
+        raise ApiError(413, f"the body is larger than this service accepts ({request.max_content_length} bytes)")
     if request.mimetype != "application/json":
         raise ApiError(415, f"send the body as application/json, not {request.mimetype or 'no content type'}")
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # json.loads gives up on deeply nested arrays with this, not a ValueError
+        body = None
     if body is None:
         raise ApiError(400, "the body is not valid JSON")
     if not isinstance(body, dict):
         raise ApiError(422, "the body must be a JSON object", {"body": "must be a JSON object"})
     return body
+
+
+def over_the_limit_when_chunked() -> bool:
+    """A chunked body is cut at MAX_CONTENT_LENGTH without an error (werkzeug); one more byte says it was longer."""
+    limit = request.max_content_length
+    return limit is not None and len(request.get_data()) >= limit and bool(request.environ["wsgi.input"].read(1))
 
 
 def parse(model: type[BaseModel], data: dict, where: str = "body") -> BaseModel:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from flask import current_app
@@ -16,6 +17,9 @@ class Service:
     queue: Queue
     predictors: object  # app.api.predict.PredictorCache
     metrics: object  # app.api.metrics.ServiceMetrics
+    admission: object  # app.admission.Admission
+    # One slot per allowed concurrent POST /train?wait=true in this process (MAX_WAITERS).
+    waiters: threading.BoundedSemaphore
 
 
 def current_service() -> Service:

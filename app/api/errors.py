@@ -24,6 +24,7 @@ HTTP_CODES = {
     413: "payload_too_large",
     415: "unsupported_media_type",
     422: "validation_error",
+    429: "too_many_requests",
     500: "internal_error",
     503: "service_unavailable",
 }
@@ -32,12 +33,20 @@ HTTP_CODES = {
 class ApiError(Exception):
     """An error the API answers with a status code, a stable code word, a message and per-field rules."""
 
-    def __init__(self, status: int, message: str, fields: dict[str, str] | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        fields: dict[str, str] | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
         self.fields = fields or {}
         self.code = code or HTTP_CODES.get(status, "error")
+        self.headers = headers or {}
 
 
 def error_response(status: int, message: str, fields: dict | None = None, code: str | None = None):
@@ -64,7 +73,7 @@ def from_validation(exc: ValidationError, where: str = "body") -> ApiError:
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError):
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+        headers = ({"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}) | exc.headers
         body, status = error_response(exc.status, exc.message, exc.fields, exc.code)
         return body, status, headers
 

@@ -7,13 +7,15 @@ import re
 from flask import Blueprint, jsonify, request, url_for
 
 from app import jobs, run_folder
-from app.api.auth import require_token
+from app.admission import RETRY_AFTER_S, Refused, check_cost, client_key
+from app.api.auth import bearer_token, require_token, require_token_for_reads
 from app.api.body import json_object, parse
 from app.api.context import current_service
 from app.api.errors import ApiError
 from app.api.schemas import JobsQuery, TrainQuery
-from app.model_access import ModelNotAllowed, model_for_training
+from app.model_access import ModelNotAllowed, loadable_here, model_for_training
 from app.params import TrainParams
+from app.redaction import without_server_paths
 
 bp = Blueprint("jobs", __name__)
 
@@ -29,14 +31,48 @@ def train():
     body = {"model": service.settings.default_model} | json_object()
     params = parse(TrainParams, body)
     try:
-        params = params.model_copy(update={"model": model_for_training(params.model, service.settings)})
+        # Checked here, resolved again by the worker: the job keeps the name as the client gave it.
+        loadable_here(model_for_training(params.model, service.settings))
+        check_cost(params, service.settings)
     except ModelNotAllowed as exc:
         raise ApiError(422, str(exc), {"model": str(exc)}) from exc
-    job = jobs.enqueue_training(service.queue, params, service.settings)
-    if query.wait:
+    except Refused as exc:
+        raise refusal(exc) from exc
+    if not query.wait:
+        return accepted(submit(params))
+    if not service.waiters.acquire(blocking=False):
+        raise ApiError(
+            429,
+            f"{service.settings.max_waiters} requests already wait in this process (MAX_WAITERS); "
+            "submit without wait=true and poll GET /jobs/<job_id>",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+    try:
+        job = submit(params)
         timeout = min(query.timeout or service.settings.max_wait, service.settings.max_wait)
         if jobs.wait_until(lambda: jobs.public_status(refreshed(job)) in jobs.FINAL_STATUSES, timeout, 0.25):
             return finished_training(job)
+        return accepted(job)
+    finally:
+        service.waiters.release()
+
+
+def submit(params: TrainParams):
+    """Enqueue through admission control: 429 when the queue or this client has no room."""
+    service = current_service()
+    client = client_key(bearer_token(), request.remote_addr)
+    try:
+        return service.admission.admit(client, lambda: jobs.enqueue_training(service.queue, params, service.settings))
+    except Refused as exc:
+        raise refusal(exc) from exc
+
+
+def refusal(exc: Refused) -> ApiError:
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 429 else {}
+    return ApiError(exc.status, exc.message, exc.fields, headers=headers)
+
+
+def accepted(job):
     location = url_for("jobs.show", job_id=job.id)
     return jsonify(job_id=job.id, status=jobs.public_status(job)), 202, {"Location": location}
 
@@ -58,10 +94,11 @@ def finished_training(job):
         return jsonify(view)
     value = job.return_value()
     keys = ("accuracy", "n_eval", "dev_accuracy", "predictions", "metrics", "tracking")
-    return jsonify({"job_id": job.id, "status": "succeeded"} | {k: value.get(k) for k in keys})
+    return jsonify(without_server_paths({"job_id": job.id, "status": "succeeded"} | {k: value.get(k) for k in keys}))
 
 
 @bp.get("/jobs")
+@require_token_for_reads
 def index():
     query = parse(JobsQuery, request.args.to_dict(), where="query")
     page, total = jobs.recent_jobs(current_service().queue, query.page, query.per_page)
@@ -74,6 +111,7 @@ def index():
 
 
 @bp.get(f"/jobs/{JOB_ID}")
+@require_token_for_reads
 def show(job_id: str):
     return jsonify(jobs.describe_job(find_job(job_id)))
 
@@ -91,6 +129,7 @@ def cancel(job_id: str):
 
 
 @bp.get(f"/jobs/{JOB_ID}/predictions")
+@require_token_for_reads
 def predictions(job_id: str):
     job = find_job(job_id)
     status = jobs.public_status(job)

@@ -37,7 +37,8 @@ ERRORS = {
     "415": "Body is not application/json",
     "422": "A field breaks its rule (each named in error.fields)",
     "500": "Internal error (no details leak)",
-    "503": "Redis unreachable",
+    "429": "Queue, client or waiter cap reached (Retry-After says when to retry)",
+    "503": "Redis unreachable, or /predict over PREDICT_TIMEOUT_S",
 }
 
 
@@ -62,15 +63,30 @@ def operation(summary: str, responses: dict, body=None, query=None, secured: boo
                 "application/json": {"schema": {"oneOf": [ref(m) for m in body]} if len(body) > 1 else ref(body[0])}
             },
         }
-    parameters = []
-    if query is not None:
-        for name, field in query.model_fields.items():
-            parameters.append({"name": name, "in": "query", "required": False, "description": field.description or ""})
+    parameters = [query_parameter(name, schema) for name, schema in query_properties(query).items()] if query else []
     if parameters:
         op["parameters"] = parameters
     if secured:
         op["security"] = [{"bearer": []}]
     return op
+
+
+def query_properties(model) -> dict:
+    """Each query field's JSON Schema; an optional field is simply left out of a query string, never null."""
+    properties = model.model_json_schema()["properties"]
+    for schema in properties.values():
+        if "anyOf" in schema:
+            (kept,) = [s for s in schema.pop("anyOf") if s.get("type") != "null"]
+            schema.update(kept)
+        if schema.get("default", 0) is None:
+            del schema["default"]
+    return properties
+
+
+def query_parameter(name: str, schema: dict) -> dict:
+    description = schema.pop("description", "")
+    schema.pop("title", None)
+    return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
 
 
 JOB_ID_PARAM = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -92,11 +108,16 @@ def paths() -> dict:
         },
         "/jobs": {
             "get": operation(
-                "Recent jobs, newest first", {"200": json_response("A page", schemas.JobList)}, query=schemas.JobsQuery
+                "Recent jobs, newest first",
+                {"200": json_response("A page", schemas.JobList)},
+                query=schemas.JobsQuery,
+                secured=True,
             )
         },
         "/jobs/{job_id}": {
-            "get": operation("Status, progress, result or error", {"200": json_response("The job", schemas.JobView)}),
+            "get": operation(
+                "Status, progress, result or error", {"200": json_response("The job", schemas.JobView)}, secured=True
+            ),
             "parameters": [JOB_ID_PARAM],
         },
         "/jobs/{job_id}/cancel": {
@@ -112,7 +133,9 @@ def paths() -> dict:
         },
         "/jobs/{job_id}/predictions": {
             "get": operation(
-                "Per-example val predictions", {"200": json_response("Predictions", schemas.PredictionList)}
+                "Per-example val predictions",
+                {"200": json_response("Predictions", schemas.PredictionList)},
+                secured=True,
             ),
             "parameters": [JOB_ID_PARAM],
         },

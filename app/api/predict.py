@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import select
+import socket
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, jsonify, request
 
 from app import jobs
 from app.api.auth import require_token
@@ -18,6 +22,7 @@ from app.batching import MicroBatcher
 from app.model_access import ModelNotAllowed, fine_tuned_model
 
 bp = Blueprint("predict", __name__)
+log = logging.getLogger(__name__)
 
 
 class PredictorCache:
@@ -49,6 +54,11 @@ class PredictorCache:
                     evicted.close()
             return model
 
+    def predictor(self, folder: Path):
+        """The model itself, without micro-batching: for requests large enough to fill a forward pass alone."""
+        model = self.get(folder)
+        return model.predict_fn.__self__ if isinstance(model, MicroBatcher) else model
+
     def load(self, folder: Path):
         import torch
 
@@ -70,11 +80,54 @@ def predict():
     request_ = parse(PredictBatch if "items" in body else PredictOne, body)
     items = request_.items if isinstance(request_, PredictBatch) else [request_]
     name = request_.model or default_model_name()
-    predictor = current_service().predictors.get(model_folder(name))
-    answers = [a.to_dict() for a in predictor.predict([(i.question, i.passage) for i in items])]
+    answers = [a.to_dict() for a in bounded_answers(model_folder(name), [(i.question, i.passage) for i in items])]
     if isinstance(request_, PredictBatch):
         return jsonify(answers=answers, model=name)
     return jsonify(answers[0] | {"model": name})
+
+
+def bounded_answers(folder: Path, pairs: list[tuple[str, str]]) -> list:
+    """Answers within PREDICT_MAX_TOKENS (422 above) and PREDICT_TIMEOUT_S (503 after; the work stops too)."""
+    from app.predict import PredictionStopped, TooManyTokens
+
+    service = current_service()
+    settings = service.settings
+    deadline = time.monotonic() + settings.predict_timeout_s
+    client = request.environ.get("gunicorn.socket")
+
+    def should_stop() -> str | None:
+        if time.monotonic() > deadline:
+            return "deadline"
+        if client is not None and client_went_away(client):
+            return "client gone"
+        return None
+
+    try:
+        if len(pairs) < service.predictors.max_batch:  # small: share forward passes with concurrent requests
+            return service.predictors.get(folder).predict(pairs)
+        predictor = service.predictors.predictor(folder)
+        return predictor.predict(pairs, max_tokens=settings.predict_max_tokens, should_stop=should_stop)
+    except TooManyTokens as exc:
+        raise ApiError(
+            422, f"{exc} (PREDICT_MAX_TOKENS); send fewer or shorter items", {"items": str(exc)}, code="too_many_tokens"
+        ) from exc
+    except PredictionStopped as exc:
+        log.warning("/predict of %d items stopped: %s", len(pairs), exc)
+        raise ApiError(
+            503,
+            f"the answer took longer than PREDICT_TIMEOUT_S ({settings.predict_timeout_s:g} s) and was stopped; "
+            "send fewer or shorter items",
+            code="predict_timeout",
+        ) from exc
+
+
+def client_went_away(sock: socket.socket) -> bool:
+    """Whether the client closed its connection (readable with nothing to read) while we computed."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
 
 
 def default_model_name() -> str:

@@ -12,7 +12,7 @@ MAX_ITEMS = 256
 Text = Annotated[str, Field(min_length=1, max_length=20_000)]
 ModelName = Annotated[
     str,
-    Field(min_length=1, max_length=512, description="A succeeded job id or a model folder under the model roots."),
+    Field(min_length=1, max_length=255, description="A succeeded job id or a model folder under the model roots."),
 ]
 
 
@@ -30,7 +30,7 @@ class TrainQuery(Strict):
 class JobsQuery(Strict):
     """Query string of ``GET /jobs``."""
 
-    page: int = Field(1, ge=1)
+    page: int = Field(1, ge=1, le=100_000)
     per_page: int = Field(20, ge=1, le=100)
 
 

@@ -1,0 +1,104 @@
+"""nginx as the shield, for real: the native rendering of the template in front of a real gunicorn replica.
+
+Thousands of idle connections leave room for probes, slow clients are cut off, request rates per address are
+limited with 429 JSON, and any over-limit body is a 413 JSON, chunked or not.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+import requests
+
+from app.nginx_config import native_layout, render_nginx_conf
+from app.stack import find_binary, free_ports
+from tests.helpers import service_settings, wait_for
+
+
+@pytest.fixture(scope="module")
+def shielded(launcher, redis_url, tmp_path_factory):
+    """nginx (native layout) in front of one gunicorn replica; yields nginx's URL."""
+    folder = tmp_path_factory.mktemp("shield")
+    api_url = launcher.server(service_settings(redis_url, folder), workers=1)
+    (listen_port,) = free_ports(1)
+    (folder / "logs").mkdir()
+    (folder / "nginx-temp").mkdir()
+    layout = native_layout(f"127.0.0.1:{listen_port}", [api_url.removeprefix("http://")], folder)
+    conf = folder / "nginx.conf"
+    conf.write_text(render_nginx_conf(layout))
+    argv = [find_binary("nginx"), "-c", str(conf), "-p", str(folder), "-e", str(folder / "logs" / "error.log")]
+    nginx = subprocess.Popen([*argv, "-g", "daemon off;"], start_new_session=True)
+    url = f"http://127.0.0.1:{listen_port}"
+
+    def answers():
+        try:
+            return requests.get(f"{url}/healthz", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    try:
+        wait_for(answers, 20, "nginx in front of the replica")
+        yield url
+    finally:
+        os.killpg(nginx.pid, signal.SIGTERM)
+        nginx.wait(timeout=10)
+
+
+def test_2600_idle_connections_leave_room_for_health_probes(shielded):
+    port = int(shielded.rsplit(":", 1)[1])
+    idle = []
+    try:
+        for _ in range(2600):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+            idle.append(sock)
+        for _ in range(8):
+            started = time.monotonic()
+            assert requests.get(f"{shielded}/healthz", timeout=5).status_code == 200
+            assert time.monotonic() - started < 1.0
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_a_client_that_never_finishes_its_headers_is_cut_off_after_10_s(shielded):
+    port = int(shielded.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        started = time.monotonic()
+        try:
+            closed = sock.recv(1024) is not None
+        except ConnectionResetError:
+            closed = True
+        assert closed and 8 < time.monotonic() - started < 15
+
+
+def test_a_burst_of_train_requests_from_one_address_gets_429_json_with_retry_after(shielded):
+    with requests.Session() as session:
+        answers = [
+            session.post(f"{shielded}/train", data="{bad", headers={"Content-Type": "application/json"}, timeout=10)
+            for _ in range(40)
+        ]
+    codes = [a.status_code for a in answers]
+    assert codes.count(400) >= 20 and codes.count(429) >= 10, codes  # the app's answers, then nginx's
+    refused = next(a for a in answers if a.status_code == 429)
+    assert refused.headers["Content-Type"] == "application/json" and "Retry-After" in refused.headers
+    assert refused.json()["error"]["code"] == "too_many_requests"
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_any_over_limit_body_is_413_json(shielded, chunked):
+    body = b"x" * (3 * 1024 * 1024)
+    data = (body[i : i + 65536] for i in range(0, len(body), 65536)) if chunked else body
+    try:
+        response = requests.post(
+            f"{shielded}/predict", data=data, headers={"Content-Type": "application/json"}, timeout=20
+        )
+    except requests.ConnectionError:
+        pytest.fail("nginx reset the connection instead of answering 413")
+    assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
