@@ -84,7 +84,9 @@ def test_a_huge_predict_is_stopped_at_the_deadline_with_503_and_its_cpu_released
     response = requests.post(f"{url}/predict", json=HUGE | {"model": "wide"}, timeout=60)
     elapsed = time.monotonic() - started
     assert response.status_code == 503 and error_of(response)["code"] == "predict_timeout", response.text
-    assert elapsed < 3.0 + 10, elapsed  # the deadline plus one chunk and the model load
+    # The deadline plus one chunk and the model load: seconds on an idle machine, up to ~20 s at load 10 on
+    # 2 cores; unbounded, this request computes for minutes.
+    assert elapsed < 3.0 + 40, elapsed
     assert idle_cpu_share(process.pid) < 0.3
     small = requests.post(f"{url}/predict", json={"question": "q", "passage": "p", "model": "wide"}, timeout=30)
     assert small.status_code == 200
