@@ -244,3 +244,25 @@ def job_counts(queue: Queue) -> dict[str, int]:
         if job is not None:
             counts[public_status(job)] += 1
     return counts
+
+
+# The registries that can hold a job of each public status (stopped jobs sit in RQ's failed registry).
+STATUS_REGISTRIES = {
+    "queued": ("deferred_job_registry", "scheduled_job_registry"),
+    "running": ("started_job_registry",),
+    "succeeded": ("finished_job_registry",),
+    "failed": ("failed_job_registry",),
+    "cancelled": ("canceled_job_registry", "failed_job_registry"),
+}
+
+
+def recent_jobs_with_status(queue: Queue, status: str, page: int, per_page: int) -> tuple[list[Job], int]:
+    """One page of the jobs in one public status, newest first, and their count (the console's filter)."""
+    ids = set(queue.get_job_ids()) if status == "queued" else set()
+    for name in STATUS_REGISTRIES[status]:
+        ids.update(getattr(queue, name).get_job_ids())
+    found = Job.fetch_many(list(ids), queue.connection, queue.serializer)
+    matching = [j for j in found if j is not None and public_status(j) == status]
+    matching.sort(key=lambda j: j.created_at, reverse=True)
+    start = (page - 1) * per_page
+    return matching[start : start + per_page], len(matching)
