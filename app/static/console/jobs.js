@@ -1,0 +1,40 @@
+// Jobs page: the server rendered the first page; this keeps it current (new jobs, progress, results).
+"use strict";
+(function () {
+  const { api, el, percent, when, statusBadge, url, every } = window.Console;
+  const body = document.getElementById("jobs-body");
+  const live = document.getElementById("jobs-live");
+  const filter = document.getElementById("jobs-filter");
+  const POLL_MS = 3000;
+
+  // Changing a select applies the filter at once; the Filter button does the same without JavaScript.
+  filter.querySelectorAll("select").forEach((select) => select.addEventListener("change", () => filter.requestSubmit()));
+
+  function row(job) {
+    const p = job.params;
+    const params = "lr " + p.lr + " · bs " + p.batch_size + " · ep " + p.epochs + " · len " + p.max_length +
+      (p.train_limit ? " · n " + p.train_limit : "");
+    const learned = job.learned_nothing
+      ? el("span", { class: "flag", title: "val accuracy within 1 point of the majority baseline (" + percent(job.majority_baseline) + ")", text: "learned nothing" })
+      : job.accuracy !== null && job.accuracy !== undefined ? "yes" : "";
+    return el("tr", { "data-job-id": job.job_id, "data-status": job.status },
+      el("td", {}, el("a", { href: url("/console/jobs/" + encodeURIComponent(job.job_id)), class: "mono", text: job.job_id.slice(0, 8) })),
+      el("td", {}, statusBadge(job.status)),
+      el("td", { text: job.model }),
+      el("td", { class: "params", text: params }),
+      el("td", {}, el("progress", { max: 1, value: job.progress, "aria-label": "progress of job " + job.job_id.slice(0, 8) }, percent(job.progress))),
+      el("td", { text: percent(job.dev_accuracy) }),
+      el("td", { text: percent(job.accuracy) }),
+      el("td", {}, learned),
+      el("td", {}, el("time", { datetime: job.created_at, text: when(job.created_at) })));
+  }
+
+  every(POLL_MS, async () => {
+    const result = await api("/console/jobs" + window.location.search);
+    if (!result.ok) { live.textContent = "live updates paused: " + Console.errorMessage(result); return true; }
+    const rows = result.body.jobs.map(row);
+    if (rows.length) body.replaceChildren(...rows);
+    live.textContent = "updated " + new Date().toLocaleTimeString();
+    return true;
+  });
+})();
