@@ -1,0 +1,227 @@
+"""The web console in a real browser (Playwright + Debian's chromium) against the real stack through nginx:
+`python -m app stack` with Redis, one gunicorn replica and one RQ worker.
+
+Fills the new-job form with a tiny job and follows it to `succeeded` with a loss curve; filters its
+predictions to the wrong ones; asks the trained model; cancels a running job; shows the server's field
+error; opens /docs; checks every page at 390 px; and sends the API token kept in sessionStorage.
+A screenshot of each page goes to test-artifacts/console/. The tests run in file order and share the stack.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+import requests
+
+from app.stack import free_ports
+from tests.helpers import LONG_JOB, REPO_ROOT, wait_for_state
+
+SCREENSHOTS = REPO_ROOT / "test-artifacts" / "console"
+JOB_TIMEOUT_MS = 300_000
+# Tiny, and with enough val rows that an untrained model gets some wrong.
+FORM_JOB = {"train_limit": "16", "eval_limit": "16", "max_length": "32", "epochs": "1", "batch_size": "8"}
+QUESTION = ("is the sky blue", "The sky appears blue because of Rayleigh scattering of sunlight.")
+
+
+@pytest.fixture(scope="module")
+def console_stack(tmp_path_factory):
+    """The native stack as a user starts it (nginx in front); yields stack.json's state. Stopped at the end."""
+    folder = tmp_path_factory.mktemp("console-stack")
+    (port,) = free_ports(1)
+    env = os.environ | {
+        "TRACKER": "none",
+        "ARTIFACTS_DIR": str(folder / "artifacts"),
+        "HF_HUB_OFFLINE": "1",
+        "NUM_THREADS": "1",
+        "DEFAULT_MODEL": "minilm",
+    }
+    argv = [sys.executable, "-m", "app", "stack", "--replicas", "1", "--workers", "1", "--port", str(port)]
+    log_path = folder / "stack.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [*argv, "--state-dir", str(folder / "state")],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield wait_for_state(process, folder / "state" / "stack.json", log_path)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def shared():
+    """What one test leaves for the next (the tiny job's id)."""
+    return {}
+
+
+@pytest.fixture
+def page(browser, console_stack):
+    """A fresh tab at 1280×800 that fails the test on any JavaScript error or blocked resource."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, base_url=console_stack["url"])
+    tab = context.new_page()
+    problems = []
+    tab.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    tab.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    tab.set_default_timeout(30_000)
+    yield tab
+    context.close()
+    # A 404 from /models or /sweeps is the expected answer of a server without those APIs.
+    assert [p for p in problems if "404" not in p] == []
+
+
+def screenshot(page, name: str, full_page: bool = True) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=full_page)
+
+
+def test_a_bad_value_shows_the_servers_message_next_to_its_field(page):
+    page.goto("/console/new")
+    field = page.get_by_label("Batch Size")
+    field.fill("0")
+    field.press("Enter")  # the keyboard submits the form
+    error = page.locator("#error-batch_size")
+    error.wait_for(state="visible")
+    assert "greater than or equal to 1" in error.inner_text()
+    assert field.get_attribute("aria-invalid") == "true"
+    assert page.evaluate("document.activeElement.id") == "f-batch_size"
+    screenshot(page, "new-job-field-error")
+
+
+def test_a_tiny_job_from_the_form_succeeds_with_a_loss_curve(page, shared):
+    page.goto("/console/new")
+    assert page.get_by_label("Model").input_value() == "minilm"  # the server's DEFAULT_MODEL
+    for name, value in FORM_JOB.items():
+        page.locator(f"#f-{name}").fill(value)
+    page.get_by_role("button", name="Start training").click()
+    page.wait_for_url("**/console/jobs/*")
+    shared["job_id"] = page.locator("#job").get_attribute("data-job-id")
+    page.wait_for_function(
+        "['succeeded', 'failed', 'cancelled'].includes(document.getElementById('job-status').textContent)",
+        timeout=JOB_TIMEOUT_MS,
+    )
+    assert page.locator("#job-status").inner_text() == "succeeded"
+    assert int(page.locator("#loss-chart").get_attribute("data-points")) >= 2
+    assert int(page.locator("#dev-chart").get_attribute("data-points")) == 1
+    assert page.locator("#metrics-body").inner_text().startswith("val accuracy")
+    assert page.locator("#confusion-body td").count() == 4
+    screenshot(page, "job")
+
+
+def test_wrong_only_leaves_exactly_the_wrong_predictions(page, console_stack, shared):
+    job_id = shared["job_id"]
+    rows = requests.get(f"{console_stack['url']}/jobs/{job_id}/predictions", timeout=30).json()["predictions"]
+    wrong = sum(row["label"] != row["prediction"] for row in rows)
+    page.goto(f"/console/jobs/{job_id}")
+    table = page.locator("#predictions-body tr")
+    page.wait_for_function(f"document.querySelectorAll('#predictions-body tr').length === {len(rows)}")
+    assert page.locator("#predictions-body td").nth(1).inner_text() != "–"  # the question's text
+    page.get_by_label("Wrong only").check()
+    page.wait_for_function(f"document.getElementById('predictions-count').textContent.startsWith('{wrong} wrong')")
+    assert table.count() == wrong
+    assert all(v == "no" for v in table.evaluate_all("rows => rows.map(r => r.dataset.correct)"))
+
+
+def test_ask_answers_with_the_trained_model(page, shared):
+    page.goto("/console/ask")
+    page.get_by_label("Question").fill(QUESTION[0])
+    page.get_by_label("Passage").fill(QUESTION[1])
+    page.wait_for_function("document.querySelectorAll('#ask-model option').length > 1")
+    page.get_by_label("Model").select_option(shared["job_id"])
+    page.get_by_role("button", name="Ask").click()
+    page.locator("#answer").wait_for(state="visible")
+    assert page.locator("#answer-text").inner_text() in ("Yes", "No")
+    assert page.locator("#answer-probability").inner_text().startswith("P(yes) = 0.")
+    assert page.locator("#answer-model").inner_text() == shared["job_id"]
+    screenshot(page, "ask")
+
+
+def test_a_running_job_is_cancelled_from_its_page(page, console_stack):
+    job_id = requests.post(f"{console_stack['url']}/train", json=LONG_JOB, timeout=30).json()["job_id"]
+    page.goto(f"/console/jobs/{job_id}")
+    page.wait_for_function("document.getElementById('job-status').textContent === 'running'", timeout=120_000)
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Cancel job").click()
+    page.wait_for_function("document.getElementById('job-status').textContent === 'cancelled'", timeout=60_000)
+    assert page.get_by_role("button", name="Cancel job").is_hidden()
+
+
+def test_the_jobs_page_lists_newest_first_and_filters_by_status(page, shared):
+    page.goto("/")
+    rows = page.locator("#jobs-body tr")
+    assert rows.count() == 2
+    assert rows.first.get_attribute("data-status") == "cancelled"  # the newest
+    page.get_by_label("Status").select_option("succeeded")
+    page.wait_for_url("**/?status=succeeded*")
+    assert [r.get_attribute("data-job-id") for r in page.locator("#jobs-body tr").all()] == [shared["job_id"]]
+    page.get_by_label("Status").select_option("")
+    page.wait_for_url("**/?status=&*")
+    screenshot(page, "jobs")
+
+
+def test_api_docs_show_swagger_ui_over_the_services_openapi(page):
+    page.goto("/docs")
+    page.locator(".opblock-summary-path", has_text="/train").first.wait_for()
+    assert page.locator(".opblock").count() >= 8
+    screenshot(page, "docs", full_page=False)
+
+
+def test_sweeps_and_models_say_when_the_server_has_no_such_api(page, console_stack):
+    if requests.get(f"{console_stack['url']}/models", timeout=30).status_code != 404:
+        pytest.skip("this server has the models API; the pages' own tests cover it")
+    for path, notice in (("/console/models", "#models-unavailable"), ("/console/sweeps", "#sweeps-unavailable")):
+        page.goto(path)
+        page.locator(notice).wait_for(state="visible")
+        assert "not available on this server" in page.locator(notice).inner_text()
+
+
+@pytest.mark.parametrize("path", ["/", "/console/new", "job", "/console/ask", "/console/models", "/console/sweeps"])
+def test_every_page_fits_a_390_px_screen(browser, console_stack, path, shared):
+    context = browser.new_context(viewport={"width": 390, "height": 844}, base_url=console_stack["url"])
+    tab = context.new_page()
+    tab.goto(f"/console/jobs/{shared['job_id']}" if path == "job" else path)
+    tab.wait_for_load_state("networkidle")
+    assert tab.evaluate("document.documentElement.scrollWidth") <= 390  # wide tables scroll inside their box
+    screenshot(tab, "narrow-" + (path.strip("/").replace("/", "-") or "jobs"))
+    context.close()
+
+
+def test_the_token_is_asked_once_kept_in_session_storage_and_sent_as_a_bearer_header(
+    browser, console_stack, tmp_path
+):
+    """A replica with API_TOKEN (in-process, on the stack's Redis, on a queue no worker reads)."""
+    from werkzeug.serving import make_server
+
+    from app.api import create_app
+    from tests.helpers import service_settings
+
+    settings = service_settings(console_stack["redis_url"], tmp_path, api_token="s3cret-token")
+    server = make_server("127.0.0.1", free_ports(1)[0], create_app(settings), threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    context = browser.new_context(base_url=f"http://127.0.0.1:{server.server_port}")
+    try:
+        tab = context.new_page()
+        tab.goto("/console/new")
+        tab.locator("#f-train_limit").fill("16")
+        tab.get_by_role("button", name="Start training").click()
+        tab.get_by_label("Token").fill("s3cret-token")  # asked on the first 401
+        tab.get_by_role("button", name="Save").click()
+        tab.wait_for_url("**/console/jobs/*")
+        assert tab.evaluate("sessionStorage.getItem('boolq-api-token')") == "s3cret-token"
+        assert context.cookies() == []
+        assert "s3cret" not in tab.url
+        tab.once("dialog", lambda dialog: dialog.accept())
+        tab.get_by_role("button", name="Cancel job").click()  # no second prompt: the stored token is sent
+        tab.wait_for_function("document.getElementById('job-status').textContent === 'cancelled'")
+    finally:
+        context.close()
+        server.shutdown()
