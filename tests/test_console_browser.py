@@ -10,6 +10,7 @@ A screenshot of each page goes to test-artifacts/console/. The tests run in file
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import requests
 from app.stack import free_ports
 from tests.helpers import LONG_JOB, REPO_ROOT, wait_for_state
 
+expect = pytest.importorskip("playwright.sync_api", reason="pip install -r requirements-dev.txt").expect
 SCREENSHOTS = REPO_ROOT / "test-artifacts" / "console"
 JOB_TIMEOUT_MS = 300_000
 # Tiny, and with enough val rows that an untrained model gets some wrong.
@@ -75,8 +77,9 @@ def page(browser, console_stack):
     tab.set_default_timeout(30_000)
     yield tab
     context.close()
-    # A 404 from /models or /sweeps is the expected answer of a server without those APIs.
-    assert [p for p in problems if "404" not in p] == []
+    # HTTP errors the tests provoke (a 422, a 401, a 404 from /models without issue 11's API) are answers,
+    # not problems; script errors and anything the Content-Security-Policy refused are.
+    assert [p for p in problems if "Failed to load resource" not in p] == []
 
 
 def screenshot(page, name: str, full_page: bool = True) -> None:
@@ -105,10 +108,7 @@ def test_a_tiny_job_from_the_form_succeeds_with_a_loss_curve(page, shared):
     page.get_by_role("button", name="Start training").click()
     page.wait_for_url("**/console/jobs/*")
     shared["job_id"] = page.locator("#job").get_attribute("data-job-id")
-    page.wait_for_function(
-        "['succeeded', 'failed', 'cancelled'].includes(document.getElementById('job-status').textContent)",
-        timeout=JOB_TIMEOUT_MS,
-    )
+    expect(page.locator("#job-status")).to_have_text(re.compile("succeeded|failed|cancelled"), timeout=JOB_TIMEOUT_MS)
     assert page.locator("#job-status").inner_text() == "succeeded"
     assert int(page.locator("#loss-chart").get_attribute("data-points")) >= 2
     assert int(page.locator("#dev-chart").get_attribute("data-points")) == 1
@@ -123,10 +123,10 @@ def test_wrong_only_leaves_exactly_the_wrong_predictions(page, console_stack, sh
     wrong = sum(row["label"] != row["prediction"] for row in rows)
     page.goto(f"/console/jobs/{job_id}")
     table = page.locator("#predictions-body tr")
-    page.wait_for_function(f"document.querySelectorAll('#predictions-body tr').length === {len(rows)}")
+    expect(table).to_have_count(len(rows))
     assert page.locator("#predictions-body td").nth(1).inner_text() != "–"  # the question's text
     page.get_by_label("Wrong only").check()
-    page.wait_for_function(f"document.getElementById('predictions-count').textContent.startsWith('{wrong} wrong')")
+    expect(page.locator("#predictions-count")).to_have_text(re.compile(f"^{wrong} wrong"))
     assert table.count() == wrong
     assert all(v == "no" for v in table.evaluate_all("rows => rows.map(r => r.dataset.correct)"))
 
@@ -135,7 +135,7 @@ def test_ask_answers_with_the_trained_model(page, shared):
     page.goto("/console/ask")
     page.get_by_label("Question").fill(QUESTION[0])
     page.get_by_label("Passage").fill(QUESTION[1])
-    page.wait_for_function("document.querySelectorAll('#ask-model option').length > 1")
+    expect(page.locator(f"#ask-model option[value='{shared['job_id']}']")).to_have_count(1)
     page.get_by_label("Model").select_option(shared["job_id"])
     page.get_by_role("button", name="Ask").click()
     page.locator("#answer").wait_for(state="visible")
@@ -148,10 +148,10 @@ def test_ask_answers_with_the_trained_model(page, shared):
 def test_a_running_job_is_cancelled_from_its_page(page, console_stack):
     job_id = requests.post(f"{console_stack['url']}/train", json=LONG_JOB, timeout=30).json()["job_id"]
     page.goto(f"/console/jobs/{job_id}")
-    page.wait_for_function("document.getElementById('job-status').textContent === 'running'", timeout=120_000)
+    expect(page.locator("#job-status")).to_have_text("running", timeout=120_000)
     page.once("dialog", lambda dialog: dialog.accept())
     page.get_by_role("button", name="Cancel job").click()
-    page.wait_for_function("document.getElementById('job-status').textContent === 'cancelled'", timeout=60_000)
+    expect(page.locator("#job-status")).to_have_text("cancelled", timeout=60_000)
     assert page.get_by_role("button", name="Cancel job").is_hidden()
 
 
@@ -195,9 +195,7 @@ def test_every_page_fits_a_390_px_screen(browser, console_stack, path, shared):
     context.close()
 
 
-def test_the_token_is_asked_once_kept_in_session_storage_and_sent_as_a_bearer_header(
-    browser, console_stack, tmp_path
-):
+def test_the_token_is_asked_once_kept_in_session_storage_and_sent_as_a_bearer_header(browser, console_stack, tmp_path):
     """A replica with API_TOKEN (in-process, on the stack's Redis, on a queue no worker reads)."""
     from werkzeug.serving import make_server
 
@@ -213,7 +211,7 @@ def test_the_token_is_asked_once_kept_in_session_storage_and_sent_as_a_bearer_he
         tab.goto("/console/new")
         tab.locator("#f-train_limit").fill("16")
         tab.get_by_role("button", name="Start training").click()
-        tab.get_by_label("Token").fill("s3cret-token")  # asked on the first 401
+        tab.get_by_label("Token", exact=True).fill("s3cret-token")  # asked on the first 401
         tab.get_by_role("button", name="Save").click()
         tab.wait_for_url("**/console/jobs/*")
         assert tab.evaluate("sessionStorage.getItem('boolq-api-token')") == "s3cret-token"
@@ -221,7 +219,7 @@ def test_the_token_is_asked_once_kept_in_session_storage_and_sent_as_a_bearer_he
         assert "s3cret" not in tab.url
         tab.once("dialog", lambda dialog: dialog.accept())
         tab.get_by_role("button", name="Cancel job").click()  # no second prompt: the stored token is sent
-        tab.wait_for_function("document.getElementById('job-status').textContent === 'cancelled'")
+        expect(tab.locator("#job-status")).to_have_text("cancelled")
     finally:
         context.close()
         server.shutdown()
