@@ -145,8 +145,16 @@ def test_ask_answers_with_the_trained_model(page, shared):
     screenshot(page, "ask")
 
 
-def test_a_running_job_is_cancelled_from_its_page(page, console_stack):
-    job_id = requests.post(f"{console_stack['url']}/train", json=LONG_JOB, timeout=30).json()["job_id"]
+def test_the_jobs_page_shows_a_new_job_without_a_reload(page, console_stack, shared):
+    page.goto("/")
+    expect(page.locator("#jobs-body tr")).to_have_count(1)
+    shared["long_job_id"] = requests.post(f"{console_stack['url']}/train", json=LONG_JOB, timeout=30).json()["job_id"]
+    expect(page.locator(f"#jobs-body tr[data-job-id='{shared['long_job_id']}']")).to_have_count(1, timeout=15_000)
+    assert page.locator("#jobs-body tr").first.get_attribute("data-job-id") == shared["long_job_id"]
+
+
+def test_a_running_job_is_cancelled_from_its_page(page, shared):
+    job_id = shared["long_job_id"]
     page.goto(f"/console/jobs/{job_id}")
     expect(page.locator("#job-status")).to_have_text("running", timeout=120_000)
     page.once("dialog", lambda dialog: dialog.accept())

@@ -13,22 +13,26 @@
   let predictionsPage = 1;
   let predictionsShown = false;
 
-  function chart(id, label, xLabel, yRange) {
+  const INTEGER_STEPS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000];
+  const epochs = Number(document.getElementById("job").dataset.epochs) || 1;
+
+  // Steps and epochs are whole numbers: ticks at integers only; the epoch axis spans every epoch of the run.
+  function chart(id, label, xLabel, yRange, xRange) {
     const box = document.getElementById(id);
     const options = {
       width: Math.max(box.clientWidth, 240),
       height: 220,
-      scales: { x: { time: false }, y: yRange ? { range: yRange } : {} },
-      axes: [{ label: xLabel }, {}],
-      series: [{ label: xLabel }, { label, stroke: "#2563eb", width: 2, points: { show: true, size: 5 } }],
-      legend: { show: true },
+      scales: { x: Object.assign({ time: false }, xRange ? { range: xRange } : {}), y: yRange ? { range: yRange } : {} },
+      axes: [{ label: xLabel, incrs: INTEGER_STEPS }, {}],
+      series: [{ label: xLabel }, { label, stroke: "#2563eb", width: 2, points: { show: true, size: 6 } }],
+      legend: { show: false },  // the caption under each chart says the same in words
     };
     const plot = new uPlot(options, [[], []], box);
     new ResizeObserver(() => plot.setSize({ width: Math.max(box.clientWidth, 240), height: 220 })).observe(box);
     return plot;
   }
   const lossPlot = chart("loss-chart", "train loss", "step");
-  const devPlot = chart("dev-chart", "dev accuracy", "epoch", [0, 1]);
+  const devPlot = chart("dev-chart", "dev accuracy", "epoch", [0, 1], () => [0.5, epochs + 0.5]);
 
   function drawCurves(curves) {
     const loss = curves.loss || [];
@@ -69,7 +73,7 @@
     const rows = [
       ["val accuracy", percent(result.accuracy)],
       ["majority baseline", percent(m.majority_baseline)],
-      ["learned", m.learned === false ? "nothing (within 1 point of the majority baseline)" : "yes"],
+      ["learned", m.learned === false ? "nothing: not 1 point above the majority baseline" : "yes"],
       ["dev accuracy (kept epoch)", percent(result.dev_accuracy)],
       ["precision (yes)", percent(m.precision)],
       ["recall (yes)", percent(m.recall)],

@@ -15,7 +15,7 @@
     const params = "lr " + p.lr + " · bs " + p.batch_size + " · ep " + p.epochs + " · len " + p.max_length +
       (p.train_limit ? " · n " + p.train_limit : "");
     const learned = job.learned_nothing
-      ? el("span", { class: "flag", title: "val accuracy within 1 point of the majority baseline (" + percent(job.majority_baseline) + ")", text: "learned nothing" })
+      ? el("span", { class: "flag", title: "val accuracy not 1 point above the majority baseline (" + percent(job.majority_baseline) + ")", text: "learned nothing" })
       : job.accuracy !== null && job.accuracy !== undefined ? "yes" : "";
     return el("tr", { "data-job-id": job.job_id, "data-status": job.status },
       el("td", {}, el("a", { href: url("/console/jobs/" + encodeURIComponent(job.job_id)), class: "mono", text: job.job_id.slice(0, 8) })),
