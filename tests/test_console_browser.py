@@ -36,7 +36,7 @@ def console_stack(tmp_path_factory):
     folder = tmp_path_factory.mktemp("console-stack")
     (port,) = free_ports(1)
     env = os.environ | {
-        "TRACKER": "none",
+        "TRACKER": "mlflow",  # the registry behind /models (a local SQLite store under ARTIFACTS_DIR)
         "ARTIFACTS_DIR": str(folder / "artifacts"),
         "HF_HUB_OFFLINE": "1",
         "NUM_THREADS": "1",
@@ -135,7 +135,7 @@ def test_ask_answers_with_the_trained_model(page, shared):
     page.goto("/console/ask")
     page.get_by_label("Question").fill(QUESTION[0])
     page.get_by_label("Passage").fill(QUESTION[1])
-    expect(page.locator(f"#ask-model option[value='{shared['job_id']}']")).to_have_count(1)
+    expect(page.locator(f"#ask-model option[value='{shared['job_id']}']")).to_have_count(1, timeout=30_000)
     page.get_by_label("Model").select_option(shared["job_id"])
     page.get_by_role("button", name="Ask").click()
     page.locator("#answer").wait_for(state="visible")
@@ -183,13 +183,26 @@ def test_api_docs_show_swagger_ui_over_the_services_openapi(page):
     screenshot(page, "docs", full_page=False)
 
 
-def test_sweeps_and_models_say_when_the_server_has_no_such_api(page, console_stack):
-    if requests.get(f"{console_stack['url']}/models", timeout=30).status_code != 404:
-        pytest.skip("this server has the models API; the pages' own tests cover it")
-    for path, notice in (("/console/models", "#models-unavailable"), ("/console/sweeps", "#sweeps-unavailable")):
-        page.goto(path)
-        page.locator(notice).wait_for(state="visible")
-        assert "not available on this server" in page.locator(notice).inner_text()
+def test_a_version_is_promoted_to_champion_from_the_models_page(page, console_stack, shared):
+    if requests.get(f"{console_stack['url']}/models", timeout=30).status_code == 404:
+        pytest.skip("this server has no model registry API (GET /models, issue 11)")
+    page.goto("/console/models")
+    row = page.locator("#models-body tr", has=page.locator(f"a[href$='{shared['job_id']}']"))
+    row.get_by_role("button", name=re.compile("^Promote")).click()
+    expect(row).to_contain_text("champion")
+    champion = requests.get(f"{console_stack['url']}/models", timeout=30).json()["champion"]
+    assert champion["job_id"] == shared["job_id"]
+    screenshot(page, "models")
+
+
+@pytest.mark.parametrize("api, path", [("/models", "/console/models"), ("/sweeps", "/console/sweeps")])
+def test_a_page_says_when_the_server_lacks_its_api(page, console_stack, api, path):
+    if requests.get(f"{console_stack['url']}{api}", timeout=30).status_code != 404:
+        pytest.skip(f"this server has {api}")
+    page.goto(path)
+    notice = page.locator(".notice")
+    expect(notice).to_be_visible()
+    assert "not available on this server" in notice.inner_text()
 
 
 @pytest.mark.parametrize("path", ["/", "/console/new", "job", "/console/ask", "/console/models", "/console/sweeps"])

@@ -2,27 +2,35 @@
 // registry, recent succeeded jobs always; the default is the server's own choice).
 "use strict";
 (function () {
-  const { api, el, errorMessage } = window.Console;
+  const { api, el, errorMessage, percent } = window.Console;
   const form = document.getElementById("ask-form");
   const picker = document.getElementById("ask-model");
 
-  async function fillPicker() {
-    const models = await api("/models");
-    if (models.ok && models.body) {
-      const group = el("optgroup", { label: "Registered versions" });
+  // Both lists load at once (the registry can be slow to open); a job that is a registered version is listed
+  // once, under the versions.
+  function fillPicker() {
+    const versionsGroup = el("optgroup", { label: "Registered versions" });
+    const jobsGroup = el("optgroup", { label: "Succeeded jobs" });
+    picker.append(versionsGroup, jobsGroup);
+    const listed = () => new Set([...versionsGroup.querySelectorAll("option")].map((o) => o.value));
+    api("/models").then((models) => {
+      if (!models.ok || !models.body) { versionsGroup.remove(); return; }
+      versionsGroup.append(el("option", { value: "champion", text: "the champion" }));
       for (const v of versionsOf(models.body)) {
-        if (v.job_id) group.append(el("option", { value: v.job_id, text: "version " + v.version + (v.champion ? " (champion)" : "") + " · job " + String(v.job_id).slice(0, 8) }));
+        if (v.job_id) versionsGroup.append(el("option", { value: v.job_id, text: "version " + v.version + (v.champion ? " (champion)" : "") + " · job " + String(v.job_id).slice(0, 8) }));
       }
-      if (group.children.length) picker.append(group);
-    }
-    const jobs = await api("/console/jobs?status=succeeded&per_page=50");
-    if (jobs.ok) {
-      const group = el("optgroup", { label: "Succeeded jobs" });
+      const inVersions = listed();
+      jobsGroup.querySelectorAll("option").forEach((o) => { if (inVersions.has(o.value)) o.remove(); });
+    });
+    api("/console/jobs?status=succeeded&per_page=50").then((jobs) => {
+      if (!jobs.ok) return;
+      const inVersions = listed();
       for (const job of jobs.body.jobs) {
-        group.append(el("option", { value: job.job_id, text: job.job_id.slice(0, 8) + " · " + job.model + " · val " + Console.percent(job.accuracy) }));
+        if (!inVersions.has(job.job_id)) {
+          jobsGroup.append(el("option", { value: job.job_id, text: job.job_id.slice(0, 8) + " · " + job.model + " · val " + percent(job.accuracy) }));
+        }
       }
-      if (group.children.length) picker.append(group);
-    }
+    });
   }
 
   function versionsOf(body) {

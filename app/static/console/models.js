@@ -1,5 +1,6 @@
-// Models: the registered versions (GET /models, issue 11's API) with their metrics, the champion marked,
-// and a promote button (POST /models/champion). A server without the registry answers 404: say so.
+// Models: the registered versions (GET /models: {champion, models: [{version, job_id, created_at, dev_accuracy,
+// val_accuracy, metrics, champion}]}) with the champion marked, and a promote button (POST /models/champion,
+// 409 asks for "force" when the version scores lower). A server without the registry answers 404: say so.
 "use strict";
 (function () {
   const { api, el, percent, when, errorMessage, url } = window.Console;
@@ -15,9 +16,11 @@
     }));
   }
 
+  // A version carries dev_accuracy and val_accuracy beside its other metrics (MLflow tags).
   function metric(v, key) {
+    if (v[key] !== undefined && v[key] !== null) return v[key];
     const m = v.metrics || {};
-    return m[key] !== undefined ? m[key] : m["val_" + key];
+    return m[key] !== undefined ? m[key] : null;
   }
 
   async function load() {
@@ -36,7 +39,7 @@
     body.replaceChildren(...versions.map((v) => el("tr", { class: v.champion ? "best" : "", "data-version": v.version },
       el("td", { text: v.version }),
       el("td", {}, v.job_id ? el("a", { class: "mono", href: url("/console/jobs/" + encodeURIComponent(v.job_id)), text: String(v.job_id).slice(0, 8) }) : "–"),
-      el("td", { text: percent(metric(v, "accuracy")) }),
+      el("td", { text: percent(metric(v, "val_accuracy") ?? metric(v, "accuracy")) }),
       el("td", { text: percent(metric(v, "f1")) }),
       el("td", { text: percent(metric(v, "dev_accuracy")) }),
       el("td", {}, el("time", { datetime: v.created_at || v.created, text: when(v.created_at || v.created) })),
