@@ -39,13 +39,16 @@ def queue_of(client):
     return client.application.extensions["boolq"].queue
 
 
-def finished_job(queue, settings, params: dict, value: dict):
-    """A job recorded as a worker records a succeeded one: FINISHED, in the finished registry, with a result."""
+def finished_job(queue, settings, params: dict, value: dict, ended_s_ago: int = 0):
+    """A job recorded as a worker records a succeeded one: FINISHED, in the finished registry, with a result.
+
+    The registry orders jobs by when their result expires (end + TTL, in seconds); ``ended_s_ago`` sets it.
+    """
     job = jobs.enqueue_training(queue, TrainParams(**params), settings)
     with queue.connection.pipeline() as pipe:
         queue.remove(job, pipeline=pipe)
         job.set_status(JobStatus.FINISHED, pipeline=pipe)
-        queue.finished_job_registry.add(job, 3600, pipeline=pipe)
+        queue.finished_job_registry.add(job, 3600 - ended_s_ago, pipeline=pipe)
         Result.create(job, Result.Type.SUCCESSFUL, 3600, return_value=value, pipeline=pipe)
         pipe.execute()
     return job
@@ -77,7 +80,7 @@ def test_the_jobs_page_lists_jobs_newest_first_with_the_learned_nothing_flag(cli
 
 def test_the_status_filter_and_paging(client, settings):
     queue = queue_of(client)
-    done = [finished_job(queue, settings, TINY_JOB, run_value()).id for _ in range(3)]
+    done = [finished_job(queue, settings, TINY_JOB, run_value(), ended_s_ago=10 - i).id for i in range(3)]
     queued = client.post("/train", json=TINY_JOB).get_json()["job_id"]
     succeeded = client.get("/console/jobs?status=succeeded&per_page=2").get_json()
     assert succeeded["total"] == 3 and succeeded["pages"] == 2
