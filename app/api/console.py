@@ -16,6 +16,7 @@ from flask import Blueprint, jsonify, render_template, request, url_for
 from pydantic import Field, field_validator
 
 from app import data, jobs, run_folder
+from app.api.auth import require_token
 from app.api.body import parse
 from app.api.context import current_service
 from app.api.errors import ApiError
@@ -82,14 +83,38 @@ def console_globals():
     return {"auth_required": bool(current_service().settings.api_token), "api_root": request.script_root}
 
 
+def reads_are_open() -> bool:
+    """Whether pages may show job data to a visitor without the token.
+
+    Job reads are open in this version; a server whose settings close them (``public_reads`` false with an
+    ``API_TOKEN``) gets pages without job data, which the scripts then fetch with the token.
+    """
+    settings = current_service().settings
+    return not settings.api_token or getattr(settings, "public_reads", True)
+
+
+def token_for_reads(view):
+    """The data views below follow the API's rule for job reads."""
+
+    @functools.wraps(view)
+    def checked(*args, **kwargs):
+        return view(*args, **kwargs) if reads_are_open() else require_token(view)(*args, **kwargs)
+
+    return checked
+
+
 @bp.get("/")
 def jobs_page():
     query = parse(ConsoleJobsQuery, request.args.to_dict(), where="query")
-    listing = job_listing(query)
+    if reads_are_open():
+        listing = job_listing(query)
+    else:
+        listing = {"jobs": [], "page": query.page, "per_page": query.per_page, "pages": 1, "total": 0, "hidden": True}
     return render_template("console/jobs.html", listing=listing, statuses=JOB_STATUSES, query=query)
 
 
 @bp.get("/console/jobs")
+@token_for_reads
 def jobs_rows():
     """The Jobs table's data (what ``/`` renders), for its live updates."""
     return jsonify(job_listing(parse(ConsoleJobsQuery, request.args.to_dict(), where="query")))
@@ -180,8 +205,10 @@ def number(value) -> str:
 
 @bp.get("/console/jobs/<job_id>")
 def job_page(job_id: str):
-    job = find_job(job_id)
-    view = jobs.describe_job(job)
+    if not reads_are_open():  # the page's script reads the job with the token
+        view = {"job_id": job_id, "status": "…", "params": {}, "result": None, "error": None}
+        return render_template("console/job.html", job=view, mlflow_url=None)
+    view = jobs.describe_job(find_job(job_id))
     return render_template("console/job.html", job=view, mlflow_url=mlflow_run_url(view))
 
 
@@ -195,6 +222,7 @@ def mlflow_run_url(view: dict) -> str | None:
 
 
 @bp.get("/console/jobs/<job_id>/live")
+@token_for_reads
 def job_live(job_id: str):
     """The job's view plus its curves: from the worker's progress while it runs, from the run's metrics after."""
     job = find_job(job_id)
@@ -211,6 +239,7 @@ def job_live(job_id: str):
 
 
 @bp.get("/console/jobs/<job_id>/predictions")
+@token_for_reads
 def job_predictions(job_id: str):
     """A page of the job's val predictions with each question and a passage excerpt; optionally wrong only."""
     query = parse(ConsolePredictionsQuery, request.args.to_dict(), where="query")

@@ -49,6 +49,8 @@
   }
 
   function drawJob(job) {
+    document.getElementById("params-body").replaceChildren(...Object.entries(job.params || {}).map(([k, v]) =>
+      el("tr", {}, el("th", { scope: "row", text: k }), el("td", { text: typeof v === "string" ? v : JSON.stringify(v) }))));
     statusBadge.textContent = job.status;
     statusBadge.className = "status status-" + job.status;
     cancelButton.hidden = FINAL.has(job.status);

@@ -29,12 +29,30 @@
       el("td", {}, el("time", { datetime: job.created_at, text: when(job.created_at) })));
   }
 
-  every(POLL_MS, async () => {
+  function pager(listing) {
+    const query = new URLSearchParams(window.location.search);
+    const link = (page, rel, text) => {
+      query.set("page", page);
+      return el("a", { rel, href: "?" + query.toString(), text });
+    };
+    document.getElementById("jobs-pager").replaceChildren(
+      listing.page > 1 ? link(listing.page - 1, "prev", "← Newer") : "",
+      el("span", { text: "Page " + listing.page + " of " + listing.pages + " · " + listing.total + " jobs" }),
+      listing.page < listing.pages ? link(listing.page + 1, "next", "Older →") : "");
+  }
+
+  async function refresh() {
     const result = await api("/console/jobs" + window.location.search);
     if (!result.ok) { live.textContent = "live updates paused: " + Console.errorMessage(result); return true; }
     const rows = result.body.jobs.map(row);
     if (rows.length) body.replaceChildren(...rows);
+    else body.replaceChildren(el("tr", { class: "empty" }, el("td", { colspan: 9, text: "No jobs here yet." })));
+    pager(result.body);
     live.textContent = "updated " + new Date().toLocaleTimeString();
     return true;
-  });
+  }
+
+  // Without job data in the page (reads need the token), fetch at once instead of at the first tick.
+  if (document.getElementById("jobs-table").dataset.rendered === "no") refresh();
+  every(POLL_MS, refresh);
 })();
