@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+from urllib.parse import urlparse
 
 import pytest
 import requests
@@ -193,6 +194,57 @@ def test_a_version_is_promoted_to_champion_from_the_models_page(page, console_st
     champion = requests.get(f"{console_stack['url']}/models", timeout=30).json()["champion"]
     assert champion["job_id"] == shared["job_id"]
     screenshot(page, "models")
+
+
+def test_the_sweeps_page_draws_issue_11s_contract(page, console_stack):
+    """Until the sweeps API exists, its answers are stubbed in the browser (the contract of issue 11): the page
+    lists sweeps, shows one sweep's leaderboard best first, plots dev accuracy against lr on a log axis, and
+    puts a rejected launch's field errors under the form."""
+    if requests.get(f"{console_stack['url']}/sweeps", timeout=30).status_code != 404:
+        pytest.skip("this server has /sweeps; test the page against it instead of a stub")
+    trial = {"status": "succeeded", "dev_accuracy": [0.55, 0.6], "val_accuracy": 0.58}
+    sweep = {
+        "sweep_id": "sw1",
+        "status": "running",
+        "space": {"lr": {"low": 1e-5, "high": 2e-4, "log": True}, "epochs": [1, 2]},
+        "leaderboard": [
+            trial | {"job_id": "job-best", "params": {"lr": 1e-4, "epochs": 2}, "dev_accuracy": [0.6, 0.7]},
+            trial | {"job_id": "job-mid", "params": {"lr": 2e-5, "epochs": 2}},
+            trial | {"job_id": "job-pruned", "params": {"lr": 1.5e-4, "epochs": 1}, "status": "pruned"},
+        ],
+    }
+    answers = {
+        ("GET", "/sweeps"): (200, {"sweeps": [sweep | {"trials": 3}], "page": 1, "total": 1}),
+        ("GET", "/sweeps/sw1"): (200, sweep),
+        ("POST", "/sweeps"): (
+            422,
+            {
+                "error": {
+                    "code": "validation_error",
+                    "message": "invalid body: trials: Input should be greater than or equal to 1",
+                    "fields": {"trials": "Input should be greater than or equal to 1"},
+                }
+            },
+        ),
+    }
+
+    def answer(route):
+        status, body = answers[(route.request.method, urlparse(route.request.url).path)]
+        route.fulfill(status=status, json=body)
+
+    page.route(lambda url: urlparse(url).path.startswith("/sweeps"), answer)
+    page.goto("/console/sweeps#sw1")
+    rows = page.locator("#leaderboard-body tr")
+    expect(rows).to_have_count(3)
+    assert rows.first.get_attribute("class") == "best" and "job-best"[:8] in rows.first.inner_text()
+    assert "60.0 % → 70.0 %" in rows.first.inner_text()
+    expect(page.locator("#sweep-caption")).to_contain_text("against lr (log axis)")
+    expect(page.locator("#sweep-cancel")).to_be_visible()
+    assert rows.nth(2).locator(".status").inner_text() == "pruned"
+    screenshot(page, "sweeps")
+    page.get_by_label("Sweep (JSON body of POST /sweeps)").fill('{"trials": 0}')
+    page.get_by_role("button", name="Launch sweep").click()
+    expect(page.locator("#sweep-error")).to_contain_text("trials: Input should be greater than or equal to 1")
 
 
 @pytest.mark.parametrize("api, path", [("/models", "/console/models"), ("/sweeps", "/console/sweeps")])

@@ -99,8 +99,12 @@
       box.replaceChildren();
       plot = new uPlot({
         width: Math.max(box.clientWidth, 240), height: 240,
-        scales: { x: { time: false, distr: LOG_SCALE.has(key) ? 3 : 1 }, y: { range: [0, 1] } },
-        axes: [{ label: key }, { label: "dev accuracy" }],
+        scales: { x: Object.assign({ time: false }, LOG_SCALE.has(key) ? { distr: 3, log: 10 } : {}), y: { range: [0, 1] } },
+        axes: [
+          LOG_SCALE.has(key) ? { label: key, values: (u, ticks) => ticks.map((v) => (v === null ? "" : v.toExponential(0))) } : { label: key },
+          { label: "dev accuracy" },
+        ],
+        legend: { show: false },  // the caption says what the points are
         series: [{ label: key },
           { label: "trial", stroke: "transparent", points: { show: true, size: 7, fill: "#2563eb", stroke: "#2563eb" } },
           { label: "best", stroke: "transparent", points: { show: true, size: 13, fill: "#1a7f37", stroke: "#1a7f37" } }],
