@@ -170,9 +170,14 @@ def test_the_jobs_page_lists_newest_first_and_filters_by_status(page, shared):
     assert rows.count() == 2
     assert rows.first.get_attribute("data-status") == "cancelled"  # the newest
     page.get_by_label("Status").select_option("succeeded")
+    page.get_by_role("button", name="Filter").click()
     page.wait_for_url("**/?status=succeeded*")
     assert [r.get_attribute("data-job-id") for r in page.locator("#jobs-body tr").all()] == [shared["job_id"]]
     page.get_by_label("Status").select_option("")
+    page.get_by_label("Status").press("Tab")  # the keyboard applies it too: Tab to the button, Enter
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent") == "Filter"
+    page.keyboard.press("Enter")
     page.wait_for_url("**/?status=&*")
     screenshot(page, "jobs")
 

@@ -4,11 +4,8 @@
   const { api, el, percent, when, statusBadge, url, every } = window.Console;
   const body = document.getElementById("jobs-body");
   const live = document.getElementById("jobs-live");
-  const filter = document.getElementById("jobs-filter");
   const POLL_MS = 3000;
-
-  // Changing a select applies the filter at once; the Filter button does the same without JavaScript.
-  filter.querySelectorAll("select").forEach((select) => select.addEventListener("change", () => filter.requestSubmit()));
+  // The filter applies with its button (or Enter), not on change: arrowing through a select must not navigate.
 
   function row(job) {
     const p = job.params;
