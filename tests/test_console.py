@@ -206,3 +206,15 @@ def test_where_job_reads_need_the_token_pages_hold_no_job_data_and_the_data_view
         assert client.get(path).status_code == 401, path
         assert client.get(path, headers=bearer).status_code == 200, path
     assert client.get(f"/console/jobs/{job_id}/predictions").status_code == 401
+
+
+def test_the_job_page_links_the_mlflow_run_only_when_tracking_goes_to_a_server():
+    from app.api.console import mlflow_run_url
+
+    def view(uri):
+        mlflow = {"tracking_uri": uri, "experiment_id": "3", "mlflow_run_id": "abc"}
+        return {"result": {"tracking": {"mlflow": mlflow}}}
+
+    assert mlflow_run_url(view("http://mlflow:5000/")) == "http://mlflow:5000/#/experiments/3/runs/abc"
+    assert mlflow_run_url(view("sqlite:////srv/runs/mlflow/mlflow.db")) is None
+    assert mlflow_run_url({"result": None}) is None
