@@ -118,7 +118,8 @@ def split_train_dev(
     examples: list[BoolQExample], dev_size: float, seed: int
 ) -> tuple[list[BoolQExample], list[BoolQExample]]:
     """Hold out ``dev_size`` of train as dev, stratified by label and fixed by ``seed``."""
-    from sklearn.model_selection import train_test_split  # here: the API imports this module without sklearn
+    # Imported here: the API and its console read rows through this module without loading scikit-learn.
+    from sklearn.model_selection import train_test_split
 
     if len(examples) < 2:
         raise DataError(f"need at least 2 train examples to split off a dev set, got {len(examples)}")
