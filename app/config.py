@@ -81,8 +81,12 @@ class Settings(BaseSettings):
     # Seconds between an RQ worker's heartbeats while a job runs; a killed worker's job is failed
     # about WORKER_HEARTBEAT + 60 s after its last heartbeat (RQ's abandoned-job handling).
     worker_heartbeat: int = 30
-    # Times RQ re-runs a job whose worker died (0: it is failed at once, with the reason).
+    # Times RQ re-runs a job whose worker died (0: it is failed at once, with the reason). A re-run resumes
+    # from the job's last checkpoint.
     job_retries: int = 0
+    # Seconds between a training job's checkpoints within an epoch (one is also saved after every epoch);
+    # 0 = after epochs only.
+    checkpoint_every_s: float = 600
 
     @field_validator("model_roots", mode="before")
     @classmethod

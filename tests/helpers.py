@@ -20,6 +20,10 @@ TINY_PARAMS = dict(
 )
 # One tiny training job: a few seconds on a busy core.
 TINY_JOB = dict(model="minilm", train_limit=16, eval_limit=8, max_length=32, epochs=1, batch_size=8)
+# Two epochs of 4 steps (30 train rows after a quarter goes to dev), 32 tokens: resume and early stopping.
+RESUMABLE = dict(
+    model="minilm", batch_size=8, lr=1e-4, epochs=2, max_length=32, train_limit=40, eval_limit=8, dev_size=0.25, seed=7
+)
 # A job that runs for minutes, long enough to be cancelled or killed mid-run.
 LONG_JOB = dict(model="minilm", train_limit=400, eval_limit=8, max_length=64, epochs=3, batch_size=8)
 

@@ -17,6 +17,7 @@ LAYERS = [
     "encoding",
     "evaluation",
     "tracking",
+    "registry",
     "training",
     "predict",
     "model_access",
