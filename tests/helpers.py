@@ -165,3 +165,9 @@ def wait_for_state(process, state_file: Path, log_path: Path, timeout_s: float =
         assert time.monotonic() < deadline, f"stack not ready after {timeout_s} s:\n{log_path.read_text()}"
         time.sleep(0.25)
     return json.loads(state_file.read_text())
+
+
+def work_horse_pids(worker_pid: int) -> list[int]:
+    """The work horses (forked children, each running one job) of an RQ worker process."""
+    children = Path(f"/proc/{worker_pid}/task/{worker_pid}/children").read_text().split()
+    return [int(pid) for pid in children]
