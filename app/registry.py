@@ -99,7 +99,8 @@ class ModelRegistry:
     def versions(self) -> list[ModelVersion]:
         """Every version, newest first."""
         found = self.client.search_model_versions(f"name = '{self.name}'", order_by=["version_number DESC"])
-        return [self.describe(v) for v in found]
+        champion = self.champion()  # search results carry no aliases
+        return [champion if champion and champion.version == int(v.version) else self.describe(v) for v in found]
 
     def version(self, number: int) -> ModelVersion:
         from mlflow.exceptions import MlflowException

@@ -26,6 +26,9 @@ MODELS = (
     schemas.PredictionList,
     schemas.ErrorBody,
     schemas.Health,
+    schemas.PromoteRequest,
+    schemas.ModelList,
+    schemas.ChampionView,
 )
 ERRORS = {
     "400": "Malformed JSON",
@@ -118,7 +121,7 @@ def paths() -> dict:
         },
         "/predict": {
             "post": operation(
-                "Answer yes/no questions with a fine-tuned model (default: latest succeeded job)",
+                "Answer yes/no questions with a fine-tuned model (default: the champion, else the latest job)",
                 {
                     "200": {
                         "description": "One answer, or one per item",
@@ -132,6 +135,20 @@ def paths() -> dict:
                     }
                 },
                 body=[schemas.PredictOne, schemas.PredictBatch],
+                secured=True,
+            )
+        },
+        "/models": {
+            "get": operation(
+                "Registered model versions (job id, params, dev/val accuracy), newest first, and the champion",
+                {"200": json_response("The versions", schemas.ModelList)},
+            )
+        },
+        "/models/champion": {
+            "post": operation(
+                "Promote a version (by job_id or version) to champion; lower val accuracy needs force",
+                {"200": json_response("The new champion", schemas.ChampionView)},
+                body=[schemas.PromoteRequest],
                 secured=True,
             )
         },

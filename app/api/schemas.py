@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from app.run_folder import Progress
 
@@ -146,3 +146,42 @@ class ErrorBody(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, str] | None = None
+
+
+class PromoteRequest(Strict):
+    """``POST /models/champion``: name the version by its job id or its number (one of the two)."""
+
+    job_id: Annotated[
+        str | None, Field(min_length=1, max_length=64, description="A job that registered a version.")
+    ] = None
+    version: Annotated[StrictInt | None, Field(ge=1, description="A version number of the registered model.")] = None
+    force: StrictBool = Field(False, description="Promote even if its val accuracy is below the champion's.")
+
+    @model_validator(mode="after")
+    def one_name(self):
+        if (self.job_id is None) == (self.version is None):
+            raise ValueError("give exactly one of job_id and version")
+        return self
+
+
+class ModelVersionView(BaseModel):
+    version: int
+    job_id: str | None
+    created_at: str
+    dev_accuracy: float | None
+    val_accuracy: float | None
+    params: dict
+    metrics: dict
+    aliases: list[str]
+    source: str
+    champion: bool
+
+
+class ModelList(BaseModel):
+    registered_model: str
+    champion: ModelVersionView | None
+    models: list[ModelVersionView]
+
+
+class ChampionView(BaseModel):
+    champion: ModelVersionView
