@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     # Seconds between a training job's checkpoints within an epoch (one is also saved after every epoch);
     # 0 = after epochs only.
     checkpoint_every_s: float = 600
+    # Compute budget of one sweep, checked at submit: at most this many training examples (trials × epochs ×
+    # train rows, counted at the largest values the space allows). Default: ~120 epochs of full BoolQ.
+    sweep_max_examples: int = 1_000_000
 
     @field_validator("model_roots", mode="before")
     @classmethod

@@ -150,6 +150,11 @@ def read_params(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def read_metrics(run_dir: Path) -> dict | None:
+    path = run_dir / METRICS
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def read_predictions(run_dir: Path) -> Iterator[dict] | None:
     """The val predictions line by line, or None when the run has none (unfinished or deleted)."""
     path = run_dir / PREDICTIONS

@@ -23,6 +23,8 @@ LAYERS = [
     "model_access",
     "tasks",
     "jobs",
+    "sweeps",
+    "trials",
     "batching",
     "api",
     "nginx_config",

@@ -12,7 +12,7 @@ from app.config import Settings
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the app from ``settings`` (default: the environment). Connects lazily: nothing blocks here."""
-    from app.api import health, jobs, models, openapi, predict
+    from app.api import health, jobs, models, openapi, predict, sweeps
     from app.api.context import Service
     from app.api.errors import register_error_handlers
     from app.api.metrics import ServiceMetrics
@@ -33,7 +33,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     app.extensions["boolq"] = Service(settings, queue, predictors, metrics)
 
-    for blueprint in (health.bp, jobs.bp, predict.bp, openapi.bp, models.bp):
+    for blueprint in (health.bp, jobs.bp, predict.bp, openapi.bp, models.bp, sweeps.bp):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
     metrics.instrument(app)

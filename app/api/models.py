@@ -23,8 +23,10 @@ def index():
     models = open_registry(service.settings)
     versions = models.versions()
     champion = next((v for v in versions if v.is_champion), None)
-    if champion is not None and registry.read_champion_pointer(service.queue.connection, service.settings) is None:
-        registry.write_champion_pointer(service.queue.connection, service.settings, champion)  # Redis was reset
+    pointer = registry.read_champion_pointer(service.queue.connection, service.settings)
+    if champion is not None and (pointer or {}).get("version") != champion.version:
+        # Promoted elsewhere (python -m app sweep --promote, MLflow's UI) or Redis was reset: copy it again.
+        registry.write_champion_pointer(service.queue.connection, service.settings, champion)
     return jsonify(
         registered_model=models.name,
         champion=champion.to_dict() if champion else None,

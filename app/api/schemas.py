@@ -66,7 +66,7 @@ class PredictBatchResponse(BaseModel):
     model: str
 
 
-Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+Status = Literal["queued", "running", "succeeded", "failed", "cancelled", "pruned"]
 
 
 class JobAccepted(BaseModel):
