@@ -7,6 +7,7 @@ from pydantic.json_schema import models_json_schema
 
 from app.api import schemas
 from app.params import TrainParams
+from app.sweeps import SweepRequest
 
 bp = Blueprint("openapi", __name__)
 
@@ -29,13 +30,17 @@ MODELS = (
     schemas.PromoteRequest,
     schemas.ModelList,
     schemas.ChampionView,
+    SweepRequest,
+    schemas.SweepAccepted,
+    schemas.SweepView,
+    schemas.SweepList,
 )
 ERRORS = {
     "400": "Malformed JSON",
     "401": "Missing or wrong bearer token (when API_TOKEN is set)",
-    "404": "Unknown job, route or model",
+    "404": "Unknown job, sweep, route or model",
     "405": "Wrong method",
-    "409": "Job in the wrong state for this request",
+    "409": "Job or sweep in the wrong state for this request; a champion with higher val accuracy (force)",
     "413": "Body over MAX_CONTENT_LENGTH",
     "415": "Body is not application/json",
     "422": "A field breaks its rule (each named in error.fields)",
@@ -77,6 +82,7 @@ def operation(summary: str, responses: dict, body=None, query=None, secured: boo
 
 
 JOB_ID_PARAM = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+SWEEP_ID_PARAM = {"name": "sweep_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
 def paths() -> dict:
@@ -151,6 +157,33 @@ def paths() -> dict:
                 body=[schemas.PromoteRequest],
                 secured=True,
             )
+        },
+        "/sweeps": {
+            "post": operation(
+                "Start a hyperparameter sweep: its trials run as jobs, at most `parallel` at once",
+                {"202": json_response("Started (Location: /sweeps/<id>)", schemas.SweepAccepted)},
+                body=[SweepRequest],
+                secured=True,
+            ),
+            "get": operation(
+                "Sweeps, newest first (without leaderboards)",
+                {"200": json_response("A page", schemas.SweepList)},
+                query=schemas.JobsQuery,
+            ),
+        },
+        "/sweeps/{sweep_id}": {
+            "get": operation(
+                "Status, space and leaderboard (best dev accuracy first)", {"200": json_response("The sweep", schemas.SweepView)}
+            ),
+            "parameters": [SWEEP_ID_PARAM],
+        },
+        "/sweeps/{sweep_id}/cancel": {
+            "post": operation(
+                "Cancel a sweep: its queued and running trials are cancelled, no new ones start",
+                {"200": json_response("Cancelled", schemas.SweepView)},
+                secured=True,
+            ),
+            "parameters": [SWEEP_ID_PARAM],
         },
         "/healthz": {"get": {"summary": "Process alive", "responses": {"200": json_response("ok", schemas.Health)}}},
         "/readyz": {

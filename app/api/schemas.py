@@ -185,3 +185,49 @@ class ModelList(BaseModel):
 
 class ChampionView(BaseModel):
     champion: ModelVersionView
+
+
+TrialStatus = Literal["queued", "running", "succeeded", "pruned", "failed", "cancelled"]
+
+
+class TrialRow(BaseModel):
+    """One trial of a sweep's leaderboard."""
+
+    trial: int
+    job_id: str | None
+    status: TrialStatus
+    params: dict = Field(description="The searched values this trial drew.")
+    dev_accuracy: float | None = Field(description="What the sweep chooses on (the kept epoch's dev accuracy).")
+    dev_accuracy_per_epoch: list[float]
+    val_accuracy: float | None = Field(description="Shown beside dev accuracy; never used to choose.")
+    pruned_at_epoch: int | None
+
+
+class SweepAccepted(BaseModel):
+    sweep_id: str
+    status: Literal["running"]
+
+
+class SweepView(BaseModel):
+    sweep_id: str
+    status: Literal["running", "finished", "cancelled"]
+    created_at: str | None
+    ended_at: str | None
+    base: dict
+    space: dict
+    trials: int
+    parallel: int
+    sampler: str
+    pruner: str | dict
+    promote: bool
+    counts: dict[str, int]
+    best: TrialRow | None
+    registration: dict | None = Field(description="The best trial's registered version, and whether it was promoted.")
+    leaderboard: list[TrialRow] | None = Field(None, description="Best dev accuracy first (absent in GET /sweeps).")
+
+
+class SweepList(BaseModel):
+    sweeps: list[SweepView]
+    page: int
+    per_page: int
+    total: int
