@@ -173,7 +173,8 @@ def paths() -> dict:
         },
         "/sweeps/{sweep_id}": {
             "get": operation(
-                "Status, space and leaderboard (best dev accuracy first)", {"200": json_response("The sweep", schemas.SweepView)}
+                "Status, space and leaderboard (best dev accuracy first)",
+                {"200": json_response("The sweep", schemas.SweepView)},
             ),
             "parameters": [SWEEP_ID_PARAM],
         },
