@@ -72,6 +72,80 @@ def add_train_parser(commands) -> None:
     train.set_defaults(handler=run_train)
 
 
+def add_sweep_parser(commands) -> None:
+    sweep = commands.add_parser(
+        "sweep",
+        help="search hyperparameters locally (Optuna), no server; prints the leaderboard",
+        description="Run a sweep in this process: the same request POST /sweeps takes, the same validation. "
+        "The best trial is chosen on dev accuracy only; val accuracy is shown beside it.",
+    )
+    sweep.add_argument(
+        "--space", required=True, type=Path, help="JSON file: a POST /sweeps body, or only its 'space' object"
+    )
+    sweep.add_argument("--trials", type=int, help="trials to run (default: the file's, else 8)")
+    sweep.add_argument("--parallel", type=int, help="trials at once, as threads (default: the file's, else 1)")
+    sweep.add_argument("--sampler", choices=("tpe", "random", "grid"), help="default: the file's, else tpe")
+    sweep.add_argument("--pruner", choices=("median", "none"), help="default: the file's, else median")
+    sweep.add_argument("--promote", action="store_true", help="promote the best trial to champion at the end")
+    sweep.add_argument("--data-dir", help="folder with train.jsonl and val.jsonl, or 'hub' (default: DATA_DIR)")
+    sweep.add_argument("--output-dir", help="where run folders and sweeps.journal go (default: ARTIFACTS_DIR)")
+    sweep.add_argument("--tracker", help="mlflow, neptune, none, or a comma list (default: TRACKER)")
+    sweep.add_argument("--json", action="store_true", help="print the sweep's view as one JSON object")
+    sweep.set_defaults(handler=run_sweep)
+
+
+def run_sweep(args: argparse.Namespace, settings: Settings) -> int:
+    from app import sweeps
+
+    try:
+        body = json.loads(args.space.read_text())
+    except (OSError, ValueError) as exc:
+        return usage_error(f"--space: {exc}")
+    body = body if isinstance(body, dict) and "space" in body else {"space": body}
+    overrides = {"trials": args.trials, "parallel": args.parallel, "sampler": args.sampler, "pruner": args.pruner}
+    body |= {k: v for k, v in overrides.items() if v is not None} | ({"promote": True} if args.promote else {})
+    overrides = dict(tracker=args.tracker, data_dir=args.data_dir, artifacts_dir=args.output_dir)
+    settings = settings.model_copy(update={k: Path(v) if k.endswith("dir") else v for k, v in overrides.items() if v})
+    try:
+        request = sweeps.SweepRequest(**body)
+        base = sweeps.validate_request(request, settings)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        return usage_error(f"{'.'.join(map(str, first['loc']))}: {first['msg']}")
+    except sweeps.SweepError as exc:
+        return usage_error(str(exc))
+    quiet_libraries()
+    from app.trials import run_local_sweep  # torch loads here, once the request is valid
+
+    view = run_local_sweep(request, base, settings)
+    print(json.dumps(view) if args.json else leaderboard_table(view))
+    return 0
+
+
+def leaderboard_table(view: dict) -> str:
+    """The sweep's leaderboard as text, best dev accuracy first."""
+    lines = [f"sweep {view['sweep_id']}: {view['status']}, {view['trials']} trials, {view['sampler']} sampler"]
+    lines.append(f"{'rank':>4} {'trial':>5} {'status':<9} {'dev acc':>7} {'val acc':>7}  dev per epoch  params")
+    for rank, row in enumerate(view["leaderboard"], 1):
+        dev = f"{row['dev_accuracy']:.4f}" if row["dev_accuracy"] is not None else "-"
+        val = f"{row['val_accuracy']:.4f}" if row["val_accuracy"] is not None else "-"
+        per_epoch = "[" + ", ".join(f"{a:.3f}" for a in row["dev_accuracy_per_epoch"]) + "]"
+        lines.append(
+            f"{rank:>4} {row['trial']:>5} {row['status']:<9} {dev:>7} {val:>7}  {per_epoch:<13}  "
+            f"{json.dumps(row['params'])}"
+        )
+    best = view["best"]
+    if best is None:
+        lines.append("no trial succeeded")
+    else:
+        lines.append(f"best (chosen on dev accuracy): trial {best['trial']}, run folder {best['run_dir']}")
+    registration = view.get("registration") or {}
+    if registration.get("version"):
+        promoted = ", promoted to champion" if registration.get("promoted") else ""
+        lines.append(f"registered as version {registration['version']}{promoted}")
+    return "\n".join(lines)
+
+
 def add_predict_parser(commands) -> None:
     predict = commands.add_parser("predict", help="answer a yes/no question with a fine-tuned run")
     predict.add_argument(
@@ -158,6 +232,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m app", description="Fine-tune and serve BERT on BoolQ.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     add_train_parser(commands)
+    add_sweep_parser(commands)
     add_predict_parser(commands)
     add_serve_parser(commands)
     add_worker_parser(commands)

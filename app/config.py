@@ -81,7 +81,8 @@ class Settings(BaseSettings):
     # Seconds between an RQ worker's heartbeats while a job runs; a killed worker's job is failed
     # about WORKER_HEARTBEAT + 60 s after its last heartbeat (RQ's abandoned-job handling).
     worker_heartbeat: int = 30
-    # Times RQ re-runs a job whose worker died (0: it is failed at once, with the reason).
+    # Times RQ re-runs a job whose worker died (0: it is failed at once, with the reason). A re-run resumes
+    # from the job's last checkpoint.
     job_retries: int = 0
     # --- Admission control and bounded work (issue 10; field name = env var lowercased) ---
     # Queued jobs the service accepts; POST /train answers 429 with Retry-After above it.
@@ -98,6 +99,12 @@ class Settings(BaseSettings):
     max_waiters: int = 2
     # 1: GET /jobs* are open to everyone even when API_TOKEN is set (by default they need the token too).
     public_reads: bool = False
+    # Seconds between a training job's checkpoints within an epoch (one is also saved after every epoch);
+    # 0 = after epochs only.
+    checkpoint_every_s: float = 600
+    # Compute budget of one sweep, checked at submit: at most this many training examples (trials × epochs ×
+    # train rows, counted at the largest values the space allows). Default: ~120 epochs of full BoolQ.
+    sweep_max_examples: int = 1_000_000
 
     @field_validator("model_roots", mode="before")
     @classmethod

@@ -46,7 +46,7 @@ PUBLIC_STATUS = {
     JobStatus.STOPPED: "cancelled",
     JobStatus.CANCELED: "cancelled",
 }
-FINAL_STATUSES = {"succeeded", "failed", "cancelled"}
+FINAL_STATUSES = {"succeeded", "failed", "cancelled", "pruned"}
 
 
 class JobNotFound(LookupError):
@@ -111,7 +111,8 @@ def fetch_job(queue: Queue, job_id: str) -> Job:
 
 
 def public_status(job: Job) -> str:
-    return PUBLIC_STATUS.get(job.get_status(refresh=False), "queued")
+    status = PUBLIC_STATUS.get(job.get_status(refresh=False), "queued")
+    return "pruned" if status == "succeeded" and job.meta.get("pruned_at_epoch") else status  # a sweep's trial
 
 
 def recent_jobs(queue: Queue, page: int, per_page: int) -> tuple[list[Job], int]:
@@ -121,8 +122,12 @@ def recent_jobs(queue: Queue, page: int, per_page: int) -> tuple[list[Job], int]
 
 def latest_succeeded_job_id(queue: Queue) -> str | None:
     """The most recently finished job (FinishedJobRegistry scores are expiry times, later = newer)."""
-    ids = queue.finished_job_registry.get_job_ids(0, 0, desc=True)
-    return ids[0] if ids else None
+    for start in range(0, queue.finished_job_registry.count, 20):
+        ids = queue.finished_job_registry.get_job_ids(start, start + 19, desc=True)
+        for job in Job.fetch_many(ids, queue.connection, queue.serializer):
+            if job is not None and public_status(job) == "succeeded":  # a pruned sweep trial has no model
+                return job.id
+    return None
 
 
 def cancel_training(queue: Queue, job: Job, wait_s: float = 5.0) -> Job:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 DEFAULT_MODEL = "bert-base-multilingual-cased"
+
+# `register` is the API's word (issue 11); it shadows only ABCMeta.register, which no one calls on a params object.
+warnings.filterwarnings("ignore", message='Field name "register" in "TrainParams"', category=UserWarning)
 
 # Strict types: JSON `true` is not an int and "32" is not an int; an int is accepted for a float (as a float).
 # One type, not a union, so bounds become JSON Schema's exclusiveMinimum/maximum in /openapi.json.
@@ -44,3 +48,14 @@ class TrainParams(BaseModel):
         StrictBool,
         Field(description="Keep the weights of the epoch with the best dev accuracy, not the last epoch's."),
     ] = False
+    early_stopping_patience: Annotated[
+        PositiveCount | None,
+        Field(
+            description="Stop after this many epochs without a better dev accuracy, keeping the best epoch's "
+            "weights (default: off)."
+        ),
+    ] = None
+    register: Annotated[
+        StrictBool,
+        Field(description="Register the fine-tuned model as a version in the MLflow model registry."),
+    ] = True

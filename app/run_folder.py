@@ -5,6 +5,8 @@
         metrics.json        final metrics; its presence marks a finished run
         predictions.jsonl   one line per val example: idx, label, prediction, probability
         model/              the fine-tuned checkpoint (config.json, safetensors weights, tokenizer)
+        training_state.pt   while training: the state to resume from (model, optimizer, scheduler, RNG,
+                            epoch, step); deleted when the run succeeds
 
 The engine writes it, the jobs clean it up, ``predict`` and the API read it. Nothing here imports torch.
 Every file is written atomically (temp file, then rename), so a reader never sees half a file.
@@ -18,7 +20,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +30,7 @@ PARAMS = "params.json"
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.jsonl"
 MODEL = "model"
+TRAINING_STATE = "training_state.pt"
 
 
 @dataclass(frozen=True)
@@ -83,11 +86,32 @@ def checkpoint_folder(folder: Path) -> Path | None:
     return None
 
 
+def training_state(run_dir: Path) -> Path:
+    """Where a run keeps the state it can resume from (written by the engine with ``write_atomically``)."""
+    return run_dir / TRAINING_STATE
+
+
+def can_resume(run_dir: Path) -> bool:
+    """An earlier attempt of this run died and left a training state to resume from."""
+    return not is_finished(run_dir) and training_state(run_dir).is_file()
+
+
+def remove_training_state(run_dir: Path) -> None:
+    training_state(run_dir).unlink(missing_ok=True)
+
+
 def remove_unfinished(run_dir: Path) -> None:
     """Drop a folder that a killed attempt left without metrics.json, so it is never mistaken for a model."""
     if run_dir.is_dir() and not is_finished(run_dir):
         log.warning("removing unfinished run folder %s from an earlier attempt", run_dir)
         shutil.rmtree(run_dir)
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(temp path)``, then rename it to ``path``: readers see the old file or the new one, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -129,6 +153,11 @@ def save_model(run_dir: Path, model, tokenizer) -> Path:
 
 def read_params(run_dir: Path) -> dict | None:
     path = run_dir / PARAMS
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_metrics(run_dir: Path) -> dict | None:
+    path = run_dir / METRICS
     return json.loads(path.read_text()) if path.is_file() else None
 
 

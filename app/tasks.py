@@ -30,7 +30,9 @@ def train_job(params_dict: dict) -> dict:
     job = get_current_job()
     params = TrainParams(**params_dict)
     params = params.model_copy(update={"model": model_for_training(params.model, settings)})
-    run_folder.remove_unfinished(settings.artifacts_dir / job.id)  # a retried job starts over
+    run_dir = settings.artifacts_dir / job.id
+    if not run_folder.can_resume(run_dir):  # a retried job resumes from its checkpoint, or starts over
+        run_folder.remove_unfinished(run_dir)
     result = train_and_evaluate(
         params,
         settings.data_dir,
@@ -40,6 +42,7 @@ def train_job(params_dict: dict) -> dict:
         device=settings.device,
         on_progress=ProgressReporter(job),
         tracker=make_tracker(settings),
+        checkpoint_every_s=settings.checkpoint_every_s,
     )
     return result.to_dict()
 

@@ -14,6 +14,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ from app.modeling import (
     resolve_device,
 )
 from app.params import TrainParams
+from app.registry import version_tags
 from app.run_folder import Progress, RunResult
 from app.tracking import NullTracker, Tracker, ended_on_error
 
@@ -58,11 +60,18 @@ def train_and_evaluate(
     device: str = "auto",
     on_progress: ProgressCallback | None = None,
     tracker: Tracker | None = None,
+    checkpoint_every_s: float = 0,
 ) -> RunResult:
-    """Fine-tune ``params.model`` on BoolQ train, evaluate on val and write the run folder."""
+    """Fine-tune ``params.model`` on BoolQ train, evaluate on val and write the run folder.
+
+    The training state is saved in the run folder after every epoch and every ``checkpoint_every_s``
+    seconds (0: at epoch ends only); a run folder holding one (a killed attempt) is resumed from it.
+    """
     started = time.perf_counter()
     run_id = run_id or run_folder.new_run_id()
     run_dir = Path(output_dir) / run_id
+    checkpoints = Checkpoints(run_folder.training_state(run_dir), checkpoint_every_s)
+    resuming = run_folder.can_resume(run_dir)
     tracker = tracker or NullTracker()
     configure_torch(params.seed, num_threads)
     target = resolve_device(device)
@@ -72,7 +81,7 @@ def train_and_evaluate(
     val_rows = boolq.val[: params.eval_limit] if params.eval_limit else boolq.val
     train_rows, dev_rows = split_train_dev(train_rows, params.dev_size, params.seed)
 
-    run_dir.mkdir(parents=True, exist_ok=False)
+    run_dir.mkdir(parents=True, exist_ok=resuming)
     run_folder.write_params(run_dir, params.model_dump())
     tracker.start_run(run_id, params.model_dump())
     tracker.log_inputs(
@@ -97,7 +106,9 @@ def train_and_evaluate(
         tokenize_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        history = fine_tune(model, tokenizer.pad_token_id, train_set, dev_set, params, on_progress, tracker)
+        history = fine_tune(
+            model, tokenizer.pad_token_id, train_set, dev_set, params, on_progress, tracker, checkpoints, resuming
+        )
         train_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -109,6 +120,9 @@ def train_and_evaluate(
         metrics |= {
             "dev_accuracy_per_epoch": history["dev_accuracy"],
             "kept_epoch": history["kept_epoch"],
+            "stopped_epoch": history["stopped_epoch"],
+            "early_stopped": history["stopped_epoch"] < params.epochs,
+            "resumed_from_step": history["resumed_from_step"],
             "loss_curve": history["loss"],
             "n_train": len(train_set),
             "n_dev": len(dev_set),
@@ -116,7 +130,7 @@ def train_and_evaluate(
             "max_length": max_length,
             "precision_mode": "bf16" if bf16_supported(target.type) else "fp32",
             "device": str(target),
-            "train_examples_per_s": len(train_set) * params.epochs / train_s,
+            "train_examples_per_s": history["examples_trained"] / train_s,
             "timings_s": {
                 "tokenize_and_load": tokenize_s,
                 "train": train_s,
@@ -132,8 +146,11 @@ def train_and_evaluate(
         tracker.log_artifact(predictions_file)
         tracker.log_artifact(run_dir / run_folder.METRICS)
         tracker.log_dict(confusion_matrix_report(metrics), "confusion_matrix.json")
-        tracker.register_model(model_folder, final_metrics(metrics))
+        if params.register:
+            tags = version_tags(run_id, params.model_dump(), metrics)
+            tracker.register_model(model_folder, final_metrics(metrics), tags)
         tracking = tracker.end_run("FINISHED")
+    checkpoints.remove()
 
     return RunResult(
         run_id=run_id,
@@ -186,9 +203,12 @@ def fine_tune(
     params: TrainParams,
     on_progress: ProgressCallback | None,
     tracker: Tracker,
-) -> dict[str, list]:
-    """The training loop; returns the per-step loss curve, per-epoch dev accuracy and the epoch whose weights
-    the model ends with (the last, or with ``keep_best_epoch`` the first with the best dev accuracy)."""
+    checkpoints: Checkpoints | None = None,
+    resume: bool = False,
+) -> dict:
+    """The training loop; returns the per-step loss curve, per-epoch dev accuracy, the epoch whose weights the
+    model ends with (the last, or with ``keep_best_epoch``/early stopping the first with the best dev accuracy)
+    and the epoch it stopped at. With ``resume`` it continues from the state ``checkpoints`` holds."""
     generator = torch.Generator().manual_seed(params.seed)
     lengths = [len(ids) for ids in train_set.input_ids]
     steps_per_epoch = -(-len(train_set) // params.batch_size)
@@ -196,36 +216,113 @@ def fine_tune(
     compute_last_layer_for_first_token_only(model)
     optimizer = make_optimizer(model, params)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(params.warmup_ratio * total_steps), total_steps)
-    history: dict = {"loss": [], "dev_accuracy": [], "kept_epoch": params.epochs}
-    best_state: dict[str, torch.Tensor] | None = None
-    step, seen, started = 0, 0, time.perf_counter()
+    keep_best = params.keep_best_epoch or params.early_stopping_patience is not None
+    state = TrainingState(history={"loss": [], "dev_accuracy": [], "kept_epoch": params.epochs})
+    if resume and checkpoints is not None:
+        state = checkpoints.restore(model, optimizer, scheduler, generator)
+        log.info("resuming at epoch %d, step %d of %d", state.epoch, state.step, total_steps)
+    history = state.history
+    history["resumed_from_step"] = state.step if resume else None
+    seen, started = 0, time.perf_counter()
     device = device_of(model)
 
     def progress(epoch: int, dev_accuracy: float | None = None) -> Progress:
         speed = seen / (time.perf_counter() - started)
-        return Progress(epoch, params.epochs, step, total_steps, history["loss"][-1], dev_accuracy, speed)
+        return Progress(epoch, params.epochs, state.step, total_steps, history["loss"][-1], dev_accuracy, speed)
 
-    for epoch in range(1, params.epochs + 1):
+    for epoch in range(state.epoch, params.epochs + 1):
+        state.epoch, state.epoch_order = epoch, generator.get_state()  # the batch order is redrawn from here
+        batches = length_grouped_batches(lengths, params.batch_size, generator)
         model.train()
-        for indices in length_grouped_batches(lengths, params.batch_size, generator):
+        for indices in batches[state.batches_done :]:
             loss = train_step(model, collate(train_set, indices, pad_id, device), optimizer, scheduler)
-            step, seen = step + 1, seen + len(indices)
+            state.step, state.batches_done, seen = state.step + 1, state.batches_done + 1, seen + len(indices)
             history["loss"].append(loss)
-            tracker.log_metrics({"train_loss": loss}, step=step)
+            tracker.log_metrics({"train_loss": loss}, step=state.step)
             report(on_progress, progress(epoch))
+            if checkpoints is not None and checkpoints.due():
+                checkpoints.save(state, model, optimizer, scheduler)
 
         dev_accuracy = accuracy(dev_set.labels, predict_probabilities(model, pad_id, dev_set))
         history["dev_accuracy"].append(dev_accuracy)
-        tracker.log_metrics({"dev_accuracy": dev_accuracy}, step=step)
+        tracker.log_metrics({"dev_accuracy": dev_accuracy}, step=state.step)
         log.info("epoch %d/%d: dev accuracy %.4f", epoch, params.epochs, dev_accuracy)
-        if params.keep_best_epoch and dev_accuracy > max(history["dev_accuracy"][:-1], default=-1.0):
-            best_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+        if keep_best and dev_accuracy > max(history["dev_accuracy"][:-1], default=-1.0):
+            state.best_weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
             history["kept_epoch"] = epoch
         report(on_progress, progress(epoch, dev_accuracy))
-    if best_state is not None:
-        model.load_state_dict(best_state)
+        patience = params.early_stopping_patience
+        if patience is not None and epoch - history["kept_epoch"] >= patience and epoch < params.epochs:
+            log.info("early stop after epoch %d: no better dev accuracy for %d epochs", epoch, patience)
+            break
+        if checkpoints is not None and epoch < params.epochs:
+            state.epoch, state.batches_done, state.epoch_order = epoch + 1, 0, generator.get_state()
+            checkpoints.save(state, model, optimizer, scheduler)
+    history["stopped_epoch"] = epoch
+    history["examples_trained"] = seen
+    if state.best_weights is not None:
+        model.load_state_dict(state.best_weights)
         log.info("kept the weights of epoch %d (best dev accuracy)", history["kept_epoch"])
     return history
+
+
+@dataclass
+class TrainingState:
+    """Where the loop is: the epoch under way, its batches done, total steps, and the generator state its
+    batch order was drawn from (so a resumed epoch redraws the same order and skips the batches done)."""
+
+    history: dict
+    epoch: int = 1
+    batches_done: int = 0
+    step: int = 0
+    epoch_order: torch.Tensor | None = None
+    best_weights: dict[str, torch.Tensor] | None = None
+
+
+class Checkpoints:
+    """The run's training state on disk: saved after each epoch and every ``every_s`` seconds (0: epoch ends only),
+    with the model, optimizer, scheduler and every random generator, so a resumed run continues identically."""
+
+    def __init__(self, path: Path, every_s: float = 0):
+        self.path = path
+        self.every_s = every_s
+        self.saved_at = time.monotonic()
+
+    def due(self) -> bool:
+        return self.every_s > 0 and time.monotonic() - self.saved_at >= self.every_s
+
+    def save(self, state: TrainingState, model, optimizer, scheduler) -> None:
+        snapshot = {
+            "loop": dict(vars(state)),  # not asdict: that would deep-copy the best weights
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+        }
+        if torch.cuda.is_available():
+            snapshot["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        run_folder.write_atomically(self.path, lambda tmp: torch.save(snapshot, tmp))
+        self.saved_at = time.monotonic()
+        log.debug("checkpoint at epoch %d, step %d", state.epoch, state.step)
+
+    def restore(self, model, optimizer, scheduler, generator: torch.Generator) -> TrainingState:
+        """Load the saved state into the model, optimizer, scheduler and generators; return the loop's state."""
+        snapshot = torch.load(self.path, map_location="cpu", weights_only=False)
+        model.load_state_dict(snapshot["model"])
+        optimizer.load_state_dict(snapshot["optimizer"])
+        scheduler.load_state_dict(snapshot["scheduler"])
+        rng = snapshot["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        state = TrainingState(**snapshot["loop"])
+        generator.set_state(state.epoch_order)
+        return state
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def make_optimizer(model: torch.nn.Module, params: TrainParams, fused: bool = True) -> torch.optim.Optimizer:

@@ -30,6 +30,10 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+# Two epochs of 4 steps (30 train rows after a quarter goes to dev), 32 tokens: resume and early stopping.
+RESUMABLE = dict(
+    model="minilm", batch_size=8, lr=1e-4, epochs=2, max_length=32, train_limit=40, eval_limit=8, dev_size=0.25, seed=7
+)
 # A job that runs for minutes, long enough to be cancelled or killed mid-run.
 LONG_JOB = dict(model="minilm", train_limit=400, eval_limit=8, max_length=64, epochs=3, batch_size=8)
 
@@ -171,3 +175,9 @@ def wait_for_state(process, state_file: Path, log_path: Path, timeout_s: float =
         assert time.monotonic() < deadline, f"stack not ready after {timeout_s} s:\n{log_path.read_text()}"
         time.sleep(0.25)
     return json.loads(state_file.read_text())
+
+
+def work_horse_pids(worker_pid: int) -> list[int]:
+    """The work horses (forked children, each running one job) of an RQ worker process."""
+    children = Path(f"/proc/{worker_pid}/task/{worker_pid}/children").read_text().split()
+    return [int(pid) for pid in children]

@@ -6,6 +6,7 @@ Jobs here go to queues no worker listens on, so they stay queued (no training ru
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import pytest
@@ -232,7 +233,7 @@ def test_openapi_describes_every_route_with_generated_schemas(client):
         for rule in client.application.url_map.iter_rules()
         if rule.endpoint != "static" and not rule.endpoint.startswith("console.")  # the console's HTML pages
     }
-    documented = {path.replace("{job_id}", "<job_id>") for path in document["paths"]}
+    documented = {re.sub(r"\{(\w+)\}", r"<\1>", path) for path in document["paths"]}
     assert app_routes == documented
     schemas = document["components"]["schemas"]
     assert schemas["TrainParams"]["properties"]["batch_size"]["maximum"] == 512

@@ -17,7 +17,7 @@ import sys
 import pytest
 
 from app.stack import free_ports
-from tests.helpers import REPO_ROOT, wait_for_state
+from tests.helpers import REPO_ROOT, service_settings, settings_env, wait_for_state
 
 README = REPO_ROOT / "README.md"
 SECTIONS = ("## Service (REST API", "### Without Docker")
@@ -80,6 +80,23 @@ def readme_stack(tmp_path_factory):
         process.wait(timeout=60)
 
 
+def run_block(block: str, port: int, env: dict) -> str:
+    """Run one pasted block with bash -e against the service on ``port``; fail on an error or an API error body."""
+    script = re.sub(r"localhost:(4000|5000)", f"localhost:{port}", block)
+    proc = subprocess.run(
+        ["bash", "-e", "-c", script],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=BLOCK_TIMEOUT_S,
+    )
+    report = f"block ({proc.returncode}):\n{block}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    assert proc.returncode == 0 and "syntax error" not in proc.stderr, report
+    assert not re.search(r'"error":\s*\{', proc.stdout), report  # an API error body
+    return proc.stdout
+
+
 def test_readme_service_and_deploy_blocks_run_as_pasted(readme_stack):
     port, env = readme_stack
     ran = []
@@ -87,18 +104,23 @@ def test_readme_service_and_deploy_blocks_run_as_pasted(readme_stack):
         if starts_servers(block):
             assert "apt-get install" not in block or {"nginx", "redis-server"} <= set(block.split())
             continue
-        script = re.sub(r"localhost:(4000|5000)", f"localhost:{port}", block)
-        proc = subprocess.run(
-            ["bash", "-e", "-c", script],
-            cwd=REPO_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=BLOCK_TIMEOUT_S,
-        )
-        report = f"block ({proc.returncode}):\n{block}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
-        assert proc.returncode == 0 and "syntax error" not in proc.stderr, report
-        assert not re.search(r'"error":\s*\{', proc.stdout), report  # an API error body
-        ran.append(proc.stdout)
+        ran.append(run_block(block, port, env))
     assert len(ran) >= 2
     assert any("succeeded" in out for out in ran)
+
+
+def test_readme_lifecycle_blocks_run_as_pasted(redis_url, launcher, tmp_path):
+    """Sweeps, promotion and the local sweep, against a worker and gunicorn with TRACKER=mlflow as the section says."""
+    settings = service_settings(redis_url, tmp_path, tracker="mlflow")
+    launcher.worker(settings)
+    port = int(launcher.server(settings, workers=1).rsplit(":", 1)[1])
+    (heading,) = [h for h in sections(README.read_text()) if h.startswith("## Model lifecycle")]
+    outputs = [
+        run_block(block, port, settings_env(settings))
+        for block in bash_blocks(sections(README.read_text())[heading])
+        if not starts_servers(block)
+    ]
+    sweep, models, local = outputs
+    assert "finished" in sweep and "'promoted': True" in sweep, sweep
+    assert '"champion"' in models and '"model":"champion"' not in models
+    assert "best (chosen on dev accuracy)" in local

@@ -1,9 +1,22 @@
-"""The worker's task helpers that need no Redis: the progress reporter's live curves."""
+"""The worker's task: its progress reporter's live curves, and a job whose worker is killed mid-training
+being re-run by RQ (JOB_RETRIES) and resuming from its last checkpoint, ending as an uninterrupted run of the
+same seed does."""
 
 from __future__ import annotations
 
+import os
+import signal
+
+import pytest
+import torch
+
+from app.api import create_app
+from app.config import SAMPLE_DATA_DIR
+from app.params import TrainParams
 from app.run_folder import Progress
 from app.tasks import CURVE_POINTS, ProgressReporter
+from app.training import train_and_evaluate
+from tests.helpers import RESUMABLE, service_settings, wait_for, work_horse_pids
 
 
 class FakeJob:
@@ -37,3 +50,41 @@ def test_a_long_run_keeps_a_bounded_curve_with_its_first_and_last_steps():
     assert len(loss) <= CURVE_POINTS
     assert loss[0][0] == 1 and loss[-1][0] == steps
     assert [p[0] for p in loss] == sorted(p[0] for p in loss)
+
+
+# 90 train rows: two epochs of 12 steps, long enough to be killed in the middle.
+KILLED_JOB = RESUMABLE | {"train_limit": 120}
+
+
+def test_a_job_killed_mid_training_resumes_from_its_checkpoint(launcher, redis_url, tmp_path):
+    settings = service_settings(redis_url, tmp_path, job_retries=1, checkpoint_every_s=1)
+    worker = launcher.worker(settings)
+    client = create_app(settings).test_client()
+    job_id = client.post("/train", json=KILLED_JOB).get_json()["job_id"]
+    state_file = settings.artifacts_dir / job_id / "training_state.pt"
+
+    def checkpointed_mid_run():
+        view = client.get(f"/jobs/{job_id}").get_json()
+        progress = view["progress"] or {}
+        return state_file.is_file() and 4 <= progress.get("step", 0) < progress["total_steps"] - 6
+
+    wait_for(checkpointed_mid_run, 300, "a checkpoint in the middle of training", interval_s=0.1)
+    for pid in work_horse_pids(worker.pid):
+        os.kill(pid, signal.SIGKILL)  # the training process dies as under the OOM killer
+    killed_at = torch.load(state_file, weights_only=False)["loop"]["step"]
+
+    def ended():
+        view = client.get(f"/jobs/{job_id}").get_json()
+        return view if view["status"] in ("succeeded", "failed", "cancelled") else None
+
+    view = wait_for(ended, 300, f"job {job_id} to end after its retry")
+    assert view["status"] == "succeeded", view
+    metrics = view["result"]["metrics"]
+    assert 0 < killed_at < 24 and metrics["resumed_from_step"] == killed_at
+    assert not state_file.exists()  # deleted once the job succeeded
+
+    whole = train_and_evaluate(TrainParams(**KILLED_JOB), SAMPLE_DATA_DIR, tmp_path / "whole", num_threads=1)
+    assert len(metrics["loss_curve"]) == 24
+    assert metrics["loss_curve"] == pytest.approx(whole.metrics["loss_curve"], abs=1e-4)
+    assert abs(metrics["accuracy"] - whole.metrics["accuracy"]) <= 1 / 8  # one val answer of 8 at most
+    assert metrics["dev_accuracy_per_epoch"] == whole.metrics["dev_accuracy_per_epoch"]

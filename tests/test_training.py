@@ -20,7 +20,7 @@ from app.modeling import DeviceNotAvailable, compute_last_layer_for_first_token_
 from app.params import TrainParams
 from app.predict import Predictor
 from app.training import train_and_evaluate
-from tests.helpers import TINY_PARAMS
+from tests.helpers import RESUMABLE, TINY_PARAMS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,6 +100,44 @@ def test_keep_best_epoch_ends_with_the_weights_of_the_best_dev_epoch(tmp_path):
     dev = encode(load_tokenizer("minilm"), dev_rows, params.max_length)
     probabilities = predict_probabilities(predictor.model, predictor.tokenizer.pad_token_id, dev)
     assert accuracy_score(dev.labels, [int(p >= 0.5) for p in probabilities]) == max(per_epoch)
+
+
+@pytest.mark.slow
+def test_early_stopping_ends_training_and_keeps_the_best_epoch(tmp_path):
+    # A learning rate this high makes dev accuracy stall at once, so patience 1 ends the run after epoch 2.
+    params = TrainParams(**{**RESUMABLE, "lr": 0.5, "epochs": 4, "early_stopping_patience": 1})
+    result = train_and_evaluate(params, _sample(), tmp_path)
+    m = result.metrics
+    assert m["early_stopped"] is True and m["stopped_epoch"] == 2 == len(m["dev_accuracy_per_epoch"])
+    assert m["kept_epoch"] == 1 and result.dev_accuracy == m["dev_accuracy_per_epoch"][0]
+    assert len(m["loss_curve"]) == 2 * 4  # two epochs of 4 steps, not four
+    assert json.loads((Path(result.run_dir) / "metrics.json").read_text())["stopped_epoch"] == 2
+
+
+class Crash(Exception):
+    """Stands for the process dying at a given step."""
+
+
+@pytest.mark.slow
+def test_a_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(tmp_path):
+    params = TrainParams(**RESUMABLE)
+    whole = train_and_evaluate(params, _sample(), tmp_path / "whole", checkpoint_every_s=1e-9)
+
+    def crash_at_step_6(progress):
+        if progress.step == 6:  # mid epoch 2; the last checkpoint is the one after step 5
+            raise Crash
+
+    with pytest.raises(Crash):
+        train_and_evaluate(
+            params, _sample(), tmp_path, run_id="r", on_progress=crash_at_step_6, checkpoint_every_s=1e-9
+        )
+    assert (tmp_path / "r" / "training_state.pt").is_file() and not (tmp_path / "r" / "metrics.json").exists()
+    resumed = train_and_evaluate(params, _sample(), tmp_path, run_id="r", checkpoint_every_s=1e-9)
+    assert resumed.metrics["resumed_from_step"] == 5 and whole.metrics["resumed_from_step"] is None
+    assert resumed.metrics["loss_curve"] == pytest.approx(whole.metrics["loss_curve"], abs=1e-5)
+    assert resumed.metrics["dev_accuracy_per_epoch"] == whole.metrics["dev_accuracy_per_epoch"]
+    assert resumed.predictions == whole.predictions
+    assert not (tmp_path / "r" / "training_state.pt").exists()  # deleted once the run succeeded
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ from pydantic.json_schema import models_json_schema
 
 from app.api import schemas
 from app.params import TrainParams
+from app.sweeps import SweepRequest
 
 bp = Blueprint("openapi", __name__)
 
@@ -26,13 +27,20 @@ MODELS = (
     schemas.PredictionList,
     schemas.ErrorBody,
     schemas.Health,
+    schemas.PromoteRequest,
+    schemas.ModelList,
+    schemas.ChampionView,
+    SweepRequest,
+    schemas.SweepAccepted,
+    schemas.SweepView,
+    schemas.SweepList,
 )
 ERRORS = {
     "400": "Malformed JSON",
     "401": "Missing or wrong bearer token (when API_TOKEN is set)",
-    "404": "Unknown job, route or model",
+    "404": "Unknown job, sweep, route or model",
     "405": "Wrong method",
-    "409": "Job in the wrong state for this request",
+    "409": "Job or sweep in the wrong state for this request; a champion with higher val accuracy (force)",
     "413": "Body over MAX_CONTENT_LENGTH",
     "415": "Body is not application/json",
     "422": "A field breaks its rule (each named in error.fields)",
@@ -90,6 +98,7 @@ def query_parameter(name: str, schema: dict) -> dict:
 
 
 JOB_ID_PARAM = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+SWEEP_ID_PARAM = {"name": "sweep_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
 def paths() -> dict:
@@ -141,7 +150,7 @@ def paths() -> dict:
         },
         "/predict": {
             "post": operation(
-                "Answer yes/no questions with a fine-tuned model (default: latest succeeded job)",
+                "Answer yes/no questions with a fine-tuned model (default: the champion, else the latest job)",
                 {
                     "200": {
                         "description": "One answer, or one per item",
@@ -157,6 +166,48 @@ def paths() -> dict:
                 body=[schemas.PredictOne, schemas.PredictBatch],
                 secured=True,
             )
+        },
+        "/models": {
+            "get": operation(
+                "Registered model versions (job id, params, dev/val accuracy), newest first, and the champion",
+                {"200": json_response("The versions", schemas.ModelList)},
+            )
+        },
+        "/models/champion": {
+            "post": operation(
+                "Promote a version (by job_id or version) to champion; lower val accuracy needs force",
+                {"200": json_response("The new champion", schemas.ChampionView)},
+                body=[schemas.PromoteRequest],
+                secured=True,
+            )
+        },
+        "/sweeps": {
+            "post": operation(
+                "Start a hyperparameter sweep: its trials run as jobs, at most `parallel` at once",
+                {"202": json_response("Started (Location: /sweeps/<id>)", schemas.SweepAccepted)},
+                body=[SweepRequest],
+                secured=True,
+            ),
+            "get": operation(
+                "Sweeps, newest first (without leaderboards)",
+                {"200": json_response("A page", schemas.SweepList)},
+                query=schemas.JobsQuery,
+            ),
+        },
+        "/sweeps/{sweep_id}": {
+            "get": operation(
+                "Status, space and leaderboard (best dev accuracy first)",
+                {"200": json_response("The sweep", schemas.SweepView)},
+            ),
+            "parameters": [SWEEP_ID_PARAM],
+        },
+        "/sweeps/{sweep_id}/cancel": {
+            "post": operation(
+                "Cancel a sweep: its queued and running trials are cancelled, no new ones start",
+                {"200": json_response("Cancelled", schemas.SweepView)},
+                secured=True,
+            ),
+            "parameters": [SWEEP_ID_PARAM],
         },
         "/healthz": {"get": {"summary": "Process alive", "responses": {"200": json_response("ok", schemas.Health)}}},
         "/readyz": {

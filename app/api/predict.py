@@ -20,6 +20,7 @@ from app.api.errors import ApiError
 from app.api.schemas import PredictBatch, PredictOne
 from app.batching import MicroBatcher
 from app.model_access import ModelNotAllowed, fine_tuned_model
+from app.registry import CHAMPION, read_champion_pointer
 
 bp = Blueprint("predict", __name__)
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def predict():
     body = json_object()
     request_ = parse(PredictBatch if "items" in body else PredictOne, body)
     items = request_.items if isinstance(request_, PredictBatch) else [request_]
-    name = request_.model or default_model_name()
+    name = served_model(request_.model)
     answers = [a.to_dict() for a in bounded_answers(model_folder(name), [(i.question, i.passage) for i in items])]
     if isinstance(request_, PredictBatch):
         return jsonify(answers=answers, model=name)
@@ -128,6 +129,20 @@ def client_went_away(sock: socket.socket) -> bool:
         return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
     except (OSError, ValueError):
         return True
+
+
+def served_model(requested: str | None) -> str:
+    """A named model as it is; otherwise (or for "champion") the champion's job, read from Redis on every request
+    so a new champion is served at once; with no champion yet, the latest succeeded job."""
+    if requested not in (None, CHAMPION):
+        return requested
+    service = current_service()
+    pointer = read_champion_pointer(service.queue.connection, service.settings)
+    if pointer and pointer.get("job_id"):
+        return pointer["job_id"]
+    if requested == CHAMPION:
+        raise ApiError(404, "no champion yet: POST /models/champion first", code="no_model")
+    return default_model_name()
 
 
 def default_model_name() -> str:

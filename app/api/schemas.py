@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from app.run_folder import Progress
 
@@ -66,7 +66,7 @@ class PredictBatchResponse(BaseModel):
     model: str
 
 
-Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+Status = Literal["queued", "running", "succeeded", "failed", "cancelled", "pruned"]
 
 
 class JobAccepted(BaseModel):
@@ -146,3 +146,88 @@ class ErrorBody(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, str] | None = None
+
+
+class PromoteRequest(Strict):
+    """``POST /models/champion``: name the version by its job id or its number (one of the two)."""
+
+    job_id: Annotated[
+        str | None, Field(min_length=1, max_length=64, description="A job that registered a version.")
+    ] = None
+    version: Annotated[StrictInt | None, Field(ge=1, description="A version number of the registered model.")] = None
+    force: StrictBool = Field(False, description="Promote even if its val accuracy is below the champion's.")
+
+    @model_validator(mode="after")
+    def one_name(self):
+        if (self.job_id is None) == (self.version is None):
+            raise ValueError("give exactly one of job_id and version")
+        return self
+
+
+class ModelVersionView(BaseModel):
+    version: int
+    job_id: str | None
+    created_at: str
+    dev_accuracy: float | None
+    val_accuracy: float | None
+    params: dict
+    metrics: dict
+    aliases: list[str]
+    source: str
+    champion: bool
+
+
+class ModelList(BaseModel):
+    registered_model: str
+    champion: ModelVersionView | None
+    models: list[ModelVersionView]
+
+
+class ChampionView(BaseModel):
+    champion: ModelVersionView
+
+
+TrialStatus = Literal["queued", "running", "succeeded", "pruned", "failed", "cancelled"]
+
+
+class TrialRow(BaseModel):
+    """One trial of a sweep's leaderboard."""
+
+    trial: int
+    job_id: str | None
+    status: TrialStatus
+    params: dict = Field(description="The searched values this trial drew.")
+    dev_accuracy: float | None = Field(description="What the sweep chooses on (the kept epoch's dev accuracy).")
+    dev_accuracy_per_epoch: list[float]
+    val_accuracy: float | None = Field(description="Shown beside dev accuracy; never used to choose.")
+    pruned_at_epoch: int | None
+
+
+class SweepAccepted(BaseModel):
+    sweep_id: str
+    status: Literal["running"]
+
+
+class SweepView(BaseModel):
+    sweep_id: str
+    status: Literal["running", "finished", "cancelled"]
+    created_at: str | None
+    ended_at: str | None
+    base: dict
+    space: dict
+    trials: int
+    parallel: int
+    sampler: str
+    pruner: str | dict
+    promote: bool
+    counts: dict[str, int]
+    best: TrialRow | None
+    registration: dict | None = Field(description="The best trial's registered version, and whether it was promoted.")
+    leaderboard: list[TrialRow] | None = Field(None, description="Best dev accuracy first (absent in GET /sweeps).")
+
+
+class SweepList(BaseModel):
+    sweeps: list[SweepView]
+    page: int
+    per_page: int
+    total: int

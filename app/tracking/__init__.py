@@ -33,7 +33,10 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int | None) -> None: ...
     def log_artifact(self, path: Path) -> None: ...
     def log_dict(self, data: dict, name: str) -> None: ...
-    def register_model(self, model_dir: Path, metrics: dict[str, float]) -> None: ...
+    def register_model(self, model_dir: Path, metrics: dict[str, float], tags: dict[str, str] | None = None) -> None:
+        """Register the model folder as a new version; ``tags`` (job id, params, dev/val accuracy) go with it."""
+        ...
+
     def end_run(self, status: str) -> dict:
         """Close the run; return the references (run ids, model version) and any errors."""
         ...
@@ -69,7 +72,7 @@ class NullTracker:
     def log_dict(self, data: dict, name: str) -> None:
         pass
 
-    def register_model(self, model_dir: Path, metrics: dict[str, float]) -> None:
+    def register_model(self, model_dir: Path, metrics: dict[str, float], tags: dict[str, str] | None = None) -> None:
         pass
 
     def end_run(self, status: str) -> dict:
@@ -120,10 +123,10 @@ class CompositeTracker:
             with self.contained(backend_name):
                 backend.log_dict(data, name)
 
-    def register_model(self, model_dir: Path, metrics: dict[str, float]) -> None:
+    def register_model(self, model_dir: Path, metrics: dict[str, float], tags: dict[str, str] | None = None) -> None:
         for name, backend in self.working():
             with self.contained(name):
-                backend.register_model(model_dir, metrics)
+                backend.register_model(model_dir, metrics, tags)
 
     def end_run(self, status: str) -> dict:
         for name, backend in self.backends.items():

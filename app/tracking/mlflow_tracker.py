@@ -150,8 +150,8 @@ class MlflowTracker:
     def log_dict(self, data: dict, name: str) -> None:
         self.retrying(self.client.log_dict, self.run_id, data, name)
 
-    def register_model(self, model_dir: Path, metrics: dict[str, float]) -> None:
-        """Register the model folder as a new version, metrics as tags.
+    def register_model(self, model_dir: Path, metrics: dict[str, float], tags: dict[str, str] | None = None) -> None:
+        """Register the model folder as a new version, metrics and ``tags`` as its tags.
 
         With the local store the version points at the run folder's ``model/`` (one copy of the weights on
         disk); a tracking server cannot see this machine's disk, so there the folder is uploaded first.
@@ -167,10 +167,11 @@ class MlflowTracker:
             self.model_name,
             source=source,
             run_id=self.run_id,
-            tags={key: str(value) for key, value in metrics.items()},
+            tags={key: str(value) for key, value in metrics.items()} | (tags or {}),
         )
         self.model_version = str(version.version)
-        self.retrying(self.client.set_tag, self.run_id, "model_version", f"{self.model_name}/{self.model_version}")
+        if self.run_id is not None:
+            self.retrying(self.client.set_tag, self.run_id, "model_version", f"{self.model_name}/{self.model_version}")
 
     def ensure_registered_model(self) -> None:
         try:

@@ -107,11 +107,13 @@ class NeptuneTracker:
         field = f"artifacts/{name.replace('.', '_')}"
         self.run[field].upload(File.from_content(json.dumps(data, indent=2), extension="json"))
 
-    def register_model(self, model_dir: Path, metrics: dict[str, float]) -> None:
+    def register_model(self, model_dir: Path, metrics: dict[str, float], tags: dict[str, str] | None = None) -> None:
         """Record the model folder on the run (a Neptune model registry entry needs a server and a model key)."""
         self.model_path = str(Path(model_dir).resolve())
         self.run["model/path"] = self.model_path
         self.run["model/metrics"] = {key: float(value) for key, value in metrics.items()}
+        if tags:
+            self.run["model/tags"] = dict(tags)
 
     def end_run(self, status: str) -> dict:
         self.run["status"] = status

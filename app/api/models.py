@@ -1,0 +1,66 @@
+"""The model registry over HTTP: list the registered versions, and promote one to champion."""
+
+from __future__ import annotations
+
+import functools
+
+from flask import Blueprint, jsonify
+
+from app import registry
+from app.api.auth import require_token
+from app.api.body import json_object, parse
+from app.api.context import current_service
+from app.api.errors import ApiError
+from app.api.schemas import PromoteRequest
+from app.config import Settings
+
+bp = Blueprint("models", __name__)
+
+
+@bp.get("/models")
+def index():
+    service = current_service()
+    models = open_registry(service.settings)
+    versions = models.versions()
+    champion = next((v for v in versions if v.is_champion), None)
+    pointer = registry.read_champion_pointer(service.queue.connection, service.settings)
+    if champion is not None and (pointer or {}).get("version") != champion.version:
+        # Promoted elsewhere (python -m app sweep --promote, MLflow's UI) or Redis was reset: copy it again.
+        registry.write_champion_pointer(service.queue.connection, service.settings, champion)
+    return jsonify(
+        registered_model=models.name,
+        champion=champion.to_dict() if champion else None,
+        models=[v.to_dict() for v in versions],
+    )
+
+
+@bp.post("/models/champion")
+@require_token
+def promote():
+    service = current_service()
+    request_ = parse(PromoteRequest, json_object())
+    models = open_registry(service.settings)
+    try:
+        if request_.version is not None:
+            version = models.version(request_.version)
+        else:
+            version = models.version_of_job(request_.job_id)
+        champion = models.promote(version, force=request_.force)
+    except registry.RegistryError as exc:
+        raise ApiError(404, str(exc)) from exc
+    except registry.NotBetter as exc:
+        raise ApiError(409, str(exc), {"force": "needed to promote a version with lower val accuracy"}) from exc
+    registry.write_champion_pointer(service.queue.connection, service.settings, champion)
+    return jsonify(champion=champion.to_dict())
+
+
+def open_registry(settings: Settings) -> registry.ModelRegistry:
+    try:
+        return cached_registry(settings)
+    except registry.RegistryOff as exc:
+        raise ApiError(409, str(exc), code="registry_off") from exc
+
+
+@functools.lru_cache(maxsize=4)
+def cached_registry(settings: Settings) -> registry.ModelRegistry:
+    return registry.ModelRegistry(settings)

@@ -1,0 +1,71 @@
+"""Sweep endpoints: start a sweep, list sweeps, inspect one (leaderboard best first), cancel one."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify, request, url_for
+
+from app import jobs, sweeps
+from app.api.auth import require_token
+from app.api.body import json_object, parse
+from app.api.context import current_service
+from app.api.errors import ApiError
+from app.api.jobs import JOB_ID_PATTERN
+from app.api.schemas import JobsQuery
+
+bp = Blueprint("sweeps", __name__)
+
+
+@bp.post("/sweeps")
+@require_token
+def create():
+    service = current_service()
+    request_ = parse(sweeps.SweepRequest, json_object())
+    try:
+        base = sweeps.validate_request(request_, service.settings)
+    except sweeps.SweepError as exc:
+        raise ApiError(422, f"invalid sweep: {exc}", exc.fields) from exc
+    sweep_id = sweeps.create_sweep(request_, base, service.settings, service.queue)
+    location = url_for("sweeps.show", sweep_id=sweep_id)
+    return jsonify(sweep_id=sweep_id, status="running"), 202, {"Location": location}
+
+
+@bp.get("/sweeps")
+def index():
+    service = current_service()
+    query = parse(JobsQuery, request.args.to_dict(), where="query")
+    ids = sweeps.sweep_ids(service.settings)
+    start = (query.page - 1) * query.per_page
+    page = [
+        sweeps.describe_sweep(service.settings, service.queue, i, leaderboard_rows=False)
+        for i in ids[start : start + query.per_page]
+    ]
+    return jsonify(sweeps=page, page=query.page, per_page=query.per_page, total=len(ids))
+
+
+@bp.get("/sweeps/<sweep_id>")
+def show(sweep_id: str):
+    service = current_service()
+    find_sweep(sweep_id)
+    sweeps.advance(service.settings, service.queue, sweep_id)  # notices trials whose worker died
+    return jsonify(sweeps.describe_sweep(service.settings, service.queue, sweep_id))
+
+
+@bp.post("/sweeps/<sweep_id>/cancel")
+@require_token
+def cancel(sweep_id: str):
+    service = current_service()
+    find_sweep(sweep_id)
+    try:
+        sweeps.cancel_sweep(service.settings, service.queue, sweep_id)
+    except jobs.JobAlreadyFinished as exc:
+        raise ApiError(409, str(exc)) from exc
+    return jsonify(sweeps.describe_sweep(service.settings, service.queue, sweep_id))
+
+
+def find_sweep(sweep_id: str) -> None:
+    if not JOB_ID_PATTERN.fullmatch(sweep_id):
+        raise ApiError(404, f"no sweep {sweep_id!r}", {"sweep_id": "sweep ids are 1-64 letters, digits, '-' or '_'"})
+    try:
+        sweeps.load_study(current_service().settings, sweep_id, telling=True)
+    except sweeps.SweepNotFound as exc:
+        raise ApiError(404, f"no sweep {sweep_id}", {"sweep_id": "unknown sweep id"}) from exc

@@ -1,0 +1,171 @@
+"""The model registry (MLflow's, model ``REGISTERED_MODEL_NAME``): versions, their tags, and the champion.
+
+A version carries its job id, params, dev and val accuracy as tags. The champion is MLflow's alias
+``champion``; a copy of it in Redis (``champion_key``) lets every API replica find it with one GET, so a new
+champion is served within a request, without a restart. No torch here; MLflow is imported when first used.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from app.config import Settings
+
+CHAMPION = "champion"
+# Tag values are strings; these version tags are read back as numbers.
+NUMERIC_TAGS = ("dev_accuracy", "val_accuracy", "accuracy", "precision", "recall", "f1", "majority_baseline")
+
+
+class RegistryError(LookupError):
+    """No such version, or no version for that job."""
+
+
+class RegistryOff(RuntimeError):
+    """TRACKER does not include mlflow, so there is no registry."""
+
+
+class NotBetter(ValueError):
+    """The version's val accuracy is below the champion's and ``force`` was not given."""
+
+
+def version_tags(job_id: str, params: dict, metrics: dict) -> dict[str, str]:
+    """The tags a registered version carries: job id, params, dev accuracy (of the kept epoch), val accuracy."""
+    dev = metrics["dev_accuracy_per_epoch"][metrics["kept_epoch"] - 1]
+    return {
+        "job_id": job_id,
+        "params": json.dumps(params, sort_keys=True),
+        "dev_accuracy": str(dev),
+        "val_accuracy": str(metrics["accuracy"]),
+    }
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    version: int
+    job_id: str | None
+    created_at: str
+    dev_accuracy: float | None
+    val_accuracy: float | None
+    params: dict
+    metrics: dict
+    aliases: list[str]
+    source: str
+
+    @property
+    def is_champion(self) -> bool:
+        return CHAMPION in self.aliases
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"champion": self.is_champion}
+
+
+def champion_key(settings: Settings) -> str:
+    """The Redis key holding the champion's version and job id, per queue (one service per queue)."""
+    return f"boolq:{settings.queue_name}:champion"
+
+
+def read_champion_pointer(redis, settings: Settings) -> dict | None:
+    raw = redis.get(champion_key(settings))
+    return json.loads(raw) if raw else None
+
+
+def write_champion_pointer(redis, settings: Settings, version: ModelVersion) -> None:
+    pointer = {"version": version.version, "job_id": version.job_id, "set_at": time.time()}
+    redis.set(champion_key(settings), json.dumps(pointer))
+
+
+class ModelRegistry:
+    """The registered model's versions in MLflow, read and promoted through ``MlflowClient``."""
+
+    def __init__(self, settings: Settings):
+        from app.tracking import parse_tracker_names
+
+        if "mlflow" not in parse_tracker_names(settings.tracker):
+            raise RegistryOff("the model registry is MLflow's: set TRACKER to include mlflow")
+        from app.tracking.mlflow_tracker import MlflowTracker, sqlite_setup_lock
+
+        self.tracker = MlflowTracker.from_settings(settings)
+        self.name = settings.registered_model_name
+        with sqlite_setup_lock(self.tracker.tracking_uri):
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=self.tracker.tracking_uri, registry_uri=self.tracker.tracking_uri)
+            self.client.search_registered_models(max_results=1)  # creates the tables of a new local store
+
+    def versions(self) -> list[ModelVersion]:
+        """Every version, newest first."""
+        found = self.client.search_model_versions(f"name = '{self.name}'", order_by=["version_number DESC"])
+        champion = self.champion()  # search results carry no aliases
+        return [champion if champion and champion.version == int(v.version) else self.describe(v) for v in found]
+
+    def version(self, number: int) -> ModelVersion:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.describe(self.client.get_model_version(self.name, str(number)))
+        except MlflowException as exc:
+            raise RegistryError(f"{self.name} has no version {number}") from exc
+
+    def version_of_job(self, job_id: str) -> ModelVersion:
+        found = self.client.search_model_versions(f"name = '{self.name}' and tags.job_id = '{job_id}'")
+        if not found:
+            raise RegistryError(f"job {job_id} has no registered version (it was not registered, or did not succeed)")
+        return self.describe(max(found, key=lambda v: int(v.version)))
+
+    def champion(self) -> ModelVersion | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.describe(self.client.get_model_version_by_alias(self.name, CHAMPION))
+        except MlflowException:
+            return None
+
+    def promote(self, version: ModelVersion, force: bool = False) -> ModelVersion:
+        """Make ``version`` the champion; one with lower val accuracy than the current champion needs ``force``."""
+        current = self.champion()
+        worse = current is not None and (version.val_accuracy or 0.0) < (current.val_accuracy or 0.0)
+        if worse and not force:
+            raise NotBetter(
+                f"version {version.version} has val accuracy {version.val_accuracy:.4f}, below the champion's "
+                f"(version {current.version}, {current.val_accuracy:.4f}); send force: true to promote it anyway"
+            )
+        self.client.set_registered_model_alias(self.name, CHAMPION, str(version.version))
+        return self.version(version.version)
+
+    def register(
+        self, run_dir: Path, job_id: str, params: dict, metrics: dict, mlflow_run_id: str | None
+    ) -> ModelVersion:
+        """Register a finished run folder's model after the fact (a sweep's best trial)."""
+        from app import run_folder
+
+        tracker = self.tracker
+        tracker.client, tracker.run_id = self.client, mlflow_run_id
+        if mlflow_run_id is not None:
+            tracker.artifact_uri = self.client.get_run(mlflow_run_id).info.artifact_uri
+        tracker.register_model(run_dir / run_folder.MODEL, {}, version_tags(job_id, params, metrics))
+        return self.version(int(tracker.model_version))
+
+    def describe(self, v) -> ModelVersion:
+        tags = dict(v.tags or {})
+        return ModelVersion(
+            version=int(v.version),
+            job_id=tags.get("job_id"),
+            created_at=datetime.fromtimestamp(v.creation_timestamp / 1000, UTC).isoformat(),
+            dev_accuracy=number(tags.get("dev_accuracy")),
+            val_accuracy=number(tags.get("val_accuracy")),
+            params=json.loads(tags["params"]) if "params" in tags else {},
+            metrics={k: number(tags[k]) for k in NUMERIC_TAGS if k in tags},
+            aliases=list(getattr(v, "aliases", None) or []),
+            source=v.source,
+        )
+
+
+def number(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None

@@ -1,0 +1,198 @@
+"""Sweeps: an Optuna study whose trials are ordinary jobs on real RQ workers (real Redis, real tiny training,
+real MLflow), driven through the API; its validation; and the same sweep run locally by the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from app.api import create_app
+from tests.helpers import REPO_ROOT, service_settings, settings_env, wait_for
+
+# Two epochs of 4 steps over 40 rows at 32 tokens: a trial takes seconds.
+BASE = dict(model="minilm", train_limit=40, eval_limit=8, max_length=32, epochs=2, batch_size=8, dev_size=0.25)
+SPACE = {"lr": {"low": 1e-5, "high": 2e-4, "log": True}, "warmup_ratio": [0, 0.1]}
+
+
+@pytest.fixture(scope="module")
+def settings(redis_url, tmp_path_factory):
+    return service_settings(redis_url, tmp_path_factory.mktemp("sweeps"), tracker="mlflow")
+
+
+@pytest.fixture(scope="module")
+def client(settings):
+    return create_app(settings).test_client()
+
+
+@pytest.fixture(scope="module")
+def worker(launcher, settings):
+    return launcher.worker(settings)
+
+
+def finished(client, sweep_id: str, timeout_s: float = 600) -> list[dict]:
+    """Poll GET /sweeps/<id> until the sweep has ended; every view seen, the last one final."""
+    seen = []
+
+    def ended():
+        seen.append(client.get(f"/sweeps/{sweep_id}").get_json())
+        return seen[-1]["status"] != "running"
+
+    wait_for(ended, timeout_s, f"sweep {sweep_id} to end", interval_s=0.5)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def tpe_sweep(client, worker):
+    body = {"base": BASE, "space": SPACE, "trials": 3, "parallel": 2, "sampler": "tpe", "pruner": "median"}
+    submitted = client.post("/sweeps", json=body | {"promote": True, "seed": 3})
+    assert submitted.status_code == 202, submitted.get_json()
+    return submitted, finished(client, submitted.get_json()["sweep_id"])
+
+
+def test_a_sweep_answers_202_with_its_location(tpe_sweep):
+    submitted, _ = tpe_sweep
+    assert submitted.headers["Location"] == f"/sweeps/{submitted.get_json()['sweep_id']}"
+    assert submitted.get_json()["status"] == "running"
+
+
+def test_a_sweep_runs_its_trials_as_jobs_at_most_parallel_at_once(tpe_sweep, client):
+    _, views = tpe_sweep
+    final = views[-1]
+    assert final["status"] == "finished" and final["counts"]["succeeded"] == 3
+    assert all(v["counts"]["queued"] + v["counts"]["running"] <= 2 for v in views)
+    listed = {j["job_id"]: j for j in client.get("/jobs?per_page=100").get_json()["jobs"]}
+    for row in final["leaderboard"]:
+        assert listed[row["job_id"]]["status"] == "succeeded"
+        assert listed[row["job_id"]]["params"]["register"] is False  # a trial registers nothing itself
+        assert set(row["params"]) == {"lr", "warmup_ratio"} and row["params"]["warmup_ratio"] in (0, 0.1)
+        assert 1e-5 <= row["params"]["lr"] <= 2e-4
+        assert listed[row["job_id"]]["params"]["lr"] == row["params"]["lr"]
+
+
+def test_the_leaderboard_is_ordered_by_dev_accuracy_with_val_beside_it(tpe_sweep):
+    final = tpe_sweep[1][-1]
+    board = final["leaderboard"]
+    assert [(-r["dev_accuracy"], r["trial"]) for r in board] == sorted((-r["dev_accuracy"], r["trial"]) for r in board)
+    for row in board:
+        assert len(row["dev_accuracy_per_epoch"]) == 2 and row["dev_accuracy"] == row["dev_accuracy_per_epoch"][-1]
+        assert 0 <= row["val_accuracy"] <= 1
+    assert final["best"] == board[0]
+    assert final["space"] == SPACE and final["base"]["train_limit"] == 40 and final["trials"] == 3
+
+
+def test_a_sweep_registers_only_its_best_trial_and_promotes_it(tpe_sweep, client):
+    final = tpe_sweep[1][-1]
+    registration = final["registration"]
+    assert registration["job_id"] == final["best"]["job_id"] and registration["promoted"] is True
+    models = client.get("/models").get_json()
+    assert [m["job_id"] for m in models["models"]] == [final["best"]["job_id"]]
+    assert models["champion"]["job_id"] == final["best"]["job_id"]
+    assert models["champion"]["dev_accuracy"] == final["best"]["dev_accuracy"]
+
+
+def test_a_grid_sweep_tries_each_combination_of_choices_once(client, worker):
+    body = {"base": BASE | {"epochs": 1}, "space": {"lr": [1e-4, 2e-4], "model": ["minilm"]}, "sampler": "grid"}
+    submitted = client.post("/sweeps", json=body | {"trials": 2, "pruner": "none"})
+    assert submitted.status_code == 202, submitted.get_json()
+    final = finished(client, submitted.get_json()["sweep_id"])[-1]
+    assert final["status"] == "finished" and final["counts"]["succeeded"] == 2
+    assert sorted(r["params"]["lr"] for r in final["leaderboard"]) == [1e-4, 2e-4]
+    assert all(r["params"]["model"] == "minilm" for r in final["leaderboard"])
+
+
+def test_the_pruner_stops_a_trial_after_an_epoch_with_status_pruned(client, worker, settings):
+    # Threshold 1.0: any dev accuracy below 100 % after an epoch stops the trial there.
+    body = {"base": BASE, "space": {"lr": [1e-4]}, "trials": 1, "pruner": {"threshold": 1.0}}
+    submitted = client.post("/sweeps", json=body)
+    assert submitted.status_code == 202, submitted.get_json()
+    final = finished(client, submitted.get_json()["sweep_id"])[-1]
+    (row,) = final["leaderboard"]
+    assert row["status"] == "pruned" and row["pruned_at_epoch"] == 1 and len(row["dev_accuracy_per_epoch"]) == 1
+    assert final["status"] == "finished" and final["best"] is None and final["registration"] is None
+    job = client.get(f"/jobs/{row['job_id']}").get_json()
+    assert job["status"] == "pruned"
+    assert not (settings.artifacts_dir / row["job_id"]).exists()  # a pruned trial leaves no model behind
+
+
+def test_cancel_stops_the_running_trial_and_starts_no_more(client, worker):
+    body = {"base": BASE | {"train_limit": 400, "epochs": 3}, "space": {"lr": [1e-4, 2e-4, 3e-4]}, "trials": 3}
+    sweep_id = client.post("/sweeps", json=body).get_json()["sweep_id"]
+
+    def running():
+        view = client.get(f"/sweeps/{sweep_id}").get_json()
+        return view["counts"]["running"] == 1
+
+    wait_for(running, 300, "the first trial to run")
+    response = client.post(f"/sweeps/{sweep_id}/cancel")
+    assert response.status_code == 200, response.get_json()
+    view = response.get_json()
+    assert view["status"] == "cancelled" and view["counts"]["cancelled"] == 1 and len(view["leaderboard"]) == 1
+    assert client.get(f"/jobs/{view['leaderboard'][0]['job_id']}").get_json()["status"] == "cancelled"
+    assert client.post(f"/sweeps/{sweep_id}/cancel").status_code == 409
+
+
+def test_sweeps_are_listed_newest_first_in_pages(client, tpe_sweep):
+    listing = client.get("/sweeps?per_page=2").get_json()
+    assert listing["page"] == 1 and listing["per_page"] == 2 and listing["total"] >= 1
+    assert len(listing["sweeps"]) <= 2 and "leaderboard" not in listing["sweeps"][0]
+    created = [s["created_at"] for s in listing["sweeps"]]
+    assert created == sorted(created, reverse=True)
+    assert client.get("/sweeps/no-such-sweep").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "rule"),
+    [
+        ({"space": {"nope": [1]}}, "space.nope", "not a searchable field"),
+        ({"space": {"register": [True]}}, "space.register", "not a searchable field"),
+        ({"space": {"lr": {"low": 0, "high": 1e-3}}}, "space.lr", "greater than 0"),
+        ({"space": {"lr": {"low": 1e-3, "high": 1e-4}}}, "space.lr", "low must not exceed high"),
+        ({"space": {"lr": {"low": 1e-5, "high": 1e-3, "log": True, "step": 1e-5}}}, "space.lr", "cannot be combined"),
+        ({"space": {"epochs": {"low": 1.5, "high": 3}}}, "space.epochs", "integer"),
+        ({"space": {"model": {"low": 1, "high": 2}}}, "space.model", "numeric field"),
+        ({"space": {"batch_size": [8, 0]}}, "space.batch_size", "greater than or equal to 1"),
+        ({"space": {"batch_size": [8, 8]}}, "space.batch_size", "distinct"),
+        ({"space": {"model": ["minilm", "../etc"]}}, "space.model", "not a folder"),
+        ({"space": {"lr": {"low": 1e-5, "high": 1e-3}}, "sampler": "grid"}, "space.lr", "list of choices"),
+        ({"space": {"lr": [1e-5, 1e-4]}, "sampler": "grid", "trials": 3}, "trials", "2 combinations"),
+        ({"space": {"lr": [1e-5]}, "base": {"epochs": 0}}, "base.epochs", "greater than or equal to 1"),
+        ({"space": {"epochs": [100]}, "trials": 500}, "trials", "SWEEP_MAX_EXAMPLES"),
+        ({"space": {}}, "space", "at least 1"),
+        ({"space": {"lr": []}}, "space.lr", "at least 1"),
+        ({"space": {"lr": [1e-4]}, "sampler": "cmaes"}, "sampler", "'tpe', 'random' or 'grid'"),
+        ({"space": {"lr": [1e-4]}, "trials": 0}, "trials", "greater than or equal to 1"),
+        ({"space": {"lr": [1e-4]}, "parallel": True}, "parallel", "valid integer"),
+        ({"space": {"lr": [1e-4]}, "extra": 1}, "extra", "Extra inputs"),
+    ],
+)
+def test_a_bad_sweep_is_refused_with_422_naming_the_field_and_rule(client, body, field, rule):
+    response = client.post("/sweeps", json=body)
+    error = response.get_json()["error"]
+    assert response.status_code == 422, error
+    matching = {k: v for k, v in error["fields"].items() if k == field or k.startswith(field + ".")}
+    assert matching and any(rule in v for v in matching.values()), error["fields"]
+
+
+def test_the_cli_runs_a_sweep_locally_and_prints_the_leaderboard(tmp_path, settings):
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"base": BASE | {"epochs": 1}, "space": {"lr": [1e-4, 2e-4]}, "sampler": "grid"}))
+    env = settings_env(settings.model_copy(update=dict(artifacts_dir=tmp_path / "runs", tracker="none")))
+    argv = [sys.executable, "-m", "app", "sweep", "--space", str(space), "--trials", "2", "--parallel", "1"]
+    done = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert "finished, 2 trials, grid sampler" in lines[0] and lines[1].split()[:3] == ["rank", "trial", "status"]
+    assert [line.split()[0] for line in lines[2:4]] == ["1", "2"] and all("succeeded" in line for line in lines[2:4])
+    assert "best (chosen on dev accuracy): trial" in done.stdout
+    assert (tmp_path / "runs" / "sweeps" / "sweeps.journal").is_file()
+
+
+def test_the_cli_refuses_a_bad_space_in_one_line(tmp_path, settings):
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"lr": {"low": 1e-5, "high": 1e-3}}))
+    argv = [sys.executable, "-m", "app", "sweep", "--space", str(space), "--sampler", "grid"]
+    done = subprocess.run(argv, cwd=REPO_ROOT, env=settings_env(settings), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "space.lr: the grid sampler needs a list of choices" in done.stderr
