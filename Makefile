@@ -1,9 +1,11 @@
-# Two entry points for a fresh machine (see README): `make demo` and `make test`.
+# Entry points for a fresh machine (see README): `make demo` and `make test`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# Full BoolQ for `make demo-full`: a folder with train.jsonl and val.jsonl, or `hub` (google/boolq, online).
+DATA_DIR ?= $(if $(wildcard ../shared/data/boolq/train.jsonl),../shared/data/boolq,hub)
 
-.PHONY: demo test lint format
+.PHONY: demo demo-full test test-fast lint format services
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -11,9 +13,22 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@
 
-# Fine-tune the offline model (minilm) on the bundled BoolQ sample and print accuracy; no server needed.
+# The pipeline end to end in ~2 minutes, offline: minilm on the bundled 400-row sample. Too few rows for a
+# model to learn BoolQ, and the summary says so; `make demo-full` is the run that learns.
 demo: $(BIN)/.installed
-	HF_HUB_OFFLINE=1 $(BIN)/python -m app train --model minilm --batch-size 16 --lr 1e-4 --epochs 2
+	@echo "== demo: fine-tune minilm on the bundled 400-row BoolQ sample (about 2 min of training on 2 cores)."
+	@echo "== It shows the pipeline end to end (data, training, dev and val evaluation, run folder, tracking)."
+	@echo "== 360 training rows are too few to learn BoolQ: expect accuracy near the majority baseline."
+	HF_HUB_OFFLINE=1 $(BIN)/python -m app train --model minilm --batch-size 16 --lr 1e-4 --epochs 2 --max-length 256
+	@echo "== Next: 'make demo-full' trains on the full BoolQ train split and beats the majority baseline;"
+	@echo "==       'python -m app predict --model-dir runs/<run id> --question ... --passage ...' asks the model."
+
+# The shortest measured run that learns (bench/README.md "demo-full"): the full train split, one epoch.
+demo-full: $(BIN)/.installed
+	@echo "== demo-full: minilm, 1 epoch over the full BoolQ train split ($(DATA_DIR))."
+	@echo "== Expect about 13 minutes of training on 2 idle cores (11-12 examples/s), ~67 % val accuracy vs 62.2 % majority."
+	HF_HUB_OFFLINE=$(if $(filter hub,$(DATA_DIR)),0,1) $(BIN)/python -m app train --model minilm \
+	    --data-dir $(DATA_DIR) --epochs 1 --lr 1e-4 --warmup-ratio 0.1 --batch-size 32 --max-length 256
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
@@ -23,5 +38,14 @@ format: $(BIN)/.installed
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: lint
+# The service tests need redis-server and nginx (and docker-compose to validate the compose file).
+services:
+	@bash .ci/services
+
+# Everything (~10 min on 2 idle cores). Installs the system services first when it can (root + apt).
+test: services lint
 	$(BIN)/python -m pytest
+
+# No training and no service processes: under 2 minutes.
+test-fast: lint
+	$(BIN)/python -m pytest -m "not slow"

@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -31,11 +30,31 @@ def option_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
+# The spellings Hugging Face's run_glue.py / TrainingArguments users type, accepted as aliases.
+HF_ALIASES = {
+    "lr": ["--learning-rate"],
+    "epochs": ["--num-train-epochs"],
+    "model": ["--model-name-or-path"],
+    "batch_size": ["--per-device-train-batch-size"],
+    "eps": ["--adam-epsilon"],
+    "max_length": ["--max-seq-length"],
+}
+
+
 def add_train_parser(commands) -> None:
-    train = commands.add_parser("train", help="fine-tune on BoolQ and evaluate on val")
+    train = commands.add_parser(
+        "train",
+        help="fine-tune on BoolQ and evaluate on val",
+        description="Fine-tune on BoolQ and evaluate on val. Each option is a field of TrainParams, the same "
+        "parameters POST /train takes; they are validated by it, with the same rules.",
+    )
     # Types are checked by TrainParams (one set of rules for CLI, API and jobs), so options stay strings.
     for name, info in TrainParams.model_fields.items():
-        train.add_argument(option_name(name), dest=name, metavar=name.upper(), help=info.description)
+        flags = [option_name(name), *HF_ALIASES.get(name, [])]
+        if info.annotation is bool:  # a bare --flag means true; --flag true|false also works
+            train.add_argument(*flags, dest=name, nargs="?", const="true", metavar="true|false", help=option_help(info))
+        else:
+            train.add_argument(*flags, dest=name, metavar=name.upper(), help=option_help(info))
     train.add_argument(
         "--data-dir",
         help="folder with train.jsonl and val.jsonl, or 'hub' (default: DATA_DIR)",
@@ -94,7 +113,7 @@ def add_worker_parser(commands) -> None:
 
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
-    import app.training  # noqa: F401  (loaded once here, so each forked job starts without importing torch)
+    import app.tasks  # noqa: F401  (loaded once here, so each forked job starts without importing torch)
     from app.jobs import make_worker
 
     quiet_libraries()
@@ -146,32 +165,18 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def option_help(info) -> str:
+    """The field's description, its default and its bounds, e.g. 'AdamW learning rate. (default: 5e-05; > 0, ≤ 1)'."""
+    symbols = {"gt": ">", "ge": "≥", "lt": "<", "le": "≤", "min_length": "length ≥", "max_length": "length ≤"}
+    bounds = [f"{symbols[key]} {getattr(rule, key)}" for rule in info.metadata for key in symbols if hasattr(rule, key)]
+    default = "none" if info.default is None else info.default
+    return f"{info.description} (default: {default}{'; ' + ', '.join(bounds) if bounds else ''})"
+
+
 def parse_train_params(args: argparse.Namespace) -> TrainParams:
-    """Coerce the given options to the model's types, then validate with TrainParams."""
-    given = {}
-    for name, info in TrainParams.model_fields.items():
-        raw = getattr(args, name)
-        if raw is None:
-            continue
-        given[name] = coerce_option(raw, info.annotation)
-    return TrainParams(**given)
-
-
-BOOLEAN_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-
-
-def coerce_option(raw: str, annotation) -> object:
-    """'32' → 32, '5e-5' → 5e-05, 'true' → True; anything unparsable stays a string for pydantic to reject by name."""
-    text = str(annotation)
-    if "bool" in text:
-        return BOOLEAN_WORDS.get(raw.lower(), raw)
-    for kind in (int, float):
-        if kind.__name__ in text:
-            try:
-                return kind(raw)
-            except ValueError:
-                continue
-    return raw
+    """Validate the given options with TrainParams, parsing each string as its field's type ('32' → 32)."""
+    given = {name: getattr(args, name) for name in TrainParams.model_fields if getattr(args, name) is not None}
+    return TrainParams.model_validate_strings(given)
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -182,22 +187,26 @@ def describe_validation_error(exc: ValidationError) -> str:
 
 def run_train(args: argparse.Namespace, settings: Settings) -> int:
     from app.tracking import make_tracker
-    from app.training import train_and_evaluate
 
     try:
         params = parse_train_params(args)
     except ValidationError as exc:
         return usage_error(describe_validation_error(exc))
     if args.tracker:
-        settings = replace(settings, tracker=args.tracker)
+        settings = settings.model_copy(update=dict(tracker=args.tracker))
     if args.output_dir:  # the local MLflow store and Neptune offline folder go with the run folders
-        settings = replace(settings, artifacts_dir=Path(args.output_dir))
+        settings = settings.model_copy(update=dict(artifacts_dir=Path(args.output_dir)))
     try:
         tracker = make_tracker(settings)
     except ValueError as exc:
         return usage_error(str(exc))
     data_dir = args.data_dir or settings.data_dir
     output_dir = settings.artifacts_dir
+    quiet_libraries()
+    from app.training import keep_freed_memory_in_heap, train_and_evaluate  # torch loads here, options valid
+
+    keep_freed_memory_in_heap()
+
     with ProgressBar() as bar:
         result = train_and_evaluate(
             params,
@@ -217,14 +226,20 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
 
 def summary(result) -> str:
     m = result.metrics
-    return (
+    lines = [
         f"val accuracy {result.accuracy:.4f} on {result.n_eval} examples "
         f"(F1 {m['f1']:.4f}, majority baseline {m['majority_baseline']:.4f}); "
         f"dev accuracy per epoch {[round(a, 4) for a in m['dev_accuracy_per_epoch']]}; "
-        f"{m['train_examples_per_s']:.1f} train examples/s\n"
-        f"run folder: {result.run_dir} (params.json, metrics.json, predictions.jsonl, model/)"
-        + "".join(f"\ntracking ({name}): {json.dumps(refs)}" for name, refs in result.tracking.items() if refs)
-    )
+        f"{m['train_examples_per_s']:.1f} train examples/s",
+    ]
+    if not m["learned"]:
+        lines.append(
+            "WARNING: the model learned nothing: its accuracy is within 1 point of always answering the majority "
+            "class. Train on more rows (e.g. the full BoolQ train split) or for longer."
+        )
+    lines.append(f"run folder: {result.run_dir}")
+    lines += [f"tracking ({name}): {json.dumps(refs)}" for name, refs in result.tracking.items() if refs]
+    return "\n".join(lines)
 
 
 class ProgressBar:
@@ -260,6 +275,7 @@ class ProgressBar:
 
 
 def run_predict(args: argparse.Namespace, settings: Settings) -> int:
+    quiet_libraries()
     from app.predict import ModelDirError, Predictor
 
     try:
@@ -304,19 +320,27 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from app.data import DataError
-    from app.modeling import DeviceNotAvailable, ModelNotAvailable
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        settings = Settings.from_env()
-    except ValueError as exc:
-        return usage_error(str(exc))
-    if args.command in ("train", "predict"):
-        quiet_libraries()
+        settings = Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        return usage_error(f"environment variable {str(first['loc'][0]).upper()}: {first['msg']}")
     try:
         return args.handler(args, settings)
-    except (DataError, DeviceNotAvailable, ModelNotAvailable) as exc:
+    except Exception as exc:
+        if not isinstance(exc, user_errors()):
+            raise
         print(f"python -m app: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors that say what to fix in one line (exit 1, no traceback); imported only once one happened,
+    so that commands that never train do not load torch."""
+    from app.data import DataError
+    from app.model_names import ModelNotAvailable
+    from app.modeling import DeviceNotAvailable
+
+    return DataError, DeviceNotAvailable, ModelNotAvailable

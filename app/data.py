@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -32,6 +33,14 @@ class BoolQExample:
 class BoolQ:
     train: list[BoolQExample]
     val: list[BoolQExample]
+
+
+def digest(rows: list[BoolQExample]) -> str:
+    """A short fingerprint of exactly these rows (ids, labels and text), so runs on different data differ."""
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(f"{row.idx}\t{int(row.label)}\t{row.question}\t{row.passage}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def load_boolq(source: str | Path) -> BoolQ:

@@ -58,9 +58,7 @@ class JobIndex:
         """Index the jobs a version without the index left in Redis; done once per queue."""
         if not self.connection.set(self.backfilled_key, "1", nx=True):
             return
-        from app.jobs import all_job_ids
-
-        ids = sorted(all_job_ids(self.queue))
+        ids = sorted(registered_job_ids(self.queue))
         for start in range(0, len(ids), 500):
             jobs = Job.fetch_many(ids[start : start + 500], self.connection, self.queue.serializer)
             found = {job.id: job.created_at.timestamp() for job in jobs if job is not None and job.created_at}
@@ -81,3 +79,19 @@ class JobIndex:
         for job_id in ids:
             pipe.zscore(failed_registry_key, job_id)
         return sum(score is not None for score in pipe.execute())
+
+
+def registered_job_ids(queue: Queue) -> set[str]:
+    """Ids of every job RQ still knows on this queue, whatever its state (loads every registry: used once)."""
+    registries = (
+        queue.started_job_registry,
+        queue.finished_job_registry,
+        queue.failed_job_registry,
+        queue.canceled_job_registry,
+        queue.deferred_job_registry,
+        queue.scheduled_job_registry,
+    )
+    ids = set(queue.get_job_ids())
+    for registry in registries:
+        ids.update(registry.get_job_ids())
+    return ids

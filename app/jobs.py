@@ -1,4 +1,4 @@
-"""Training as RQ jobs: the queue, the task a worker runs, and a job's state as the API reports it.
+"""Training as RQ jobs: the queue, and a job's state as the API reports it (the task is ``app.tasks``).
 
 The lifecycle is RQ's (statuses and registries in Redis); this module only maps it to the API's
 words (queued | running | succeeded | failed | cancelled). Progress lives in the job's ``meta``.
@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import time
-from dataclasses import asdict
 
 from redis import Redis
-from rq import Queue, Retry, Worker, get_current_job
+from rq import Queue, Retry, Worker
 from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
@@ -26,8 +24,9 @@ from app.redaction import without_server_paths
 
 log = logging.getLogger(__name__)
 
-# Progress is written to Redis at most this often (plus after every dev evaluation and the last step).
-PROGRESS_INTERVAL_S = 0.5
+LEARNED_NOTHING = "the model learned nothing: val accuracy is within 1 point of always answering the majority class"
+# The worker's task, by name: the web side never imports it (nor torch).
+TRAIN_TASK = "app.tasks.train_job"
 # RQ's failure_ttl when a job sets none (one year).
 DEFAULT_FAILURE_TTL = 365 * 24 * 3600
 # API-side Redis timeouts: a dead Redis answers 503 in seconds instead of hanging a request.
@@ -75,7 +74,7 @@ def training_queue(settings: Settings, connection: Redis) -> Queue:
 def enqueue_training(queue: Queue, params: TrainParams, settings: Settings) -> Job:
     """Put one training run on the queue (and in the job index); the job id becomes the run folder's name."""
     job = queue.enqueue(
-        train_job,
+        TRAIN_TASK,
         params.model_dump(),
         job_timeout=settings.job_timeout,
         result_ttl=settings.result_ttl,
@@ -86,55 +85,6 @@ def enqueue_training(queue: Queue, params: TrainParams, settings: Settings) -> J
     )
     JobIndex(queue).add(job)
     return job
-
-
-def train_job(params_dict: dict) -> dict:
-    """The task an RQ worker runs: fine-tune, evaluate, write ``ARTIFACTS_DIR/<job id>/``, return the results."""
-    from app.model_access import model_for_training
-    from app.tracking import make_tracker
-    from app.training import train_and_evaluate
-
-    settings = Settings.from_env()
-    job = get_current_job()
-    params = TrainParams(**params_dict)
-    params = params.model_copy(update={"model": model_for_training(params.model, settings)})
-    remove_unfinished_run(settings, job.id)
-    result = train_and_evaluate(
-        params,
-        settings.data_dir,
-        settings.artifacts_dir,
-        run_id=job.id,
-        num_threads=settings.num_threads,
-        device=settings.device,
-        on_progress=ProgressReporter(job),
-        tracker=make_tracker(settings),
-    )
-    return result.to_dict()
-
-
-def remove_unfinished_run(settings: Settings, job_id: str) -> None:
-    """A retried job starts over: drop the folder a killed attempt left without metrics.json."""
-    run_dir = settings.artifacts_dir / job_id
-    if run_dir.is_dir() and not (run_dir / "metrics.json").exists():
-        log.warning("removing unfinished run folder %s from an earlier attempt", run_dir)
-        shutil.rmtree(run_dir)
-
-
-class ProgressReporter:
-    """The engine's progress callback: stores progress in the job's meta, throttled to spare Redis."""
-
-    def __init__(self, job: Job):
-        self.job = job
-        self.last_write = 0.0
-
-    def __call__(self, progress) -> None:
-        now = time.monotonic()
-        epoch_end = progress.dev_accuracy is not None or progress.step == progress.total_steps
-        if not epoch_end and now - self.last_write < PROGRESS_INTERVAL_S:
-            return
-        self.job.meta["progress"] = asdict(progress)
-        self.job.save_meta()
-        self.last_write = now
 
 
 def make_worker(settings: Settings) -> Worker:
@@ -162,22 +112,6 @@ def fetch_job(queue: Queue, job_id: str) -> Job:
 
 def public_status(job: Job) -> str:
     return PUBLIC_STATUS.get(job.get_status(refresh=False), "queued")
-
-
-def all_job_ids(queue: Queue) -> set[str]:
-    """Ids of every job RQ still knows on this queue, whatever its state (registries clean up first)."""
-    registries = (
-        queue.started_job_registry,
-        queue.finished_job_registry,
-        queue.failed_job_registry,
-        queue.canceled_job_registry,
-        queue.deferred_job_registry,
-        queue.scheduled_job_registry,
-    )
-    ids = set(queue.get_job_ids())
-    for registry in registries:
-        ids.update(registry.get_job_ids())
-    return ids
 
 
 def recent_jobs(queue: Queue, page: int, per_page: int) -> tuple[list[Job], int]:
@@ -242,7 +176,10 @@ def result_summary(job: Job) -> dict | None:
     if not value:
         return None
     keys = ("accuracy", "n_eval", "dev_accuracy", "metrics", "tracking")
-    return {k: value.get(k) for k in keys} | {"model": job.id}
+    summary = {k: value.get(k) for k in keys} | {"model": job.id, "warning": None}
+    if (value.get("metrics") or {}).get("learned") is False:
+        summary["warning"] = LEARNED_NOTHING
+    return summary
 
 
 def failure_of(job: Job) -> dict:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from app.config import Settings
-from app.modeling import MINILM_ALIAS, is_hub_id
+from app.model_names import MINILM_ALIAS, is_hub_id
+from app.run_folder import checkpoint_folder
 
 # Longest model name a request may use: a file name's limit on Linux, so no name can make a path too long.
 MAX_MODEL_NAME = 255
@@ -47,20 +48,6 @@ def folder_under_roots(name: str, roots: tuple[Path, ...]) -> Path | None:
                 return folder
         except (OSError, ValueError):  # a component too long for the file system, a loop of links
             continue
-    return None
-
-
-def checkpoint_folder(folder: Path) -> Path | None:
-    """The Hugging Face checkpoint inside a run folder (``model/``) or the folder itself.
-
-    A run folder without ``metrics.json`` (written last) is unfinished: its job was killed or is still
-    running, so whatever weights it holds are never taken for a model.
-    """
-    if (folder / "params.json").is_file() and not (folder / "metrics.json").is_file():
-        return None
-    for candidate in (folder / "model", folder):
-        if (candidate / "config.json").is_file():
-            return candidate
     return None
 
 

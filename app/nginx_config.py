@@ -19,7 +19,7 @@ NGINX_DIR = PROJECT_ROOT / "nginx"
 TEMPLATE_NAME = "nginx.conf.template"
 COMPOSE_CONF_PATH = NGINX_DIR / "nginx.conf"
 
-# Port of the API replicas inside the compose network and of nginx on the host (the seed's 4000 → 5000).
+# Port of the API replicas inside the compose network and of nginx on the host (the tutorial script's 4000 → 5000).
 COMPOSE_API_SERVER = "api:5000"
 LISTEN_PORT = 4000
 # Docker's embedded DNS server, reachable from every container on a user-defined network.

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from app import run_folder
 from app.data import BoolQExample
+from app.encoding import Encoded, encode
+from app.evaluation import predict_probabilities
 from app.modeling import compute_last_layer_for_first_token_only
-from app.training import Encoded, encode, predict_probabilities
+from app.params import TrainParams
 
-DEFAULT_MAX_LENGTH = 256
 # Tokens per forward pass of a large request: the granularity at which a deadline or a gone client stops it.
 CHUNK_TOKENS = 4096
 
@@ -46,9 +47,9 @@ class Answer:
 def find_model_folder(path: str | Path) -> Path:
     """Accept a run folder (holding ``model/``) or the model folder itself."""
     path = Path(path).expanduser()
-    for candidate in (path / "model", path):
-        if (candidate / "config.json").is_file():
-            return candidate
+    folder = run_folder.checkpoint_folder(path)
+    if folder is not None:
+        return folder
     raise ModelDirError(f"{path} is neither a run folder with model/ nor a model folder with config.json")
 
 
@@ -99,7 +100,6 @@ def token_chunks(lengths: list[int], chunk_tokens: int) -> list[list[int]]:
 
 def trained_max_length(model_folder: Path) -> int:
     """The ``max_length`` the run trained with (from its params.json), so inference truncates the same way."""
-    params = model_folder.parent / "params.json"
-    if params.is_file():
-        return int(json.loads(params.read_text()).get("max_length", DEFAULT_MAX_LENGTH))
-    return DEFAULT_MAX_LENGTH
+    default = TrainParams.model_fields["max_length"].default
+    params = run_folder.read_params(model_folder.parent) or {}
+    return int(params.get("max_length", default))

@@ -26,8 +26,10 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from app.data import load_boolq  # noqa: E402
+from app.encoding import collate, encode, length_grouped_batches  # noqa: E402
 from app.modeling import compute_last_layer_for_first_token_only, load_classifier, load_tokenizer  # noqa: E402
-from app.training import collate, encode, keep_freed_memory_in_heap, length_grouped_batches  # noqa: E402
+from app.params import TrainParams  # noqa: E402
+from app.training import keep_freed_memory_in_heap, make_optimizer, train_step  # noqa: E402
 
 FULL_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "boolq"
 FEATURES = ("fused_adamw", "first_token_only", "heap_reuse")
@@ -35,7 +37,7 @@ VARIANTS = {"engine": set(FEATURES)} | {f"without {f}": set(FEATURES) - {f} for 
 
 
 def time_steps(features: set[str], data_dir: str, rows: int, warmup: int, steps: int, threads: int) -> list[float]:
-    """Seconds per step of the engine's step (forward, backward, clip, AdamW) with the given features."""
+    """Seconds per step of the engine's own ``train_step`` (forward, backward, clip, AdamW) with the given features."""
     if "heap_reuse" in features:
         keep_freed_memory_in_heap()
     if threads > 0:
@@ -45,16 +47,13 @@ def time_steps(features: set[str], data_dir: str, rows: int, warmup: int, steps:
     model = load_classifier("minilm").train()
     if "first_token_only" in features:
         compute_last_layer_for_first_token_only(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-8, fused="fused_adamw" in features)
+    optimizer = make_optimizer(model, TrainParams(lr=1e-4, eps=1e-8), fused="fused_adamw" in features)
     data = encode(tokenizer, load_boolq(data_dir).train[:rows], 256)
     batches = length_grouped_batches([len(i) for i in data.input_ids], 32, torch.Generator().manual_seed(0))
     seconds = []
     for indices in batches[: warmup + steps]:
         started = time.perf_counter()
-        model(**collate(data, indices, tokenizer.pad_token_id)).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, collate(data, indices, tokenizer.pad_token_id), optimizer)
         seconds.append(time.perf_counter() - started)
     return seconds[warmup:]
 

@@ -1,4 +1,4 @@
-"""The baseline: the McCormick & Ryan "BERT Fine-Tuning Tutorial with PyTorch" recipe the seed followed.
+"""The baseline: the McCormick & Ryan "BERT Fine-Tuning Tutorial with PyTorch" recipe our first script followed.
 
 Kept faithful on purpose, slow parts included: one tokenizer call per example (``encode_plus`` in older
 transformers; calling the tokenizer on one pair is the same thing), every example padded to ``max_length``,

@@ -12,7 +12,7 @@ import huggingface_hub.constants
 import pytest
 
 from app.api import create_app
-from tests.conftest import TINY_JOB, service_settings
+from tests.helpers import TINY_JOB, service_settings
 
 
 def client_for(redis_url, tmp_path, **overrides):

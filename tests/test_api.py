@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import replace
 
 import pytest
 import requests
 
 from app.api import create_app
 from app.api.schemas import MAX_ITEMS
-from tests.conftest import TINY_JOB, free_port, service_settings
+from tests.helpers import TINY_JOB, free_port, service_settings
 
 
 @pytest.fixture
@@ -46,7 +45,7 @@ def test_readyz_is_ok_when_redis_answers_and_artifacts_are_writable(client):
 
 
 def test_redis_down_gives_503_on_readyz_and_train_without_hanging(settings):
-    down = create_app(replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")).test_client()
+    down = create_app(settings.model_copy(update=dict(redis_url=f"redis://127.0.0.1:{free_port()}/0"))).test_client()
     started = time.monotonic()
     ready = down.get("/readyz")
     train = down.post("/train", json=TINY_JOB)
@@ -270,3 +269,13 @@ def test_a_job_submitted_through_gunicorn_is_seen_by_another_instance(served):
     job_id = response.json()["job_id"]
     view = create_app(settings).test_client().get(f"/jobs/{job_id}").get_json()
     assert view["status"] == "queued" and view["job_id"] == job_id
+
+
+def test_the_api_imports_no_torch():
+    """Web processes stay light: the worker's task is enqueued by name, run folders are read without torch."""
+    import subprocess
+    import sys
+
+    probe = "import sys, app.api, app.jobs; print(sorted({'torch', 'sklearn', 'transformers'} & set(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from app.api import create_app
 from app.batching import MicroBatcher
 from app.data import load_boolq
 from app.predict import Predictor
-from tests.conftest import service_settings
+from tests.helpers import service_settings
 
 CALLERS = 8
 
@@ -108,7 +107,7 @@ def test_predict_endpoint_batches_concurrent_requests(tiny_run, redis_url, tmp_p
     """Through the Flask app: concurrent one-item requests, fewer forward passes (seen in /metrics)."""
     run_dir = Path(tiny_run[0].run_dir)
     settings = service_settings(redis_url, tmp_path, model_roots=(run_dir.parent,))
-    app = create_app(replace(settings, predict_max_batch=32, predict_batch_wait_ms=500))
+    app = create_app(settings.model_copy(update=dict(predict_max_batch=32, predict_batch_wait_ms=500)))
     model = run_dir.name
     start = threading.Barrier(CALLERS)
 

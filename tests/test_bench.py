@@ -67,6 +67,7 @@ def test_summary_reports_ratios_and_targets(runs):
     json.dumps(summary)
 
 
+@pytest.mark.slow
 def test_tutorial_loop_updates_the_weights():
     config = replace(TINY, model_size="tiny")
     torch.manual_seed(0)
@@ -92,6 +93,7 @@ def test_engine_padded_tokens_counts_batch_widths():
     assert engine_padded_tokens(lengths, batch_size=4, seed=0, epochs=1) == 4 * 9
 
 
+@pytest.mark.slow
 def test_script_prints_one_json_object():
     command = [
         sys.executable,
@@ -119,6 +121,7 @@ def test_peak_is_the_best_measurement_per_dtype():
     assert best_peaks(before, after) == {"fp32": after["fp32"], "bf16": before["bf16"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["engine", "without first_token_only"])
 def test_step_ablation_times_real_training_steps(variant):
     seconds = time_steps(VARIANTS[variant], str(SAMPLE_DATA_DIR), rows=100, warmup=1, steps=2, threads=0)

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from app.api import create_app
-from tests.conftest import TINY_JOB, service_settings, wait_for
+from tests.helpers import TINY_JOB, service_settings, wait_for
 
 LONG_PASSAGE = " ".join(["the river runs past the old mill and under the stone bridge"] * 60)  # > 512 tokens
 HUGE = {"items": [{"question": f"does the river run {i}", "passage": LONG_PASSAGE} for i in range(256)]}
@@ -43,9 +43,7 @@ def wide_model_settings(tiny_run, redis_url, tmp_path_factory):
 
 
 def test_predict_over_the_token_cap_is_422_before_any_compute(wide_model_settings):
-    from dataclasses import replace
-
-    client = create_app(replace(wide_model_settings, predict_max_tokens=10_000)).test_client()
+    client = create_app(wide_model_settings.model_copy(update={"predict_max_tokens": 10_000})).test_client()
     started = time.monotonic()
     response = client.post("/predict", json=HUGE | {"model": "wide"})
     assert response.status_code == 422 and error_of(response)["code"] == "too_many_tokens"
@@ -73,9 +71,7 @@ def idle_cpu_share(pid: int, seconds: float = 2.0) -> float:
 
 @pytest.fixture(scope="module")
 def predict_server(launcher, wide_model_settings):
-    from dataclasses import replace
-
-    settings = replace(wide_model_settings, predict_timeout_s=3.0, predict_max_tokens=200_000)
+    settings = wide_model_settings.model_copy(update={"predict_timeout_s": 3.0, "predict_max_tokens": 200_000})
     url = launcher.server(settings, workers=1)
     return url, launcher.processes[-1]
 

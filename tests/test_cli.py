@@ -31,8 +31,45 @@ def test_bad_option_is_one_line_naming_it_exit_2(args, option):
 
 
 def test_unknown_option_exit_2():
-    proc = run_cli("train", "--learning-rate", "1")
-    assert proc.returncode == 2 and "--learning-rate" in proc.stderr
+    proc = run_cli("train", "--weight-decay", "1")
+    assert proc.returncode == 2 and "--weight-decay" in proc.stderr
+
+
+def test_help_shows_defaults_and_ranges_without_loading_torch():
+    probe = (
+        "import sys, contextlib, io\n"
+        "from app.cli import main\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+        "    main(['train', '--help'])\n"
+        "print(out.getvalue())\n"
+        "print('torch loaded:', 'torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert "torch loaded: False" in proc.stdout
+    help_text = " ".join(proc.stdout.split())
+    assert "AdamW learning rate. (default: 5e-05; > 0, ≤ 1)" in help_text
+    assert "--learning-rate" in help_text and "--num-train-epochs" in help_text
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--keep-best-epoch"], {"keep_best_epoch": True}),
+        (["--keep-best-epoch", "false"], {"keep_best_epoch": False}),
+        (["--keep-best-epoch", "true", "--epochs", "3"], {"keep_best_epoch": True, "epochs": 3}),
+        (
+            ["--learning-rate", "1e-4", "--num-train-epochs", "3", "--model-name-or-path", "minilm"],
+            {"lr": 1e-4, "epochs": 3, "model": "minilm"},
+        ),
+        (["--per-device-train-batch-size", "8", "--adam-epsilon", "1e-6"], {"batch_size": 8, "eps": 1e-6}),
+    ],
+)
+def test_boolean_flags_and_hugging_face_spellings(argv, expected):
+    from app.cli import build_parser, parse_train_params
+
+    params = parse_train_params(build_parser().parse_args(["train", *argv]))
+    assert {name: getattr(params, name) for name in expected} == expected
 
 
 def test_offline_default_model_fails_fast(tmp_path):
@@ -45,6 +82,7 @@ def test_offline_default_model_fails_fast(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_train_json_then_predict(tmp_path):
     proc = run_cli(
         "train", "--model", "minilm", "--train-limit", "16", "--eval-limit", "6", "--max-length", "32",

@@ -13,7 +13,7 @@ import pytest
 import requests
 from openapi_spec_validator import validate
 
-from tests.conftest import service_settings
+from tests.helpers import service_settings
 
 TOKEN = "contract-token"
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"

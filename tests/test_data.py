@@ -4,7 +4,7 @@ from collections import Counter
 import pytest
 
 from app.data import DataError, load_boolq, read_jsonl, split_train_dev
-from tests.conftest import FULL_DATA_DIR, write_jsonl
+from tests.helpers import FULL_DATA_DIR, write_jsonl
 
 
 def test_bundled_sample_loads(sample_data_dir):

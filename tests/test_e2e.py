@@ -7,7 +7,6 @@ leaves no process of the stack behind. Prints the run time and the requests per 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -20,6 +19,7 @@ import pytest
 import requests
 
 from app.stack import free_ports
+from tests.helpers import wait_for_state
 
 ROOT = Path(__file__).resolve().parent.parent
 STACK_START_TIMEOUT_S = 240
@@ -66,16 +66,6 @@ def stack(tmp_path):
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=60)
         print((tmp_path / "stack.log").read_text())
-
-
-def wait_for_state(process: subprocess.Popen, state_file: Path, log_path: Path) -> dict:
-    """stack.json appears once Redis, every replica, the worker and nginx answer."""
-    deadline = time.monotonic() + STACK_START_TIMEOUT_S
-    while not state_file.exists():
-        assert process.poll() is None, f"stack exited with {process.returncode}:\n{log_path.read_text()}"
-        assert time.monotonic() < deadline, f"stack not ready after {STACK_START_TIMEOUT_S} s:\n{log_path.read_text()}"
-        time.sleep(0.25)
-    return json.loads(state_file.read_text())
 
 
 def children_of(state: dict, role: str) -> list[dict]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import replace
 
 import pytest
 from rq.job import JobStatus
@@ -16,7 +15,7 @@ from rq.job import JobStatus
 from app import jobs
 from app.api import create_app
 from app.params import TrainParams
-from tests.conftest import TINY_JOB, service_settings
+from tests.helpers import TINY_JOB, service_settings
 
 MANY = 2000
 FEW = 20
@@ -52,7 +51,7 @@ def median_cost(client, path: str, other_client, rounds: int = 15) -> tuple[floa
 def few_and_many(redis_url, tmp_path_factory):
     folder = tmp_path_factory.mktemp("index")
     few = service_settings(redis_url, folder)
-    many = replace(few, queue_name=few.queue_name + "-many")
+    many = few.model_copy(update={"queue_name": few.queue_name + "-many"})
     store_jobs(few, FEW, failed=True)
     store_jobs(few, FEW)
     store_jobs(many, MANY, failed=True)

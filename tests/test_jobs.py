@@ -11,7 +11,7 @@ import pytest
 
 from app.api import create_app
 from app.api.schemas import JobView
-from tests.conftest import LONG_JOB, TINY_JOB, service_settings, wait_for
+from tests.helpers import LONG_JOB, TINY_JOB, service_settings, wait_for
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import requests
 
 from app.nginx_config import native_layout, render_nginx_conf
 from app.stack import find_binary, free_ports
-from tests.conftest import service_settings, wait_for
+from tests.helpers import service_settings, wait_for
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,12 @@ import socket
 import subprocess
 import sys
 import threading
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from app.config import Settings
-from app.modeling import ModelNotAvailable
+from app.model_names import ModelNotAvailable
 from app.params import TrainParams
 from app.tracking import CompositeTracker, NullTracker, make_tracker, parse_tracker_names
 from app.training import train_and_evaluate
@@ -30,7 +29,7 @@ TRACKING_ENV = ("TRACKER", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "REG
 
 
 def settings_for(artifacts_dir: Path, tracker: str, **fields) -> Settings:
-    return replace(Settings(), artifacts_dir=artifacts_dir, tracker=tracker, **fields)
+    return Settings().model_copy(update=dict(artifacts_dir=artifacts_dir, tracker=tracker, **fields))
 
 
 def clean_env(**extra: str) -> dict:
@@ -126,11 +125,13 @@ def test_mlflow_run_has_params_status_and_local_artifact_folder(mlflow_cli_run):
     client = mlflow_client(out)
     run = client.get_run(result["tracking"]["mlflow"]["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == result["run_id"]
+    assert run.info.run_name == f"minilm-lr1e-04-ep{TINY['epochs']}-ml{TINY['max_length']}-{result['run_id'][-6:]}"
+    assert run.data.tags["boolq.run_id"] == result["run_id"]
     assert run.data.params["lr"] == "0.0001" and run.data.params["model"] == "minilm"
     assert run.data.params["train_limit"] == "24"
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.name == "boolq"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the model-training view
     assert experiment.artifact_location == (out / "mlflow" / "artifacts").resolve().as_uri()
 
 
@@ -149,7 +150,22 @@ def test_mlflow_metric_history_has_loss_per_step_and_dev_accuracy_per_epoch(mlfl
     assert final["f1"] == pytest.approx(result["metrics"]["f1"])
 
 
-def test_mlflow_artifacts_hold_predictions_metrics_confusion_matrix_and_model(mlflow_cli_run, tmp_path):
+def test_mlflow_run_logs_the_data_splits_as_inputs_with_digests(mlflow_cli_run):
+    from app.config import SAMPLE_DATA_DIR
+    from app.data import digest, load_boolq
+
+    result, out = mlflow_cli_run
+    run = mlflow_client(out).get_run(result["tracking"]["mlflow"]["mlflow_run_id"])
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "dev", "validation"}
+    val = load_boolq(SAMPLE_DATA_DIR).val[: TINY["eval_limit"]]
+    assert inputs["validation"].digest == digest(val) and inputs["validation"].name == "boolq-validation"
+    assert json.loads(inputs["validation"].profile) == {"num_rows": TINY["eval_limit"]}
+
+
+def test_mlflow_artifacts_hold_predictions_metrics_and_confusion_matrix_without_a_second_model_copy(
+    mlflow_cli_run, tmp_path
+):
     result, out = mlflow_cli_run
     client = mlflow_client(out)
     run_id = result["tracking"]["mlflow"]["mlflow_run_id"]
@@ -157,8 +173,9 @@ def test_mlflow_artifacts_hold_predictions_metrics_confusion_matrix_and_model(ml
         "predictions.jsonl",
         "metrics.json",
         "confusion_matrix.json",
-        "model",
     }
+    weights = list(out.rglob("model.safetensors"))
+    assert [w.parent.parent.name for w in weights] == [result["run_id"]], weights  # one copy: the run folder's
     matrix = json.loads(Path(client.download_artifacts(run_id, "confusion_matrix.json", str(tmp_path))).read_text())
     assert matrix["matrix"] == result["metrics"]["confusion_matrix"] and matrix["labels"] == ["no", "yes"]
     predictions = Path(client.download_artifacts(run_id, "predictions.jsonl", str(tmp_path))).read_text()
@@ -174,6 +191,7 @@ def test_registered_model_version_has_metric_tags_and_loads_for_prediction(mlflo
     client = mlflow_client(out)
     version = client.get_model_version("boolq-bert", "1")
     assert version.run_id == result["tracking"]["mlflow"]["mlflow_run_id"]
+    assert version.source == (Path(result["run_dir"]) / "model").resolve().as_uri()
     assert float(version.tags["accuracy"]) == pytest.approx(result["accuracy"])
     assert {"precision", "recall", "f1"} <= set(version.tags)
     # MLflow resolves models:/ URIs against the process-wide registry (it ignores registry_uri=), i.e. the env.
@@ -190,7 +208,7 @@ def test_crashed_training_is_recorded_as_failed_in_mlflow(tmp_path):
         train_and_evaluate(params, Settings().data_dir, tmp_path, run_id="crashes", tracker=tracker)
     client = mlflow_client(tmp_path)
     (run,) = client.search_runs(experiment_ids=[client.get_experiment_by_name("boolq").experiment_id])
-    assert run.info.run_name == "crashes" and run.info.status == "FAILED"
+    assert run.info.run_name.endswith("-rashes") and run.info.status == "FAILED"
 
 
 CONCURRENT_WORKER = """
@@ -200,7 +218,7 @@ from pathlib import Path
 from app.config import Settings
 from app.tracking import make_tracker
 store, name = Path(sys.argv[1]), sys.argv[2]
-tracker = make_tracker(replace(Settings(), artifacts_dir=store, tracker="mlflow"))
+tracker = make_tracker(Settings().model_copy(update=dict(artifacts_dir=store, tracker="mlflow")))
 tracker.start_run(name, {"worker": name})
 for step in range(1, 201):
     tracker.log_metrics({"train_loss": 1.0 / step}, step=step)
@@ -212,6 +230,7 @@ print(json.dumps(tracker.end_run("FINISHED")))
 """
 
 
+@pytest.mark.slow
 def test_worker_processes_share_one_sqlite_store(tmp_path):
     """RQ workers start together against a fresh store: schema creation and writes must not collide."""
     workers = [
@@ -322,6 +341,7 @@ def test_neptune_sync_cli_starts():
 # --- failures never fail training -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_unreachable_mlflow_server_is_reported_and_training_finishes(tmp_path, monkeypatch, caplog):
     # No retries and a short timeout, so the unreachable server costs a second, not MLflow's default minutes.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -345,6 +365,7 @@ def test_unreachable_mlflow_server_is_reported_and_training_finishes(tmp_path, m
     assert "s3cret-pw" not in json.dumps(tracking) and "s3cret-pw" not in caplog.text
 
 
+@pytest.mark.slow
 def test_bad_neptune_token_is_reported_without_the_token(tmp_path, caplog):
     token = "not-a-real-token-4f1d2c"
     settings = settings_for(tmp_path, "neptune", neptune_project="ws/boolq", neptune_api_token=token)
@@ -364,7 +385,7 @@ def test_bad_neptune_token_is_reported_without_the_token(tmp_path, caplog):
 
 def test_training_job_reports_tracking_references(redis_url, launcher, tmp_path):
     from app.api import create_app
-    from tests.conftest import TINY_JOB, service_settings, wait_for
+    from tests.helpers import TINY_JOB, service_settings, wait_for
 
     settings = service_settings(redis_url, tmp_path, tracker="mlflow,neptune")
     launcher.worker(settings)
@@ -382,4 +403,4 @@ def test_training_job_reports_tracking_references(redis_url, launcher, tmp_path)
     assert tracking["mlflow"]["model_version"] == "1" and tracking["mlflow"]["mlflow_run_id"]
     assert tracking["neptune"]["neptune_run_id"].startswith("offline/")
     run = mlflow_client(settings.artifacts_dir).get_run(tracking["mlflow"]["mlflow_run_id"])
-    assert run.info.run_name == job_id and run.info.status == "FINISHED"
+    assert run.data.tags["boolq.run_id"] == job_id and run.info.status == "FINISHED"

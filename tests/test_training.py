@@ -14,17 +14,13 @@ from transformers import (
     DistilBertForSequenceClassification,
 )
 
-from app.modeling import (
-    DeviceNotAvailable,
-    ModelNotAvailable,
-    compute_last_layer_for_first_token_only,
-    resolve_device,
-    resolve_model,
-)
+from app.encoding import Encoded, collate, length_grouped_batches
+from app.model_names import ModelNotAvailable, resolve_model
+from app.modeling import DeviceNotAvailable, compute_last_layer_for_first_token_only, resolve_device
 from app.params import TrainParams
 from app.predict import Predictor
-from app.training import Encoded, collate, length_grouped_batches, train_and_evaluate
-from tests.conftest import TINY_PARAMS
+from app.training import train_and_evaluate
+from tests.helpers import TINY_PARAMS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,10 +82,12 @@ def test_save_and_predict_round_trip(tiny_run):
         assert answer.probability == pytest.approx(row["probability"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_keep_best_epoch_ends_with_the_weights_of_the_best_dev_epoch(tmp_path):
     from app.data import load_boolq, split_train_dev
+    from app.encoding import encode
+    from app.evaluation import predict_probabilities
     from app.modeling import load_tokenizer
-    from app.training import encode, predict_probabilities
 
     params = TrainParams(**{**TINY_PARAMS, "epochs": 3, "dev_size": 0.25, "keep_best_epoch": True})
     result = train_and_evaluate(params, _sample(), tmp_path)
@@ -104,6 +102,7 @@ def test_keep_best_epoch_ends_with_the_weights_of_the_best_dev_epoch(tmp_path):
     assert accuracy_score(dev.labels, [int(p >= 0.5) for p in probabilities]) == max(per_epoch)
 
 
+@pytest.mark.slow
 def test_training_is_reproducible(tmp_path):
     params = TrainParams(**{**TINY_PARAMS, "epochs": 1, "train_limit": 16, "eval_limit": 8})
     a = train_and_evaluate(params, _sample(), tmp_path / "a")
@@ -232,3 +231,22 @@ def test_unloadable_model_offline_fails_fast_naming_the_alternatives(monkeypatch
 def test_missing_local_model_folder_is_reported(tmp_path):
     with pytest.raises(ModelNotAvailable, match="does not exist"):
         resolve_model(str(tmp_path / "missing"))
+
+
+def test_a_run_that_predicts_only_the_majority_class_is_flagged_as_learning_nothing():
+    from app.evaluation import classification_metrics
+
+    labels = [1, 1, 1, 0]
+    majority = classification_metrics(labels, [1, 1, 1, 1])
+    assert majority["majority_baseline"] == 0.75 and majority["learned"] is False
+    better = classification_metrics(labels, [1, 1, 1, 0])
+    assert better["accuracy"] == 1.0 and better["learned"] is True
+
+
+def test_cli_summary_warns_when_the_run_learned_nothing(tiny_run):
+    from app.cli import summary
+
+    result, _ = tiny_run
+    text = summary(result)
+    assert ("learned nothing" in text) == (not result.metrics["learned"])
+    assert result.metrics["learned"] == (result.accuracy > result.metrics["majority_baseline"] + 0.01)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 from flask import Blueprint, jsonify, request, url_for
 
-from app import jobs
+from app import jobs, run_folder
 from app.admission import RETRY_AFTER_S, Refused, check_cost, client_key
 from app.api.auth import bearer_token, require_token, require_token_for_reads
 from app.api.body import json_object, parse
@@ -84,7 +83,7 @@ def refreshed(job):
 
 
 def finished_training(job):
-    """The seed's synchronous answer: accuracy and predictions; for a failed or cancelled job, its view.
+    """The tutorial script's synchronous answer (accuracy, predictions); for a failed or cancelled job, its view.
 
     The request itself succeeded either way (200); the job's outcome is in ``status`` and ``error``,
     exactly as ``GET /jobs/<id>`` shows it, so clients read one shape and proxies see no 5xx.
@@ -136,11 +135,10 @@ def predictions(job_id: str):
     status = jobs.public_status(job)
     if status != "succeeded":
         raise ApiError(409, f"job {job_id} is {status}; predictions exist once it has succeeded")
-    path = current_service().settings.artifacts_dir / job_id / "predictions.jsonl"
-    if not path.is_file():
-        raise ApiError(404, f"the run folder of job {job_id} has no predictions.jsonl (was it deleted?)")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return jsonify(job_id=job_id, predictions=rows)
+    rows = run_folder.read_predictions(current_service().settings.artifacts_dir / job_id)
+    if rows is None:
+        raise ApiError(404, f"the run folder of job {job_id} has no predictions (was it deleted?)")
+    return jsonify(job_id=job_id, predictions=list(rows))
 
 
 def find_job(job_id: str):

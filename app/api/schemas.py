@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.training import Progress
+from app.run_folder import Progress
 
 MAX_ITEMS = 256
 Text = Annotated[str, Field(min_length=1, max_length=20_000)]
@@ -81,6 +81,7 @@ class JobResult(BaseModel):
     metrics: dict
     tracking: dict | None
     model: str = Field(description="Name this model in POST /predict (the job id = its run folder).")
+    warning: str | None = Field(None, description="Set when the model learned nothing (accuracy ≈ majority class).")
 
 
 class JobError(BaseModel):
@@ -109,7 +110,7 @@ class JobList(BaseModel):
 
 
 class TrainResult(BaseModel):
-    """``POST /train?wait=true`` when the job succeeded in time (the seed's contract)."""
+    """``POST /train?wait=true`` when the job succeeded in time (the original tutorial script's contract)."""
 
     job_id: str
     status: Status

@@ -26,6 +26,10 @@ class Tracker(Protocol):
     """What the engine tells a tracker during one run."""
 
     def start_run(self, run_id: str, params: dict) -> None: ...
+    def log_inputs(self, datasets: list[dict]) -> None:
+        """The data the run used: one dict per split (name, context, source, digest, rows)."""
+        ...
+
     def log_metrics(self, metrics: dict[str, float], step: int | None) -> None: ...
     def log_artifact(self, path: Path) -> None: ...
     def log_dict(self, data: dict, name: str) -> None: ...
@@ -51,6 +55,9 @@ class NullTracker:
     """Tracks nothing (``TRACKER=none``)."""
 
     def start_run(self, run_id: str, params: dict) -> None:
+        pass
+
+    def log_inputs(self, datasets: list[dict]) -> None:
         pass
 
     def log_metrics(self, metrics: dict[str, float], step: int | None) -> None:
@@ -92,6 +99,11 @@ class CompositeTracker:
             with self.contained(name):
                 self.backends[name] = factory()
                 self.backends[name].start_run(run_id, params)
+
+    def log_inputs(self, datasets: list[dict]) -> None:
+        for name, backend in self.working():
+            with self.contained(name):
+                backend.log_inputs(datasets)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None) -> None:
         for name, backend in self.working():

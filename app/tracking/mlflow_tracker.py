@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import time
@@ -19,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
 from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric, Param  # noqa: E402
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ LOG_BATCH_LIMIT = 1000  # MLflow's maximum metrics per log_batch request
 LOCKED_RETRIES = 6
 LOCKED_FIRST_WAIT_S = 0.25
 MODEL_ARTIFACT_PATH = "model"
+# Opens the experiment in MLflow's model-training view, not the GenAI view ("Traces").
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def local_store(artifacts_dir: Path) -> tuple[str, str]:
@@ -47,6 +50,16 @@ def without_credentials(uri: str) -> str:
     if parts.username is None and parts.password is None:
         return uri
     return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+
+
+def readable_name(run_id: str, params: dict) -> str:
+    """``minilm-lr1e-04-ep3-ml256-a1b2c3``: what the run was, at a glance in MLflow's run list."""
+    if "model" not in params:
+        return run_id
+    model = Path(str(params["model"])).name
+    if model == "model":  # a run folder's model/ checkpoint: name it by its run folder
+        model = Path(str(params["model"])).parent.name
+    return f"{model}-lr{params.get('lr', 0):.0e}-ep{params.get('epochs')}-ml{params.get('max_length')}-{run_id[-6:]}"
 
 
 class MlflowTracker:
@@ -79,15 +92,42 @@ class MlflowTracker:
             self.client = self.retrying(MlflowClient, tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
             self.experiment_id = self.retrying(self.ensure_experiment)
             self.retrying(self.client.search_registered_models, max_results=1)  # creates the registry tables
-        run = self.retrying(self.client.create_run, self.experiment_id, run_name=run_id, tags={"boolq.run_id": run_id})
+        run = self.retrying(
+            self.client.create_run,
+            self.experiment_id,
+            run_name=readable_name(run_id, params),
+            tags={"boolq.run_id": run_id},
+        )
         self.run_id, self.artifact_uri = run.info.run_id, run.info.artifact_uri
         self.retrying(self.client.log_batch, self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
     def ensure_experiment(self) -> str:
         experiment = self.client.get_experiment_by_name(self.experiment_name)
-        if experiment is not None:
-            return experiment.experiment_id
-        return self.client.create_experiment(self.experiment_name, artifact_location=self.artifact_location)
+        if experiment is None:
+            return self.client.create_experiment(
+                self.experiment_name, artifact_location=self.artifact_location, tags=EXPERIMENT_KIND
+            )
+        if not set(EXPERIMENT_KIND.items()) <= set(experiment.tags.items()):  # created by an older version
+            for key, value in EXPERIMENT_KIND.items():
+                self.client.set_experiment_tag(experiment.experiment_id, key, value)
+        return experiment.experiment_id
+
+    def log_inputs(self, datasets: list[dict]) -> None:
+        """Each split as an MLflow dataset input: its name, digest and source, tagged with its role."""
+        inputs = [
+            DatasetInput(
+                Dataset(
+                    name=d["name"],
+                    digest=d["digest"],
+                    source_type="local" if d["source"] != "hub" else "hugging_face",
+                    source=json.dumps({"uri": d["source"]}),
+                    profile=json.dumps({"num_rows": d["rows"]}),
+                ),
+                tags=[InputTag("mlflow.data.context", d["context"])],
+            )
+            for d in datasets
+        ]
+        self.retrying(self.client.log_inputs, self.run_id, datasets=inputs)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None) -> None:
         timestamp = int(time.time() * 1000)
@@ -111,13 +151,21 @@ class MlflowTracker:
         self.retrying(self.client.log_dict, self.run_id, data, name)
 
     def register_model(self, model_dir: Path, metrics: dict[str, float]) -> None:
-        """Copy the model folder into the run's artifacts and register it as a new version, metrics as tags."""
-        self.retrying(self.client.log_artifacts, self.run_id, str(model_dir), MODEL_ARTIFACT_PATH)
+        """Register the model folder as a new version, metrics as tags.
+
+        With the local store the version points at the run folder's ``model/`` (one copy of the weights on
+        disk); a tracking server cannot see this machine's disk, so there the folder is uploaded first.
+        """
+        if self.artifact_location is None:
+            self.retrying(self.client.log_artifacts, self.run_id, str(model_dir), MODEL_ARTIFACT_PATH)
+            source = f"{self.artifact_uri}/{MODEL_ARTIFACT_PATH}"
+        else:
+            source = Path(model_dir).resolve().as_uri()
         self.ensure_registered_model()
         version = self.retrying(
             self.client.create_model_version,
             self.model_name,
-            source=f"{self.artifact_uri}/{MODEL_ARTIFACT_PATH}",
+            source=source,
             run_id=self.run_id,
             tags={key: str(value) for key, value in metrics.items()},
         )

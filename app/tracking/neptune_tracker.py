@@ -56,7 +56,7 @@ class NeptuneTracker:
     def from_settings(cls, settings) -> NeptuneTracker:
         connected = bool(settings.neptune_project and settings.neptune_api_token)
         mode = settings.neptune_mode or ("async" if connected else "offline")
-        data_dir = settings.neptune_data_dir or Path(settings.artifacts_dir) / ".neptune"
+        data_dir = settings.neptune_data_directory or Path(settings.artifacts_dir) / ".neptune"
         return cls(settings.neptune_project, settings.neptune_api_token, mode, data_dir)
 
     def start_run(self, run_id: str, params: dict) -> None:
@@ -85,6 +85,10 @@ class NeptuneTracker:
             return self.run.get_url()
         self.url = self.run.get_url()
         return self.run["sys/id"].fetch()
+
+    def log_inputs(self, datasets: list[dict]) -> None:
+        for dataset in datasets:
+            self.run[f"data/{dataset['context']}"] = {key: neptune_value(value) for key, value in dataset.items()}
 
     def log_metrics(self, metrics: dict[str, float], step: int | None) -> None:
         for key, value in metrics.items():

@@ -1,0 +1,140 @@
+"""A run's folder on disk, and the records a run produces: the only module that knows the folder's layout.
+
+    <ARTIFACTS_DIR>/<run id>/
+        params.json         the TrainParams of the run
+        metrics.json        final metrics; its presence marks a finished run
+        predictions.jsonl   one line per val example: idx, label, prediction, probability
+        model/              the fine-tuned checkpoint (config.json, safetensors weights, tokenizer)
+
+The engine writes it, the jobs clean it up, ``predict`` and the API read it. Nothing here imports torch.
+Every file is written atomically (temp file, then rename), so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PARAMS = "params.json"
+METRICS = "metrics.json"
+PREDICTIONS = "predictions.jsonl"
+MODEL = "model"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a progress callback receives after each optimisation step and after each dev evaluation."""
+
+    epoch: int
+    epochs: int
+    step: int
+    total_steps: int
+    loss: float
+    dev_accuracy: float | None
+    examples_per_s: float
+
+
+@dataclass
+class RunResult:
+    """Everything a caller needs from one run; ``run_dir`` holds the same on disk."""
+
+    run_id: str
+    run_dir: str
+    params: dict
+    accuracy: float
+    n_eval: int
+    dev_accuracy: float
+    predictions: list[int]
+    metrics: dict
+    tracking: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (run_dir / METRICS).is_file()
+
+
+def checkpoint_folder(folder: Path) -> Path | None:
+    """The Hugging Face checkpoint inside a run folder (``model/``) or the folder itself, if there is one.
+
+    A run folder without metrics.json (written last) is unfinished: its job was killed or still runs, so the
+    weights it may hold are never taken for a model.
+    """
+    if (folder / PARAMS).is_file() and not is_finished(folder):
+        return None
+    for candidate in (folder / MODEL, folder):
+        if (candidate / "config.json").is_file():
+            return candidate
+    return None
+
+
+def remove_unfinished(run_dir: Path) -> None:
+    """Drop a folder that a killed attempt left without metrics.json, so it is never mistaken for a model."""
+    if run_dir.is_dir() and not is_finished(run_dir):
+        log.warning("removing unfinished run folder %s from an earlier attempt", run_dir)
+        shutil.rmtree(run_dir)
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def write_params(run_dir: Path, params: dict) -> None:
+    write_json(run_dir / PARAMS, params)
+
+
+def write_metrics(run_dir: Path, metrics: dict) -> None:
+    write_json(run_dir / METRICS, metrics)
+
+
+def write_predictions(run_dir: Path, rows: list, predictions: list[int], probabilities: list[float]) -> Path:
+    """One JSON line per val example (``rows`` are BoolQExample records), in val order."""
+    path = run_dir / PREDICTIONS
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as out:
+        for row, pred, prob in zip(rows, predictions, probabilities, strict=True):
+            line = {"idx": row.idx, "label": int(row.label), "prediction": pred, "probability": prob}
+            out.write(json.dumps(line) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def save_model(run_dir: Path, model, tokenizer) -> Path:
+    """``save_pretrained`` (safetensors) into a temp folder renamed into place when complete."""
+    folder = run_dir / MODEL
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, folder)
+    return folder
+
+
+def read_params(run_dir: Path) -> dict | None:
+    path = run_dir / PARAMS
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_predictions(run_dir: Path) -> Iterator[dict] | None:
+    """The val predictions line by line, or None when the run has none (unfinished or deleted)."""
+    path = run_dir / PREDICTIONS
+    if not path.is_file():
+        return None
+    return (json.loads(line) for line in path.read_text().splitlines() if line.strip())

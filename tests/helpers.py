@@ -1,0 +1,163 @@
+"""Helpers the tests share: parameters of tiny runs, polling, and real service processes (a worker,
+gunicorn) configured through the same environment variables as in production."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from app.config import SAMPLE_DATA_DIR, Settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FULL_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "boolq"
+
+# Small enough for CI on 2 cores, large enough for the loss to fall: 48 train rows, 64 tokens, 4 epochs.
+TINY_PARAMS = dict(
+    model="minilm", batch_size=8, lr=1e-4, epochs=4, max_length=64, train_limit=48, eval_limit=24, seed=7
+)
+# One tiny training job: a few seconds on a busy core.
+TINY_JOB = dict(model="minilm", train_limit=16, eval_limit=8, max_length=32, epochs=1, batch_size=8)
+# A job that runs for minutes, long enough to be cancelled or killed mid-run.
+LONG_JOB = dict(model="minilm", train_limit=400, eval_limit=8, max_length=64, epochs=3, batch_size=8)
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout_s: float, what: str, interval_s: float = 0.2):
+    """Poll ``condition()`` until it returns something truthy; fail the test naming ``what`` otherwise."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def service_settings(redis_url: str, folder: Path, **overrides):
+    """Settings for one isolated service: its own queue name and artifacts folder on the shared Redis."""
+    import uuid
+
+    defaults = dict(
+        redis_url=redis_url,
+        queue_name=f"test-{uuid.uuid4().hex[:8]}",
+        artifacts_dir=folder / "runs",
+        data_dir=SAMPLE_DATA_DIR,
+        default_model="minilm",
+        tracker="none",
+        num_threads=1,
+        max_wait=120,
+    )
+    return Settings().model_copy(update=defaults | overrides)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes ``Settings()`` in a child process equal ``settings`` (every field)."""
+    env = {}
+    for name, value in settings.model_dump().items():
+        if isinstance(value, tuple | list):
+            value = os.pathsep.join(str(v) for v in value)
+        env[name.upper()] = "" if value is None else str(value)
+    return os.environ | env | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+class Launcher:
+    """Starts service processes (each in its own process group) and stops every one of them at teardown."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.processes = []
+
+    def start(self, name: str, argv: list[str], settings):
+        import subprocess
+        import sys
+
+        log = (self.folder / f"{name}-{len(self.processes)}.log").open("w")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app", *argv],
+            cwd=REPO_ROOT,
+            env=settings_env(settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        process.log_path = Path(log.name)
+        self.processes.append(process)
+        return process
+
+    def worker(self, settings):
+        """A real ``python -m app worker``, returned once it has registered with Redis."""
+        from redis import Redis
+        from rq import Queue, Worker
+
+        queue = Queue(settings.queue_name, connection=Redis.from_url(settings.redis_url))
+        before = Worker.count(queue=queue)
+        process = self.start("worker", ["worker"], settings)
+        wait_for(lambda: Worker.count(queue=queue) > before or process.poll() is not None, 120, "the worker")
+        assert process.poll() is None, process.log_path.read_text()
+        return process
+
+    def server(self, settings, workers: int = 2) -> str:
+        """A real gunicorn (``python -m app serve``) on a free port; returns its base URL once it answers."""
+        import requests
+
+        port = free_port()
+        process = self.start(
+            "serve", ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)], settings
+        )
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy():
+            if process.poll() is not None:
+                pytest.fail("gunicorn exited:\n" + process.log_path.read_text())
+            try:
+                return requests.get(f"{url}/healthz", timeout=5).status_code == 200
+            except requests.RequestException:  # not listening yet, or still booting
+                return False
+
+        wait_for(healthy, 120, "gunicorn to answer /healthz")
+        return url
+
+    def stop_all(self) -> None:
+        import os
+        import signal
+        import subprocess
+
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def wait_for_state(process, state_file: Path, log_path: Path, timeout_s: float = 240) -> dict:
+    """stack.json appears once Redis, every replica, the worker and nginx answer."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not state_file.exists():
+        assert process.poll() is None, f"stack exited with {process.returncode}:\n{log_path.read_text()}"
+        assert time.monotonic() < deadline, f"stack not ready after {timeout_s} s:\n{log_path.read_text()}"
+        time.sleep(0.25)
+    return json.loads(state_file.read_text())

@@ -1,0 +1,104 @@
+"""The README's shell blocks for the service and the native deploy run as pasted, in order, on the native stack.
+
+The blocks that start servers (Redis, a worker, gunicorn, `python -m app stack`) are started as one stack by
+the test, on a free port instead of 4000/5000; apt commands are checked for the packages CI installs. Every
+other block runs in bash with `set -e`: a syntax error, a placeholder or a failing command fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from app.stack import free_ports
+from tests.helpers import REPO_ROOT, wait_for_state
+
+README = REPO_ROOT / "README.md"
+SECTIONS = ("## Service (REST API", "### Without Docker")
+BLOCK_TIMEOUT_S = 600
+
+
+def sections(text: str) -> dict[str, str]:
+    """Heading line → the text under it, up to the next heading of any level."""
+    parts = re.split(r"^(#{2,3} .*)$", text, flags=re.MULTILINE)
+    return {parts[i].strip(): parts[i + 1] for i in range(1, len(parts) - 1, 2)}
+
+
+def bash_blocks(section_text: str) -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", section_text, flags=re.DOTALL)
+
+
+def readme_blocks() -> list[str]:
+    found = sections(README.read_text())
+    blocks = []
+    for prefix in SECTIONS:
+        (heading,) = [h for h in found if h.lstrip("#").strip().startswith(prefix.lstrip("#").strip())]
+        blocks += bash_blocks(found[heading])
+    return blocks
+
+
+def starts_servers(block: str) -> bool:
+    return any(word in block for word in ("-m app stack", "-m app serve", "-m app worker", "apt-get install"))
+
+
+def test_readme_has_no_placeholders_in_shell_blocks():
+    placeholders = [b for b in bash_blocks(README.read_text()) if re.search(r"<[a-z_]+>", b)]
+    assert placeholders == [], "a pasted <placeholder> is a shell syntax error"
+
+
+@pytest.fixture(scope="module")
+def readme_stack(tmp_path_factory):
+    """The stack the README's "Without Docker" section starts, as pasted except for the port and state folder."""
+    folder = tmp_path_factory.mktemp("readme")
+    (stack_line,) = [line for b in readme_blocks() for line in b.splitlines() if "-m app stack" in line]
+    argv = shlex.split(stack_line.split("#")[0])
+    (port,) = free_ports(1)
+    argv[argv.index("--port") + 1] = str(port)
+    argv[0] = sys.executable if argv[0].endswith("python") else argv[0]
+    env = os.environ | {
+        "ARTIFACTS_DIR": str(folder / "runs"),
+        "TRACKER": "none",
+        "HF_HUB_OFFLINE": "1",
+        "NUM_THREADS": "1",
+    }
+    log_path = folder / "stack.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [*argv, "--state-dir", str(folder / "state")], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_for_state(process, folder / "state" / "stack.json", log_path)
+        yield port, env
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+def test_readme_service_and_deploy_blocks_run_as_pasted(readme_stack):
+    port, env = readme_stack
+    ran = []
+    for block in readme_blocks():
+        if starts_servers(block):
+            assert "apt-get install" not in block or {"nginx", "redis-server"} <= set(block.split())
+            continue
+        script = re.sub(r"localhost:(4000|5000)", f"localhost:{port}", block)
+        proc = subprocess.run(
+            ["bash", "-e", "-c", script],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=BLOCK_TIMEOUT_S,
+        )
+        report = f"block ({proc.returncode}):\n{block}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+        assert proc.returncode == 0 and "syntax error" not in proc.stderr, report
+        assert not re.search(r'"error":\s*\{', proc.stdout), report  # an API error body
+        ran.append(proc.stdout)
+    assert len(ran) >= 2
+    assert any("succeeded" in out for out in ran)
