@@ -38,7 +38,8 @@ format: $(BIN)/.installed
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# The service tests need redis-server and nginx (and docker-compose to validate the compose file).
+# The service tests need redis-server and nginx (and docker-compose to validate the compose file); the console's
+# browser tests need chromium (driven by Playwright from requirements-dev.txt).
 services:
 	@bash .ci/services
 

@@ -83,6 +83,7 @@ class Settings(BaseSettings):
     worker_heartbeat: int = 30
     # Times RQ re-runs a job whose worker died (0: it is failed at once, with the reason).
     job_retries: int = 0
+    # --- Admission control and bounded work (issue 10; field name = env var lowercased) ---
     # Queued jobs the service accepts; POST /train answers 429 with Retry-After above it.
     max_queued_jobs: int = 50
     # Queued + running jobs per client (its bearer token, else its address); 429 above it.

@@ -8,8 +8,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from sklearn.model_selection import train_test_split
-
 log = logging.getLogger(__name__)
 
 HUB_DATASET = "google/boolq"
@@ -120,6 +118,9 @@ def split_train_dev(
     examples: list[BoolQExample], dev_size: float, seed: int
 ) -> tuple[list[BoolQExample], list[BoolQExample]]:
     """Hold out ``dev_size`` of train as dev, stratified by label and fixed by ``seed``."""
+    # Imported here: the API and its console read rows through this module without loading scikit-learn.
+    from sklearn.model_selection import train_test_split
+
     if len(examples) < 2:
         raise DataError(f"need at least 2 train examples to split off a dev set, got {len(examples)}")
     labels = [ex.label for ex in examples]

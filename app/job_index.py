@@ -58,7 +58,7 @@ class JobIndex:
         """Index the jobs a version without the index left in Redis; done once per queue."""
         if not self.connection.set(self.backfilled_key, "1", nx=True):
             return
-        ids = sorted(registered_job_ids(self.queue))
+        ids = sorted(all_job_ids(self.queue))
         for start in range(0, len(ids), 500):
             jobs = Job.fetch_many(ids[start : start + 500], self.connection, self.queue.serializer)
             found = {job.id: job.created_at.timestamp() for job in jobs if job is not None and job.created_at}
@@ -81,8 +81,8 @@ class JobIndex:
         return sum(score is not None for score in pipe.execute())
 
 
-def registered_job_ids(queue: Queue) -> set[str]:
-    """Ids of every job RQ still knows on this queue, whatever its state (loads every registry: used once)."""
+def all_job_ids(queue: Queue) -> set[str]:
+    """Ids of every job RQ still knows on this queue, whatever its state (registries clean up first)."""
     registries = (
         queue.started_job_registry,
         queue.finished_job_registry,

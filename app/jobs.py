@@ -234,3 +234,35 @@ def job_counts(queue: Queue) -> dict[str, int]:
         "failed": queue.failed_job_registry.count - stopped,
         "cancelled": queue.canceled_job_registry.count + stopped,
     }
+
+
+# The registries that can hold a job of each public status (stopped jobs sit in RQ's failed registry).
+STATUS_REGISTRIES = {
+    "queued": ("deferred_job_registry", "scheduled_job_registry"),
+    "running": ("started_job_registry",),
+    "succeeded": ("finished_job_registry",),
+    "failed": ("failed_job_registry",),
+    "cancelled": ("canceled_job_registry", "failed_job_registry"),
+}
+
+
+def recent_jobs_with_status(queue: Queue, status: str, page: int, per_page: int) -> tuple[list[Job], int]:
+    """One page of the jobs in one public status, newest first, and their count (the console's filter).
+
+    Succeeded and running jobs are paged in their registry's order (by when they ended or last beat, newest
+    first), reading only the page: those registries can hold thousands. The others are few; they are
+    read whole and sorted by creation time.
+    """
+    start = (page - 1) * per_page
+    if status in ("succeeded", "running"):
+        registry = getattr(queue, STATUS_REGISTRIES[status][0])
+        ids = registry.get_job_ids(start, start + per_page - 1, desc=True)
+        found = Job.fetch_many(ids, queue.connection, queue.serializer)
+        return [j for j in found if j is not None], registry.count
+    ids = set(queue.get_job_ids()) if status == "queued" else set()
+    for name in STATUS_REGISTRIES[status]:
+        ids.update(getattr(queue, name).get_job_ids())
+    found = Job.fetch_many(list(ids), queue.connection, queue.serializer)
+    matching = [j for j in found if j is not None and public_status(j) == status]
+    matching.sort(key=lambda j: j.created_at, reverse=True)
+    return matching[start : start + per_page], len(matching)

@@ -72,8 +72,8 @@ def is_finished(run_dir: Path) -> bool:
 def checkpoint_folder(folder: Path) -> Path | None:
     """The Hugging Face checkpoint inside a run folder (``model/``) or the folder itself, if there is one.
 
-    A run folder without metrics.json (written last) is unfinished: its job was killed or still runs, so the
-    weights it may hold are never taken for a model.
+    A run folder without ``metrics.json`` (written last) is unfinished: its job was killed or is still
+    running, so whatever weights it holds are never taken for a model.
     """
     if (folder / PARAMS).is_file() and not is_finished(folder):
         return None

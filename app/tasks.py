@@ -19,6 +19,8 @@ from app.training import keep_freed_memory_in_heap, train_and_evaluate
 
 # Progress is written to Redis at most this often (plus after every dev evaluation and the last step).
 PROGRESS_INTERVAL_S = 0.5
+# The live loss curve in the job's meta keeps at most this many points (every other one is dropped when full).
+CURVE_POINTS = 1000
 
 
 def train_job(params_dict: dict) -> dict:
@@ -43,17 +45,31 @@ def train_job(params_dict: dict) -> dict:
 
 
 class ProgressReporter:
-    """The engine's progress callback: stores progress in the job's meta, throttled to spare Redis."""
+    """The engine's progress callback: stores progress and the curves so far in the job's meta, throttled to
+    spare Redis. ``meta["curves"]`` = ``{"loss": [[step, loss], ...], "dev_accuracy": [[epoch, acc], ...]}``."""
 
     def __init__(self, job: Job):
         self.job = job
         self.last_write = 0.0
+        self.curves = {"loss": [], "dev_accuracy": []}
 
     def __call__(self, progress) -> None:
+        self.record(progress)
         now = time.monotonic()
         epoch_end = progress.dev_accuracy is not None or progress.step == progress.total_steps
         if not epoch_end and now - self.last_write < PROGRESS_INTERVAL_S:
             return
         self.job.meta["progress"] = asdict(progress)
+        self.job.meta["curves"] = self.curves
         self.job.save_meta()
         self.last_write = now
+
+    def record(self, progress) -> None:
+        if progress.dev_accuracy is not None:
+            self.curves["dev_accuracy"].append([progress.epoch, progress.dev_accuracy])
+            return  # the epoch's last step was reported just before, with the same loss
+        loss = self.curves["loss"]
+        loss.append([progress.step, progress.loss])
+        if len(loss) > CURVE_POINTS:
+            # Thin the older half, keep the newest point: the curve's shape survives long runs.
+            loss[:] = loss[:-1:2] + loss[-1:]

@@ -9,10 +9,20 @@ import pytest
 
 from app.config import SAMPLE_DATA_DIR
 from app.params import TrainParams
-from tests.helpers import TINY_PARAMS, Launcher, free_port, wait_for
+from tests.helpers import CHROMIUM_ARGS, TINY_PARAMS, Launcher, free_port, wait_for
 
 # A test that needs one of these (directly or through another fixture) trains a model or starts processes.
-SLOW_FIXTURES = {"tiny_run", "launcher", "mlflow_cli_run", "neptune_run", "runs", "readme_stack", "stack"}
+SLOW_FIXTURES = {
+    "tiny_run",
+    "launcher",
+    "mlflow_cli_run",
+    "neptune_run",
+    "runs",
+    "readme_stack",
+    "stack",
+    "console_stack",
+    "browser",
+}
 
 
 def pytest_collection_modifyitems(items):
@@ -91,3 +101,18 @@ def launcher(tmp_path_factory):
     launcher = Launcher(tmp_path_factory.mktemp("processes"))
     yield launcher
     launcher.stop_all()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium driven by Playwright (its own browser download cannot work offline); headless."""
+    import shutil
+
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install -r requirements-dev.txt")
+    executable = shutil.which("chromium")
+    if executable is None:
+        pytest.fail("chromium is not installed (Debian package chromium); the console's browser tests need it")
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

@@ -20,6 +20,16 @@ TINY_PARAMS = dict(
 )
 # One tiny training job: a few seconds on a busy core.
 TINY_JOB = dict(model="minilm", train_limit=16, eval_limit=8, max_length=32, epochs=1, batch_size=8)
+# Headless chromium that touches no network of its own (updates, sync, first-run pages).
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 # A job that runs for minutes, long enough to be cancelled or killed mid-run.
 LONG_JOB = dict(model="minilm", train_limit=400, eval_limit=8, max_length=64, epochs=3, batch_size=8)
 

@@ -43,7 +43,8 @@ def wide_model_settings(tiny_run, redis_url, tmp_path_factory):
 
 
 def test_predict_over_the_token_cap_is_422_before_any_compute(wide_model_settings):
-    client = create_app(wide_model_settings.model_copy(update={"predict_max_tokens": 10_000})).test_client()
+
+    client = create_app(wide_model_settings.model_copy(update=dict(predict_max_tokens=10_000))).test_client()
     started = time.monotonic()
     response = client.post("/predict", json=HUGE | {"model": "wide"})
     assert response.status_code == 422 and error_of(response)["code"] == "too_many_tokens"
@@ -71,7 +72,8 @@ def idle_cpu_share(pid: int, seconds: float = 2.0) -> float:
 
 @pytest.fixture(scope="module")
 def predict_server(launcher, wide_model_settings):
-    settings = wide_model_settings.model_copy(update={"predict_timeout_s": 3.0, "predict_max_tokens": 200_000})
+
+    settings = wide_model_settings.model_copy(update=dict(predict_timeout_s=3.0, predict_max_tokens=200_000))
     url = launcher.server(settings, workers=1)
     return url, launcher.processes[-1]
 
@@ -82,7 +84,9 @@ def test_a_huge_predict_is_stopped_at_the_deadline_with_503_and_its_cpu_released
     response = requests.post(f"{url}/predict", json=HUGE | {"model": "wide"}, timeout=60)
     elapsed = time.monotonic() - started
     assert response.status_code == 503 and error_of(response)["code"] == "predict_timeout", response.text
-    assert elapsed < 3.0 + 10, elapsed  # the deadline plus one chunk and the model load
+    # The deadline plus one chunk and the model load: seconds on an idle machine, up to ~20 s at load 10 on
+    # 2 cores; unbounded, this request computes for minutes.
+    assert elapsed < 3.0 + 40, elapsed
     assert idle_cpu_share(process.pid) < 0.3
     small = requests.post(f"{url}/predict", json={"question": "q", "passage": "p", "model": "wide"}, timeout=30)
     assert small.status_code == 200

@@ -51,7 +51,7 @@ def median_cost(client, path: str, other_client, rounds: int = 15) -> tuple[floa
 def few_and_many(redis_url, tmp_path_factory):
     folder = tmp_path_factory.mktemp("index")
     few = service_settings(redis_url, folder)
-    many = few.model_copy(update={"queue_name": few.queue_name + "-many"})
+    many = few.model_copy(update=dict(queue_name=few.queue_name + "-many"))
     store_jobs(few, FEW, failed=True)
     store_jobs(few, FEW)
     store_jobs(many, MANY, failed=True)

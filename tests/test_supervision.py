@@ -16,8 +16,8 @@ import pytest
 import requests
 
 from app.stack import free_ports
-from tests.helpers import LONG_JOB, wait_for_state
-from tests.test_e2e import ROOT, TINY_JOB
+from tests.helpers import LONG_JOB
+from tests.test_e2e import ROOT, TINY_JOB, wait_for_state
 
 RECOVERY_S = 30
 

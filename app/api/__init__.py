@@ -15,7 +15,7 @@ from app.config import Settings
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the app from ``settings`` (default: the environment). Connects lazily: nothing blocks here."""
     from app.admission import Admission
-    from app.api import health, jobs, openapi, predict
+    from app.api import console, health, jobs, openapi, predict
     from app.api.context import Service
     from app.api.errors import register_error_handlers
     from app.api.metrics import ServiceMetrics
@@ -39,7 +39,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     # Behind nginx the client's address is the last X-Forwarded-For hop (admission counts jobs per address).
     app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=0, x_host=0, x_port=0, x_prefix=0)
 
-    for blueprint in (health.bp, jobs.bp, predict.bp, openapi.bp):
+    for blueprint in (health.bp, jobs.bp, predict.bp, openapi.bp, console.bp):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
     metrics.instrument(app)

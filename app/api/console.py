@@ -1,0 +1,310 @@
+"""The web console: server-rendered pages (Jinja) over the JSON API, plus the two views the pages need that
+the API does not offer: a job's live curves and its predictions joined with the val questions.
+
+Every URL the pages use is built from ``request.script_root``, so the console works on gunicorn's port and
+behind nginx alike. Templates autoescape; the scripts write user strings with ``textContent`` only.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+from typing import Literal
+
+from flask import Blueprint, jsonify, render_template, request, url_for
+from pydantic import Field, field_validator
+
+from app import data, jobs, run_folder
+from app.api.auth import require_token
+from app.api.body import parse
+from app.api.context import current_service
+from app.api.errors import ApiError
+from app.api.jobs import find_job
+from app.api.schemas import Strict
+from app.params import TrainParams
+
+APP_DIR = Path(__file__).resolve().parent.parent
+bp = Blueprint(
+    "console",
+    __name__,
+    template_folder=str(APP_DIR / "templates"),
+    static_folder=str(APP_DIR / "static"),
+    static_url_path="/console/static",
+)
+
+# Scripts and styles come from this origin only; Swagger UI and uPlot set inline styles.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
+)
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")  # the filter's options
+PASSAGE_EXCERPT = 240
+BOUND_KEYWORDS = {
+    "ge": ("minimum", "ge"),
+    "gt": ("exclusiveMinimum", "gt"),
+    "le": ("maximum", "le"),
+    "lt": ("exclusiveMaximum", "lt"),
+}
+
+
+class ConsoleJobsQuery(Strict):
+    """Query string of the Jobs page and its data."""
+
+    page: int = Field(1, ge=1)
+    per_page: int = Field(20, ge=1, le=100)
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None
+
+    @field_validator("status", mode="before")
+    @classmethod
+    def all_statuses(cls, value):
+        return value or None  # the filter's "all" option sends status=
+
+
+class ConsolePredictionsQuery(Strict):
+    """Query string of a job's predictions table."""
+
+    page: int = Field(1, ge=1)
+    per_page: int = Field(20, ge=1, le=200)
+    wrong_only: bool = False
+
+
+@bp.after_request
+def protect(response):
+    if response.mimetype == "text/html":
+        response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "same-origin"
+    return response
+
+
+@bp.app_context_processor
+def console_globals():
+    return {"auth_required": bool(current_service().settings.api_token), "api_root": request.script_root}
+
+
+def reads_are_open() -> bool:
+    """Whether pages may show job data to a visitor without the token.
+
+    Job reads are open in this version; a server whose settings close them (``public_reads`` false with an
+    ``API_TOKEN``) gets pages without job data, which the scripts then fetch with the token.
+    """
+    settings = current_service().settings
+    return not settings.api_token or getattr(settings, "public_reads", True)
+
+
+def token_for_reads(view):
+    """The data views below follow the API's rule for job reads."""
+
+    @functools.wraps(view)
+    def checked(*args, **kwargs):
+        return view(*args, **kwargs) if reads_are_open() else require_token(view)(*args, **kwargs)
+
+    return checked
+
+
+@bp.get("/")
+def jobs_page():
+    query = parse(ConsoleJobsQuery, request.args.to_dict(), where="query")
+    if reads_are_open():
+        listing = job_listing(query)
+    else:
+        listing = {"jobs": [], "page": query.page, "per_page": query.per_page, "pages": 1, "total": 0, "hidden": True}
+    return render_template("console/jobs.html", listing=listing, statuses=JOB_STATUSES, query=query)
+
+
+@bp.get("/console/jobs")
+@token_for_reads
+def jobs_rows():
+    """The Jobs table's data (what ``/`` renders), for its live updates."""
+    return jsonify(job_listing(parse(ConsoleJobsQuery, request.args.to_dict(), where="query")))
+
+
+def job_listing(query: ConsoleJobsQuery) -> dict:
+    queue = current_service().queue
+    if query.status:
+        page, total = jobs.recent_jobs_with_status(queue, query.status, query.page, query.per_page)
+    else:
+        page, total = jobs.recent_jobs(queue, query.page, query.per_page)
+    return {
+        "jobs": [job_row(jobs.describe_job(job)) for job in page],
+        "page": query.page,
+        "per_page": query.per_page,
+        "pages": max(1, math.ceil(total / query.per_page)),
+        "total": total,
+        "status": query.status,
+    }
+
+
+def job_row(view: dict) -> dict:
+    """One line of the Jobs table: the job's view cut down to what the table shows."""
+    params, progress, result = view["params"], view["progress"] or {}, view["result"] or {}
+    metrics = result.get("metrics") or {}
+    steps = progress.get("total_steps")
+    return {
+        "job_id": view["job_id"],
+        "status": view["status"],
+        "model": params.get("model"),
+        "params": {k: params.get(k) for k in ("lr", "batch_size", "epochs", "max_length", "train_limit")},
+        "progress": 1.0 if view["status"] == "succeeded" else progress.get("step", 0) / steps if steps else 0.0,
+        "dev_accuracy": result.get("dev_accuracy", progress.get("dev_accuracy")),
+        "accuracy": result.get("accuracy"),
+        "learned_nothing": metrics.get("learned") is False,
+        "majority_baseline": metrics.get("majority_baseline"),
+        "created_at": view["created_at"],
+    }
+
+
+@bp.get("/console/new")
+def new_job_page():
+    settings = current_service().settings
+    return render_template("console/new_job.html", fields=form_fields(settings.default_model))
+
+
+def form_fields(default_model: str) -> list[dict]:
+    """The new-job form, one entry per ``TrainParams`` field, read from its JSON Schema (type, bounds, help)."""
+    schema = TrainParams.model_json_schema()
+    fields = []
+    for name, prop in schema["properties"].items():
+        kinds = [p.get("type") for p in prop.get("anyOf", [prop])]
+        kind = "number" if "number" in kinds else next((k for k in kinds if k not in (None, "null")), "string")
+        default = default_model if name == "model" else prop.get("default")
+        fields.append(
+            {
+                "name": name,
+                "label": prop.get("title", name),
+                "kind": kind,
+                "optional": "null" in kinds,
+                "default": default,
+                "bounds": bounds_text(prop),
+                "description": prop.get("description", ""),
+            }
+        )
+    return fields
+
+
+def bounds_text(prop: dict) -> str:
+    """The rule as the server checks it: ``1 ≤ x ≤ 512``, ``0 < x ≤ 1``, ``x ≥ 1``, or ``""`` for none."""
+    bounds = {}
+    for part in (prop, *prop.get("anyOf", ())):  # pydantic puts a union's bounds beside anyOf, as gt/le
+        for name, aliases in BOUND_KEYWORDS.items():
+            for key in aliases:
+                if key in part:
+                    bounds[name] = part[key]
+    low = next(((f"{number(bounds[k])} {sign} ") for k, sign in (("ge", "≤"), ("gt", "<")) if k in bounds), "")
+    high = next(((f" {sign} {number(bounds[k])}") for k, sign in (("le", "≤"), ("lt", "<")) if k in bounds), "")
+    if low and not high:
+        value, sign = low.split(" ")[:2]
+        return f"x {'≥' if sign == '≤' else '>'} {value}"
+    return f"{low}x{high}" if low or high else ""
+
+
+def number(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@bp.get("/console/jobs/<job_id>")
+def job_page(job_id: str):
+    if not reads_are_open():  # the page's script reads the job with the token
+        view = {"job_id": job_id, "status": "…", "params": {}, "result": None, "error": None}
+        return render_template("console/job.html", job=view, mlflow_url=None)
+    view = jobs.describe_job(find_job(job_id))
+    return render_template("console/job.html", job=view, mlflow_url=mlflow_run_url(view))
+
+
+def mlflow_run_url(view: dict) -> str | None:
+    """The MLflow UI page of the job's run when the tracking URI is a server (a local store has no UI)."""
+    mlflow = ((view.get("result") or {}).get("tracking") or {}).get("mlflow") or {}
+    uri = mlflow.get("tracking_uri") or ""
+    if not uri.startswith(("http://", "https://")) or not mlflow.get("mlflow_run_id"):
+        return None
+    return f"{uri.rstrip('/')}/#/experiments/{mlflow.get('experiment_id')}/runs/{mlflow['mlflow_run_id']}"
+
+
+@bp.get("/console/jobs/<job_id>/live")
+@token_for_reads
+def job_live(job_id: str):
+    """The job's view plus its curves: from the worker's progress while it runs, from the run's metrics after."""
+    job = find_job(job_id)
+    view = jobs.describe_job(job)
+    metrics = (view["result"] or {}).get("metrics") or {}
+    if metrics.get("loss_curve") is not None:
+        curves = {
+            "loss": [[step, loss] for step, loss in enumerate(metrics["loss_curve"], start=1)],
+            "dev_accuracy": [[e, a] for e, a in enumerate(metrics.get("dev_accuracy_per_epoch") or [], start=1)],
+        }
+    else:
+        curves = job.meta.get("curves") or {"loss": [], "dev_accuracy": []}
+    return jsonify(job=view, curves=curves)
+
+
+@bp.get("/console/jobs/<job_id>/predictions")
+@token_for_reads
+def job_predictions(job_id: str):
+    """A page of the job's val predictions with each question and a passage excerpt; optionally wrong only."""
+    query = parse(ConsolePredictionsQuery, request.args.to_dict(), where="query")
+    job = find_job(job_id)
+    if jobs.public_status(job) != "succeeded":
+        raise ApiError(409, f"job {job_id} is {jobs.public_status(job)}; predictions exist once it has succeeded")
+    rows = run_folder.read_predictions(current_service().settings.artifacts_dir / job_id)
+    if rows is None:
+        raise ApiError(404, f"the run folder of job {job_id} has no predictions (was it deleted?)")
+    rows = [r for r in rows if not query.wrong_only or r["label"] != r["prediction"]]
+    start = (query.page - 1) * query.per_page
+    texts = val_texts()
+    page = []
+    for row in rows[start : start + query.per_page]:
+        example = texts.get(row["idx"])
+        page.append(
+            row
+            | {
+                "question": example.question if example else None,
+                "passage": excerpt(example.passage) if example else None,
+            }
+        )
+    return jsonify(
+        predictions=page,
+        page=query.page,
+        per_page=query.per_page,
+        total=len(rows),
+        pages=max(1, math.ceil(len(rows) / query.per_page)),
+        texts=bool(texts),
+    )
+
+
+def excerpt(text: str, limit: int = PASSAGE_EXCERPT) -> str:
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def val_texts() -> dict[int, data.BoolQExample]:
+    """The val examples by idx from ``DATA_DIR`` (as the workers read it); empty for the hub or a missing folder."""
+    path = Path(current_service().settings.data_dir) / "val.jsonl"
+    try:
+        return val_examples(path, path.stat().st_mtime)
+    except (OSError, data.DataError):
+        return {}
+
+
+@functools.lru_cache(maxsize=2)
+def val_examples(path: Path, _mtime: float) -> dict[int, data.BoolQExample]:
+    return {example.idx: example for example in data.read_jsonl(path)}
+
+
+@bp.get("/console/sweeps")
+def sweeps_page():
+    return render_template("console/sweeps.html")
+
+
+@bp.get("/console/models")
+def models_page():
+    return render_template("console/models.html")
+
+
+@bp.get("/console/ask")
+def ask_page():
+    return render_template("console/ask.html")
+
+
+@bp.get("/docs")
+def docs_page():
+    return render_template("console/docs.html", openapi_url=url_for("openapi.openapi"))

@@ -1,0 +1,61 @@
+// Models: the registered versions (GET /models: {champion, models: [{version, job_id, created_at, dev_accuracy,
+// val_accuracy, metrics, champion}]}) with the champion marked, and a promote button (POST /models/champion,
+// 409 asks for "force" when the version scores lower). A server without the registry answers 404: say so.
+"use strict";
+(function () {
+  const { api, el, percent, when, errorMessage, url } = window.Console;
+  const body = document.getElementById("models-body");
+  const problem = document.getElementById("models-error");
+
+  // The contract names the champion in the listing; accept it as a version number, an object, or a flag.
+  function versionsOf(data) {
+    const list = Array.isArray(data) ? data : data.versions || data.models || [];
+    const champion = data.champion && typeof data.champion === "object" ? data.champion.version : data.champion;
+    return list.map((v) => Object.assign({}, v, {
+      champion: Boolean(v.champion || v.is_champion) || (champion !== undefined && champion !== null && String(v.version) === String(champion)),
+    }));
+  }
+
+  // A version carries dev_accuracy and val_accuracy beside its other metrics (MLflow tags).
+  function metric(v, key) {
+    if (v[key] !== undefined && v[key] !== null) return v[key];
+    const m = v.metrics || {};
+    return m[key] !== undefined ? m[key] : null;
+  }
+
+  async function load() {
+    const result = await api("/models");
+    if (result.status === 404) {
+      document.getElementById("models-unavailable").hidden = false;
+      document.getElementById("models-ui").hidden = true;
+      return;
+    }
+    if (!result.ok) { problem.textContent = errorMessage(result); return; }
+    const versions = versionsOf(result.body);
+    if (!versions.length) {
+      body.replaceChildren(el("tr", {}, el("td", { colspan: 7, text: "No registered versions yet: a succeeded job registers one." })));
+      return;
+    }
+    body.replaceChildren(...versions.map((v) => el("tr", { class: v.champion ? "best" : "", "data-version": v.version },
+      el("td", { text: v.version }),
+      el("td", {}, v.job_id ? el("a", { class: "mono", href: url("/console/jobs/" + encodeURIComponent(v.job_id)), text: String(v.job_id).slice(0, 8) }) : "–"),
+      el("td", { text: percent(metric(v, "val_accuracy") ?? metric(v, "accuracy")) }),
+      el("td", { text: percent(metric(v, "f1")) }),
+      el("td", { text: percent(metric(v, "dev_accuracy")) }),
+      el("td", {}, el("time", { datetime: v.created_at || v.created, text: when(v.created_at || v.created) })),
+      el("td", {}, v.champion
+        ? el("strong", { text: "★ champion" })
+        : el("button", { type: "button", class: "secondary", "aria-label": "Promote version " + v.version, text: "Promote", onclick: () => promote(v) })))));
+  }
+
+  async function promote(v) {
+    problem.textContent = "";
+    const json = { version: v.version };
+    if (document.getElementById("promote-force").checked) json.force = true;
+    const result = await api("/models/champion", { method: "POST", json });
+    if (!result.ok) problem.textContent = errorMessage(result);
+    load();
+  }
+
+  load();
+})();

@@ -1,0 +1,220 @@
+"""The console's pages and data views without a browser or training: what the server renders and answers.
+
+Jobs are put on queues no worker reads; finished jobs are recorded the way a worker records them (status,
+registry, result), so the pages see exactly what they would see in production. The browser tests are in
+test_console_browser.py.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+from markupsafe import escape as html_escape
+from rq.job import JobStatus
+from rq.results import Result
+
+from app import jobs, run_folder
+from app.api import create_app
+from app.data import read_jsonl
+from app.params import TrainParams
+from tests.helpers import TINY_JOB, service_settings
+
+JOBS_STORED = 2000
+PAGE_BUDGET_S = 0.3
+
+
+@pytest.fixture
+def settings(redis_url, tmp_path):
+    return service_settings(redis_url, tmp_path)
+
+
+@pytest.fixture
+def client(settings):
+    return create_app(settings).test_client()
+
+
+def queue_of(client):
+    return client.application.extensions["boolq"].queue
+
+
+def finished_job(queue, settings, params: dict, value: dict, ended_s_ago: int = 0):
+    """A job recorded as a worker records a succeeded one: FINISHED, in the finished registry, with a result.
+
+    The registry orders jobs by when their result expires (end + TTL, in seconds); ``ended_s_ago`` sets it.
+    """
+    job = jobs.enqueue_training(queue, TrainParams(**params), settings)
+    with queue.connection.pipeline() as pipe:
+        queue.remove(job, pipeline=pipe)
+        job.set_status(JobStatus.FINISHED, pipeline=pipe)
+        queue.finished_job_registry.add(job, 3600 - ended_s_ago, pipeline=pipe)
+        Result.create(job, Result.Type.SUCCESSFUL, 3600, return_value=value, pipeline=pipe)
+        pipe.execute()
+    return job
+
+
+def run_value(accuracy=0.625, learned=False) -> dict:
+    metrics = {
+        "accuracy": accuracy,
+        "learned": learned,
+        "majority_baseline": 0.625,
+        "confusion_matrix": [[0, 3], [0, 5]],
+        "loss_curve": [0.71, 0.69, 0.68],
+        "dev_accuracy_per_epoch": [0.5],
+    }
+    return {"accuracy": accuracy, "n_eval": 8, "dev_accuracy": 0.5, "predictions": [], "metrics": metrics}
+
+
+def test_the_jobs_page_lists_jobs_newest_first_with_the_learned_nothing_flag(client, settings):
+    queue = queue_of(client)
+    done = finished_job(queue, settings, TINY_JOB, run_value())
+    queued = client.post("/train", json=TINY_JOB).get_json()["job_id"]
+    html = client.get("/").get_data(as_text=True)
+    assert html.index(queued[:8]) < html.index(done.id[:8])
+    assert "learned nothing" in html and "62.5 %" in html
+    rows = client.get("/console/jobs").get_json()["jobs"]
+    assert [r["job_id"] for r in rows] == [queued, done.id]
+    assert rows[1]["learned_nothing"] is True and rows[1]["progress"] == 1.0
+
+
+def test_the_status_filter_and_paging(client, settings):
+    queue = queue_of(client)
+    done = [finished_job(queue, settings, TINY_JOB, run_value(), ended_s_ago=10 - i).id for i in range(3)]
+    queued = client.post("/train", json=TINY_JOB).get_json()["job_id"]
+    succeeded = client.get("/console/jobs?status=succeeded&per_page=2").get_json()
+    assert succeeded["total"] == 3 and succeeded["pages"] == 2
+    older = client.get("/console/jobs?status=succeeded&per_page=2&page=2").get_json()
+    assert [r["job_id"] for r in succeeded["jobs"] + older["jobs"]] == done[::-1]
+    assert [r["job_id"] for r in client.get("/console/jobs?status=queued").get_json()["jobs"]] == [queued]
+    assert client.get("/console/jobs?status=").get_json()["total"] == 4  # the filter's "all"
+    assert client.get("/?status=sleeping").status_code == 422
+
+
+def test_the_new_job_form_has_every_train_param_with_its_default_rule_and_help(client, settings):
+    html = client.get("/console/new").get_data(as_text=True)
+    for name, field in TrainParams.model_fields.items():
+        assert f'id="f-{name}"' in html and f'id="error-{name}"' in html, name
+        assert html_escape(field.description) in html, name
+    assert 'value="minilm"' in html  # the server's DEFAULT_MODEL, not the schema's
+    assert "1 ≤ x ≤ 512" in html and "0 &lt; x &lt; 0.5" in html and "x ≥ 1" in html
+
+
+def test_user_strings_are_escaped(client, settings):
+    evil = "<img src=x onerror=alert(1)>"
+    job = jobs.enqueue_training(queue_of(client), TrainParams(**(TINY_JOB | {"model": evil})), settings)
+    for path in ("/", f"/console/jobs/{job.id}"):
+        html = client.get(path).get_data(as_text=True)
+        assert evil not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+
+
+def test_pages_carry_a_content_security_policy(client):
+    for path in ("/", "/console/new", "/console/ask", "/console/models", "/console/sweeps", "/docs"):
+        response = client.get(path)
+        assert response.status_code == 200, path
+        assert "default-src 'self'" in response.headers["Content-Security-Policy"], path
+    assert client.get("/docs").get_data(as_text=True).count("vendor/swagger-ui/") == 2  # no CDN
+
+
+def test_live_curves_come_from_the_worker_while_running_and_from_the_metrics_after(client, settings):
+    queue = queue_of(client)
+    running = jobs.enqueue_training(queue, TrainParams(**TINY_JOB), settings)
+    running.meta["curves"] = {"loss": [[1, 0.7], [2, 0.69]], "dev_accuracy": []}
+    running.save_meta()
+    assert client.get(f"/console/jobs/{running.id}/live").get_json()["curves"]["loss"] == [[1, 0.7], [2, 0.69]]
+    done = finished_job(queue, settings, TINY_JOB, run_value())
+    live = client.get(f"/console/jobs/{done.id}/live").get_json()
+    assert live["job"]["status"] == "succeeded"
+    assert live["curves"] == {"loss": [[1, 0.71], [2, 0.69], [3, 0.68]], "dev_accuracy": [[1, 0.5]]}
+
+
+def test_predictions_carry_the_question_and_a_passage_excerpt_and_filter_to_the_wrong_ones(
+    client, settings, sample_data_dir
+):
+    job = finished_job(queue_of(client), settings, TINY_JOB, run_value())
+    val = read_jsonl(sample_data_dir / "val.jsonl")[:8]
+    run_dir = settings.artifacts_dir / job.id
+    run_dir.mkdir(parents=True)
+    predictions = [1, 1, 0, 1, 1, 1, 1, 1]
+    run_folder.write_predictions(run_dir, val, predictions, [0.6] * 8)
+    wrong = [row.idx for row, p in zip(val, predictions, strict=True) if int(row.label) != p]
+
+    page = client.get(f"/console/jobs/{job.id}/predictions?per_page=5").get_json()
+    assert page["total"] == 8 and page["pages"] == 2 and len(page["predictions"]) == 5
+    first = page["predictions"][0]
+    assert first["question"] == val[0].question and val[0].passage.startswith(first["passage"].rstrip("…"))
+    assert len(first["passage"]) <= 240
+    only_wrong = client.get(f"/console/jobs/{job.id}/predictions?wrong_only=true&per_page=200").get_json()
+    assert [r["idx"] for r in only_wrong["predictions"]] == wrong
+
+
+def test_predictions_of_an_unfinished_job_are_409(client):
+    job_id = client.post("/train", json=TINY_JOB).get_json()["job_id"]
+    assert client.get(f"/console/jobs/{job_id}/predictions").status_code == 409
+    assert client.get("/console/jobs/no-such-job").status_code == 404
+
+
+def test_the_console_loads_no_torch_nor_scikit_learn():
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, app.api.console, app.data; print(sorted({'torch', 'sklearn', 'transformers'} & set(sys.modules)))"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
+
+
+def test_the_jobs_page_with_2000_stored_jobs(client, settings):
+    """Prints the server time of ``/`` and of the job listing it is built on; the console adds under 300 ms."""
+    queue = queue_of(client)
+    for _ in range(JOBS_STORED):
+        finished_job(queue, settings, TINY_JOB, run_value())
+
+    def median_s(action, repeats=5):
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            action()
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    page_s = median_s(lambda: client.get("/"))
+    filtered_s = median_s(lambda: client.get("/?status=succeeded"))
+    listing_s = median_s(lambda: jobs.recent_jobs(queue, 1, 20))
+    print(
+        f"\n/ with {JOBS_STORED} jobs: {page_s * 1000:.0f} ms (of which jobs.recent_jobs {listing_s * 1000:.0f} ms); "
+        f"/?status=succeeded: {filtered_s * 1000:.0f} ms"
+    )
+    assert page_s - listing_s < PAGE_BUDGET_S
+    assert filtered_s < PAGE_BUDGET_S
+
+
+def test_where_job_reads_need_the_token_pages_hold_no_job_data_and_the_data_views_ask_for_it(
+    redis_url, tmp_path, monkeypatch
+):
+    from app.api import console
+
+    client = create_app(service_settings(redis_url, tmp_path, api_token="t0ken")).test_client()
+    bearer = {"Authorization": "Bearer t0ken"}
+    job_id = client.post("/train", json=TINY_JOB, headers=bearer).get_json()["job_id"]
+    assert job_id[:8] in client.get("/").get_data(as_text=True)  # reads are open in this version
+    monkeypatch.setattr(console, "reads_are_open", lambda: False)
+    assert job_id[:8] not in client.get("/").get_data(as_text=True)
+    assert "train_limit" not in client.get(f"/console/jobs/{job_id}").get_data(as_text=True)
+    for path in ("/console/jobs", f"/console/jobs/{job_id}/live"):
+        assert client.get(path).status_code == 401, path
+        assert client.get(path, headers=bearer).status_code == 200, path
+    assert client.get(f"/console/jobs/{job_id}/predictions").status_code == 401
+
+
+def test_the_job_page_links_the_mlflow_run_only_when_tracking_goes_to_a_server():
+    from app.api.console import mlflow_run_url
+
+    def view(uri):
+        mlflow = {"tracking_uri": uri, "experiment_id": "3", "mlflow_run_id": "abc"}
+        return {"result": {"tracking": {"mlflow": mlflow}}}
+
+    assert mlflow_run_url(view("http://mlflow:5000/")) == "http://mlflow:5000/#/experiments/3/runs/abc"
+    assert mlflow_run_url(view("sqlite:////srv/runs/mlflow/mlflow.db")) is None
+    assert mlflow_run_url({"result": None}) is None
