@@ -97,10 +97,10 @@ def bounded_answers(folder: Path, pairs: list[tuple[str, str]]) -> list:
     client = request.environ.get("gunicorn.socket")
 
     def should_stop() -> str | None:
-        if time.monotonic() > deadline:
-            return "deadline"
         if client is not None and client_went_away(client):
             return "client gone"
+        if time.monotonic() > deadline:
+            return "deadline"
         return None
 
     try:
