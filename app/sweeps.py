@@ -11,6 +11,7 @@ champion. Val accuracy is shown beside dev accuracy and never used to choose. No
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -214,12 +215,18 @@ def available_train_rows(settings: Settings) -> int:
 
 def storage(settings: Settings):
     """The journal storage on the service's Redis, one journal per queue (so services sharing a Redis stay apart)."""
+    return journal_on_redis(settings.redis_url, f"boolq:{settings.queue_name}:optuna")
+
+
+@functools.lru_cache(maxsize=8)
+def journal_on_redis(redis_url: str, prefix: str):
+    """One storage per process: a new one replays the whole journal, a kept one reads only what was appended."""
     from optuna.exceptions import ExperimentalWarning
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalRedisBackend
 
     warnings.filterwarnings("ignore", category=ExperimentalWarning)  # the Redis journal, stable in use since v3.1
-    return JournalStorage(JournalRedisBackend(settings.redis_url, prefix=f"boolq:{settings.queue_name}:optuna"))
+    return JournalStorage(JournalRedisBackend(redis_url, prefix=prefix))
 
 
 def distributions(space: dict) -> dict:
