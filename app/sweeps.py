@@ -164,14 +164,21 @@ def validate_request(request: SweepRequest, settings: Settings) -> TrainParams:
 
 
 def range_rule(name: str, entry: Range) -> str | None:
-    annotation = str(TrainParams.model_fields[name].annotation)
-    if "int" not in annotation and "float" not in annotation:
+    kind = field_kind(name)
+    if kind not in ("integer", "number"):
         return "a range needs a numeric field; give a list of choices"
-    if "float" not in annotation and "Number" not in annotation:
-        ints = [entry.low, entry.high] + ([entry.step] if entry.step is not None else [])
-        if not all(isinstance(v, int) for v in ints):
-            return "an integer field needs integer low, high and step"
+    ints = [entry.low, entry.high] + ([entry.step] if entry.step is not None else [])
+    if kind == "integer" and not all(isinstance(v, int) for v in ints):
+        return "an integer field needs integer low, high and step"
     return None
+
+
+@functools.cache
+def field_kind(name: str) -> str:
+    """The JSON type of a TrainParams field without its null: "integer", "number" (float or int), or another."""
+    schema = TrainParams.model_json_schema()["properties"][name]
+    types = {option.get("type") for option in schema.get("anyOf", [schema])} - {"null"}
+    return "number" if "number" in types else "integer" if types == {"integer"} else "other"
 
 
 def value_rule(base: TrainParams, name: str, value: Any, settings: Settings) -> str | None:
@@ -238,16 +245,11 @@ def distributions(space: dict) -> dict:
         entry = Range(**entry) if isinstance(entry, dict) else entry
         if isinstance(entry, list):
             found[name] = CategoricalDistribution(entry)
-        elif all(isinstance(v, int) for v in (entry.low, entry.high, entry.step or 1)) and is_int_field(name):
+        elif field_kind(name) == "integer":
             found[name] = IntDistribution(entry.low, entry.high, log=entry.log, step=entry.step or 1)
         else:
             found[name] = FloatDistribution(entry.low, entry.high, log=entry.log, step=entry.step)
     return found
-
-
-def is_int_field(name: str) -> bool:
-    annotation = str(TrainParams.model_fields[name].annotation)
-    return "int" in annotation and "float" not in annotation and "Number" not in annotation
 
 
 def suggest(trial, space: dict) -> dict:

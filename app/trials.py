@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 class Pruned(optuna.TrialPruned):
     """The pruner stopped the trial after ``epoch``."""
 
+    run_status = "KILLED"  # what the tracker records: stopped on purpose, not failed
+
     def __init__(self, epoch: int):
         super().__init__(f"pruned after epoch {epoch}")
         self.epoch = epoch
