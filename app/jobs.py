@@ -1,7 +1,8 @@
 """Training as RQ jobs: the queue, and a job's state as the API reports it (the task is ``app.tasks``).
 
 The lifecycle is RQ's (statuses and registries in Redis); this module only maps it to the API's
-words (queued | running | succeeded | failed | cancelled). Progress lives in the job's ``meta``.
+words (queued | running | succeeded | failed | cancelled, and pruned for a sweep trial the pruner stopped).
+Progress lives in the job's ``meta``.
 """
 
 from __future__ import annotations

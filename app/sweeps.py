@@ -11,6 +11,7 @@ champion. Val accuracy is shown beside dev accuracy and never used to choose. No
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -163,14 +164,21 @@ def validate_request(request: SweepRequest, settings: Settings) -> TrainParams:
 
 
 def range_rule(name: str, entry: Range) -> str | None:
-    annotation = str(TrainParams.model_fields[name].annotation)
-    if "int" not in annotation and "float" not in annotation:
+    kind = field_kind(name)
+    if kind not in ("integer", "number"):
         return "a range needs a numeric field; give a list of choices"
-    if "float" not in annotation and "Number" not in annotation:
-        ints = [entry.low, entry.high] + ([entry.step] if entry.step is not None else [])
-        if not all(isinstance(v, int) for v in ints):
-            return "an integer field needs integer low, high and step"
+    ints = [entry.low, entry.high] + ([entry.step] if entry.step is not None else [])
+    if kind == "integer" and not all(isinstance(v, int) for v in ints):
+        return "an integer field needs integer low, high and step"
     return None
+
+
+@functools.cache
+def field_kind(name: str) -> str:
+    """The JSON type of a TrainParams field without its null: "integer", "number" (float or int), or another."""
+    schema = TrainParams.model_json_schema()["properties"][name]
+    types = {option.get("type") for option in schema.get("anyOf", [schema])} - {"null"}
+    return "number" if "number" in types else "integer" if types == {"integer"} else "other"
 
 
 def value_rule(base: TrainParams, name: str, value: Any, settings: Settings) -> str | None:
@@ -214,12 +222,18 @@ def available_train_rows(settings: Settings) -> int:
 
 def storage(settings: Settings):
     """The journal storage on the service's Redis, one journal per queue (so services sharing a Redis stay apart)."""
+    return journal_on_redis(settings.redis_url, f"boolq:{settings.queue_name}:optuna")
+
+
+@functools.lru_cache(maxsize=8)
+def journal_on_redis(redis_url: str, prefix: str):
+    """One storage per process: a new one replays the whole journal, a kept one reads only what was appended."""
     from optuna.exceptions import ExperimentalWarning
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalRedisBackend
 
     warnings.filterwarnings("ignore", category=ExperimentalWarning)  # the Redis journal, stable in use since v3.1
-    return JournalStorage(JournalRedisBackend(settings.redis_url, prefix=f"boolq:{settings.queue_name}:optuna"))
+    return JournalStorage(JournalRedisBackend(redis_url, prefix=prefix))
 
 
 def distributions(space: dict) -> dict:
@@ -231,16 +245,11 @@ def distributions(space: dict) -> dict:
         entry = Range(**entry) if isinstance(entry, dict) else entry
         if isinstance(entry, list):
             found[name] = CategoricalDistribution(entry)
-        elif all(isinstance(v, int) for v in (entry.low, entry.high, entry.step or 1)) and is_int_field(name):
+        elif field_kind(name) == "integer":
             found[name] = IntDistribution(entry.low, entry.high, log=entry.log, step=entry.step or 1)
         else:
             found[name] = FloatDistribution(entry.low, entry.high, log=entry.log, step=entry.step)
     return found
-
-
-def is_int_field(name: str) -> bool:
-    annotation = str(TrainParams.model_fields[name].annotation)
-    return "int" in annotation and "float" not in annotation and "Number" not in annotation
 
 
 def suggest(trial, space: dict) -> dict:

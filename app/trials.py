@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 class Pruned(optuna.TrialPruned):
     """The pruner stopped the trial after ``epoch``."""
 
+    run_status = "KILLED"  # what the tracker records: stopped on purpose, not failed
+
     def __init__(self, epoch: int):
         super().__init__(f"pruned after epoch {epoch}")
         self.epoch = epoch
@@ -81,8 +83,9 @@ def trial_job(params_dict: dict, sweep_id: str, number: int) -> dict:
         sweeps.advance(settings, queue, sweep_id)
         return {"status": "pruned", "pruned_at_epoch": pruned.epoch}
     except Exception:
-        sweeps.end_trial(study, number, TrialState.FAIL, outcome="failed")
-        sweeps.advance(settings, queue, sweep_id)
+        if not job.should_retry:  # a job RQ will run again (JOB_RETRIES) is still this trial's
+            sweeps.end_trial(study, number, TrialState.FAIL, outcome="failed")
+            sweeps.advance(settings, queue, sweep_id)
         raise
     sweeps.end_trial(
         study,

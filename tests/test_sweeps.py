@@ -134,6 +134,24 @@ def test_cancel_stops_the_running_trial_and_starts_no_more(client, worker):
     assert client.post(f"/sweeps/{sweep_id}/cancel").status_code == 409
 
 
+def test_a_trial_cancelled_as_a_job_is_marked_cancelled_and_replaced(client, worker):
+    body = {"base": BASE | {"train_limit": 400, "epochs": 3}, "space": {"lr": [1e-4, 2e-4]}, "trials": 2}
+    sweep_id = client.post("/sweeps", json=body | {"sampler": "grid"}).get_json()["sweep_id"]
+    first = wait_for(
+        lambda: next(
+            (r for r in client.get(f"/sweeps/{sweep_id}").get_json()["leaderboard"] if r["status"] == "running"), None
+        ),
+        300,
+        "the first trial to run",
+    )
+    assert client.post(f"/jobs/{first['job_id']}/cancel").status_code == 200
+    view = client.get(f"/sweeps/{sweep_id}").get_json()
+    statuses = {r["trial"]: r["status"] for r in view["leaderboard"]}
+    assert statuses[first["trial"]] == "cancelled" and len(statuses) == 2  # the next trial took its place
+    assert view["status"] == "running"
+    assert client.post(f"/sweeps/{sweep_id}/cancel").get_json()["status"] == "cancelled"
+
+
 def test_sweeps_are_listed_newest_first_in_pages(client, tpe_sweep):
     listing = client.get("/sweeps?per_page=2").get_json()
     assert listing["page"] == 1 and listing["per_page"] == 2 and listing["total"] >= 1

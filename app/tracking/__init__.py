@@ -231,7 +231,9 @@ def backend_factory(name: str, settings) -> Callable[[], Backend]:
 
 
 def run_status(exc: BaseException) -> str:
-    """MLflow's run status for a run that ended with ``exc``."""
+    """MLflow's run status for a run that ended with ``exc`` (an exception may name its own, as a pruned trial does)."""
+    if hasattr(exc, "run_status"):
+        return exc.run_status
     return "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit) else "FAILED"
 
 
