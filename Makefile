@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint format
+.PHONY: demo test lint format compose-smoke
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,3 +25,8 @@ format: $(BIN)/.installed
 
 test: lint
 	$(BIN)/python -m pytest
+
+# Build the images and run the compose stack for real (Docker, or podman without a Docker daemon) and talk to it
+# through nginx on localhost:4000; builds without a registry from local base images (README, "Deploy").
+compose-smoke:
+	deploy/compose-smoke.sh
