@@ -28,7 +28,7 @@ DEBIAN_IMAGE=localhost/debian:bookworm
 # shellcheck source=local-images.env
 source "$ENV_FILE"
 
-step() { printf '\n== %s\n' "$*"; }
+step() { printf '\n-- local-images [%4ds] %s\n' "$SECONDS" "$*"; }
 image_exists() { "$ENGINE" image inspect "$1" >/dev/null 2>&1; }
 
 debian_image() {
@@ -77,8 +77,8 @@ wheelhouse() {
     step "$WHEELHOUSE: complete for this requirements.txt"
     return
   fi
-  if [ -n "$TORCH_INDEX_URL" ] && "$PYTHON" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=10)" \
-    "$TORCH_INDEX_URL/torch/" 2>/dev/null; then
+  local probe="import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=10)"
+  if [ -n "$TORCH_INDEX_URL" ] && "$PYTHON" -c "$probe" "$TORCH_INDEX_URL/torch/" 2>/dev/null; then
     step "$WHEELHOUSE: torch==$TORCH_VERSION from $TORCH_INDEX_URL"
     "$PYTHON" -m pip download --quiet --dest "$WHEELHOUSE" "${platform[@]}" --index-url "$TORCH_INDEX_URL" \
       "torch==$TORCH_VERSION"
@@ -110,9 +110,10 @@ wheelhouse() {
 # The first requirement the base image's pip cannot find in the wheelhouse (with no index); empty when none.
 missing_in_wheelhouse() {
   local output
+  local check='python3 -m venv /tmp/venv
+    /tmp/venv/bin/pip install --dry-run --quiet --no-index --find-links /wheelhouse -r /requirements.txt'
   if output=$("$ENGINE" run --rm --network none -v "$PWD/$WHEELHOUSE:/wheelhouse:ro" \
-    -v "$PWD/requirements.txt:/requirements.txt:ro" "$BASE_IMAGE" sh -c \
-    'python3 -m venv /tmp/venv && /tmp/venv/bin/pip install --dry-run --quiet --no-index --find-links /wheelhouse -r /requirements.txt' 2>&1); then
+    -v "$PWD/requirements.txt:/requirements.txt:ro" "$BASE_IMAGE" sh -ec "$check" 2>&1); then
     return
   fi
   if ! grep -q '^ERROR: No matching distribution found for ' <<<"$output"; then
