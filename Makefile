@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Full BoolQ for `make demo-full`: a folder with train.jsonl and val.jsonl, or `hub` (google/boolq, online).
 DATA_DIR ?= $(if $(wildcard ../shared/data/boolq/train.jsonl),../shared/data/boolq,hub)
 
-.PHONY: demo demo-full test test-fast lint format services
+.PHONY: demo demo-full test test-fast lint format services compose-smoke
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -50,3 +50,8 @@ test: services lint
 # No training and no service processes: under 2 minutes.
 test-fast: lint
 	$(BIN)/python -m pytest -m "not slow"
+
+# Build the images and run the compose stack for real (Docker, or podman without a Docker daemon) and talk to it
+# through nginx on localhost:4000; builds without a registry from local base images (README, "Deploy").
+compose-smoke:
+	deploy/compose-smoke.sh

@@ -22,8 +22,9 @@ COMPOSE_CONF_PATH = NGINX_DIR / "nginx.conf"
 # Port of the API replicas inside the compose network and of nginx on the host (the tutorial script's 4000 → 5000).
 COMPOSE_API_SERVER = "api:5000"
 LISTEN_PORT = 4000
-# Docker's embedded DNS server, reachable from every container on a user-defined network.
-DOCKER_DNS = "127.0.0.11"
+# Stands for the container's nameserver in nginx/nginx.conf: nginx/start.sh writes it in from
+# /etc/resolv.conf when the container starts (Docker's embedded DNS is 127.0.0.11, podman's is at the gateway).
+NAMESERVER_PLACEHOLDER = "__NAMESERVER__"
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,10 @@ class NginxLayout:
 
 
 def compose_layout() -> NginxLayout:
-    """nginx in the official image, in front of the compose service `api` however many replicas it has."""
+    """nginx in the compose image (nginx/Dockerfile), in front of the service `api` however many replicas it has.
+
+    nginx/start.sh fills in the resolver and drops `resolve` on nginx older than 1.27.3.
+    """
     return NginxLayout(
         layout_name="compose",
         listen=str(LISTEN_PORT),
@@ -55,7 +59,7 @@ def compose_layout() -> NginxLayout:
         pid_path="/var/run/nginx.pid",
         error_log="/dev/stderr",
         access_log="/dev/stdout",
-        resolver=DOCKER_DNS,
+        resolver=NAMESERVER_PLACEHOLDER,
         resolve=True,
     )
 

@@ -1,11 +1,13 @@
 """Deployment files: the compose file as docker-compose reads it, and nginx from the shared template.
 
-The compose nginx (1.28 image, `resolve`) cannot run here; the native rendering of the same template runs on the
-Debian nginx, so the parts they share (upstream, timeouts, JSON error pages) are exercised for real.
+The native rendering of the template runs on the Debian nginx, so the parts it shares with the compose one
+(upstream, timeouts, JSON error pages) are exercised for real; the compose images and stack themselves run in
+`make compose-smoke` (deploy/compose-smoke.sh).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,6 +25,8 @@ from app.stack import find_binary, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+LOCAL_IMAGES_ENV = ROOT / "deploy" / "local-images.env"
+NGINX_START = ROOT / "nginx" / "start.sh"
 
 
 def docker_compose(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -102,13 +106,71 @@ def test_committed_nginx_conf_is_the_compose_rendering_of_the_template():
     )
 
 
-def test_compose_nginx_reresolves_the_api_service_through_docker_dns():
+def test_compose_builds_on_public_images_unless_told_to_use_the_local_ones():
+    public = yaml.safe_load(docker_compose("config").stdout)["services"]
+    assert public["api"]["build"]["args"] == {"BASE_IMAGE": "python:3.11-slim"}
+    assert public["nginx"]["build"]["args"] == {"NGINX_IMAGE": "nginx:1.28-alpine"}
+    assert public["redis"]["image"] == "redis:7-alpine"
+
+    local = yaml.safe_load(docker_compose("--env-file", str(LOCAL_IMAGES_ENV), "config").stdout)["services"]
+    assert local["api"]["build"]["args"] == {"BASE_IMAGE": "localhost/python:3.11-bookworm"}
+    assert local["nginx"]["build"]["args"] == {"NGINX_IMAGE": "localhost/nginx:1.22-bookworm"}
+    assert local["redis"]["image"] == "localhost/redis:7-bookworm"
+
+
+def test_every_compose_service_runs_within_unprivileged_rlimits():
+    services = yaml.safe_load(docker_compose("config").stdout)["services"]
+    for name, service in services.items():
+        assert service["ulimits"] == {"nofile": 16384, "nproc": 16384}, name
+
+
+def test_compose_nginx_conf_leaves_the_resolver_to_the_container_start():
     conf = render_nginx_conf(compose_layout())
-    assert "resolver 127.0.0.11 valid=10s" in conf
+    assert "resolver __NAMESERVER__ valid=10s" in conf
     assert "server api:5000 max_fails=3 fail_timeout=10s resolve;" in conf
     assert "zone api 64k;" in conf  # `resolve` needs a shared-memory zone
-    compose = COMPOSE_FILE.read_text()
-    assert "image: nginx:1.28" in compose  # open-source nginx supports `resolve` from 1.27.3
+
+
+@pytest.mark.parametrize(
+    ("nginx_version", "server_line"),
+    [
+        ("1.28.0", "server api:5000 max_fails=3 fail_timeout=10s resolve;"),
+        ("1.27.3", "server api:5000 max_fails=3 fail_timeout=10s resolve;"),
+        # Debian bookworm's nginx: no `resolve`; start.sh reloads nginx when the addresses change instead.
+        ("1.22.1", "server api:5000 max_fails=3 fail_timeout=10s;"),
+    ],
+)
+def test_nginx_start_takes_the_resolver_from_resolv_conf(tmp_path, nginx_version, server_line):
+    resolv_conf = tmp_path / "resolv.conf"
+    resolv_conf.write_text("search dns.podman\nnameserver 10.89.0.1\nnameserver 10.255.255.53\noptions ndots:0\n")
+    # A stand-in nginx: answers -v like the real one and records how it was started.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_nginx = bin_dir / "nginx"
+    fake_nginx.write_text(
+        f'#!/bin/sh\n[ "$1" = -v ] && {{ echo "nginx version: nginx/{nginx_version}" >&2; exit 0; }}\n'
+        f'echo "$@" > {tmp_path / "argv"}\n'
+    )
+    fake_nginx.chmod(0o755)
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "NGINX_CONF_TEMPLATE": str(COMPOSE_CONF_PATH),
+        "NGINX_CONF": str(tmp_path / "nginx.conf"),
+        "RESOLV_CONF": str(resolv_conf),
+    }
+    stderr = tmp_path / "stderr"
+    # In its own process group: on old nginx, start.sh leaves a watcher behind that reloads nginx.
+    with stderr.open("w") as stderr_file:
+        proc = subprocess.Popen([str(NGINX_START)], env=env, stderr=stderr_file, start_new_session=True)
+    try:
+        assert proc.wait(timeout=30) == 0, stderr.read_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    conf = (tmp_path / "nginx.conf").read_text()
+    assert "resolver 10.89.0.1 valid=10s ipv6=off;" in conf  # the engine's DNS, not the host's after it
+    assert server_line in conf
+    assert (tmp_path / "argv").read_text().split() == ["-c", str(tmp_path / "nginx.conf"), "-g", "daemon", "off;"]
 
 
 @pytest.fixture
