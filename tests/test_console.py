@@ -190,16 +190,13 @@ def test_the_jobs_page_with_2000_stored_jobs(client, settings):
     assert filtered_s < PAGE_BUDGET_S
 
 
-def test_where_job_reads_need_the_token_pages_hold_no_job_data_and_the_data_views_ask_for_it(
-    redis_url, tmp_path, monkeypatch
-):
-    from app.api import console
-
-    client = create_app(service_settings(redis_url, tmp_path, api_token="t0ken")).test_client()
+def test_where_job_reads_need_the_token_pages_hold_no_job_data_and_the_data_views_ask_for_it(redis_url, tmp_path):
+    settings = service_settings(redis_url, tmp_path, api_token="t0ken")
+    client = create_app(settings).test_client()  # with API_TOKEN, job reads need it (PUBLIC_READS off)
+    open_reads = create_app(settings.model_copy(update={"public_reads": True})).test_client()
     bearer = {"Authorization": "Bearer t0ken"}
     job_id = client.post("/train", json=TINY_JOB, headers=bearer).get_json()["job_id"]
-    assert job_id[:8] in client.get("/").get_data(as_text=True)  # reads are open in this version
-    monkeypatch.setattr(console, "reads_are_open", lambda: False)
+    assert job_id[:8] in open_reads.get("/").get_data(as_text=True)
     assert job_id[:8] not in client.get("/").get_data(as_text=True)
     assert "train_limit" not in client.get(f"/console/jobs/{job_id}").get_data(as_text=True)
     for path in ("/console/jobs", f"/console/jobs/{job_id}/live"):

@@ -84,13 +84,13 @@ def console_globals():
 
 
 def reads_are_open() -> bool:
-    """Whether pages may show job data to a visitor without the token.
+    """Whether pages may show job data to a visitor without the token: the API's rule for job reads.
 
-    Job reads are open in this version; a server whose settings close them (``public_reads`` false with an
-    ``API_TOKEN``) gets pages without job data, which the scripts then fetch with the token.
+    With an ``API_TOKEN`` and ``PUBLIC_READS`` off (the default) pages hold no job data; their scripts fetch
+    it with the token.
     """
     settings = current_service().settings
-    return not settings.api_token or getattr(settings, "public_reads", True)
+    return not settings.api_token or settings.public_reads
 
 
 def token_for_reads(view):
