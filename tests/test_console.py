@@ -166,12 +166,13 @@ def test_the_console_loads_no_torch_nor_scikit_learn():
 
 
 def test_the_jobs_page_with_2000_stored_jobs(client, settings):
-    """Prints the server time of ``/`` and of the job listing it is built on; the console adds under 300 ms."""
+    """``/`` renders in under 300 ms of server time with 2,000 jobs stored (the median of 7 requests; the job
+    listing reads one page of the Redis job index). Prints the figures."""
     queue = queue_of(client)
     for _ in range(JOBS_STORED):
         finished_job(queue, settings, TINY_JOB, run_value())
 
-    def median_s(action, repeats=5):
+    def median_s(action, repeats=7):
         times = []
         for _ in range(repeats):
             started = time.perf_counter()
@@ -186,7 +187,7 @@ def test_the_jobs_page_with_2000_stored_jobs(client, settings):
         f"\n/ with {JOBS_STORED} jobs: {page_s * 1000:.0f} ms (of which jobs.recent_jobs {listing_s * 1000:.0f} ms); "
         f"/?status=succeeded: {filtered_s * 1000:.0f} ms"
     )
-    assert page_s - listing_s < PAGE_BUDGET_S
+    assert page_s < PAGE_BUDGET_S
     assert filtered_s < PAGE_BUDGET_S
 
 

@@ -1,21 +1,22 @@
 // Sweeps (issue 11's API): launch (POST /sweeps), list (GET /sweeps), and one sweep's live leaderboard
-// (GET /sweeps/<id>) with dev accuracy plotted against a searched parameter (log axis for lr/eps), the best
-// trial highlighted. A server without sweeps answers 404: say so.
+// (GET /sweeps/<id>, polled until the sweep is finished or cancelled) with dev accuracy plotted against a
+// searched parameter (log axis for lr/eps), the best trial highlighted. A server without sweeps answers 404: say so.
 "use strict";
 (function () {
-  const { api, el, percent, when, errorMessage, statusBadge, url, FINAL, every } = window.Console;
+  const { api, el, percent, when, errorMessage, statusBadge, url, every } = window.Console;
   const LOG_SCALE = new Set(["lr", "eps"]);
+  const ENDED = new Set(["finished", "cancelled"]);  // a sweep's final states
   const POLL_MS = 2000;
   let current = null;   // id of the sweep shown
   let stopPolling = null;
   let plot = null;
+  let shown = { trials: [], searched: [] };  // what the plot was last drawn from (for the axis picker)
 
-  function listOf(data) { return Array.isArray(data) ? data : data.sweeps || []; }
-  function idOf(s) { return s.sweep_id || s.id; }
-  function accuracyOf(t) { return t.val_accuracy !== undefined ? t.val_accuracy : t.accuracy; }
+  // A trial's dev accuracy: of its kept epoch when it succeeded, else the best epoch so far (running, pruned).
   function bestDev(t) {
-    const dev = t.dev_accuracy;
-    return Array.isArray(dev) ? (dev.length ? Math.max(...dev) : null) : dev === undefined ? null : dev;
+    if (typeof t.dev_accuracy === "number") return t.dev_accuracy;
+    const perEpoch = t.dev_accuracy_per_epoch || [];
+    return perEpoch.length ? Math.max(...perEpoch) : null;
   }
 
   async function loadList() {
@@ -26,15 +27,15 @@
       return false;
     }
     if (!result.ok) return true;
-    const sweeps = listOf(result.body);
+    const sweeps = result.body.sweeps || [];
     const body = document.getElementById("sweeps-body");
     if (!sweeps.length) { body.replaceChildren(el("tr", {}, el("td", { colspan: 5, text: "No sweeps yet." }))); return true; }
     body.replaceChildren(...sweeps.map((s) => el("tr", {},
-      el("td", {}, el("a", { href: "#" + encodeURIComponent(idOf(s)), class: "mono", text: String(idOf(s)).slice(0, 8), onclick: () => show(idOf(s)) })),
+      el("td", {}, el("a", { href: "#" + encodeURIComponent(s.sweep_id), class: "mono", text: String(s.sweep_id).slice(0, 8), onclick: () => show(s.sweep_id) })),
       el("td", {}, statusBadge(s.status)),
-      el("td", { text: s.trials !== undefined ? (Array.isArray(s.trials) ? s.trials.length : s.trials) : "–" }),
-      el("td", { text: percent(s.best && s.best.dev_accuracy !== undefined ? bestDev(s.best) : s.best_dev_accuracy) }),
-      el("td", { text: when(s.created_at || s.created) }))));
+      el("td", { text: s.trials }),
+      el("td", { text: percent(s.best ? s.best.dev_accuracy : null) }),
+      el("td", { text: when(s.created_at) }))));
     return true;
   }
 
@@ -56,10 +57,10 @@
     status.textContent = sweep.status;
     status.className = "status status-" + sweep.status;
     const cancel = document.getElementById("sweep-cancel");
-    cancel.hidden = FINAL.has(sweep.status);
+    cancel.hidden = ENDED.has(sweep.status);
     cancel.onclick = async () => { await api("/sweeps/" + encodeURIComponent(id) + "/cancel", { method: "POST" }); refresh(); };
     drawLeaderboard(sweep);
-    return !FINAL.has(sweep.status);
+    return !ENDED.has(sweep.status);
   }
 
   function drawLeaderboard(sweep) {
@@ -69,29 +70,34 @@
       el("th", { scope: "col", text: "Status" }), ...searched.map((k) => el("th", { scope: "col", text: k })),
       el("th", { scope: "col", text: "Dev acc. per epoch" }), el("th", { scope: "col", text: "Val acc." }));
     document.getElementById("leaderboard-head").replaceChildren(head);
-    document.getElementById("leaderboard-body").replaceChildren(...trials.map((t, i) => el("tr", { class: i === 0 ? "best" : "" },
+    const best = sweep.best ? sweep.best.trial : null;  // the best succeeded trial by dev accuracy (listed first)
+    document.getElementById("leaderboard-body").replaceChildren(...trials.map((t, i) => el("tr",
+      { class: t.trial === best ? "best" : "", "data-trial": t.trial, "data-status": t.status },
       el("td", { text: i + 1 }),
       el("td", {}, t.job_id ? el("a", { class: "mono", href: url("/console/jobs/" + encodeURIComponent(t.job_id)), text: String(t.job_id).slice(0, 8) }) : "–"),
       el("td", {}, statusBadge(t.status || "queued")),
       ...searched.map((k) => el("td", { text: (t.params || {})[k] === undefined ? "–" : t.params[k] })),
-      el("td", { text: Array.isArray(t.dev_accuracy) ? t.dev_accuracy.map(percent).join(" → ") : percent(t.dev_accuracy) }),
-      el("td", { text: percent(accuracyOf(t)) }))));
-    drawPlot(trials, searched);
+      el("td", { text: (t.dev_accuracy_per_epoch || []).length ? t.dev_accuracy_per_epoch.map(percent).join(" → ") : "–" }),
+      el("td", { text: percent(t.val_accuracy) }))));
+    drawPlot(trials, searched, best);
   }
 
-  function drawPlot(trials, searched) {
+  function drawPlot(trials, searched, bestTrial) {
+    shown = { trials, searched, bestTrial };
     const axis = document.getElementById("sweep-axis");
     const numeric = searched.filter((k) => trials.some((t) => typeof (t.params || {})[k] === "number"));
     if (axis.options.length !== numeric.length) {
       axis.replaceChildren(...numeric.map((k) => el("option", { value: k, text: k })));
-      axis.onchange = () => { plot = null; drawPlot(trials, searched); };
+      axis.onchange = () => { plot = null; drawPlot(shown.trials, shown.searched, shown.bestTrial); };
     }
     const key = axis.value;
     const box = document.getElementById("sweep-chart");
-    if (!key) { box.replaceChildren(); return; }
+    if (!key) { box.replaceChildren(); plot = null; box.dataset.points = 0; return; }
     const points = trials.filter((t) => typeof (t.params || {})[key] === "number" && bestDev(t) !== null)
       .map((t) => [t.params[key], bestDev(t)]).sort((a, b) => a[0] - b[0]);
-    const best = trials.length && bestDev(trials[0]) !== null ? [trials[0].params[key], bestDev(trials[0])] : null;
+    const top = trials.find((t) => t.trial === bestTrial);
+    const best = top && typeof (top.params || {})[key] === "number" ? [top.params[key], bestDev(top)] : null;
+    box.dataset.points = points.length;
     const data = [points.map((p) => p[0]), points.map((p) => p[1]), points.map((p) => (best && p[0] === best[0] && p[1] === best[1] ? p[1] : null))];
     document.getElementById("sweep-caption").textContent = "Best dev accuracy of each trial against " + key +
       (LOG_SCALE.has(key) ? " (log axis)" : "") + "; the best trial is the large green point.";
@@ -127,7 +133,7 @@
       return;
     }
     await loadList();
-    show(idOf(result.body));
+    show(result.body.sweep_id);
   });
 
   loadList().then((available) => {
