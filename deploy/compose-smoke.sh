@@ -7,8 +7,8 @@
 # Engine: Docker when a Docker daemon answers, else podman (rootful) through a `podman system service`
 # socket of its own, with deploy/podman/containers.conf. Without a reachable registry the base images and the
 # wheelhouse come from deploy/local-images.sh (LOCAL_IMAGES=auto|1|0). Bounded by SMOKE_TIMEOUT (1800 s): about
-# 6 minutes with cached images, 16.5 from nothing (the application image alone 10) on 2 busy cores.
-set -euo pipefail
+# 3.5-6 minutes with cached images, 16.5 from nothing (the application image alone 10) on 2 busy cores.
+set -Eeuo pipefail
 cd "$(dirname "$0")/.."
 
 SMOKE_TIMEOUT=${SMOKE_TIMEOUT:-1800}
@@ -69,6 +69,7 @@ cleanup() {
   exit "$status"
 }
 trap cleanup EXIT
+trap 'printf "   FAILED: %s\n" "$BASH_COMMAND" >&2' ERR
 
 # podman runs healthchecks from systemd timers; without systemd nothing runs them and `depends_on:
 # service_healthy` would wait forever, so run them here, as the timers would.
@@ -140,7 +141,8 @@ pass "stack answering on $URL after $((SECONDS - t0)) s"
 step "GET /healthz through nginx, answered by all 3 replicas (X-Replica)"
 replicas=""
 for _ in $(seq 60); do
-  replica=$(curl -fsS -D - -o /dev/null "$URL/healthz" | tr -d '\r' | sed -n 's/^[Xx]-[Rr]eplica: \([^:]*\):.*$/\1/p')
+  replica=$(curl -fsS -D - -o /dev/null "$URL/healthz" | tr -d '\r' \
+    | sed -n 's/^[Xx]-[Rr]eplica: \([^:]*\):.*$/\1/p') || replica=""
   replicas=$(printf '%s\n%s\n' "$replicas" "$replica" | sed '/^$/d' | sort -u)
   [ "$(echo "$replicas" | wc -l)" -ge 3 ] && break
 done
