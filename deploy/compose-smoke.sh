@@ -7,8 +7,8 @@
 # Engine: Docker when a Docker daemon answers, else podman (rootful) through a `podman system service`
 # socket of its own, with deploy/podman/containers.conf. Without a reachable registry the base images and the
 # wheelhouse come from deploy/local-images.sh (LOCAL_IMAGES=auto|1|0). Bounded by SMOKE_TIMEOUT (1800 s): about
-# 6 minutes with cached images, but a cold image build alone took 11 minutes on 2 busy cores.
-set -euo pipefail
+# 3.5-6 minutes with cached images, 16.5 from nothing (the application image alone 10) on 2 busy cores.
+set -Eeuo pipefail
 cd "$(dirname "$0")/.."
 
 SMOKE_TIMEOUT=${SMOKE_TIMEOUT:-1800}
@@ -20,6 +20,7 @@ TINY_JOB='{"model": "minilm", "epochs": 1, "batch_size": 16, "train_limit": 64, 
 QUESTION='{"question": "is the sky blue", "passage": "The sky appears blue because of Rayleigh scattering."}'
 
 started=$SECONDS
+ENGINE=""
 compose_args=()
 service_pid=""
 health_pid=""
@@ -38,7 +39,7 @@ json() { python3 -c "import json, sys; data = json.load(sys.stdin); print($1)"; 
 cleanup() {
   local status=$?
   trap - EXIT
-  if [ -n "$run_dir" ]; then
+  if [ -n "$ENGINE" ]; then
     if [ "$status" != 0 ]; then
       step "logs of the failed run (last 40 lines per service)"
       docker-compose "${compose_args[@]}" ps || true
@@ -68,6 +69,7 @@ cleanup() {
   exit "$status"
 }
 trap cleanup EXIT
+trap 'printf "   FAILED: %s\n" "$BASH_COMMAND" >&2' ERR
 
 # podman runs healthchecks from systemd timers; without systemd nothing runs them and `depends_on:
 # service_healthy` would wait forever, so run them here, as the timers would.
@@ -139,7 +141,8 @@ pass "stack answering on $URL after $((SECONDS - t0)) s"
 step "GET /healthz through nginx, answered by all 3 replicas (X-Replica)"
 replicas=""
 for _ in $(seq 60); do
-  replica=$(curl -fsS -D - -o /dev/null "$URL/healthz" | tr -d '\r' | sed -n 's/^[Xx]-[Rr]eplica: \([^:]*\):.*$/\1/p')
+  replica=$(curl -fsS -D - -o /dev/null "$URL/healthz" | tr -d '\r' \
+    | sed -n 's/^[Xx]-[Rr]eplica: \([^:]*\):.*$/\1/p') || replica=""
   replicas=$(printf '%s\n%s\n' "$replicas" "$replica" | sed '/^$/d' | sort -u)
   [ "$(echo "$replicas" | wc -l)" -ge 3 ] && break
 done
@@ -150,14 +153,15 @@ step "POST /train?wait=true, a tiny minilm job"
 t0=$SECONDS
 result=$(curl -fsS --max-time "$(left)" -X POST "$URL/train?wait=true&timeout=600" \
   -H 'Content-Type: application/json' -d "$TINY_JOB") || fail "POST /train?wait=true: $result"
-job_id=$(json 'data["job_id"]' <<<"$result")
+job_id=$(json 'data["job_id"]' <<<"$result") || fail "no job_id in $result"
 accuracy=$(json 'data["accuracy"]' <<<"$result") || fail "no accuracy in $result"
-n_predictions=$(json 'len(data["predictions"])' <<<"$result")
+n_predictions=$(json 'len(data["predictions"])' <<<"$result") || fail "no predictions in $result"
 [ "$n_predictions" = 32 ] || fail "$n_predictions predictions for 32 eval examples"
 pass "job $job_id: accuracy $accuracy, $n_predictions predictions, $((SECONDS - t0)) s"
 
 step "POST /predict with the job's model"
 answer=$(curl -fsS --max-time 120 -X POST "$URL/predict" -H 'Content-Type: application/json' \
   -d "${QUESTION%\}}, \"model\": \"$job_id\"}") || fail "POST /predict: $answer"
-[ "$(json 'data["model"]' <<<"$answer")" = "$job_id" ] || fail "answered by another model: $answer"
+answered_by=$(json 'data["model"]' <<<"$answer") || fail "no model in $answer"
+[ "$answered_by" = "$job_id" ] || fail "answered by another model: $answer"
 pass "$answer"
