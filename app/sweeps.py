@@ -37,6 +37,7 @@ from rq.job import Job
 
 from app import jobs, registry, run_folder
 from app.config import Settings
+from app.job_index import JobIndex
 from app.model_access import ModelNotAllowed, model_for_training
 from app.params import TrainParams
 
@@ -373,7 +374,7 @@ def start_trial(settings: Settings, queue: Queue, sweep_id: str, asked: int) -> 
     trial = study.ask(fixed_distributions=distributions(spec["space"]))
     job_id = str(uuid.uuid4())
     trial.set_user_attr("job_id", job_id)
-    return queue.enqueue(
+    job = queue.enqueue(
         TRIAL_TASK,
         trial_params(spec, trial.params),
         sweep_id,
@@ -386,6 +387,8 @@ def start_trial(settings: Settings, queue: Queue, sweep_id: str, asked: int) -> 
         meta={"progress": None, "sweep": {"sweep_id": sweep_id, "trial": trial.number}},
         description=f"sweep {sweep_id} trial {trial.number}",
     )
+    JobIndex(queue).add(job)  # a trial is a job like any other: listed in GET /jobs
+    return job
 
 
 def trial_job_status(queue: Queue, job_id: str | None) -> str:
