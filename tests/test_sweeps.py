@@ -112,7 +112,12 @@ def test_the_pruner_stops_a_trial_after_an_epoch_with_status_pruned(client, work
     (row,) = final["leaderboard"]
     assert row["status"] == "pruned" and row["pruned_at_epoch"] == 1 and len(row["dev_accuracy_per_epoch"]) == 1
     assert final["status"] == "finished" and final["best"] is None and final["registration"] is None
-    job = client.get(f"/jobs/{row['job_id']}").get_json()
+    # The study knows first; the trial's job ends a moment later, when its work horse has returned.
+    job = wait_for(
+        lambda: (view := client.get(f"/jobs/{row['job_id']}").get_json())["status"] != "running" and view,
+        60,
+        "the pruned trial's job to end",
+    )
     assert job["status"] == "pruned"
     assert not (settings.artifacts_dir / row["job_id"]).exists()  # a pruned trial leaves no model behind
 
