@@ -116,3 +116,11 @@ def browser():
         browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say what the suite cost the test process itself (the budget is < 3 GB; workers and servers are separate)."""
+    import resource
+
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    terminalreporter.write_line(f"peak memory of the test process: {peak_mb} MB")

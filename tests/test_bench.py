@@ -1,15 +1,16 @@
 """The training benchmark: both sides really train, and the script prints one JSON object with the ratio."""
 
+import argparse
 import json
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
 
 from app.config import PROJECT_ROOT, SAMPLE_DATA_DIR
-from bench.step_ablation import VARIANTS, time_steps
+from bench.step_ablation import run_variant
 from bench.train_speed import (
     BenchConfig,
     best_peaks,
@@ -17,8 +18,6 @@ from bench.train_speed import (
     format_table,
     load_model,
     load_rows,
-    run_baseline,
-    run_engine,
     summarize,
 )
 from bench.tutorial_loop import encode_padded, train_tutorial
@@ -39,9 +38,23 @@ TINY = BenchConfig(
 PEAKS = {"fp32": {"n": 256, "gflops": 100.0}, "bf16": {"n": 256, "gflops": 1.0}}
 
 
+def in_fresh_process(code: str):
+    """Run bench code in its own process and return what it prints as JSON: the engine side sets process-wide
+    allocator options (heap reuse) that would otherwise stay with the test process and inflate its memory."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def runs():
-    return [run_baseline(TINY), run_engine(TINY)]
+    config = repr(asdict(TINY))
+    return in_fresh_process(
+        "import json\n"
+        "from bench.train_speed import BenchConfig, run_baseline, run_engine\n"
+        f"config = BenchConfig(**{config})\n"
+        "print(json.dumps([run_baseline(config), run_engine(config)]))\n"
+    )
 
 
 def test_both_sides_train_the_same_rows(runs):
@@ -124,5 +137,6 @@ def test_peak_is_the_best_measurement_per_dtype():
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["engine", "without first_token_only"])
 def test_step_ablation_times_real_training_steps(variant):
-    seconds = time_steps(VARIANTS[variant], str(SAMPLE_DATA_DIR), rows=100, warmup=1, steps=2, threads=0)
+    args = argparse.Namespace(rows=100, steps=2, threads=0, data_dir=str(SAMPLE_DATA_DIR))
+    seconds = run_variant(variant, args)  # in its own process, as the script runs each variant
     assert len(seconds) == 2 and all(s > 0 for s in seconds)
