@@ -84,7 +84,7 @@ class Settings(BaseSettings):
     # Times RQ re-runs a job whose worker died (0: it is failed at once, with the reason). A re-run resumes
     # from the job's last checkpoint.
     job_retries: int = 0
-    # --- Admission control and bounded work (issue 10; field name = env var lowercased) ---
+    # --- Admission control and bounded work ---
     # Queued jobs the service accepts; POST /train answers 429 with Retry-After above it.
     max_queued_jobs: int = 50
     # Queued + running jobs per client (its bearer token, else its address); 429 above it.
@@ -117,11 +117,6 @@ class Settings(BaseSettings):
     @classmethod
     def expand_user(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
-
-    @classmethod
-    def from_env(cls) -> Settings:
-        """Read every setting from its environment variable, falling back to the defaults above."""
-        return cls()
 
 
 def environment_with(**overrides: str) -> dict[str, str]:

@@ -6,7 +6,7 @@ above the longest allowed wait. Command-line options (``--bind``, ``--workers``)
 
 from app.config import Settings
 
-_settings = Settings.from_env()
+_settings = Settings()
 
 bind = f"0.0.0.0:{_settings.port}"
 workers = _settings.web_workers

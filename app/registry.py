@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
 
 from app.config import Settings
 
@@ -43,8 +44,11 @@ def version_tags(job_id: str, params: dict, metrics: dict) -> dict[str, str]:
     }
 
 
-@dataclass(frozen=True)
-class ModelVersion:
+class ModelVersion(BaseModel):
+    """One registered version as the registry and ``GET /models`` describe it."""
+
+    model_config = ConfigDict(frozen=True)
+
     version: int
     job_id: str | None
     created_at: str
@@ -54,13 +58,7 @@ class ModelVersion:
     metrics: dict
     aliases: list[str]
     source: str
-
-    @property
-    def is_champion(self) -> bool:
-        return CHAMPION in self.aliases
-
-    def to_dict(self) -> dict:
-        return asdict(self) | {"champion": self.is_champion}
+    champion: bool
 
 
 def champion_key(settings: Settings) -> str:
@@ -151,6 +149,7 @@ class ModelRegistry:
 
     def describe(self, v) -> ModelVersion:
         tags = dict(v.tags or {})
+        aliases = list(getattr(v, "aliases", None) or [])
         return ModelVersion(
             version=int(v.version),
             job_id=tags.get("job_id"),
@@ -159,8 +158,9 @@ class ModelRegistry:
             val_accuracy=number(tags.get("val_accuracy")),
             params=json.loads(tags["params"]) if "params" in tags else {},
             metrics={k: number(tags[k]) for k in NUMERIC_TAGS if k in tags},
-            aliases=list(getattr(v, "aliases", None) or []),
+            aliases=aliases,
             source=v.source,
+            champion=CHAMPION in aliases,
         )
 
 

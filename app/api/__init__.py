@@ -21,7 +21,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from app.api.metrics import ServiceMetrics
     from app.jobs import connect_redis, training_queue
 
-    settings = settings or Settings.from_env()
+    settings = settings or Settings()
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=settings.max_content_length)
     app.json.sort_keys = False

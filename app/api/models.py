@@ -22,15 +22,15 @@ def index():
     service = current_service()
     models = open_registry(service.settings)
     versions = models.versions()
-    champion = next((v for v in versions if v.is_champion), None)
+    champion = next((v for v in versions if v.champion), None)
     pointer = registry.read_champion_pointer(service.queue.connection, service.settings)
     if champion is not None and (pointer or {}).get("version") != champion.version:
         # Promoted elsewhere (python -m app sweep --promote, MLflow's UI) or Redis was reset: copy it again.
         registry.write_champion_pointer(service.queue.connection, service.settings, champion)
     return jsonify(
         registered_model=models.name,
-        champion=champion.to_dict() if champion else None,
-        models=[v.to_dict() for v in versions],
+        champion=champion.model_dump() if champion else None,
+        models=[v.model_dump() for v in versions],
     )
 
 
@@ -51,7 +51,7 @@ def promote():
     except registry.NotBetter as exc:
         raise ApiError(409, str(exc), {"force": "needed to promote a version with lower val accuracy"}) from exc
     registry.write_champion_pointer(service.queue.connection, service.settings, champion)
-    return jsonify(champion=champion.to_dict())
+    return jsonify(champion=champion.model_dump())
 
 
 def open_registry(settings: Settings) -> registry.ModelRegistry:

@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
+from app.registry import ModelVersion
 from app.run_folder import Progress
 
 MAX_ITEMS = 256
@@ -164,27 +165,14 @@ class PromoteRequest(Strict):
         return self
 
 
-class ModelVersionView(BaseModel):
-    version: int
-    job_id: str | None
-    created_at: str
-    dev_accuracy: float | None
-    val_accuracy: float | None
-    params: dict
-    metrics: dict
-    aliases: list[str]
-    source: str
-    champion: bool
-
-
 class ModelList(BaseModel):
     registered_model: str
-    champion: ModelVersionView | None
-    models: list[ModelVersionView]
+    champion: ModelVersion | None
+    models: list[ModelVersion]
 
 
 class ChampionView(BaseModel):
-    champion: ModelVersionView
+    champion: ModelVersion
 
 
 TrialStatus = Literal["queued", "running", "succeeded", "pruned", "failed", "cancelled"]

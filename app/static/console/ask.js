@@ -16,7 +16,7 @@
     api("/models").then((models) => {
       if (!models.ok || !models.body) { versionsGroup.remove(); return; }
       versionsGroup.append(el("option", { value: "champion", text: "the champion" }));
-      for (const v of versionsOf(models.body)) {
+      for (const v of models.body.models) {
         if (v.job_id) versionsGroup.append(el("option", { value: v.job_id, text: "version " + v.version + (v.champion ? " (champion)" : "") + " · job " + String(v.job_id).slice(0, 8) }));
       }
       const inVersions = listed();
@@ -31,12 +31,6 @@
         }
       }
     });
-  }
-
-  function versionsOf(body) {
-    const list = Array.isArray(body) ? body : body.versions || body.models || [];
-    const champion = body.champion && typeof body.champion === "object" ? body.champion.version : body.champion;
-    return list.map((v) => Object.assign({}, v, { champion: v.champion || (champion !== undefined && champion !== null && String(v.version) === String(champion)) }));
   }
 
   form.addEventListener("submit", async (event) => {

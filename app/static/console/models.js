@@ -7,22 +7,6 @@
   const body = document.getElementById("models-body");
   const problem = document.getElementById("models-error");
 
-  // The contract names the champion in the listing; accept it as a version number, an object, or a flag.
-  function versionsOf(data) {
-    const list = Array.isArray(data) ? data : data.versions || data.models || [];
-    const champion = data.champion && typeof data.champion === "object" ? data.champion.version : data.champion;
-    return list.map((v) => Object.assign({}, v, {
-      champion: Boolean(v.champion || v.is_champion) || (champion !== undefined && champion !== null && String(v.version) === String(champion)),
-    }));
-  }
-
-  // A version carries dev_accuracy and val_accuracy beside its other metrics (MLflow tags).
-  function metric(v, key) {
-    if (v[key] !== undefined && v[key] !== null) return v[key];
-    const m = v.metrics || {};
-    return m[key] !== undefined ? m[key] : null;
-  }
-
   async function load() {
     const result = await api("/models");
     if (result.status === 404) {
@@ -31,7 +15,7 @@
       return;
     }
     if (!result.ok) { problem.textContent = errorMessage(result); return; }
-    const versions = versionsOf(result.body);
+    const versions = result.body.models;
     if (!versions.length) {
       body.replaceChildren(el("tr", {}, el("td", { colspan: 7, text: "No registered versions yet: a succeeded job registers one." })));
       return;
@@ -39,10 +23,10 @@
     body.replaceChildren(...versions.map((v) => el("tr", { class: v.champion ? "best" : "", "data-version": v.version },
       el("td", { text: v.version }),
       el("td", {}, v.job_id ? el("a", { class: "mono", href: url("/console/jobs/" + encodeURIComponent(v.job_id)), text: String(v.job_id).slice(0, 8) }) : "–"),
-      el("td", { text: percent(metric(v, "val_accuracy") ?? metric(v, "accuracy")) }),
-      el("td", { text: percent(metric(v, "f1")) }),
-      el("td", { text: percent(metric(v, "dev_accuracy")) }),
-      el("td", {}, el("time", { datetime: v.created_at || v.created, text: when(v.created_at || v.created) })),
+      el("td", { text: percent(v.val_accuracy) }),
+      el("td", { text: percent(v.metrics.f1) }),
+      el("td", { text: percent(v.dev_accuracy) }),
+      el("td", {}, el("time", { datetime: v.created_at, text: when(v.created_at) })),
       el("td", {}, v.champion
         ? el("strong", { text: "★ champion" })
         : el("button", { type: "button", class: "secondary", "aria-label": "Promote version " + v.version, text: "Promote", onclick: () => promote(v) })))));
