@@ -1,4 +1,4 @@
-"""The training benchmark: both sides really train, and the script prints one JSON object with the ratio."""
+"""The training benchmark: all three sides really train, and the script prints one JSON object with the ratios."""
 
 import argparse
 import json
@@ -51,14 +51,14 @@ def runs():
     config = repr(asdict(TINY))
     return in_fresh_process(
         "import json\n"
-        "from bench.train_speed import BenchConfig, run_baseline, run_engine\n"
+        "from bench.train_speed import BenchConfig, run_baseline, run_engine, run_trainer\n"
         f"config = BenchConfig(**{config})\n"
-        "print(json.dumps([run_baseline(config), run_engine(config)]))\n"
+        "print(json.dumps([run_baseline(config), run_trainer(config), run_engine(config)]))\n"
     )
 
 
-def test_both_sides_train_the_same_rows(runs):
-    baseline, engine = runs
+def test_all_sides_train_the_same_rows(runs):
+    baseline, trainer, engine = runs
     for run in runs:
         assert run["n_train"] == 16 and run["n_dev"] == 4
         assert run["examples_per_s"] > 0 and run["examples_per_s_excl_tokenization"] >= run["examples_per_s"]
@@ -66,16 +66,22 @@ def test_both_sides_train_the_same_rows(runs):
         assert 0 < run["dev_eval_s"] < run["train_s"]
         assert 0 < run["real_tokens"] <= run["padded_tokens"]
         assert run["useful_gflops"] > 0 and run["peak_rss_mb"] > 100
-    assert baseline["real_tokens"] == engine["real_tokens"]
+    assert baseline["real_tokens"] == engine["real_tokens"] == trainer["real_tokens"]  # one epoch, the same rows
+    assert trainer["padded_tokens"] <= baseline["padded_tokens"]  # the Trainer pads dynamically (all rows hit 32 here)
     assert baseline["padded_tokens"] == 16 * TINY.max_length  # the tutorial pads every example to max_length
 
 
 def test_summary_reports_ratios_and_targets(runs):
     summary = summarize(TINY, runs, PEAKS, machine={"cpu": "test"})
-    for key in ("baseline_examples_per_s", "engine_examples_per_s", "baseline_dev_accuracy", "engine_dev_accuracy"):
+    for key in ("baseline_examples_per_s", "trainer_examples_per_s", "engine_examples_per_s", "trainer_dev_accuracy"):
         assert key in summary
     assert summary["speedup"] == pytest.approx(summary["engine_examples_per_s"] / summary["baseline_examples_per_s"])
-    assert summary["speedup_target_met"] == (summary["speedup"] >= 2.5)
+    assert summary["speedup_target_met"] == (summary["speedup"] >= 3.0)
+    assert summary["speedup_vs_trainer"] == pytest.approx(
+        summary["engine_examples_per_s"] / summary["trainer_examples_per_s"]
+    )
+    assert summary["speedup_vs_trainer_target_met"] == (summary["speedup_vs_trainer"] >= 2.0)
+    assert 0 <= summary["trainer_dev_accuracy"] <= 1
     assert "speedup" in format_table(summary)
     json.dumps(summary)
 
@@ -124,7 +130,8 @@ def test_script_prints_one_json_object():
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout)
     assert summary["baseline_examples_per_s"] > 0 and summary["engine_examples_per_s"] > 0
-    assert summary["speedup"] > 0 and [r["side"] for r in summary["runs"]] == ["baseline", "engine"]
+    assert summary["trainer_examples_per_s"] > 0 and summary["speedup_vs_trainer"] > 0
+    assert summary["speedup"] > 0 and [r["side"] for r in summary["runs"]] == ["baseline", "trainer", "engine"]
     assert summary["matmul_peak_gflops"]["fp32"] > 0 and summary["matmul_peak_gflops"]["bf16"] > 0
 
 

@@ -1,0 +1,142 @@
+"""The peer: Hugging Face ``Trainer`` set up the way a careful user would, on the bench's rows and recipe.
+
+What users would otherwise pick instead of our engine, configured well rather than by its defaults: the fast
+tokenizer called once per split without padding, ``DataCollatorWithPadding`` (dynamic padding),
+length-grouped sampling (``train_sampling_strategy="group_by_length"``, transformers 5's spelling), SDPA
+attention, fused AdamW, no logging or checkpoint saving inside the loop, dev accuracy after each epoch (as
+both other sides do), bf16 exactly where the engine uses it (native bf16 hardware), and the same seed,
+thread count and hyperparameters: AdamW(lr, eps), linear schedule without warm-up, clipping at 1.0.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import (
+    DataCollatorWithPadding,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from app.data import BoolQExample
+
+
+@dataclass(frozen=True)
+class TrainerResult:
+    """Timings and outcome of one Trainer run."""
+
+    tokenize_s: float
+    train_s: float
+    dev_eval_s: float
+    dev_accuracy: float
+    real_tokens: int
+    padded_tokens: int
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, rows: list[BoolQExample], max_length: int) -> Dataset:
+    """A ``datasets.Dataset`` of unpadded pairs, tokenized by one batched fast-tokenizer call."""
+    encoded = tokenizer(
+        [r.question for r in rows],
+        [r.passage for r in rows],
+        truncation="longest_first",
+        max_length=max_length,
+    )
+    return Dataset.from_dict({**encoded, "labels": [int(r.label) for r in rows]})
+
+
+class TokenCounter:
+    """Counts the tokens of training forwards (real and padded), as a forward pre-hook on the model."""
+
+    def __init__(self) -> None:
+        self.real = self.padded = 0
+
+    def __call__(self, module: torch.nn.Module, args, kwargs) -> None:
+        if module.training:
+            self.padded += kwargs["attention_mask"].numel()
+            self.real += int(kwargs["attention_mask"].sum())
+
+
+class EvalClock(TrainerCallback):
+    """Sums the Trainer's own ``eval_runtime`` of each epoch's dev evaluation, and keeps the last accuracy."""
+
+    def __init__(self) -> None:
+        self.seconds, self.accuracy = 0.0, float("nan")
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.seconds += metrics["eval_runtime"]
+        self.accuracy = metrics["eval_accuracy"]
+
+
+def dev_accuracy(prediction) -> dict[str, float]:
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    return {"accuracy": float((np.argmax(logits, axis=-1) == prediction.label_ids).mean())}
+
+
+def train_with_trainer(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    train_rows: list[BoolQExample],
+    dev_rows: list[BoolQExample],
+    *,
+    max_length: int,
+    batch_size: int,
+    lr: float,
+    eps: float,
+    epochs: int,
+    seed: int,
+    bf16: bool,
+    device: str = "cpu",
+) -> TrainerResult:
+    """Tokenize, then ``Trainer.train()`` with a dev evaluation after each epoch; timed like the other sides."""
+    started = time.perf_counter()
+    train_set = tokenize(tokenizer, train_rows, max_length)
+    dev_set = tokenize(tokenizer, dev_rows, max_length)
+    tokenize_s = time.perf_counter() - started
+
+    counter, clock = TokenCounter(), EvalClock()
+    model.register_forward_pre_hook(counter, with_kwargs=True)
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = TrainingArguments(
+            output_dir=output_dir,
+            per_device_train_batch_size=batch_size,
+            per_device_eval_batch_size=64,
+            learning_rate=lr,
+            adam_epsilon=eps,
+            weight_decay=0.01,  # torch AdamW's default, which the other two sides use
+            num_train_epochs=epochs,
+            lr_scheduler_type="linear",
+            warmup_steps=0,
+            max_grad_norm=1.0,
+            optim="adamw_torch_fused",
+            train_sampling_strategy="group_by_length",
+            eval_strategy="epoch",
+            save_strategy="no",
+            logging_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            seed=seed,
+            data_seed=seed,
+            bf16=bf16,
+            use_cpu=device == "cpu",
+            dataloader_num_workers=0,
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train_set,
+            eval_dataset=dev_set,
+            data_collator=DataCollatorWithPadding(tokenizer),
+            compute_metrics=dev_accuracy,
+            callbacks=[clock],
+        )
+        started = time.perf_counter()
+        trainer.train()
+        train_s = time.perf_counter() - started
+    return TrainerResult(tokenize_s, train_s, clock.seconds, clock.accuracy, counter.real, counter.padded)
