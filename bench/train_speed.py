@@ -1,4 +1,4 @@
-"""Training throughput: our engine against HF Trainer and the original tutorial loop, side by side, plus the matmul peak.
+"""Training throughput: our engine against HF Trainer and the tutorial loop, side by side, plus the matmul peak.
 
 All three sides train the same model on the same rows with the same hyperparameters, seed and thread count,
 each in a fresh subprocess (so peak RSS is its own), alternating baseline, trainer, engine, baseline, ...
@@ -458,11 +458,14 @@ def format_table(summary: dict) -> str:
     peaks = summary["matmul_peak_gflops"]
     lines += [
         f"precision: baseline {summary['baseline_precision']}, trainer {summary['trainer_precision']}, "
-        f"engine {summary['engine_precision']}; matmul peak fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s",
+        f"engine {summary['engine_precision']}; matmul peak fp32 {peaks['fp32']:.1f} GFLOP/s, "
+        f"bf16 {peaks['bf16']:.1f} GFLOP/s",
         f"tokens computed baseline/engine {summary['speedup_bound_from_padding']:.2f}x, "
-        f"trainer/engine {summary['trainer_vs_engine_tokens']:.2f}x (the speedup if both ran at equal FLOP/s per token)",
-        f"speedup vs tutorial {summary['speedup']:.2f}x incl. tokenization ({summary['speedup_excl_tokenization']:.2f}x "
-        f"excl.), target {TARGET_SPEEDUP}x: {'met' if summary['speedup_target_met'] else 'NOT met'}",
+        f"trainer/engine {summary['trainer_vs_engine_tokens']:.2f}x "
+        "(the speedup if both ran at equal FLOP/s per token)",
+        f"speedup vs tutorial {summary['speedup']:.2f}x incl. tokenization "
+        f"({summary['speedup_excl_tokenization']:.2f}x excl.), target {TARGET_SPEEDUP}x: "
+        f"{'met' if summary['speedup_target_met'] else 'NOT met'}",
         f"speedup vs Trainer {summary['speedup_vs_trainer']:.2f}x incl. tokenization "
         f"({summary['speedup_vs_trainer_excl_tokenization']:.2f}x excl.), target {TARGET_SPEEDUP_VS_TRAINER}x: "
         f"{'met' if summary['speedup_vs_trainer_target_met'] else 'NOT met'}",
