@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -50,6 +52,67 @@ def length_grouped_batches(lengths: list[int], batch_size: int, generator: torch
         chunk = sorted(order[start : start + window], key=lambda i: -lengths[i])
         batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+@dataclass
+class DeviceSplit:
+    """A split as padded tensors on the training device, built once before training.
+
+    A training batch is then a gather and a slice on the device: no per-step Python padding and, on a GPU,
+    no per-step host-to-device copy (all of BoolQ train is ~30 MB). Lengths are kept on the host too, so a
+    batch's width is known without reading the device.
+    """
+
+    input_ids: torch.Tensor  # [rows, longest row], pad_id past each row's end
+    token_type_ids: torch.Tensor
+    lengths: torch.Tensor
+    labels: torch.Tensor
+    host_lengths: list[int]
+
+    def batch(self, rows: torch.Tensor, host_rows: list[int], pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+        """Rows ``rows`` (a device index tensor; ``host_rows`` the same indices) padded to their longest member,
+        rounded up to ``pad_to_multiple_of`` (GPU matmuls like multiples of 8; the CPU takes the exact width)."""
+        longest = max(self.host_lengths[i] for i in host_rows)
+        width = min(-(-longest // pad_to_multiple_of) * pad_to_multiple_of, self.input_ids.shape[1])
+        lengths = self.lengths.index_select(0, rows)
+        positions = torch.arange(width, device=rows.device)
+        return {
+            "input_ids": self.input_ids[:, :width].index_select(0, rows),
+            "token_type_ids": self.token_type_ids[:, :width].index_select(0, rows),
+            "attention_mask": (positions < lengths[:, None]).long(),
+            "labels": self.labels.index_select(0, rows),
+        }
+
+
+def to_device(data: Encoded, pad_id: int, device: torch.device) -> DeviceSplit:
+    """Pad every row of ``data`` to the longest once, and move the tensors to ``device`` in one copy each."""
+    lengths = [len(ids) for ids in data.input_ids]
+    input_ids = np.full((len(data), max(lengths, default=1)), pad_id, dtype=np.int64)
+    token_type_ids = np.zeros_like(input_ids)
+    for row, (ids, types) in enumerate(zip(data.input_ids, data.token_type_ids, strict=True)):
+        input_ids[row, : len(ids)] = ids
+        token_type_ids[row, : len(types)] = types
+    tensors = (input_ids, token_type_ids, np.array(lengths, dtype=np.int64), np.array(data.labels, dtype=np.int64))
+    return DeviceSplit(*(move(torch.from_numpy(t), device) for t in tensors), host_lengths=lengths)
+
+
+def move(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """To ``device``; to a GPU from pinned memory without blocking, so the copy overlaps work already queued."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def device_batches(
+    split: DeviceSplit, batches: list[list[int]], pad_to_multiple_of: int = 1
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches (lists of row indices) of one epoch from ``split``: the epoch's order is copied to the
+    device once, then each batch is gathered there."""
+    order = move(torch.tensor([i for indices in batches for i in indices], dtype=torch.long), split.labels.device)
+    start = 0
+    for indices in batches:
+        yield split.batch(order[start : start + len(indices)], indices, pad_to_multiple_of)
+        start += len(indices)
 
 
 def collate(

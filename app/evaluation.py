@@ -19,14 +19,16 @@ def predict_probabilities(model: torch.nn.Module, pad_id: int, data: Encoded) ->
     model.eval()
     device = device_of(model)
     by_length = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
-    probabilities = [0.0] * len(data)
-    for start in range(0, len(by_length), EVAL_BATCH_SIZE):
-        indices = by_length[start : start + EVAL_BATCH_SIZE]
+    batches = [by_length[start : start + EVAL_BATCH_SIZE] for start in range(0, len(by_length), EVAL_BATCH_SIZE)]
+    yes = []  # P(yes) per batch, left on the device: one host sync at the end, not one per batch
+    for indices in batches:
         batch = collate(data, indices, pad_id, device)
         batch.pop("labels")
         with autocast(device):
-            logits = model(**batch).logits.float()
-        for i, p in zip(indices, torch.softmax(logits, dim=-1)[:, 1].tolist(), strict=True):
+            yes.append(torch.softmax(model(**batch).logits.float(), dim=-1)[:, 1])
+    probabilities = [0.0] * len(data)
+    if yes:
+        for i, p in zip(by_length, torch.cat(yes).tolist(), strict=True):
             probabilities[i] = p
     return probabilities
 

@@ -23,7 +23,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from app import run_folder
 from app.data import digest, load_boolq, split_train_dev
-from app.encoding import Encoded, collate, encode, length_grouped_batches
+from app.encoding import Encoded, device_batches, encode, length_grouped_batches, to_device
 from app.evaluation import (
     accuracy,
     classification_metrics,
@@ -39,6 +39,7 @@ from app.modeling import (
     load_classifier,
     load_tokenizer,
     resolve_device,
+    use_tf32,
 )
 from app.params import TrainParams
 from app.registry import version_tags
@@ -48,6 +49,11 @@ from app.tracking import NullTracker, Tracker, ended_on_error
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[Progress], None]
+
+# On a GPU the loop reads the losses back (one host sync) this often; the CPU has nothing to wait for: every step.
+GPU_SYNC_EVERY_S = 1.0
+# GPU batches are padded to a multiple of this many tokens (tensor-core friendly shapes); the CPU pads exactly.
+GPU_PAD_MULTIPLE = 8
 
 
 def train_and_evaluate(
@@ -75,6 +81,7 @@ def train_and_evaluate(
     tracker = tracker or NullTracker()
     configure_torch(params.seed, num_threads)
     target = resolve_device(device)
+    use_tf32(target)
 
     boolq = load_boolq(data_dir)
     train_rows = boolq.train[: params.train_limit] if params.train_limit else boolq.train
@@ -205,10 +212,14 @@ def fine_tune(
     tracker: Tracker,
     checkpoints: Checkpoints | None = None,
     resume: bool = False,
+    sync_every_s: float | None = None,
 ) -> dict:
     """The training loop; returns the per-step loss curve, per-epoch dev accuracy, the epoch whose weights the
     model ends with (the last, or with ``keep_best_epoch``/early stopping the first with the best dev accuracy)
-    and the epoch it stopped at. With ``resume`` it continues from the state ``checkpoints`` holds."""
+    and the epoch it stopped at. With ``resume`` it continues from the state ``checkpoints`` holds.
+
+    Losses stay on the device and are read back, logged and reported every ``sync_every_s`` seconds (default:
+    every step on the CPU, ``GPU_SYNC_EVERY_S`` on a GPU), at checkpoints and at each epoch's end."""
     generator = torch.Generator().manual_seed(params.seed)
     lengths = [len(ids) for ids in train_set.input_ids]
     steps_per_epoch = -(-len(train_set) // params.batch_size)
@@ -225,23 +236,34 @@ def fine_tune(
     history["resumed_from_step"] = state.step if resume else None
     seen, started = 0, time.perf_counter()
     device = device_of(model)
+    train_split = to_device(train_set, pad_id, device)
+    pad_multiple = GPU_PAD_MULTIPLE if device.type == "cuda" else 1
+    losses = PendingLosses(sync_every_s if sync_every_s is not None else (GPU_SYNC_EVERY_S * (device.type == "cuda")))
 
-    def progress(epoch: int, dev_accuracy: float | None = None) -> Progress:
+    def progress(epoch: int, step: int, dev_accuracy: float | None = None) -> Progress:
         speed = seen / (time.perf_counter() - started)
-        return Progress(epoch, params.epochs, state.step, total_steps, history["loss"][-1], dev_accuracy, speed)
+        return Progress(epoch, params.epochs, step, total_steps, history["loss"][step - 1], dev_accuracy, speed)
+
+    def publish(epoch: int) -> None:
+        """Read the pending losses back (one host sync), then log and report each of their steps."""
+        for step, loss in losses.drain():
+            history["loss"].append(loss)
+            tracker.log_metrics({"train_loss": loss}, step=step)
+            report(on_progress, progress(epoch, step))
 
     for epoch in range(state.epoch, params.epochs + 1):
         state.epoch, state.epoch_order = epoch, generator.get_state()  # the batch order is redrawn from here
-        batches = length_grouped_batches(lengths, params.batch_size, generator)
+        batches = length_grouped_batches(lengths, params.batch_size, generator)[state.batches_done :]
         model.train()
-        for indices in batches[state.batches_done :]:
-            loss = train_step(model, collate(train_set, indices, pad_id, device), optimizer, scheduler)
+        for indices, batch in zip(batches, device_batches(train_split, batches, pad_multiple), strict=True):
+            losses.add(state.step + 1, train_step(model, batch, optimizer, scheduler))
             state.step, state.batches_done, seen = state.step + 1, state.batches_done + 1, seen + len(indices)
-            history["loss"].append(loss)
-            tracker.log_metrics({"train_loss": loss}, step=state.step)
-            report(on_progress, progress(epoch))
-            if checkpoints is not None and checkpoints.due():
+            checkpoint_due = checkpoints is not None and checkpoints.due()
+            if losses.due() or checkpoint_due:
+                publish(epoch)
+            if checkpoint_due:
                 checkpoints.save(state, model, optimizer, scheduler)
+        publish(epoch)
 
         dev_accuracy = accuracy(dev_set.labels, predict_probabilities(model, pad_id, dev_set))
         history["dev_accuracy"].append(dev_accuracy)
@@ -250,20 +272,53 @@ def fine_tune(
         if keep_best and dev_accuracy > max(history["dev_accuracy"][:-1], default=-1.0):
             state.best_weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
             history["kept_epoch"] = epoch
-        report(on_progress, progress(epoch, dev_accuracy))
+        report(on_progress, progress(epoch, state.step, dev_accuracy))
         patience = params.early_stopping_patience
         if patience is not None and epoch - history["kept_epoch"] >= patience and epoch < params.epochs:
             log.info("early stop after epoch %d: no better dev accuracy for %d epochs", epoch, patience)
             break
+        state.epoch, state.batches_done, state.epoch_order = epoch + 1, 0, generator.get_state()
         if checkpoints is not None and epoch < params.epochs:
-            state.epoch, state.batches_done, state.epoch_order = epoch + 1, 0, generator.get_state()
             checkpoints.save(state, model, optimizer, scheduler)
     history["stopped_epoch"] = epoch
     history["examples_trained"] = seen
+    history["loss_syncs"] = losses.syncs
     if state.best_weights is not None:
         model.load_state_dict(state.best_weights)
         log.info("kept the weights of epoch %d (best dev accuracy)", history["kept_epoch"])
     return history
+
+
+class PendingLosses:
+    """Per-step losses left on the device until the next host sync.
+
+    Reading a GPU tensor (``.item()``) stalls the CPU until the GPU has caught up, so the GPU idles while the
+    CPU prepares the next step. Read once per interval, all at once, the loop stays ahead of the GPU. On the
+    CPU there is nothing to wait for: the interval is 0, every step.
+    """
+
+    def __init__(self, every_s: float):
+        self.every_s = every_s
+        self.pending: list[tuple[int, torch.Tensor]] = []
+        self.synced_at = time.monotonic()
+        self.syncs = 0
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        self.pending.append((step, loss))
+
+    def due(self) -> bool:
+        return time.monotonic() - self.synced_at >= self.every_s
+
+    def drain(self) -> list[tuple[int, float]]:
+        """The pending (step, loss) pairs as Python floats: one device-to-host copy for all of them."""
+        if not self.pending:
+            return []
+        steps, tensors = zip(*self.pending, strict=True)
+        values = torch.stack(tensors).tolist()
+        self.pending.clear()
+        self.synced_at = time.monotonic()
+        self.syncs += 1
+        return list(zip(steps, values, strict=True))
 
 
 @dataclass
@@ -331,8 +386,9 @@ def make_optimizer(model: torch.nn.Module, params: TrainParams, fused: bool = Tr
     return torch.optim.AdamW(model.parameters(), lr=params.lr, eps=params.eps, fused=fused)
 
 
-def train_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer, scheduler=None) -> float:
-    """One optimisation step (forward, backward, clip at 1.0, AdamW, schedule); returns the batch's loss."""
+def train_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer, scheduler=None) -> torch.Tensor:
+    """One optimisation step (forward, backward, clip at 1.0, AdamW, schedule); returns the batch's loss, still
+    on the device (reading it is a host sync: ``PendingLosses`` batches those)."""
     with autocast(device_of(model)):
         loss = model(**batch).loss
     loss.backward()
@@ -341,7 +397,7 @@ def train_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optim
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.item()
+    return loss.detach()
 
 
 def report(on_progress: ProgressCallback | None, progress: Progress) -> None:
