@@ -100,12 +100,12 @@ def die_with_parent() -> None:
 def wrap(model: torch.nn.Module) -> torch.nn.Module:
     """The model DDP-wrapped for the training steps when there are several ranks; the model itself otherwise.
 
-    Buffers (BERT's position ids) are constants here, so they are not re-broadcast before every step."""
+    Buffers (BERT's position ids) are constants: synced once at start, not again before every step."""
     if world_size() == 1:
         return model
     device = next(model.parameters()).device
     return DistributedDataParallel(
-        model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False
+        model, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False
     )
 
 

@@ -1,0 +1,140 @@
+"""Training one model on several processes (DDP through torchrun): on CPU, 2 processes × 1 thread, as in CI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from app.config import SAMPLE_DATA_DIR, Settings
+from app.params import TrainParams
+from tests.helpers import REPO_ROOT, service_settings, settings_env
+
+# 64 rows (57 train, 7 dev), batches of 8 split 4 + 4 over 2 ranks, then a last batch of 1 (one rank computes
+# it, the other a row weighing nothing), 3 epochs: 24 steps.
+EQUIVALENCE = dict(batch_size=8, lr=3e-4, epochs=3, max_length=64, train_limit=64, eval_limit=32, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A small randomly initialised BERT saved as a local model folder, with minilm's tokenizer, dropout off.
+
+    Dropout off because each rank draws its own dropout masks: with dropout two ranks cannot reproduce the
+    masks one process draws for the whole batch, and the loss curves would differ by the noise, not the code."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from app.model_names import minilm_path
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=2,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def train_cli(args: list[str], output_dir: Path, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    """``python -m app train ARGS --json`` in a child process (1 thread per process); the process and its wall time."""
+    env = env or settings_env(Settings().model_copy(update=dict(tracker="none", num_threads=1)))
+    env |= {"ARTIFACTS_DIR": str(output_dir), "DATA_DIR": str(SAMPLE_DATA_DIR)}
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "app", "train", *args, "--json"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return done, time.perf_counter() - started
+
+
+def as_options(params: dict) -> list[str]:
+    return [part for name, value in params.items() for part in (f"--{name.replace('_', '-')}", str(value))]
+
+
+@pytest.fixture(scope="module")
+def one_and_two_processes(tiny_bert, tmp_path_factory):
+    """The same run (same global batch, seed and data) on 1 process and on 2 ranks."""
+    runs = {}
+    for devices in (1, 2):
+        output_dir = tmp_path_factory.mktemp(f"devices-{devices}")
+        done, wall_s = train_cli(as_options(EQUIVALENCE | dict(model=tiny_bert, devices=devices)), output_dir)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[devices] = (json.loads(done.stdout), output_dir, wall_s, done.stderr)
+    return runs
+
+
+def test_two_processes_train_one_model_and_rank_zero_alone_writes_the_run_folder(one_and_two_processes):
+    result, output_dir, _, stderr = one_and_two_processes[2]
+    assert result["params"]["devices"] == 2
+    assert "rank 0 of 2" in stderr and "rank 1 of 2" in stderr
+    assert [p.name for p in output_dir.iterdir()] == [result["run_id"]]  # one run folder, not one per rank
+    run_dir = output_dir / result["run_id"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.json", "model", "params.json", "predictions.jsonl"]
+    assert json.loads((run_dir / "params.json").read_text())["devices"] == 2
+    rows = (run_dir / "predictions.jsonl").read_text().splitlines()
+    assert len(rows) == result["n_eval"] == EQUIVALENCE["eval_limit"]
+
+
+def test_two_processes_follow_the_loss_curve_of_one_process_on_the_same_global_batch(one_and_two_processes):
+    one, one_dir, one_s, _ = one_and_two_processes[1]
+    two, two_dir, two_s, _ = one_and_two_processes[2]
+    curve_1, curve_2 = one["metrics"]["loss_curve"], two["metrics"]["loss_curve"]
+    assert len(curve_1) == len(curve_2) == 24
+    max_diff = max(abs(a - b) for a, b in zip(curve_1, curve_2, strict=True))
+    p_1, p_2 = (probabilities(folder / run["run_id"]) for folder, run in ((one_dir, one), (two_dir, two)))
+    p_diff = max(abs(a - b) for a, b in zip(p_1, p_2, strict=True))
+    print(
+        f"\n1 process vs 2: max loss diff {max_diff:.2e}, max val P(yes) diff {p_diff:.2e}, "
+        f"accuracy {one['accuracy']:.4f} vs {two['accuracy']:.4f}, "
+        f"dev {one['metrics']['dev_accuracy_per_epoch']} vs {two['metrics']['dev_accuracy_per_epoch']}, "
+        f"wall {one_s:.1f} s vs {two_s:.1f} s"
+    )
+    assert max_diff < 1e-3 and p_diff < 1e-3
+    assert curve_1[-1] < curve_1[0] - 0.01  # it learned something, so the match means something
+    assert two["accuracy"] == one["accuracy"]
+    assert two["metrics"]["dev_accuracy_per_epoch"] == one["metrics"]["dev_accuracy_per_epoch"]
+
+
+def probabilities(run_dir: Path) -> list[float]:
+    return [json.loads(line)["probability"] for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_more_devices_than_the_machine_has_is_refused_before_any_process_starts(tmp_path):
+    done, _ = train_cli(["--devices", "64", "--model", "minilm"], tmp_path)
+    assert done.returncode == 2
+    assert "--devices: 64 asked, this machine has" in done.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_share_of_batch_gives_each_rank_a_slice_weighted_to_the_whole_batch_mean(monkeypatch):
+    from app import distributed
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    shares = []
+    for r in range(3):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        shares.append(distributed.share_of_batch(list(range(10, 17))))  # 7 rows over 3 ranks
+    assert [indices for indices, _ in shares] == [[10, 11], [12, 13], [14, 15, 16]]
+    assert sum(weight for _, weight in shares) == pytest.approx(3)  # DDP divides the sum by 3: the batch mean
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    assert distributed.share_of_batch([5, 6]) == ([5], 0.0)  # fewer rows than ranks: one row, weighing nothing
