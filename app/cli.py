@@ -309,9 +309,10 @@ def launch_ranks(args: argparse.Namespace, params, settings: Settings) -> int:
     from app import distributed
     from app.config import environment_with
 
-    available, what = distributed.available_devices(settings.device)
-    if params.devices > available:
-        return usage_error(f"--devices: {params.devices} asked, this machine has {available} {what}")
+    try:
+        distributed.check_devices(params.devices, settings.device)
+    except distributed.DevicesNotAvailable as exc:
+        return usage_error(f"--devices: {exc}")
     threads = distributed.threads_per_rank(params.devices, settings.num_threads)
     env = environment_with(OMP_NUM_THREADS=str(threads))  # what each rank takes; also quiets torchrun's warning
     return distributed.run_ranks(params.devices, ["app", *args.argv], env)

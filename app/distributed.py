@@ -46,6 +46,21 @@ def is_rank_zero() -> bool:
     return rank() == 0
 
 
+class DevicesNotAvailable(ValueError):
+    """More devices were asked for than this machine can give."""
+
+
+class RanksFailed(RuntimeError):
+    """A rank of a multi-device run failed (torchrun exited non-zero); its error is in the log."""
+
+
+def check_devices(devices: int, device_name: str) -> None:
+    """DevicesNotAvailable unless this machine can give ``devices`` ranks (its GPUs on CUDA, else its CPU cores)."""
+    available, what = available_devices(device_name)
+    if devices > available:
+        raise DevicesNotAvailable(f"{devices} devices asked, this machine has {available} {what}")
+
+
 def available_devices(device_name: str) -> tuple[int, str]:
     """How many ranks this machine can give, and of what: its GPUs where training runs on CUDA, else its cores."""
     if resolve_device(device_name).type == "cuda":

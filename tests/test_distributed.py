@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -12,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from app.config import SAMPLE_DATA_DIR, Settings
-from app.params import TrainParams
-from tests.helpers import REPO_ROOT, service_settings, settings_env
+from tests.helpers import LONG_JOB, REPO_ROOT, TINY_JOB, service_settings, settings_env, wait_for
 
 # 64 rows (57 train, 7 dev), batches of 8 split 4 + 4 over 2 ranks, then a last batch of 1 (one rank computes
 # it, the other a row weighing nothing), 3 epochs: 24 steps.
@@ -138,3 +136,80 @@ def test_share_of_batch_gives_each_rank_a_slice_weighted_to_the_whole_batch_mean
     assert sum(weight for _, weight in shares) == pytest.approx(3)  # DDP divides the sum by 3: the batch mean
     monkeypatch.setattr(distributed, "rank", lambda: 0)
     assert distributed.share_of_batch([5, 6]) == ([5], 0.0)  # fewer rows than ranks: one row, weighing nothing
+
+
+def test_a_job_over_max_devices_is_422_naming_devices(redis_url, tmp_path):
+    from app.api import create_app
+
+    client = create_app(service_settings(redis_url, tmp_path)).test_client()  # MAX_DEVICES: 1 by default
+    response = client.post("/train", json=TINY_JOB | {"devices": 2})
+    error = response.get_json()["error"]
+    assert response.status_code == 422 and set(error["fields"]) == {"devices"}
+    assert "MAX_DEVICES" in error["fields"]["devices"]
+    client = create_app(service_settings(redis_url, tmp_path, max_devices=2)).test_client()
+    assert client.post("/train", json=TINY_JOB | {"devices": 2}).status_code == 202  # no worker: stays queued
+    assert client.post("/train", json=TINY_JOB | {"devices": 3}).status_code == 422
+
+
+@pytest.fixture(scope="module")
+def service(launcher, redis_url, tmp_path_factory):
+    """A real worker allowing 2 devices, and the API in this process."""
+    from app.api import create_app
+
+    settings = service_settings(redis_url, tmp_path_factory.mktemp("ddp-jobs"), max_devices=2)
+    launcher.worker(settings)
+    return settings, create_app(settings).test_client()
+
+
+def ended(client, job_id: str, timeout_s: float = 240) -> dict:
+    def final():
+        view = client.get(f"/jobs/{job_id}").get_json()
+        return view if view["status"] in ("succeeded", "failed", "cancelled") else None
+
+    return wait_for(final, timeout_s, f"job {job_id} to end", interval_s=0.5)
+
+
+def test_a_job_on_two_devices_runs_as_two_ranks_and_reports_like_a_one_device_job(service):
+    from app.api.schemas import JobView
+
+    settings, client = service
+    one = ended(client, client.post("/train", json=TINY_JOB).get_json()["job_id"])
+    two = ended(client, client.post("/train", json=TINY_JOB | {"devices": 2}).get_json()["job_id"])
+    assert two["status"] == "succeeded", two["error"]
+    JobView.model_validate(two)
+    assert two["params"]["devices"] == 2
+    assert two["progress"]["step"] == two["progress"]["total_steps"] == one["progress"]["total_steps"]
+    assert two["progress"]["dev_accuracy"] is not None
+    assert set(two["result"]) == set(one["result"]) and two["result"]["n_eval"] == TINY_JOB["eval_limit"]
+    assert two["result"]["model"] == two["job_id"]
+    run_dir = settings.artifacts_dir / two["job_id"]
+    assert (run_dir / "metrics.json").is_file() and not (run_dir / "training_state.pt").exists()
+    predictions = client.get(f"/jobs/{two['job_id']}/predictions").get_json()["predictions"]
+    assert len(predictions) == TINY_JOB["eval_limit"]
+
+
+def processes_naming(text: str) -> list[int]:
+    """Live processes whose command line contains ``text`` (a job's ranks name its id)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:  # it ended meanwhile
+            pass
+    return pids
+
+
+def test_cancelling_a_two_device_job_stops_every_rank(service):
+    _, client = service
+    job_id = client.post("/train", json=LONG_JOB | {"devices": 2}).get_json()["job_id"]
+
+    def running_with_progress():
+        view = client.get(f"/jobs/{job_id}").get_json()
+        return view["status"] == "running" and view["progress"]
+
+    wait_for(running_with_progress, 240, f"job {job_id} to report progress", interval_s=0.5)
+    assert len(processes_naming(job_id)) >= 2  # torchrun and its ranks
+    response = client.post(f"/jobs/{job_id}/cancel")
+    assert response.status_code == 200 and response.get_json()["status"] == "cancelled"
+    wait_for(lambda: not processes_naming(job_id), 20, "every rank of the cancelled job to exit")
