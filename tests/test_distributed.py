@@ -120,7 +120,7 @@ def probabilities(run_dir: Path) -> list[float]:
 def test_more_devices_than_the_machine_has_is_refused_before_any_process_starts(tmp_path):
     done, _ = train_cli(["--devices", "64", "--model", "minilm"], tmp_path)
     assert done.returncode == 2
-    assert "--devices: 64 asked, this machine has" in done.stderr
+    assert "--devices: 64 devices asked, this machine has" in done.stderr
     assert not any(tmp_path.iterdir())
 
 
@@ -153,10 +153,10 @@ def test_a_job_over_max_devices_is_422_naming_devices(redis_url, tmp_path):
 
 @pytest.fixture(scope="module")
 def service(launcher, redis_url, tmp_path_factory):
-    """A real worker allowing 2 devices, and the API in this process."""
+    """A real worker, and the API in this process told that workers give up to 64 devices."""
     from app.api import create_app
 
-    settings = service_settings(redis_url, tmp_path_factory.mktemp("ddp-jobs"), max_devices=2)
+    settings = service_settings(redis_url, tmp_path_factory.mktemp("ddp-jobs"), max_devices=64)
     launcher.worker(settings)
     return settings, create_app(settings).test_client()
 
@@ -186,6 +186,14 @@ def test_a_job_on_two_devices_runs_as_two_ranks_and_reports_like_a_one_device_jo
     assert (run_dir / "metrics.json").is_file() and not (run_dir / "training_state.pt").exists()
     predictions = client.get(f"/jobs/{two['job_id']}/predictions").get_json()["predictions"]
     assert len(predictions) == TINY_JOB["eval_limit"]
+
+
+def test_a_job_asking_more_devices_than_its_worker_has_fails_saying_so(service):
+    _, client = service
+    final = ended(client, client.post("/train", json=TINY_JOB | {"devices": 64}).get_json()["job_id"], 60)
+    assert final["status"] == "failed"
+    assert final["error"]["type"] == "DevicesNotAvailable"
+    assert "64 devices asked, this machine has" in final["error"]["message"]
 
 
 def processes_naming(text: str) -> list[int]:
