@@ -124,6 +124,12 @@ def test_more_devices_than_the_machine_has_is_refused_before_any_process_starts(
     assert not any(tmp_path.iterdir())
 
 
+def test_a_failing_rank_fails_the_command(tmp_path):
+    done, _ = train_cli(["--devices", "2", "--model", str(tmp_path / "no-such-model")], tmp_path)
+    assert done.returncode != 0
+    assert "does not exist" in done.stderr and done.stdout == ""
+
+
 def test_share_of_batch_gives_each_rank_a_slice_weighted_to_the_whole_batch_mean(monkeypatch):
     from app import distributed
 
