@@ -105,7 +105,8 @@ def test_two_processes_follow_the_loss_curve_of_one_process_on_the_same_global_b
         f"\n1 process vs 2: max loss diff {max_diff:.2e}, max val P(yes) diff {p_diff:.2e}, "
         f"accuracy {one['accuracy']:.4f} vs {two['accuracy']:.4f}, "
         f"dev {one['metrics']['dev_accuracy_per_epoch']} vs {two['metrics']['dev_accuracy_per_epoch']}, "
-        f"wall {one_s:.1f} s vs {two_s:.1f} s"
+        f"wall {one_s:.1f} s vs {two_s:.1f} s (training {one['metrics']['timings_s']['train']:.1f} s vs "
+        f"{two['metrics']['timings_s']['train']:.1f} s)"
     )
     assert max_diff < 1e-3 and p_diff < 1e-3
     assert curve_1[-1] < curve_1[0] - 0.01  # it learned something, so the match means something
