@@ -24,6 +24,7 @@ def tiny_bert(tmp_path_factory) -> Path:
 
     Dropout off because each rank draws its own dropout masks: with dropout two ranks cannot reproduce the
     masks one process draws for the whole batch, and the loss curves would differ by the noise, not the code."""
+    import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     from app.model_names import minilm_path
@@ -41,18 +42,16 @@ def tiny_bert(tmp_path_factory) -> Path:
         attention_probs_dropout_prob=0.0,
         num_labels=2,
     )
-    import torch
-
     torch.manual_seed(0)
     BertForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
 
-def train_cli(args: list[str], output_dir: Path, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
+def train_cli(args: list[str], output_dir: Path) -> tuple[subprocess.CompletedProcess, float]:
     """``python -m app train ARGS --json`` in a child process (1 thread per process); the process and its wall time."""
-    env = env or settings_env(Settings().model_copy(update=dict(tracker="none", num_threads=1)))
-    env |= {"ARTIFACTS_DIR": str(output_dir), "DATA_DIR": str(SAMPLE_DATA_DIR)}
+    settings = Settings().model_copy(update=dict(tracker="none", num_threads=1, artifacts_dir=output_dir))
+    env = settings_env(settings) | {"DATA_DIR": str(SAMPLE_DATA_DIR)}
     started = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "app", "train", *args, "--json"],
@@ -125,6 +124,7 @@ def test_more_devices_than_the_machine_has_is_refused_before_any_process_starts(
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # torchrun and two ranks start
 def test_a_failing_rank_fails_the_command(tmp_path):
     done, _ = train_cli(["--devices", "2", "--model", str(tmp_path / "no-such-model")], tmp_path)
     assert done.returncode != 0
