@@ -63,7 +63,13 @@ def available_train_rows(data_dir: Path) -> int | None:
 
 
 def check_cost(params: TrainParams, settings: Settings) -> None:
-    """422 when the job could never run as asked: too few rows to split off a dev set, or over the budget."""
+    """422 when the job could never run as asked: more devices than a worker has, too few rows to split off a
+    dev set, or over the budget."""
+    if params.devices > settings.max_devices:
+        reason = (
+            f"{params.devices} devices asked, this service's workers give at most {settings.max_devices} (MAX_DEVICES)"
+        )
+        raise Refused(422, reason, {"devices": reason})
     available = available_train_rows(settings.data_dir)
     if available is None:
         return

@@ -278,8 +278,13 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
     data_dir = args.data_dir or settings.data_dir
     output_dir = settings.artifacts_dir
     quiet_libraries()
+    from app import distributed
     from app.training import keep_freed_memory_in_heap, train_and_evaluate  # torch loads here, options valid
 
+    if distributed.launched_by_torchrun():
+        return train_as_rank(args, params, settings, tracker)
+    if params.devices > 1:
+        return launch_ranks(args, params, settings)
     keep_freed_memory_in_heap()
 
     with ProgressBar() as bar:
@@ -296,6 +301,44 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(result.to_dict()))
     else:
         print(summary(result))
+    return 0
+
+
+def launch_ranks(args: argparse.Namespace, params, settings: Settings) -> int:
+    """``--devices N``: run this same command as N ranks through torchrun; its exit code (non-zero if a rank failed)."""
+    from app import distributed
+    from app.config import environment_with
+
+    try:
+        distributed.check_devices(params.devices, settings.device)
+    except distributed.DevicesNotAvailable as exc:
+        return usage_error(f"--devices: {exc}")
+    threads = distributed.threads_per_rank(params.devices, settings.num_threads)
+    env = environment_with(OMP_NUM_THREADS=str(threads))  # what each rank takes; also quiets torchrun's warning
+    return distributed.run_ranks(params.devices, ["app", *args.argv], env)
+
+
+def train_as_rank(args: argparse.Namespace, params, settings: Settings, tracker) -> int:
+    """One of torchrun's ranks: train in its process group; rank 0 prints the results as a one-process run does."""
+    from app import distributed
+    from app.training import keep_freed_memory_in_heap, train_and_evaluate
+
+    keep_freed_memory_in_heap()
+    with distributed.process_group(settings.device) as device, ProgressBar() as bar:
+        ranks = distributed.world_size()
+        if args.devices is not None and params.devices != ranks:
+            return usage_error(f"--devices: {params.devices}, but torchrun started {ranks} processes")
+        result = train_and_evaluate(
+            params.model_copy(update={"devices": ranks}),
+            args.data_dir or settings.data_dir,
+            settings.artifacts_dir,
+            num_threads=distributed.threads_per_rank(settings.local_world_size, settings.num_threads),
+            device=str(device),
+            on_progress=bar.update,
+            tracker=tracker,
+        )
+    if result is not None:  # rank 0
+        print(json.dumps(result.to_dict()) if args.json else summary(result))
     return 0
 
 
@@ -397,6 +440,7 @@ def quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --devices N runs again on each rank
     try:
         settings = Settings()
     except ValidationError as exc:

@@ -99,6 +99,11 @@ class Settings(BaseSettings):
     max_waiters: int = 2
     # 1: GET /jobs* are open to everyone even when API_TOKEN is set (by default they need the token too).
     public_reads: bool = False
+    # Most devices (`devices` of POST /train: ranks of one DDP run) a job may ask for; 422 above it. Set it to
+    # what each worker can give: its GPUs, or on CPU-only workers at most its cores. Default 1: one process.
+    max_devices: int = 1
+    # Set by torchrun in each rank of a multi-device run: the ranks on this machine (they share its cores).
+    local_world_size: int = 1
     # Seconds between a training job's checkpoints within an epoch (one is also saved after every epoch);
     # 0 = after epochs only.
     checkpoint_every_s: float = 600

@@ -8,6 +8,8 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 DEFAULT_MODEL = "bert-base-multilingual-cased"
+# Most processes one run may train on (a rule of the parameter; a machine may give fewer, see MAX_DEVICES).
+MAX_DEVICES = 64
 
 # `register` is the API's word (issue 11); it shadows only ABCMeta.register, which no one calls on a params object.
 warnings.filterwarnings("ignore", message='Field name "register" in "TrainParams"', category=UserWarning)
@@ -55,6 +57,14 @@ class TrainParams(BaseModel):
             "weights (default: off)."
         ),
     ] = None
+    devices: Annotated[
+        StrictInt,
+        Field(
+            ge=1,
+            le=MAX_DEVICES,
+            description="Processes training this one model together (PyTorch DDP): GPUs, or groups of CPU cores.",
+        ),
+    ] = 1
     register: Annotated[
         StrictBool,
         Field(description="Register the fine-tuned model as a version in the MLflow model registry."),

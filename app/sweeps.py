@@ -49,7 +49,8 @@ BOOLQ_TRAIN_ROWS = 9427
 # The median pruner compares a trial with the trials before it only once this many have finished.
 MEDIAN_STARTUP_TRIALS = 2
 Number = StrictFloat | StrictInt
-SearchableFields = tuple(name for name in TrainParams.model_fields if name != "register")
+# Trials run in one process each (a sweep spreads over workers instead), so `devices` is not searched either.
+SearchableFields = tuple(name for name in TrainParams.model_fields if name not in ("register", "devices"))
 
 
 class SweepError(ValueError):
@@ -130,6 +131,8 @@ def validate_request(request: SweepRequest, settings: Settings) -> TrainParams:
         base = TrainParams()
     except ModelNotAllowed as exc:
         errors["base.model"] = str(exc)
+    if base.devices > 1:
+        errors["base.devices"] = "sweep trials train on one device each; leave devices at 1"
     for name, entry in request.space.items():
         where = f"space.{name}"
         if name not in SearchableFields:

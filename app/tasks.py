@@ -4,14 +4,20 @@ import it, nor torch; a worker anywhere imports it when it takes a job.
 
 from __future__ import annotations
 
+import json
+import sys
+import tempfile
 import time
 from dataclasses import asdict
+from pathlib import Path
 
+from redis import Redis
 from rq import get_current_job
 from rq.job import Job
+from rq.serializers import JSONSerializer
 
-from app import run_folder
-from app.config import Settings
+from app import distributed, run_folder
+from app.config import Settings, environment_with
 from app.model_access import model_for_training
 from app.params import TrainParams
 from app.tracking import make_tracker
@@ -33,6 +39,8 @@ def train_job(params_dict: dict) -> dict:
     run_dir = settings.artifacts_dir / job.id
     if not run_folder.can_resume(run_dir):  # a retried job resumes from its checkpoint, or starts over
         run_folder.remove_unfinished(run_dir)
+    if params.devices > 1:
+        return train_on_ranks(job, params, settings)
     result = train_and_evaluate(
         params,
         settings.data_dir,
@@ -45,6 +53,48 @@ def train_job(params_dict: dict) -> dict:
         checkpoint_every_s=settings.checkpoint_every_s,
     )
     return result.to_dict()
+
+
+def train_on_ranks(job: Job, params: TrainParams, settings: Settings) -> dict:
+    """``devices`` N > 1: run the job as N ranks through torchrun (``python -m app.tasks``) and return rank 0's result.
+
+    This work horse only launches and waits, so a cancel or timeout (RQ kills its process group) kills torchrun,
+    and the kernel then kills the ranks (``distributed.die_with_parent``)."""
+    distributed.check_devices(params.devices, settings.device)
+    threads = distributed.threads_per_rank(params.devices, settings.num_threads)
+    with tempfile.TemporaryDirectory(prefix="boolq-ranks-") as folder:
+        result_file = Path(folder) / "result.json"
+        env = environment_with(OMP_NUM_THREADS=str(threads))
+        code = distributed.run_ranks(params.devices, ["app.tasks", job.id, str(result_file)], env)
+        if code != 0 or not result_file.is_file():
+            raise distributed.RanksFailed(
+                f"a rank of {params.devices} failed (torchrun exit code {code}); see the worker's log"
+            )
+        return json.loads(result_file.read_text())
+
+
+def run_rank(job_id: str, result_file: str) -> None:
+    """One rank of a multi-device job (``train_on_ranks``): rank 0 reports progress to the job and writes the result."""
+    keep_freed_memory_in_heap()
+    settings = Settings()
+    job = Job.fetch(job_id, connection=Redis.from_url(settings.redis_url), serializer=JSONSerializer)  # the queue's
+    params = TrainParams(**job.args[0])
+    params = params.model_copy(update={"model": model_for_training(params.model, settings)})
+    with distributed.process_group(settings.device) as device:
+        result = train_and_evaluate(
+            params,
+            settings.data_dir,
+            settings.artifacts_dir,
+            run_id=job.id,
+            num_threads=distributed.threads_per_rank(settings.local_world_size, settings.num_threads),
+            device=str(device),
+            on_progress=ProgressReporter(job) if distributed.is_rank_zero() else None,
+            tracker=make_tracker(settings),
+            checkpoint_every_s=settings.checkpoint_every_s,
+        )
+    if result is not None:  # rank 0
+        text = json.dumps(result.to_dict())
+        run_folder.write_atomically(Path(result_file), lambda tmp: tmp.write_text(text))
 
 
 class ProgressReporter:
@@ -76,3 +126,7 @@ class ProgressReporter:
         if len(loss) > CURVE_POINTS:
             # Thin the older half, keep the newest point: the curve's shape survives long runs.
             loss[:] = loss[:-1:2] + loss[-1:]
+
+
+if __name__ == "__main__":  # a rank started by train_on_ranks: python -m app.tasks JOB_ID RESULT_FILE
+    run_rank(*sys.argv[1:])

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from app import run_folder
+from app import distributed, run_folder
 from app.data import digest, load_boolq, split_train_dev
 from app.encoding import Encoded, device_batches, encode, length_grouped_batches, to_device
 from app.evaluation import (
@@ -67,11 +67,13 @@ def train_and_evaluate(
     on_progress: ProgressCallback | None = None,
     tracker: Tracker | None = None,
     checkpoint_every_s: float = 0,
-) -> RunResult:
+) -> RunResult | None:
     """Fine-tune ``params.model`` on BoolQ train, evaluate on val and write the run folder.
 
     The training state is saved in the run folder after every epoch and every ``checkpoint_every_s``
     seconds (0: at epoch ends only); a run folder holding one (a killed attempt) is resumed from it.
+    With ``params.devices`` > 1 every rank calls this inside ``distributed.process_group``; rank 0 alone writes,
+    tracks, reports and evaluates on val, and returns the result (the other ranks return None).
     """
     started = time.perf_counter()
     run_id = run_id or run_folder.new_run_id()
@@ -79,6 +81,8 @@ def train_and_evaluate(
     checkpoints = Checkpoints(run_folder.training_state(run_dir), checkpoint_every_s)
     resuming = run_folder.can_resume(run_dir)
     tracker = tracker or NullTracker()
+    if not distributed.is_rank_zero():  # DDP: rank 0 alone writes the run folder, tracks and reports
+        tracker, on_progress = NullTracker(), None
     configure_torch(params.seed, num_threads)
     target = resolve_device(device)
     use_tf32(target)
@@ -88,8 +92,9 @@ def train_and_evaluate(
     val_rows = boolq.val[: params.eval_limit] if params.eval_limit else boolq.val
     train_rows, dev_rows = split_train_dev(train_rows, params.dev_size, params.seed)
 
-    run_dir.mkdir(parents=True, exist_ok=resuming)
-    run_folder.write_params(run_dir, params.model_dump())
+    if distributed.is_rank_zero():
+        run_dir.mkdir(parents=True, exist_ok=resuming)
+        run_folder.write_params(run_dir, params.model_dump())
     tracker.start_run(run_id, params.model_dump())
     tracker.log_inputs(
         [
@@ -117,6 +122,8 @@ def train_and_evaluate(
             model, tokenizer.pad_token_id, train_set, dev_set, params, on_progress, tracker, checkpoints, resuming
         )
         train_s = time.perf_counter() - t0
+        if not distributed.is_rank_zero():  # DDP: the other ranks' work ends with training
+            return None
 
         t0 = time.perf_counter()
         probabilities = predict_probabilities(model, tokenizer.pad_token_id, val_set)
@@ -239,6 +246,7 @@ def fine_tune(
     train_split = to_device(train_set, pad_id, device)
     pad_multiple = GPU_PAD_MULTIPLE if device.type == "cuda" else 1
     losses = PendingLosses(sync_every_s if sync_every_s is not None else (GPU_SYNC_EVERY_S * (device.type == "cuda")))
+    trained = distributed.wrap(model)  # DDP on several ranks (steps only); the model itself on one device
 
     def progress(epoch: int, step: int, dev_accuracy: float | None = None) -> Progress:
         speed = seen / (time.perf_counter() - started)
@@ -254,9 +262,11 @@ def fine_tune(
     for epoch in range(state.epoch, params.epochs + 1):
         state.epoch, state.epoch_order = epoch, generator.get_state()  # the batch order is redrawn from here
         batches = length_grouped_batches(lengths, params.batch_size, generator)[state.batches_done :]
-        model.train()
-        for indices, batch in zip(batches, device_batches(train_split, batches, pad_multiple), strict=True):
-            losses.add(state.step + 1, train_step(model, batch, optimizer, scheduler))
+        shares = [distributed.share_of_batch(indices) for indices in batches]  # DDP: this rank's slices (all on one)
+        trained.train()
+        steps = device_batches(train_split, [share for share, _ in shares], pad_multiple)
+        for indices, (_, weight), batch in zip(batches, shares, steps, strict=True):
+            losses.add(state.step + 1, train_step(trained, batch, optimizer, scheduler, weight))
             state.step, state.batches_done, seen = state.step + 1, state.batches_done + 1, seen + len(indices)
             checkpoint_due = checkpoints is not None and checkpoints.due()
             if losses.due() or checkpoint_due:
@@ -265,7 +275,9 @@ def fine_tune(
                 checkpoints.save(state, model, optimizer, scheduler)
         publish(epoch)
 
-        dev_accuracy = accuracy(dev_set.labels, predict_probabilities(model, pad_id, dev_set))
+        dev_accuracy = distributed.computed_on_rank_zero(  # DDP: one figure on every rank, so they decide alike
+            lambda: accuracy(dev_set.labels, predict_probabilities(model, pad_id, dev_set))
+        )
         history["dev_accuracy"].append(dev_accuracy)
         tracker.log_metrics({"dev_accuracy": dev_accuracy}, step=state.step)
         log.info("epoch %d/%d: dev accuracy %.4f", epoch, params.epochs, dev_accuracy)
@@ -347,6 +359,8 @@ class Checkpoints:
         return self.every_s > 0 and time.monotonic() - self.saved_at >= self.every_s
 
     def save(self, state: TrainingState, model, optimizer, scheduler) -> None:
+        if not distributed.is_rank_zero():  # DDP: every rank holds the same state; rank 0 keeps the one copy
+            return
         snapshot = {
             "loop": dict(vars(state)),  # not asdict: that would deep-copy the best weights
             "model": model.state_dict(),
@@ -377,7 +391,8 @@ class Checkpoints:
         return state
 
     def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+        if distributed.is_rank_zero():
+            self.path.unlink(missing_ok=True)
 
 
 def make_optimizer(model: torch.nn.Module, params: TrainParams, fused: bool = True) -> torch.optim.Optimizer:
@@ -386,18 +401,24 @@ def make_optimizer(model: torch.nn.Module, params: TrainParams, fused: bool = Tr
     return torch.optim.AdamW(model.parameters(), lr=params.lr, eps=params.eps, fused=fused)
 
 
-def train_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer, scheduler=None) -> torch.Tensor:
+def train_step(
+    model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer, scheduler=None, weight: float = 1.0
+) -> torch.Tensor:
     """One optimisation step (forward, backward, clip at 1.0, AdamW, schedule); returns the batch's loss, still
-    on the device (reading it is a host sync: ``PendingLosses`` batches those)."""
+    on the device (reading it is a host sync: ``PendingLosses`` batches those).
+
+    ``weight``: this rank's share of a batch split over DDP ranks (``distributed.share_of_batch``)."""
     with autocast(device_of(model)):
         loss = model(**batch).loss
+    if weight != 1.0:
+        loss = loss * weight
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    return distributed.mean_over_ranks(loss.detach())  # DDP: the whole batch's loss on every rank
 
 
 def report(on_progress: ProgressCallback | None, progress: Progress) -> None:

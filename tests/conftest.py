@@ -14,6 +14,7 @@ from tests.helpers import CHROMIUM_ARGS, TINY_PARAMS, Launcher, free_port, wait_
 # A test that needs one of these (directly or through another fixture) trains a model or starts processes.
 SLOW_FIXTURES = {
     "tiny_run",
+    "one_and_two_processes",
     "launcher",
     "mlflow_cli_run",
     "neptune_run",

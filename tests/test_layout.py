@@ -19,6 +19,7 @@ LAYERS = [
     "evaluation",
     "tracking",
     "registry",
+    "distributed",
     "training",
     "predict",
     "model_access",

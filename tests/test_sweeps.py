@@ -171,6 +171,8 @@ def test_sweeps_are_listed_newest_first_in_pages(client, tpe_sweep):
     [
         ({"space": {"nope": [1]}}, "space.nope", "not a searchable field"),
         ({"space": {"register": [True]}}, "space.register", "not a searchable field"),
+        ({"space": {"devices": [1, 2]}}, "space.devices", "not a searchable field"),
+        ({"space": {"lr": [1e-4]}, "base": {"devices": 2}}, "base.devices", "one device each"),
         ({"space": {"lr": {"low": 0, "high": 1e-3}}}, "space.lr", "greater than 0"),
         ({"space": {"lr": {"low": 1e-3, "high": 1e-4}}}, "space.lr", "low must not exceed high"),
         ({"space": {"lr": {"low": 1e-5, "high": 1e-3, "log": True, "step": 1e-5}}}, "space.lr", "cannot be combined"),
