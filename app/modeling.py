@@ -17,6 +17,7 @@ from transformers import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import eager_attention_forward
 
+from app.attention import attend
 from app.model_names import resolve_model
 
 log = logging.getLogger(__name__)
@@ -62,16 +63,20 @@ def _first_token_layer_forward(layer, hidden_states: torch.Tensor, attention_mas
     value = attention.value(hidden_states).view(heads).transpose(1, 2)
     if attention_mask is not None and attention_mask.dim() == 4:
         attention_mask = attention_mask[:, :, :1]  # the mask's rows are query positions
-    attend = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
-    context, _ = attend(
-        attention,
-        query,
-        key,
-        value,
-        attention_mask,
-        dropout=attention.dropout.p if attention.training else 0.0,
-        scaling=attention.scaling,
-    )
+    if getattr(attention, "cheap_cpu", False):  # app.attention's dropout (the encoder uses it too)
+        context = attend(attention, query, key, value, attention_mask)
+    else:
+        implementation = attention.config._attn_implementation
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        context, _ = interface(
+            attention,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=attention.dropout.p if attention.training else 0.0,
+            scaling=attention.scaling,
+        )
     attention_output = layer.attention.output(context.reshape(first.shape[0], 1, -1), first)
     return layer.feed_forward_chunk(attention_output)
 

@@ -22,6 +22,7 @@ import torch
 from transformers import get_linear_schedule_with_warmup
 
 from app import distributed, run_folder
+from app.attention import use_cheap_cpu_attention
 from app.data import digest, load_boolq, split_train_dev
 from app.encoding import Encoded, device_batches, encode, length_grouped_batches, to_device
 from app.evaluation import (
@@ -231,6 +232,8 @@ def fine_tune(
     lengths = [len(ids) for ids in train_set.input_ids]
     steps_per_epoch = -(-len(train_set) // params.batch_size)
     total_steps = steps_per_epoch * params.epochs
+    if device_of(model).type == "cpu":
+        use_cheap_cpu_attention(model)  # before the [CLS]-only layer, which reads it
     compute_last_layer_for_first_token_only(model)
     optimizer = make_optimizer(model, params)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(params.warmup_ratio * total_steps), total_steps)

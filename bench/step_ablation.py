@@ -5,7 +5,7 @@ in a fresh subprocess, so glibc's allocator settings are each variant's own; var
 round, so background load hits all alike. Reported: median seconds per optimisation step and the slowdown
 against the full engine.
 
-    python bench/step_ablation.py            # 4 variants x 2 rounds, ~8 min on 2 idle cores
+    python bench/step_ablation.py            # 5 variants x 2 rounds, ~10 min on 2 idle cores
     python bench/step_ablation.py --json
 """
 
@@ -25,14 +25,15 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from app.attention import use_cheap_cpu_attention  # noqa: E402
 from app.data import load_boolq  # noqa: E402
-from app.encoding import collate, encode, length_grouped_batches  # noqa: E402
+from app.encoding import device_batches, encode, length_grouped_batches, to_device  # noqa: E402
 from app.modeling import compute_last_layer_for_first_token_only, load_classifier, load_tokenizer  # noqa: E402
 from app.params import TrainParams  # noqa: E402
 from app.training import keep_freed_memory_in_heap, make_optimizer, train_step  # noqa: E402
 
 FULL_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "boolq"
-FEATURES = ("fused_adamw", "first_token_only", "heap_reuse")
+FEATURES = ("fused_adamw", "first_token_only", "heap_reuse", "cheap_cpu_attention")
 VARIANTS = {"engine": set(FEATURES)} | {f"without {f}": set(FEATURES) - {f} for f in FEATURES}
 
 
@@ -45,15 +46,18 @@ def time_steps(features: set[str], data_dir: str, rows: int, warmup: int, steps:
     torch.manual_seed(0)
     tokenizer = load_tokenizer("minilm")
     model = load_classifier("minilm").train()
+    if "cheap_cpu_attention" in features:
+        use_cheap_cpu_attention(model)
     if "first_token_only" in features:
         compute_last_layer_for_first_token_only(model)
     optimizer = make_optimizer(model, TrainParams(lr=1e-4, eps=1e-8), fused="fused_adamw" in features)
     data = encode(tokenizer, load_boolq(data_dir).train[:rows], 256)
     batches = length_grouped_batches([len(i) for i in data.input_ids], 32, torch.Generator().manual_seed(0))
+    split = to_device(data, tokenizer.pad_token_id, torch.device("cpu"))
     seconds = []
-    for indices in batches[: warmup + steps]:
+    for batch in device_batches(split, batches[: warmup + steps]):
         started = time.perf_counter()
-        train_step(model, collate(data, indices, tokenizer.pad_token_id), optimizer)
+        train_step(model, batch, optimizer).item()
         seconds.append(time.perf_counter() - started)
     return seconds[warmup:]
 

@@ -14,6 +14,7 @@ LAYERS = [
     "redaction",
     "run_folder",
     "model_names",
+    "attention",
     "modeling",
     "encoding",
     "evaluation",

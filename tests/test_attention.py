@@ -1,0 +1,85 @@
+"""The CPU attention path: exact where it claims exactness (merged Q/K/V, no dropout), and a dropout with the
+recipe's probability and scaling, reproducible from torch's seed."""
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from app.attention import drop_mask, dropout, use_cheap_cpu_attention
+from app.modeling import compute_last_layer_for_first_token_only
+
+
+def tiny_bert(dropout_p: float) -> BertForSequenceClassification:
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=2,
+        hidden_dropout_prob=dropout_p,
+        attention_probs_dropout_prob=dropout_p,
+    )
+    return BertForSequenceClassification._from_config(config, attn_implementation="sdpa")
+
+
+def batch():
+    torch.manual_seed(1)
+    ids = torch.randint(1, 100, (4, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 5:], mask[3, 2:] = 0, 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 1, 0])}
+
+
+@pytest.mark.parametrize("first_token_only", [False, True])
+def test_merged_qkv_attention_gives_the_stock_logits_and_gradients_without_dropout(first_token_only):
+    torch.manual_seed(0)
+    stock, cheap = tiny_bert(0.0), tiny_bert(0.0)
+    cheap.load_state_dict(stock.state_dict())
+    assert use_cheap_cpu_attention(cheap)
+    if first_token_only:
+        compute_last_layer_for_first_token_only(cheap)
+    outputs = [m.train()(**batch()) for m in (stock, cheap)]
+    for out in outputs:
+        out.loss.backward()
+    torch.testing.assert_close(outputs[1].logits, outputs[0].logits, rtol=0, atol=1e-5)
+    for (name, a), b in zip(stock.named_parameters(), cheap.parameters(), strict=True):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert cheap.state_dict().keys() == stock.state_dict().keys()  # what is saved is unchanged
+
+
+def test_with_dropout_training_is_reproducible_from_torch_seed_and_evaluation_is_exact():
+    torch.manual_seed(0)
+    stock, cheap = tiny_bert(0.1), tiny_bert(0.1)
+    cheap.load_state_dict(stock.state_dict())
+    use_cheap_cpu_attention(cheap)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        runs.append(cheap.train()(**batch()).logits)
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    with torch.no_grad():  # evaluation has no dropout: the stock model's logits
+        torch.testing.assert_close(cheap.eval()(**batch()).logits, stock.eval()(**batch()).logits, rtol=0, atol=1e-5)
+
+
+def test_the_drop_rate_is_p_and_the_rest_is_scaled():
+    torch.manual_seed(0)
+    n, p = 4_000_000, 0.1
+    mask = drop_mask(torch.Size([n]), p)
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(mask.float().mean().item() - p) < 5 * sigma
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = dropout(x, p, training=True)
+    kept = y != 0
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
+    y.sum().backward()  # the gradient flows through the same mask, with the same scale
+    torch.testing.assert_close(x.grad, y.detach())
+    assert dropout(x, p, training=False) is x
+
+
+def test_masks_differ_between_calls_but_not_between_equal_seeds():
+    torch.manual_seed(3)
+    a, b = drop_mask(torch.Size([1000]), 0.5), drop_mask(torch.Size([1000]), 0.5)
+    torch.manual_seed(3)
+    assert not torch.equal(a, b) and torch.equal(drop_mask(torch.Size([1000]), 0.5), a)
