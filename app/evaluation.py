@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from app.encoding import Encoded, collate
+from app.encoding import Encoded, collate, padding_bounded_batches
 from app.modeling import autocast, device_of
 
 EVAL_BATCH_SIZE = 64
@@ -14,14 +14,14 @@ LEARNED_MARGIN = 0.01
 
 
 @torch.inference_mode()
-def predict_probabilities(model: torch.nn.Module, pad_id: int, data: Encoded) -> list[float]:
-    """P(answer is yes) for each example, in input order; batches are formed by length to pad little."""
+def predict_probabilities(model: torch.nn.Module, pad_id: int, data: Encoded, max_padding: float = 1.0) -> list[float]:
+    """P(answer is yes) for each example, in input order; batches are formed by length to pad little, and cut
+    where their padding share would pass ``max_padding`` (1: sorted batches of EVAL_BATCH_SIZE)."""
     model.eval()
     device = device_of(model)
-    by_length = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
+    lengths = [len(ids) for ids in data.input_ids]
     probabilities = [0.0] * len(data)
-    for start in range(0, len(by_length), EVAL_BATCH_SIZE):
-        indices = by_length[start : start + EVAL_BATCH_SIZE]
+    for indices in padding_bounded_batches(lengths, max_padding, EVAL_BATCH_SIZE):
         batch = collate(data, indices, pad_id, device)
         batch.pop("labels")
         with autocast(device):
