@@ -1,12 +1,13 @@
 """ONNX Runtime vs torch eager for the ``/predict`` workload (after length sorting), same thread count.
 
 Exports the fine-tuned classifier as ``Predictor`` loads it (SDPA, [CLS]-only last layer) to ONNX with dynamic
-batch and sequence axes, then answers the same requests both ways: tokenize, order by length, forward passes
-with bounded padding (``padding_bounded_batches``, PREDICT_MAX_PADDING's default), P(yes). Requests of one
-pair and of 32 validation pairs, the two engines alternating, medians; answers compared (max |dp|).
+batch and sequence axes (``app.predict.export_onnx``, as ``PREDICT_BACKEND=onnx`` does), then answers the same
+requests both ways: tokenize, order by length, forward passes with bounded padding (``padding_bounded_batches``,
+PREDICT_MAX_PADDING's default), P(yes). Requests of one pair and of 32 validation pairs, the two engines
+alternating, medians; answers compared (max |dp|).
 
     .venv/bin/pip install onnxruntime onnx          # requirements-dev.txt: a benchmark's dependency only
-    .venv/bin/python bench/onnx_vs_torch.py --model-dir RUN_DIR [--threads 1] [--repeats 15] [--json]
+    .venv/bin/python bench/onnx_vs_torch.py --model-dir RUN_DIR [--threads 1] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -27,52 +28,6 @@ from app.config import SAMPLE_DATA_DIR  # noqa: E402
 from app.data import BoolQExample, load_boolq  # noqa: E402
 
 INPUTS = ("input_ids", "token_type_ids", "attention_mask")
-
-
-def with_additive_mask(model):
-    """``model`` taking the 0/1 attention mask and handing it on as a 4-D additive mask.
-
-    Traced as is, transformers' mask construction (advanced indexing) exports to a graph whose logits are off
-    by 0.01-0.03 at every length; a mask built here exports exactly (max |dp| ~1e-7).
-    """
-    import torch
-
-    class AdditiveMask(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, token_type_ids, attention_mask):
-            blocked = 1.0 - attention_mask[:, None, None, :].to(torch.float32)
-            mask = blocked * torch.finfo(torch.float32).min
-            return self.model(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=mask).logits
-
-    return AdditiveMask().eval()
-
-
-def export_onnx(model, path: Path, max_length: int) -> None:
-    """The model as loaded for serving, traced with a padded example; batch and sequence axes stay dynamic."""
-    import torch
-
-    example = {
-        "input_ids": torch.ones((2, max_length), dtype=torch.long),
-        "token_type_ids": torch.zeros((2, max_length), dtype=torch.long),
-        "attention_mask": torch.ones((2, max_length), dtype=torch.long),
-    }
-    example["attention_mask"][1, max_length // 2 :] = 0  # a padded row, so the mask's path is traced
-    axes = {name: {0: "batch", 1: "sequence"} for name in INPUTS} | {"logits": {0: "batch"}}
-    with torch.inference_mode():
-        torch.onnx.export(
-            with_additive_mask(model),
-            (),
-            str(path),
-            kwargs=example,
-            input_names=list(INPUTS),
-            output_names=["logits"],
-            dynamic_axes=axes,
-            opset_version=17,
-            dynamo=False,
-        )
 
 
 def ort_session(path: Path, threads: int):
@@ -138,14 +93,14 @@ def run(options) -> dict:
     import onnxruntime
     import torch
 
-    from app.predict import Predictor
+    from app.predict import Predictor, export_onnx
 
     torch.set_num_threads(options.threads)
     predictor = Predictor(options.model_dir)
     pairs = [(r.question, r.passage) for r in load_boolq(options.data_dir).val[: options.rows * 4]]
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
-        export_onnx(predictor.model, path, predictor.max_length)
+        export_onnx(predictor.model, path, predictor.max_length)  # as PREDICT_BACKEND=onnx does
         session = ort_session(path, options.threads)
         engines = {
             "torch": lambda request: torch_probabilities(predictor, request),
