@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -59,9 +59,6 @@ class Settings(BaseSettings):
     # /predict orders a request's pairs (and a micro-batch's) by length and cuts forward passes where padding
     # would pass this share of the tokens computed; 1 = one pass per 64 sorted pairs (see bench/README.md "Serving").
     predict_max_padding: float = Field(default=0.1, ge=0.0, le=1.0)
-    # What runs /predict's forward passes: torch (eager) or onnx (the model exported once per process, run by
-    # ONNX Runtime on the same threads; see bench/README.md "ONNX Runtime").
-    predict_backend: Literal["torch", "onnx"] = "torch"
     # Experiment trackers: comma-separated list of mlflow, neptune, none.
     tracker: str = "mlflow"
     # MLflow tracking URI; empty = SQLite store under ARTIFACTS_DIR/mlflow.

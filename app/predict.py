@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
-import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from app import run_folder
@@ -62,7 +59,7 @@ def find_model_folder(path: str | Path) -> Path:
 class Predictor:
     """A fine-tuned classifier loaded once, answering batches of (question, passage) pairs."""
 
-    def __init__(self, path: str | Path, max_padding: float = MAX_PADDING, backend: str = "torch"):
+    def __init__(self, path: str | Path, max_padding: float = MAX_PADDING):
         folder = find_model_folder(path)
         self.max_padding = max_padding
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -70,8 +67,6 @@ class Predictor:
         self.model.eval()
         compute_last_layer_for_first_token_only(self.model)
         self.max_length = min(trained_max_length(folder), self.model.config.max_position_embeddings)
-        if backend == "onnx":
-            self.model = OnnxClassifier(self.model, self.max_length)
 
     def predict(self, pairs: list[tuple[str, str]], max_tokens: int = 0, should_stop=None) -> list[Answer]:
         """Answers in input order, computed in order of length (``padding_bounded_batches``). Refuses more than
@@ -94,69 +89,6 @@ class Predictor:
             for i, p in zip(chunk, chunk_probabilities, strict=True):
                 probabilities[i] = p
         return [Answer(answer=p >= 0.5, probability=p) for p in probabilities]
-
-
-class OnnxClassifier(torch.nn.Module):
-    """The classifier exported to ONNX and run by ONNX Runtime (PREDICT_BACKEND=onnx): same inputs, same logits,
-    on torch's intra-op thread count."""
-
-    def __init__(self, model: torch.nn.Module, max_length: int):
-        import onnxruntime
-
-        super().__init__()
-        self.anchor = torch.nn.Parameter(torch.empty(0), requires_grad=False)  # so device_of() answers the CPU
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "model.onnx"
-            export_onnx(model, path, max_length)
-            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def forward(self, input_ids, token_type_ids, attention_mask):
-        feed = {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
-        (logits,) = self.session.run(["logits"], {name: tensor.numpy() for name, tensor in feed.items()})
-        return SimpleNamespace(logits=torch.from_numpy(logits))
-
-
-class AdditiveMask(torch.nn.Module):
-    """``model`` taking the 0/1 attention mask and handing it on as a 4-D additive mask.
-
-    Traced as is, transformers' mask construction (advanced indexing) exports to a graph whose logits are off
-    by 0.01-0.03 at every length; a mask built here exports exactly (max |dp| ~1e-7).
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, token_type_ids, attention_mask):
-        blocked = 1.0 - attention_mask[:, None, None, :].to(torch.float32)
-        mask = blocked * torch.finfo(torch.float32).min
-        return self.model(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=mask).logits
-
-
-def export_onnx(model: torch.nn.Module, path: Path, max_length: int) -> None:
-    """The model as loaded for serving, traced with a padded example; batch and sequence axes stay dynamic."""
-    example = {
-        "input_ids": torch.ones((2, max_length), dtype=torch.long),
-        "token_type_ids": torch.zeros((2, max_length), dtype=torch.long),
-        "attention_mask": torch.ones((2, max_length), dtype=torch.long),
-    }
-    example["attention_mask"][1, max_length // 2 :] = 0  # a padded row, so the mask's path is traced
-    axes = {name: {0: "batch", 1: "sequence"} for name in example} | {"logits": {0: "batch"}}
-    with torch.inference_mode():
-        torch.onnx.export(
-            AdditiveMask(model).eval(),
-            (),
-            str(path),
-            kwargs=example,
-            input_names=list(example),
-            output_names=["logits"],
-            dynamic_axes=axes,
-            opset_version=17,
-            dynamo=False,
-        )
 
 
 def token_chunks(lengths: list[int], chunk_tokens: int) -> list[list[int]]:

@@ -34,7 +34,6 @@ def create_app(settings: Settings | None = None) -> Flask:
         on_batch=metrics.predict_batch_size.observe,
         num_threads=settings.num_threads,
         max_padding=settings.predict_max_padding,
-        backend=settings.predict_backend,
     )
     waiters = threading.BoundedSemaphore(max(settings.max_waiters, 1))
     app.extensions["boolq"] = Service(settings, queue, predictors, metrics, Admission(queue, settings), waiters)

@@ -41,11 +41,9 @@ class PredictorCache:
         on_batch=None,
         num_threads: int = 0,
         max_padding: float | None = None,
-        backend: str = "torch",
     ):
         self.size = max(size, 1)
         self.max_padding = max_padding
-        self.backend = backend
         self.num_threads = num_threads
         self.max_batch = max_batch
         self.wait_s = wait_s
@@ -79,8 +77,7 @@ class PredictorCache:
         if self.num_threads > 0:
             # On a busy machine, a forward pass split over more threads than free cores waits at every op.
             torch.set_num_threads(self.num_threads)
-        options = {"backend": self.backend} | ({} if self.max_padding is None else {"max_padding": self.max_padding})
-        predictor = Predictor(folder, **options)
+        predictor = Predictor(folder) if self.max_padding is None else Predictor(folder, self.max_padding)
         if self.max_batch <= 1:
             return predictor
         return MicroBatcher(predictor.predict, self.max_batch, self.wait_s, on_batch=self.on_batch)
