@@ -5,6 +5,9 @@ than 32 batches of one), and gunicorn's threads would otherwise run their forwar
 competing for the same cores. A :class:`MicroBatcher` queues the pairs of concurrent calls; one thread takes
 the oldest call, waits up to ``wait_s`` for more (until ``max_batch`` pairs), runs the model once and hands
 every call its own answers. With no concurrent calls a request waits at most ``wait_s`` extra.
+
+The combined batch is one ``predict_fn`` call, and ``Predictor.predict`` computes it in order of length with
+bounded padding (``PREDICT_MAX_PADDING``), so a short question batched with long ones is not padded to them.
 """
 
 from __future__ import annotations

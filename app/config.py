@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     # only with NUM_THREADS=1, see bench/README.md "Serving").
     predict_max_batch: int = 1
     predict_batch_wait_ms: int = 2
+    # /predict orders a request's pairs (and a micro-batch's) by length and cuts forward passes where padding
+    # would pass this share of the tokens computed; 1 = one pass per 64 sorted pairs (see bench/README.md "Serving").
+    predict_max_padding: float = Field(default=0.1, ge=0.0, le=1.0)
     # Experiment trackers: comma-separated list of mlflow, neptune, none.
     tracker: str = "mlflow"
     # MLflow tracking URI; empty = SQLite store under ARTIFACTS_DIR/mlflow.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from app.encoding import Encoded, collate
+from app.encoding import Encoded, collate, padding_bounded_batches
 from app.modeling import autocast, device_of
 
 EVAL_BATCH_SIZE = 64
@@ -14,12 +14,13 @@ LEARNED_MARGIN = 0.01
 
 
 @torch.inference_mode()
-def predict_probabilities(model: torch.nn.Module, pad_id: int, data: Encoded) -> list[float]:
-    """P(answer is yes) for each example, in input order; batches are formed by length to pad little."""
+def predict_probabilities(model: torch.nn.Module, pad_id: int, data: Encoded, max_padding: float = 1.0) -> list[float]:
+    """P(answer is yes) for each example, in input order; batches are formed by length to pad little, and cut
+    where their padding share would pass ``max_padding`` (1: sorted batches of EVAL_BATCH_SIZE)."""
     model.eval()
     device = device_of(model)
-    by_length = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
-    batches = [by_length[start : start + EVAL_BATCH_SIZE] for start in range(0, len(by_length), EVAL_BATCH_SIZE)]
+    lengths = [len(ids) for ids in data.input_ids]
+    batches = padding_bounded_batches(lengths, max_padding, EVAL_BATCH_SIZE)
     yes = []  # P(yes) per batch, left on the device: one host sync at the end, not one per batch
     for indices in batches:
         batch = collate(data, indices, pad_id, device)
@@ -28,7 +29,7 @@ def predict_probabilities(model: torch.nn.Module, pad_id: int, data: Encoded) ->
             yes.append(torch.softmax(model(**batch).logits.float(), dim=-1)[:, 1])
     probabilities = [0.0] * len(data)
     if yes:
-        for i, p in zip(by_length, torch.cat(yes).tolist(), strict=True):
+        for i, p in zip((i for indices in batches for i in indices), torch.cat(yes).tolist(), strict=True):
             probabilities[i] = p
     return probabilities
 

@@ -8,14 +8,17 @@ from pathlib import Path
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from app import run_folder
+from app.config import Settings
 from app.data import BoolQExample
 from app.encoding import Encoded, encode
 from app.evaluation import predict_probabilities
 from app.modeling import compute_last_layer_for_first_token_only
 from app.params import TrainParams
 
-# Tokens per forward pass of a large request: the granularity at which a deadline or a gone client stops it.
+# Tokens per chunk (a few forward passes) of a large request: the granularity at which a deadline or a gone
+# client stops it.
 CHUNK_TOKENS = 4096
+MAX_PADDING = Settings.model_fields["predict_max_padding"].default
 
 
 class ModelDirError(ValueError):
@@ -56,8 +59,9 @@ def find_model_folder(path: str | Path) -> Path:
 class Predictor:
     """A fine-tuned classifier loaded once, answering batches of (question, passage) pairs."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, max_padding: float = MAX_PADDING):
         folder = find_model_folder(path)
+        self.max_padding = max_padding
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModelForSequenceClassification.from_pretrained(folder, attn_implementation="sdpa")
         self.model.eval()
@@ -65,9 +69,9 @@ class Predictor:
         self.max_length = min(trained_max_length(folder), self.model.config.max_position_embeddings)
 
     def predict(self, pairs: list[tuple[str, str]], max_tokens: int = 0, should_stop=None) -> list[Answer]:
-        """Answers in input order. Refuses more than ``max_tokens`` tokens (0: no limit) before computing;
-        between chunks of about CHUNK_TOKENS, stops with :class:`PredictionStopped` when ``should_stop()``
-        returns a reason."""
+        """Answers in input order, computed in order of length (``padding_bounded_batches``). Refuses more than
+        ``max_tokens`` tokens (0: no limit) before computing; between chunks of about CHUNK_TOKENS, stops with
+        :class:`PredictionStopped` when ``should_stop()`` returns a reason."""
         rows = [BoolQExample(idx=i, question=q, passage=p, label=False) for i, (q, p) in enumerate(pairs)]
         encoded = encode(self.tokenizer, rows, self.max_length)
         lengths = [len(ids) for ids in encoded.input_ids]
@@ -81,7 +85,8 @@ class Predictor:
             part = Encoded(
                 [encoded.input_ids[i] for i in chunk], [encoded.token_type_ids[i] for i in chunk], [0] * len(chunk)
             )
-            for i, p in zip(chunk, predict_probabilities(self.model, self.tokenizer.pad_token_id, part), strict=True):
+            chunk_probabilities = predict_probabilities(self.model, self.tokenizer.pad_token_id, part, self.max_padding)
+            for i, p in zip(chunk, chunk_probabilities, strict=True):
                 probabilities[i] = p
         return [Answer(answer=p >= 0.5, probability=p) for p in probabilities]
 

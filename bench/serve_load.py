@@ -11,6 +11,11 @@
 
     .venv/bin/python bench/serve_load.py [--quick] [--json] [--replicas 1,2,3] [--concurrency 8] [--duration 20]
 
+With ``--compare PREDICT_MAX_PADDING=1.0,0.1`` (any setting, e.g. ``PREDICT_BACKEND=torch,onnx``) it instead
+starts one stack per value side by side (same model, same replicas) and drives them in turn, several rounds,
+with requests of 32 validation pairs and of one pair: medians per variant and their ratios to the first
+(``--model-dir`` serves a run folder you trained).
+
 Every stack is stopped with SIGTERM before the script exits (the stack stops all its children).
 """
 
@@ -67,21 +72,27 @@ def sample_pairs(n: int) -> list[tuple[str, str]]:
 # --- the stack ----------------------------------------------------------------------------------------------
 
 
-def stack_env(workdir: Path, max_batch: int, web_threads: int, torch_threads: int) -> dict[str, str]:
-    return os.environ | {
-        "ARTIFACTS_DIR": str(workdir / "artifacts"),
-        "TRACKER": "none",
-        "HF_HUB_OFFLINE": "1",
-        "DEFAULT_MODEL": "minilm",
-        "NUM_THREADS": str(torch_threads),  # torch intra-op threads in API processes and training jobs
-        "WEB_THREADS": str(web_threads),
-        "PREDICT_MAX_BATCH": str(max_batch),
-        "PREDICT_BATCH_WAIT_MS": str(BATCH_WAIT_MS),
-        # One address submits every job: lift the app's admission caps so the load is what is measured. nginx's
-        # per-address burst on POST /train (20) still answers the rest of a larger burst 429 ("rejected").
-        "MAX_QUEUED_JOBS": "1000",
-        "MAX_JOBS_PER_CLIENT": "1000",
-    }
+def stack_env(
+    workdir: Path, max_batch: int, web_threads: int, torch_threads: int, extra: dict[str, str] | None = None
+) -> dict[str, str]:
+    return (
+        os.environ
+        | (extra or {})
+        | {
+            "ARTIFACTS_DIR": str(workdir / "artifacts"),
+            "TRACKER": "none",
+            "HF_HUB_OFFLINE": "1",
+            "DEFAULT_MODEL": "minilm",
+            "NUM_THREADS": str(torch_threads),  # torch intra-op threads in API processes and training jobs
+            "WEB_THREADS": str(web_threads),
+            "PREDICT_MAX_BATCH": str(max_batch),
+            "PREDICT_BATCH_WAIT_MS": str(BATCH_WAIT_MS),
+            # One address submits every job: lift the app's admission caps so the load is what is measured. nginx's
+            # per-address burst on POST /train (20) still answers the rest of a larger burst 429 ("rejected").
+            "MAX_QUEUED_JOBS": "1000",
+            "MAX_JOBS_PER_CLIENT": "1000",
+        }
+    )
 
 
 @contextlib.contextmanager
@@ -139,6 +150,12 @@ def train_model(url: str) -> str:
 
 def predict_bodies(pairs: list[tuple[str, str]], model: str) -> list[dict]:
     return [{"question": q, "passage": p, "model": model} for q, p in pairs]
+
+
+def batch_bodies(pairs: list[tuple[str, str]], model: str, size: int) -> list[dict]:
+    """Requests of ``size`` consecutive validation pairs (mixed lengths, as they come)."""
+    windows = [pairs[i : i + size] for i in range(0, len(pairs) - size + 1, size)]
+    return [{"items": [{"question": q, "passage": p} for q, p in window], "model": model} for window in windows]
 
 
 def warm_up(state: dict, bodies: list[dict], concurrency: int) -> None:
@@ -240,6 +257,59 @@ def measure_predict(state: dict, predictor, pairs, model: str, options) -> dict:
     }
 
 
+# --- one setting, several values side by side -------------------------------------------------------------------------
+
+
+def compare_setting(options, pairs: list[tuple[str, str]], workdir: Path) -> dict:
+    """One stack per value of the compared setting, all up at once, driven in turn (rounds × variants × workloads)."""
+    model_dir = Path(options.model_dir).resolve()
+    extra = {"MODEL_ROOTS": str(model_dir.parent)}
+    workloads = {
+        f"batch{RAW_BATCH_SIZE}": (batch_bodies(pairs, model_dir.name, RAW_BATCH_SIZE), options.batch_concurrency),
+        "single": (predict_bodies(pairs, model_dir.name), options.concurrency),
+    }
+    phases: list[dict] = []
+    with contextlib.ExitStack() as stacks:
+        states = {}
+        for value in options.compare_values:
+            env = stack_env(workdir, 1, options.web_threads, options.torch_threads, extra)
+            env[options.compare_name] = value
+            log(f"stack: {options.replicas[0]} replica(s), {options.compare_name}={value}")
+            states[value] = stacks.enter_context(native_stack(f"v-{value}", options.replicas[0], 1, env, workdir))
+        for state in states.values():
+            for bodies, concurrency in workloads.values():
+                warm_up(state, bodies, concurrency)
+        for round_ in range(options.rounds):  # alternating, so a change in the machine's load hits every variant
+            for value, state in states.items():
+                for workload, (bodies, concurrency) in workloads.items():
+                    load_average = os.getloadavg()[0]
+                    row = drive_predict(state["url"], bodies, concurrency, options.duration, options.max_requests)
+                    phase = {"round": round_, "value": value, "workload": workload, "concurrency": concurrency}
+                    phases.append(phase | row | {"load_average_1m": round(load_average, 1)})
+                    log(json.dumps(phases[-1]))
+    summary = compare_summary(phases, options)
+    return {"setting": options.compare_name, "model_dir": str(model_dir), "phases": phases, "summary": summary}
+
+
+def compare_summary(phases: list[dict], options) -> list[dict]:
+    """Per workload and variant: medians over rounds of requests/s and latency, and ratios to the first variant."""
+    rows = []
+    for workload in dict.fromkeys(p["workload"] for p in phases):
+        baseline = None
+        for value in options.compare_values:
+            mine = [p for p in phases if p["workload"] == workload and p["value"] == value]
+            row = {"workload": workload, "value": value, "rounds": len(mine)}
+            for key in ("rps", "p50_ms", "p95_ms"):
+                row[key] = round(statistics.median(p[key] for p in mine if p[key] is not None), 2)
+            row["errors"] = sum(p["errors"] for p in mine)
+            row["load_average_1m"] = [min(p["load_average_1m"] for p in mine), max(p["load_average_1m"] for p in mine)]
+            baseline = baseline or row
+            row["rps_ratio"] = round(row["rps"] / baseline["rps"], 2)
+            row["p50_ratio"] = round(baseline["p50_ms"] / row["p50_ms"], 2)  # > 1: faster than the first variant
+            rows.append(row)
+    return rows
+
+
 # --- POST /train ----------------------------------------------------------------------------------------------
 
 
@@ -327,6 +397,8 @@ def run(options) -> dict:
     }
     workdir = Path(options.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    if options.compare_values:
+        return results | {"compare": compare_setting(options, pairs, workdir)}
     modes = [("off", 1), ("on", MAX_BATCH)] if not options.batching_only else [("on", MAX_BATCH)]
     model = predictor = None
     for replicas in options.replicas:
@@ -359,7 +431,21 @@ def log(message: str) -> None:
     print(f"[serve_load {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def print_compare_table(results: dict) -> None:
+    print(f"# {results['date']} - {results['machine']}")
+    print(f"# {results['command']}")
+    header = f"| workload | {results['compare']['setting']} | rounds | req/s | p50 ms | p95 ms | errors |"
+    print(header + " req/s ratio | p50 ratio | load 1m |")
+    print("|" + "---|" * 10)
+    for row in results["compare"]["summary"]:
+        cells = [row["workload"], row["value"], row["rounds"], row["rps"], row["p50_ms"], row["p95_ms"]]
+        cells += [row["errors"], row["rps_ratio"], row["p50_ratio"], "-".join(map(str, row["load_average_1m"]))]
+        print("| " + " | ".join(str(c) for c in cells) + " |")
+
+
 def print_table(results: dict) -> None:
+    if "compare" in results:
+        return print_compare_table(results)
     print(f"# {results['date']} - {results['machine']}")
     print(f"# {results['command']}")
     print(
@@ -407,10 +493,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--train-jobs", type=int, help="concurrent POST /train (default: 50, quick: 10; 0 skips)")
     parser.add_argument("--train-workers", type=int, default=2, help="RQ workers for the training load (default: 2)")
     parser.add_argument("--train-timeout", type=float, default=900, help="seconds to wait for all jobs to end")
+    compare_help = "SETTING=V1,V2: one stack per value side by side, e.g. PREDICT_MAX_PADDING=1.0,0.1 (first: baseline)"
+    parser.add_argument("--compare", help=compare_help)
+    parser.add_argument("--model-dir", help="with --compare: the fine-tuned run folder to serve")
+    parser.add_argument("--rounds", type=int, default=3, help="with --compare: alternations (default: 3)")
+    parser.add_argument("--batch-concurrency", type=int, default=2, help="client threads for 32-pair requests")
     parser.add_argument("--save", help="also write the JSON object to this file")
     parser.add_argument("--workdir", help="keep artifacts, stack state and logs here (default: a temporary folder)")
     options = parser.parse_args()
     options.replicas = [int(n) for n in options.replicas.split(",")]
+    options.compare_name, _, values = (options.compare or "").partition("=")
+    options.compare_values = values.split(",") if values else []
+    if options.compare and (len(options.compare_values) < 2 or not options.model_dir):
+        parser.error("--compare needs SETTING=V1,V2 and --model-dir (a run folder, e.g. from `python -m app train`)")
     options.duration = options.duration or (8.0 if options.quick else 20.0)
     options.raw_seconds = options.raw_seconds or (3.0 if options.quick else 5.0)
     options.web_threads = options.web_threads or options.concurrency

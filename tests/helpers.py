@@ -3,6 +3,7 @@ gunicorn) configured through the same environment variables as in production."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -36,6 +37,31 @@ RESUMABLE = dict(
 )
 # A job that runs for minutes, long enough to be cancelled or killed mid-run.
 LONG_JOB = dict(model="minilm", train_limit=400, eval_limit=8, max_length=64, epochs=3, batch_size=8)
+
+
+def mixed_length_pairs(n_long: int = 6) -> list[tuple[str, str]]:
+    """BoolQ validation pairs (long passages) interleaved with one-line ones, so length order is not input order."""
+    from app.data import load_boolq
+
+    long = [(row.question, row.passage) for row in load_boolq(SAMPLE_DATA_DIR).val[:n_long]]
+    short = [("is it", "It is."), ("is water wet", "Water makes things wet."), ("is fire cold", "Fire is hot.")]
+    return [pair for i, pair in enumerate(long) for pair in (pair, short[i % len(short)])]
+
+
+@contextlib.contextmanager
+def padding_per_forward_pass(model):
+    """Collects the padding share of every forward pass of ``model`` (from its attention mask)."""
+    shares: list[float] = []
+
+    def record(_module, _args, kwargs):
+        mask = kwargs["attention_mask"]
+        shares.append(1 - mask.sum().item() / mask.numel())
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield shares
+    finally:
+        handle.remove()
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

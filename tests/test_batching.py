@@ -12,7 +12,7 @@ from app.api import create_app
 from app.batching import MicroBatcher
 from app.data import load_boolq
 from app.predict import Predictor
-from tests.helpers import service_settings
+from tests.helpers import mixed_length_pairs, padding_per_forward_pass, service_settings
 
 CALLERS = 8
 
@@ -72,6 +72,21 @@ def test_calls_with_several_pairs_get_their_slice_in_order(predictor, pairs):
         assert len(answer) == len(request)
         assert_same_answers(answer, predictor.predict(request))
     batcher.close()
+
+
+def test_a_micro_batch_of_mixed_lengths_runs_in_length_order_and_answers_each_call_as_alone(predictor):
+    mixed = mixed_length_pairs(4)
+    sizes = []
+    batcher = MicroBatcher(predictor.predict, max_batch=32, wait_s=0.5, on_batch=sizes.append)
+    with padding_per_forward_pass(predictor.model) as padding:
+        answers = call_together(batcher, [[pair] for pair in mixed])
+    batcher.close()
+    assert max(sizes) > 1, sizes
+    assert max(padding) <= predictor.max_padding, padding  # the short questions were not padded to the long ones
+    for pair, (answer,) in zip(mixed, answers, strict=True):
+        (alone,) = predictor.predict([pair])
+        assert answer.answer == alone.answer
+        assert answer.probability == pytest.approx(alone.probability, abs=1e-5)
 
 
 def test_an_error_in_the_forward_pass_reaches_every_caller_of_that_batch():

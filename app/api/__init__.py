@@ -33,6 +33,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         wait_s=settings.predict_batch_wait_ms / 1000,
         on_batch=metrics.predict_batch_size.observe,
         num_threads=settings.num_threads,
+        max_padding=settings.predict_max_padding,
     )
     waiters = threading.BoundedSemaphore(max(settings.max_waiters, 1))
     app.extensions["boolq"] = Service(settings, queue, predictors, metrics, Admission(queue, settings), waiters)

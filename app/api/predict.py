@@ -33,8 +33,17 @@ class PredictorCache:
     share forward passes; ``get`` returns an object with ``predict(pairs)`` either way.
     """
 
-    def __init__(self, size: int, max_batch: int = 1, wait_s: float = 0.0, on_batch=None, num_threads: int = 0):
+    def __init__(
+        self,
+        size: int,
+        max_batch: int = 1,
+        wait_s: float = 0.0,
+        on_batch=None,
+        num_threads: int = 0,
+        max_padding: float | None = None,
+    ):
         self.size = max(size, 1)
+        self.max_padding = max_padding
         self.num_threads = num_threads
         self.max_batch = max_batch
         self.wait_s = wait_s
@@ -68,7 +77,7 @@ class PredictorCache:
         if self.num_threads > 0:
             # On a busy machine, a forward pass split over more threads than free cores waits at every op.
             torch.set_num_threads(self.num_threads)
-        predictor = Predictor(folder)
+        predictor = Predictor(folder) if self.max_padding is None else Predictor(folder, self.max_padding)
         if self.max_batch <= 1:
             return predictor
         return MicroBatcher(predictor.predict, self.max_batch, self.wait_s, on_batch=self.on_batch)
