@@ -22,11 +22,12 @@ UINT32_RANGE = 2**32
 
 def drop_mask(shape: torch.Size, p: float) -> torch.Tensor:
     """A CPU bool tensor, True where an element is dropped, each with probability round(p * 2^32) / 2^32."""
-    count = int(np.prod(shape))
-    seed = int(torch.randint(0, 2**63 - 1, (1,)).item())  # from torch's generator: reproducible, resumable
-    words = np.random.Generator(np.random.SFC64(seed)).bit_generator.random_raw((count + 1) // 2)
-    uniform = np.frombuffer(words.data, dtype=np.uint32)[:count]
-    return torch.from_numpy(uniform < np.uint32(round(p * UINT32_RANGE))).view(shape)
+    with torch.profiler.record_function("dropout_mask"):  # named in profiles (bench/step_profile.py)
+        count = int(np.prod(shape))
+        seed = int(torch.randint(0, 2**63 - 1, (1,)).item())  # from torch's generator: reproducible, resumable
+        words = np.random.Generator(np.random.SFC64(seed)).bit_generator.random_raw((count + 1) // 2)
+        uniform = np.frombuffer(words.data, dtype=np.uint32)[:count]
+        return torch.from_numpy(uniform < np.uint32(round(p * UINT32_RANGE))).view(shape)
 
 
 class _Dropout(torch.autograd.Function):
@@ -64,27 +65,31 @@ class CheapDropout(torch.nn.Dropout):
 def attend(attention, query, key, value, attention_mask) -> torch.Tensor:
     """Scaled dot-product attention of a ``BertSelfAttention``, as [batch, positions, hidden].
 
-    Without dropout (evaluation, or p = 0) or off the CPU, torch's SDPA; with dropout on the CPU, SDPA's own
-    CPU fallback for that case written out (scores, mask, softmax, dropout, weighted sum) with the cheaper mask."""
+    Without dropout (evaluation, or p = 0) or off the CPU, torch's SDPA. With dropout on the CPU, SDPA falls
+    back to unfused math, so it is written out here with fewer passes over the [batch, heads, positions,
+    positions] tensors: they stay in the dtype of Q/K/V (bf16 under autocast: softmax accumulates in fp32
+    inside and rounds once, where autocast's fp32 softmax is rounded to bf16 by the next matmul anyway),
+    dropout only zeroes, and its 1/(1-p) scaling is applied to the much smaller output instead."""
     p = attention.dropout.p if attention.training else 0.0
     if p == 0.0 or query.device.type != "cpu":
         context = F.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=p, scale=attention.scaling
         )
-    else:
-        scores = torch.matmul(query, key.transpose(-1, -2)) * attention.scaling
+        return context.transpose(1, 2).flatten(2)
+    with torch.autocast("cpu", enabled=False):
+        scores = torch.matmul(query, key.transpose(-1, -2)).mul_(attention.scaling)
         if attention_mask is not None:
-            scores = additive(attention_mask, scores.dtype) + scores
-        probabilities = dropout(torch.softmax(scores, dim=-1), p, True)
-        context = torch.matmul(probabilities, value)
+            scores = masked(scores, attention_mask)
+        probabilities = torch.softmax(scores, dim=-1).masked_fill(drop_mask(scores.shape, p), 0)
+        context = torch.matmul(probabilities, value).mul_(1.0 / (1.0 - p))
     return context.transpose(1, 2).flatten(2)
 
 
-def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An SDPA mask as an additive one: bool masks mark the positions to attend (True)."""
+def masked(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scores with an SDPA mask applied: a bool mask marks the positions to attend (True); a float one is added."""
     if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
-    return mask.to(dtype)
+        return scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return scores + mask.to(scores.dtype)
 
 
 def merged_qkv(attention, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

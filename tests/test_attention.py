@@ -83,3 +83,24 @@ def test_masks_differ_between_calls_but_not_between_equal_seeds():
     a, b = drop_mask(torch.Size([1000]), 0.5), drop_mask(torch.Size([1000]), 0.5)
     torch.manual_seed(3)
     assert not torch.equal(a, b) and torch.equal(drop_mask(torch.Size([1000]), 0.5), a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_dropout_path_computes_dropout_of_the_softmax_times_values(monkeypatch, dtype):
+    import app.attention
+
+    torch.manual_seed(0)
+    p = 0.25
+    model = tiny_bert(p).train()
+    attention = model.bert.encoder.layer[0].attention.self
+    q, k, v = (torch.randn(2, 4, 5, 8, dtype=dtype) for _ in range(3))
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    mask[1, :, :, 3:] = False  # the second row's last two positions are padding
+    dropped = torch.rand(2, 4, 5, 5) < p
+    monkeypatch.setattr(app.attention, "drop_mask", lambda shape, rate: dropped)
+    out = app.attention.attend(attention, q, k, v, mask)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * attention.scaling
+    probabilities = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    expected = (probabilities.masked_fill(dropped, 0) / (1 - p)) @ v.float()
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(out.float(), expected.transpose(1, 2).flatten(2), rtol=0, atol=tolerance)
