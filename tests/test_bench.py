@@ -35,7 +35,11 @@ TINY = BenchConfig(
     threads=0,
     model_size="minilm",
 )
-PEAKS = {"fp32": {"n": 256, "gflops": 100.0}, "bf16": {"n": 256, "gflops": 1.0}}
+PEAKS = {
+    "fp32": {"n": 256, "gflops": 100.0},
+    "bf16": {"n": 256, "gflops": 1.0},
+    "fp32_model_shapes": {"n": 4096, "gflops": 50.0},
+}
 
 
 def in_fresh_process(code: str):
@@ -82,6 +86,10 @@ def test_summary_reports_ratios_and_targets(runs):
     )
     assert summary["speedup_vs_trainer_target_met"] == (summary["speedup_vs_trainer"] >= 2.0)
     assert 0 <= summary["trainer_dev_accuracy"] <= 1
+    fp32_side = next(side for side in ("baseline", "trainer", "engine") if summary[f"{side}_precision"] == "fp32")
+    assert summary[f"{fp32_side}_useful_pct_of_model_shape_peak"] == pytest.approx(
+        2 * summary[f"{fp32_side}_useful_pct_of_peak"]  # the model-shape peak (50) is half the square one (100)
+    )
     assert "speedup" in format_table(summary)
     json.dumps(summary)
 
@@ -133,6 +141,13 @@ def test_script_prints_one_json_object():
     assert summary["trainer_examples_per_s"] > 0 and summary["speedup_vs_trainer"] > 0
     assert summary["speedup"] > 0 and [r["side"] for r in summary["runs"]] == ["baseline", "trainer", "engine"]
     assert summary["matmul_peak_gflops"]["fp32"] > 0 and summary["matmul_peak_gflops"]["bf16"] > 0
+
+
+def test_model_shape_peak_times_a_layers_forward_and_backward_matmuls():
+    from bench.train_speed import layer_matmul_gflops
+
+    peak = layer_matmul_gflops(torch.float32, "tiny", repeats=1)
+    assert peak["n"] == 4096 and peak["gflops"] > 0
 
 
 def test_peak_is_the_best_measurement_per_dtype():
