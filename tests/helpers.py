@@ -207,3 +207,20 @@ def work_horse_pids(worker_pid: int) -> list[int]:
     """The work horses (forked children, each running one job) of an RQ worker process."""
     children = Path(f"/proc/{worker_pid}/task/{worker_pid}/children").read_text().split()
     return [int(pid) for pid in children]
+
+
+def tiny_bert(attn_implementation: str = "sdpa", dropout: float = 0.0):
+    """A random-init 3-layer BERT classifier (vocabulary of 100) for tests of the model code."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=2,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+    return BertForSequenceClassification._from_config(config, attn_implementation=attn_implementation)

@@ -3,24 +3,10 @@ recipe's probability and scaling, reproducible from torch's seed."""
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
 
 from app.attention import drop_mask, dropout, use_cheap_cpu_attention
 from app.modeling import compute_last_layer_for_first_token_only
-
-
-def tiny_bert(dropout_p: float) -> BertForSequenceClassification:
-    config = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=2,
-        hidden_dropout_prob=dropout_p,
-        attention_probs_dropout_prob=dropout_p,
-    )
-    return BertForSequenceClassification._from_config(config, attn_implementation="sdpa")
+from tests.helpers import tiny_bert
 
 
 def batch():
@@ -34,7 +20,7 @@ def batch():
 @pytest.mark.parametrize("first_token_only", [False, True])
 def test_merged_qkv_attention_gives_the_stock_logits_and_gradients_without_dropout(first_token_only):
     torch.manual_seed(0)
-    stock, cheap = tiny_bert(0.0), tiny_bert(0.0)
+    stock, cheap = tiny_bert(), tiny_bert()
     cheap.load_state_dict(stock.state_dict())
     assert use_cheap_cpu_attention(cheap)
     if first_token_only:
@@ -51,7 +37,7 @@ def test_merged_qkv_attention_gives_the_stock_logits_and_gradients_without_dropo
 
 def test_with_dropout_training_is_reproducible_from_torch_seed_and_evaluation_is_exact():
     torch.manual_seed(0)
-    stock, cheap = tiny_bert(0.1), tiny_bert(0.1)
+    stock, cheap = tiny_bert(dropout=0.1), tiny_bert(dropout=0.1)
     cheap.load_state_dict(stock.state_dict())
     use_cheap_cpu_attention(cheap)
     runs = []
@@ -91,7 +77,7 @@ def test_the_dropout_path_computes_dropout_of_the_softmax_times_values(monkeypat
 
     torch.manual_seed(0)
     p = 0.25
-    model = tiny_bert(p).train()
+    model = tiny_bert(dropout=p).train()
     attention = model.bert.encoder.layer[0].attention.self
     q, k, v = (torch.randn(2, 4, 5, 8, dtype=dtype) for _ in range(3))
     mask = torch.ones(2, 1, 5, 5, dtype=torch.bool)

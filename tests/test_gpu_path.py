@@ -4,12 +4,12 @@ the device, padding to a multiple for GPU-friendly shapes, and losses read back 
 import random
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification
 
 from app.encoding import Encoded, collate, device_batches, to_device
 from app.params import TrainParams
 from app.tracking import NullTracker
 from app.training import PendingLosses, fine_tune
+from tests.helpers import tiny_bert
 
 
 def random_split(rows: int, seed: int = 0) -> Encoded:
@@ -22,12 +22,9 @@ def random_split(rows: int, seed: int = 0) -> Encoded:
     )
 
 
-def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+def seeded_tiny_bert(seed: int = 0):
     torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=2
-    )
-    return BertForSequenceClassification._from_config(config, attn_implementation="sdpa")
+    return tiny_bert(dropout=0.1)
 
 
 def test_a_batch_gathered_on_the_device_equals_the_python_collated_one():
@@ -51,7 +48,7 @@ def test_padding_to_a_multiple_rounds_the_width_up_and_masks_the_extra_positions
     assert padded["input_ids"].shape[1] == min(-(-width // 8) * 8, split.input_ids.shape[1])
     assert torch.equal(padded["input_ids"][:, :width], exact["input_ids"])
     assert not padded["attention_mask"][:, width:].any() and not padded["input_ids"][:, width:].any()
-    model = tiny_bert().eval()  # the extra positions change nothing the classifier reads
+    model = seeded_tiny_bert().eval()  # the extra positions change nothing the classifier reads
     with torch.no_grad():
         logits = [model(**{k: v for k, v in b.items() if k != "labels"}).logits for b in (exact, padded)]
     torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-5)
@@ -73,7 +70,8 @@ def test_reading_losses_once_per_interval_trains_and_reports_exactly_as_every_st
     runs = {}
     for every_s in (0.0, 3600.0):  # the CPU default, and a GPU-like interval longer than the run
         progress = []
-        history = fine_tune(tiny_bert(), 0, train, dev, params, progress.append, NullTracker(), sync_every_s=every_s)
+        model = seeded_tiny_bert()
+        history = fine_tune(model, 0, train, dev, params, progress.append, NullTracker(), sync_every_s=every_s)
         runs[every_s] = history, progress
     (every_step, reports_a), (per_interval, reports_b) = runs[0.0], runs[3600.0]
     assert per_interval["loss"] == every_step["loss"] and len(every_step["loss"]) == 10  # 2 epochs of 5 steps

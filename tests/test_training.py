@@ -8,8 +8,6 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score
 from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
     DistilBertConfig,
     DistilBertForSequenceClassification,
 )
@@ -20,7 +18,7 @@ from app.modeling import DeviceNotAvailable, compute_last_layer_for_first_token_
 from app.params import TrainParams
 from app.predict import Predictor
 from app.training import train_and_evaluate
-from tests.helpers import RESUMABLE, TINY_PARAMS
+from tests.helpers import RESUMABLE, TINY_PARAMS, tiny_bert
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -169,20 +167,6 @@ def test_collate_pads_to_the_longest_in_batch():
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [1, 0]
-
-
-def tiny_bert(attn_implementation: str) -> BertForSequenceClassification:
-    config = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return BertForSequenceClassification._from_config(config, attn_implementation=attn_implementation)
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
