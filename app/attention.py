@@ -16,6 +16,7 @@ import functools
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers import BertForSequenceClassification
 
 UINT32_RANGE = 2**32
 
@@ -113,8 +114,6 @@ def use_cheap_cpu_attention(model: torch.nn.Module) -> bool:
 
     Instance attributes only (weights and saved checkpoints unchanged); decoders, caches and other
     architectures are left as they are."""
-    from transformers import BertForSequenceClassification
-
     if type(model) is not BertForSequenceClassification or model.config.is_decoder:
         return False
     for layer in model.bert.encoder.layer:
