@@ -37,8 +37,9 @@ FEATURES = ("fused_adamw", "first_token_only", "heap_reuse", "cheap_cpu_attentio
 VARIANTS = {"engine": set(FEATURES)} | {f"without {f}": set(FEATURES) - {f} for f in FEATURES}
 
 
-def time_steps(features: set[str], data_dir: str, rows: int, warmup: int, steps: int, threads: int) -> list[float]:
-    """Seconds per step of the engine's own ``train_step`` (forward, backward, clip, AdamW) with the given features."""
+def prepare_steps(features: set[str], data_dir: str, rows: int, count: int, threads: int):
+    """minilm with the given engine features, its optimizer, and ``count`` real BoolQ batches of 32 grouped by
+    length, as the engine builds them (``bench/step_profile.py`` uses this too)."""
     if "heap_reuse" in features:
         keep_freed_memory_in_heap()
     if threads > 0:
@@ -54,8 +55,14 @@ def time_steps(features: set[str], data_dir: str, rows: int, warmup: int, steps:
     data = encode(tokenizer, load_boolq(data_dir).train[:rows], 256)
     batches = length_grouped_batches([len(i) for i in data.input_ids], 32, torch.Generator().manual_seed(0))
     split = to_device(data, tokenizer.pad_token_id, torch.device("cpu"))
+    return model, optimizer, list(device_batches(split, batches[:count]))
+
+
+def time_steps(features: set[str], data_dir: str, rows: int, warmup: int, steps: int, threads: int) -> list[float]:
+    """Seconds per step of the engine's own ``train_step`` (forward, backward, clip, AdamW) with the given features."""
+    model, optimizer, batches = prepare_steps(features, data_dir, rows, warmup + steps, threads)
     seconds = []
-    for batch in device_batches(split, batches[: warmup + steps]):
+    for batch in batches:
         started = time.perf_counter()
         train_step(model, batch, optimizer).item()
         seconds.append(time.perf_counter() - started)

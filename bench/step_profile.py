@@ -22,15 +22,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from app.attention import use_cheap_cpu_attention  # noqa: E402
-from app.data import load_boolq  # noqa: E402
-from app.encoding import device_batches, encode, length_grouped_batches, to_device  # noqa: E402
-from app.modeling import compute_last_layer_for_first_token_only, load_classifier, load_tokenizer  # noqa: E402
-from app.params import TrainParams  # noqa: E402
-from app.training import keep_freed_memory_in_heap, make_optimizer, train_step  # noqa: E402
+from app.training import train_step  # noqa: E402
+from bench.step_ablation import VARIANTS, prepare_steps  # noqa: E402
 
 FULL_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "boolq"
 KINDS = {
@@ -45,20 +40,9 @@ def kind_of(op: str) -> str:
 
 
 def profile_steps(variant: str, data_dir: str, rows: int, steps: int, threads: int) -> dict:
-    """Self CPU seconds per kind of op over ``steps`` steps (after 2 warm-up steps), and the wall time."""
-    keep_freed_memory_in_heap()
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer("minilm")
-    model = load_classifier("minilm").train()
-    if variant == "after":
-        use_cheap_cpu_attention(model)
-    compute_last_layer_for_first_token_only(model)
-    optimizer = make_optimizer(model, TrainParams(lr=1e-4, eps=1e-8))
-    data = encode(tokenizer, load_boolq(data_dir).train[:rows], 256)
-    batches = length_grouped_batches([len(i) for i in data.input_ids], 32, torch.Generator().manual_seed(0))
-    split = to_device(data, tokenizer.pad_token_id, torch.device("cpu"))
-    batches = list(device_batches(split, batches[: 2 + steps]))
+    """Self CPU seconds per kind of op over ``steps`` steps (after 2 warm-up steps), and the real tokens."""
+    features = VARIANTS["engine" if variant == "after" else "without cheap_cpu_attention"]
+    model, optimizer, batches = prepare_steps(features, data_dir, rows, 2 + steps, threads)
     for batch in batches[:2]:
         train_step(model, batch, optimizer)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
