@@ -32,9 +32,11 @@ demo-full: $(BIN)/.installed
 	HF_HUB_OFFLINE=$(if $(filter hub,$(DATA_DIR)),0,1) $(BIN)/python -m app train --model minilm \
 	    --data-dir $(DATA_DIR) --epochs 2 --lr 1e-4 --warmup-ratio 0.1 --batch-size 32 --max-length 256
 
+# ruff, and import-linter's contracts (pyproject.toml, .importlinter): the engine / service / ops / api layering.
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-logo pyproject.toml .importlinter
 
 format: $(BIN)/.installed
 	$(BIN)/ruff check --fix .

@@ -95,7 +95,7 @@ def add_sweep_parser(commands) -> None:
 
 
 def run_sweep(args: argparse.Namespace, settings: Settings) -> int:
-    from app import sweeps
+    from app.service import sweeps
 
     try:
         body = json.loads(args.space.read_text())
@@ -115,7 +115,7 @@ def run_sweep(args: argparse.Namespace, settings: Settings) -> int:
     except sweeps.SweepError as exc:
         return usage_error(str(exc))
     quiet_libraries()
-    from app.trials import run_local_sweep  # torch loads here, once the request is valid
+    from app.service.sweeps.trials import run_local_sweep  # torch loads here, once the request is valid
 
     view = run_local_sweep(request, base, settings)
     print(json.dumps(view) if args.json else leaderboard_table(view))
@@ -159,7 +159,7 @@ def add_predict_parser(commands) -> None:
 
 
 def add_serve_parser(commands) -> None:
-    serve = commands.add_parser("serve", help="serve the REST API with gunicorn (app/gunicorn_conf.py)")
+    serve = commands.add_parser("serve", help="serve the REST API with gunicorn (app/ops/gunicorn_conf.py)")
     serve.add_argument("--host", default="0.0.0.0", help="interface to bind (default: 0.0.0.0)")
     serve.add_argument("--port", type=int, help="port (default: PORT or 5000)")
     serve.add_argument("--workers", type=int, help="worker processes (default: WEB_WORKERS or 2)")
@@ -170,7 +170,7 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
     """Replace this process with gunicorn, so signals and exit codes are gunicorn's own."""
     import os
 
-    config = Path(__file__).resolve().parent / "gunicorn_conf.py"
+    config = Path(__file__).resolve().parent / "ops" / "gunicorn_conf.py"
     port = args.port if args.port is not None else settings.port
     argv = [sys.executable, "-m", "gunicorn", "--config", str(config), "--bind", f"{args.host}:{port}"]
     if args.workers is not None:
@@ -187,8 +187,8 @@ def add_worker_parser(commands) -> None:
 
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
-    import app.tasks  # noqa: F401  (loaded once here, so each forked job starts without importing torch)
-    from app.jobs import make_worker
+    import app.service.tasks  # noqa: F401  (loaded once here, so each forked job starts without importing torch)
+    from app.service.jobs import make_worker
 
     quiet_libraries()
     worker = make_worker(settings)
@@ -278,8 +278,8 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
     data_dir = args.data_dir or settings.data_dir
     output_dir = settings.artifacts_dir
     quiet_libraries()
-    from app import distributed
-    from app.training import keep_freed_memory_in_heap, train_and_evaluate  # torch loads here, options valid
+    from app.engine import distributed
+    from app.engine.training import keep_freed_memory_in_heap, train_and_evaluate  # torch loads here, options valid
 
     if distributed.launched_by_torchrun():
         return train_as_rank(args, params, settings, tracker)
@@ -306,8 +306,8 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
 
 def launch_ranks(args: argparse.Namespace, params, settings: Settings) -> int:
     """``--devices N``: run this same command as N ranks through torchrun; its exit code (non-zero if a rank failed)."""
-    from app import distributed
     from app.config import environment_with
+    from app.engine import distributed
 
     try:
         distributed.check_devices(params.devices, settings.device)
@@ -320,8 +320,8 @@ def launch_ranks(args: argparse.Namespace, params, settings: Settings) -> int:
 
 def train_as_rank(args: argparse.Namespace, params, settings: Settings, tracker) -> int:
     """One of torchrun's ranks: train in its process group; rank 0 prints the results as a one-process run does."""
-    from app import distributed
-    from app.training import keep_freed_memory_in_heap, train_and_evaluate
+    from app.engine import distributed
+    from app.engine.training import keep_freed_memory_in_heap, train_and_evaluate
 
     keep_freed_memory_in_heap()
     with distributed.process_group(settings.device) as device, ProgressBar() as bar:
@@ -394,7 +394,7 @@ class ProgressBar:
 
 def run_predict(args: argparse.Namespace, settings: Settings) -> int:
     quiet_libraries()
-    from app.predict import ModelDirError, Predictor
+    from app.service.predict import ModelDirError, Predictor
 
     try:
         predictor = Predictor(args.model_dir)
@@ -410,7 +410,7 @@ def run_predict(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_stack(args: argparse.Namespace, settings: Settings) -> int:
-    from app.stack import StackOptions, run_stack
+    from app.ops.stack import StackOptions, run_stack
 
     options = StackOptions(
         replicas=args.replicas,
@@ -458,8 +458,8 @@ def main(argv: list[str] | None = None) -> int:
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors that say what to fix in one line (exit 1, no traceback); imported only once one happened,
     so that commands that never train do not load torch."""
-    from app.data import DataError
-    from app.model_names import ModelNotAvailable
-    from app.modeling import DeviceNotAvailable
+    from app.engine.data import DataError
+    from app.engine.model_names import ModelNotAvailable
+    from app.engine.modeling import DeviceNotAvailable
 
     return DataError, DeviceNotAvailable, ModelNotAvailable

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python bench/onnx_vs_torch.py` from anywhere
 
 from app.config import SAMPLE_DATA_DIR  # noqa: E402
-from app.data import BoolQExample, load_boolq  # noqa: E402
+from app.engine.data import BoolQExample, load_boolq  # noqa: E402
 
 INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
@@ -84,8 +84,8 @@ def ort_session(path: Path, threads: int):
 
 def batches_of(predictor, pairs):
     """The padded batches ``Predictor.predict`` would run for ``pairs``, with their row indices."""
-    from app.encoding import collate, encode, padding_bounded_batches
-    from app.evaluation import EVAL_BATCH_SIZE
+    from app.engine.encoding import collate, encode, padding_bounded_batches
+    from app.engine.evaluation import EVAL_BATCH_SIZE
 
     rows = [BoolQExample(idx=i, question=q, passage=p, label=False) for i, (q, p) in enumerate(pairs)]
     encoded = encode(predictor.tokenizer, rows, predictor.max_length)
@@ -132,7 +132,7 @@ def alternate(engines: dict, requests: list, repeats: int) -> dict[str, float]:
 def run(options) -> dict:
     import onnxruntime
 
-    from app.predict import Predictor
+    from app.service.predict import Predictor
 
     torch.set_num_threads(options.threads)
     predictor = Predictor(options.model_dir)

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python bench/predict_padding.py` from anywhere
 
 from app.config import SAMPLE_DATA_DIR  # noqa: E402
-from app.data import load_boolq  # noqa: E402
+from app.engine.data import load_boolq  # noqa: E402
 
 
 def padding_of_passes(predictor, pairs) -> tuple[float, int]:
@@ -50,7 +50,7 @@ def timed_ms(predictor, pairs) -> float:
 def run(options) -> dict:
     import torch
 
-    from app.predict import Predictor
+    from app.service.predict import Predictor
 
     torch.set_num_threads(options.threads)
     pairs = [(r.question, r.passage) for r in load_boolq(options.data_dir).val[: options.rows]]

@@ -45,8 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python bench/serve_load.py` from anywhere
 
 from app.config import SAMPLE_DATA_DIR  # noqa: E402
-from app.data import load_boolq  # noqa: E402
-from app.stack import free_ports  # noqa: E402
+from app.engine.data import load_boolq  # noqa: E402
+from app.ops.stack import free_ports  # noqa: E402
 
 MAX_LENGTH = 64
 MODEL_JOB = {"model": "minilm", "train_limit": 32, "eval_limit": 8, "max_length": MAX_LENGTH, "epochs": 1}
@@ -377,7 +377,7 @@ def poll_jobs(url: str, job_ids: list[str], deadline: float) -> tuple[dict[str, 
 def run(options) -> dict:
     import torch
 
-    from app.predict import Predictor
+    from app.service.predict import Predictor
 
     if options.torch_threads > 0:
         torch.set_num_threads(options.torch_threads)  # the raw model gets what each API process gets

@@ -25,12 +25,12 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from app.attention import use_cheap_cpu_attention  # noqa: E402
-from app.data import load_boolq  # noqa: E402
-from app.encoding import device_batches, encode, length_grouped_batches, to_device  # noqa: E402
-from app.modeling import compute_last_layer_for_first_token_only, load_classifier, load_tokenizer  # noqa: E402
+from app.engine.attention import use_cheap_cpu_attention  # noqa: E402
+from app.engine.data import load_boolq  # noqa: E402
+from app.engine.encoding import device_batches, encode, length_grouped_batches, to_device  # noqa: E402
+from app.engine.modeling import compute_last_layer_for_first_token_only, load_classifier, load_tokenizer  # noqa: E402
+from app.engine.training import keep_freed_memory_in_heap, make_optimizer, train_step  # noqa: E402
 from app.params import TrainParams  # noqa: E402
-from app.training import keep_freed_memory_in_heap, make_optimizer, train_step  # noqa: E402
 
 FULL_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "boolq"
 FEATURES = ("fused_adamw", "first_token_only", "heap_reuse", "cheap_cpu_attention")

@@ -1,7 +1,7 @@
 """Where a CPU training step's time goes: torch.profiler over the engine's own ``train_step``, by kind of op.
 
 Profiles a few steps of minilm on real BoolQ batches (32 rows grouped by length) twice, in fresh processes:
-with the engine's stock attention and dropout ("before") and with ``app.attention`` ("after"). Self CPU time
+with the engine's stock attention and dropout ("before") and with ``app.engine.attention`` ("after"). Self CPU time
 of each op is put in one of: matmuls, dropout's random numbers (torch's ``bernoulli_`` or our mask), softmax,
 and everything else (elementwise ops, copies, layer norms, the optimizer, autograd bookkeeping).
 
@@ -24,7 +24,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from app.training import train_step  # noqa: E402
+from app.engine.training import train_step  # noqa: E402
 from bench.step_ablation import VARIANTS, prepare_steps  # noqa: E402
 
 FULL_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "boolq"

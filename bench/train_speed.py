@@ -33,12 +33,12 @@ if str(REPO_ROOT) not in sys.path:  # run as `python bench/train_speed.py`, impo
 import torch  # noqa: E402
 from transformers import AutoModelForSequenceClassification, BertConfig  # noqa: E402
 
-from app.data import load_boolq, split_train_dev  # noqa: E402
-from app.encoding import encode, length_grouped_batches  # noqa: E402
-from app.modeling import bf16_supported, load_classifier, load_tokenizer  # noqa: E402
+from app.engine.data import load_boolq, split_train_dev  # noqa: E402
+from app.engine.encoding import encode, length_grouped_batches  # noqa: E402
+from app.engine.modeling import bf16_supported, load_classifier, load_tokenizer  # noqa: E402
+from app.engine.training import configure_torch, fine_tune, keep_freed_memory_in_heap  # noqa: E402
 from app.params import TrainParams  # noqa: E402
 from app.tracking import NullTracker  # noqa: E402
-from app.training import configure_torch, fine_tune, keep_freed_memory_in_heap  # noqa: E402
 from bench.trainer_peer import train_with_trainer  # noqa: E402
 from bench.tutorial_loop import encode_padded, seed_everything, train_tutorial  # noqa: E402
 

@@ -25,7 +25,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from app.data import BoolQExample
+from app.engine.data import BoolQExample
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, TensorDataset
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from app.data import BoolQExample
+from app.engine.data import BoolQExample
 
 
 @dataclass(frozen=True)

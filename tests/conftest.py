@@ -41,7 +41,7 @@ def sample_data_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """One real fine-tuning run of minilm, shared by the tests that read its outputs."""
-    from app.training import train_and_evaluate
+    from app.engine.training import train_and_evaluate
 
     progress = []
     result = train_and_evaluate(

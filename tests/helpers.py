@@ -41,7 +41,7 @@ LONG_JOB = dict(model="minilm", train_limit=400, eval_limit=8, max_length=64, ep
 
 def mixed_length_pairs(n_long: int = 6) -> list[tuple[str, str]]:
     """BoolQ validation pairs (long passages) interleaved with one-line ones, so length order is not input order."""
-    from app.data import load_boolq
+    from app.engine.data import load_boolq
 
     long = [(row.question, row.passage) for row in load_boolq(SAMPLE_DATA_DIR).val[:n_long]]
     short = [("is it", "It is."), ("is water wet", "Water makes things wet."), ("is fire cold", "Fire is hot.")]

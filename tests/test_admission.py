@@ -54,7 +54,7 @@ def test_each_client_has_its_own_cap_and_regains_room_when_a_job_ends(redis_url,
 
 
 def test_clients_are_told_apart_by_bearer_token_before_address(redis_url, tmp_path):
-    from app.admission import client_key
+    from app.service.admission import client_key
 
     assert client_key("secret", "10.0.0.1") == client_key("secret", "10.0.0.2")
     assert client_key("", "10.0.0.1") != client_key("", "10.0.0.2")
@@ -71,7 +71,7 @@ def test_a_job_over_the_token_budget_is_422_naming_the_fields(redis_url, tmp_pat
 
 
 def test_the_default_budget_admits_ten_epochs_of_full_boolq_at_512(redis_url, tmp_path):
-    from app.admission import HUB_TRAIN_ROWS
+    from app.service.admission import HUB_TRAIN_ROWS
 
     client = client_for(redis_url, tmp_path, data_dir="hub")
     assert submit(client, epochs=10, max_length=512, train_limit=None).status_code == 202
@@ -152,7 +152,7 @@ def test_hostile_json_bodies_get_a_4xx_never_a_500(redis_url, tmp_path, body):
     ],
 )
 def test_job_errors_and_tracking_links_name_files_never_where_they_live(text, shown):
-    from app.redaction import without_server_paths
+    from app.service.redaction import without_server_paths
 
     assert without_server_paths({"error": {"message": text}, "n": [text, 1]}) == {
         "error": {"message": shown},

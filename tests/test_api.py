@@ -281,6 +281,8 @@ def test_the_api_imports_no_torch():
     import subprocess
     import sys
 
-    probe = "import sys, app.api, app.jobs; print(sorted({'torch', 'sklearn', 'transformers'} & set(sys.modules)))"
+    probe = (
+        "import sys, app.api, app.service.jobs; print(sorted({'torch', 'sklearn', 'transformers'} & set(sys.modules)))"
+    )
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]"

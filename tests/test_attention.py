@@ -4,8 +4,8 @@ recipe's probability and scaling, reproducible from torch's seed."""
 import pytest
 import torch
 
-from app.attention import drop_mask, dropout, use_cheap_cpu_attention
-from app.modeling import compute_last_layer_for_first_token_only
+from app.engine.attention import drop_mask, dropout, use_cheap_cpu_attention
+from app.engine.modeling import compute_last_layer_for_first_token_only
 from tests.helpers import tiny_bert
 
 
@@ -73,7 +73,7 @@ def test_masks_differ_between_calls_but_not_between_equal_seeds():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_dropout_path_computes_dropout_of_the_softmax_times_values(monkeypatch, dtype):
-    import app.attention
+    import app.engine.attention
 
     torch.manual_seed(0)
     p = 0.25
@@ -83,8 +83,8 @@ def test_the_dropout_path_computes_dropout_of_the_softmax_times_values(monkeypat
     mask = torch.ones(2, 1, 5, 5, dtype=torch.bool)
     mask[1, :, :, 3:] = False  # the second row's last two positions are padding
     dropped = torch.rand(2, 4, 5, 5) < p
-    monkeypatch.setattr(app.attention, "drop_mask", lambda shape, rate: dropped)
-    out = app.attention.attend(attention, q, k, v, mask)
+    monkeypatch.setattr(app.engine.attention, "drop_mask", lambda shape, rate: dropped)
+    out = app.engine.attention.attend(attention, q, k, v, mask)
     scores = (q.float() @ k.float().transpose(-1, -2)) * attention.scaling
     probabilities = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
     expected = (probabilities.masked_fill(dropped, 0) / (1 - p)) @ v.float()

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from app.api import create_app
-from app.batching import MicroBatcher
-from app.data import load_boolq
-from app.predict import Predictor
+from app.engine.data import load_boolq
+from app.service.batching import MicroBatcher
+from app.service.predict import Predictor
 from tests.helpers import mixed_length_pairs, padding_per_forward_pass, service_settings
 
 CALLERS = 8

@@ -15,10 +15,11 @@ from markupsafe import escape as html_escape
 from rq.job import JobStatus
 from rq.results import Result
 
-from app import jobs, run_folder
 from app.api import create_app
-from app.data import read_jsonl
+from app.engine import run_folder
+from app.engine.data import read_jsonl
 from app.params import TrainParams
+from app.service import jobs
 from tests.helpers import TINY_JOB, service_settings
 
 JOBS_STORED = 2000
@@ -159,7 +160,8 @@ def test_the_console_loads_no_torch_nor_scikit_learn():
     import sys
 
     probe = (
-        "import sys, app.api.console, app.data; print(sorted({'torch', 'sklearn', 'transformers'} & set(sys.modules)))"
+        "import sys, app.api.console, app.service.predictions; "
+        "print(sorted({'torch', 'sklearn', 'transformers'} & set(sys.modules)))"
     )
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]"

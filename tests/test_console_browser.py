@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 import pytest
 import requests
 
-from app.stack import free_ports
+from app.ops.stack import free_ports
 from tests.helpers import LONG_JOB, REPO_ROOT, wait_for_state
 
 expect = pytest.importorskip("playwright.sync_api", reason="pip install -r requirements-dev.txt").expect

@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from app.data import DataError, load_boolq, read_jsonl, split_train_dev
+from app.engine.data import DataError, load_boolq, read_jsonl, split_train_dev
 from tests.helpers import FULL_DATA_DIR, write_jsonl
 
 

@@ -20,8 +20,8 @@ import pytest
 import requests
 import yaml
 
-from app.nginx_config import COMPOSE_CONF_PATH, compose_layout, native_layout, render_nginx_conf
-from app.stack import find_binary, free_ports
+from app.ops.nginx_config import COMPOSE_CONF_PATH, compose_layout, native_layout, render_nginx_conf
+from app.ops.stack import find_binary, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -102,7 +102,7 @@ def test_compose_profiles_add_gpu_worker_and_mlflow():
 
 def test_committed_nginx_conf_is_the_compose_rendering_of_the_template():
     assert COMPOSE_CONF_PATH.read_text() == render_nginx_conf(compose_layout()), (
-        "nginx/nginx.conf is stale: run `python -m app.nginx_config`"
+        "nginx/nginx.conf is stale: run `python -m app.ops.nginx_config`"
     )
 
 

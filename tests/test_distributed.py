@@ -27,7 +27,7 @@ def tiny_bert(tmp_path_factory) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from app.model_names import minilm_path
+    from app.engine.model_names import minilm_path
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
@@ -132,7 +132,7 @@ def test_a_failing_rank_fails_the_command(tmp_path):
 
 
 def test_share_of_batch_gives_each_rank_a_slice_weighted_to_the_whole_batch_mean(monkeypatch):
-    from app import distributed
+    from app.engine import distributed
 
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
     shares = []

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from app.stack import free_ports
+from app.ops.stack import free_ports
 from tests.helpers import wait_for_state
 
 ROOT = Path(__file__).resolve().parent.parent

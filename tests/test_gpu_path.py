@@ -5,10 +5,10 @@ import random
 
 import torch
 
-from app.encoding import Encoded, collate, device_batches, to_device
+from app.engine.encoding import Encoded, collate, device_batches, to_device
+from app.engine.training import PendingLosses, fine_tune
 from app.params import TrainParams
 from app.tracking import NullTracker
-from app.training import PendingLosses, fine_tune
 from tests.helpers import tiny_bert
 
 

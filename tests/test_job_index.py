@@ -12,9 +12,9 @@ import time
 import pytest
 from rq.job import JobStatus
 
-from app import jobs
 from app.api import create_app
 from app.params import TrainParams
+from app.service import jobs
 from tests.helpers import TINY_JOB, service_settings
 
 MANY = 2000

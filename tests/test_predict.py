@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from app import predict
-from app.encoding import padding_bounded_batches, padding_share
-from app.predict import Predictor, token_chunks
+from app.engine.encoding import padding_bounded_batches, padding_share
+from app.service import predict
+from app.service.predict import Predictor, token_chunks
 from tests.helpers import mixed_length_pairs, padding_per_forward_pass
 
 MAX_PADDING = 0.1

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from app.stack import free_ports
+from app.ops.stack import free_ports
 from tests.helpers import REPO_ROOT, service_settings, settings_env, wait_for_state
 
 README = REPO_ROOT / "README.md"

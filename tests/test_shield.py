@@ -15,8 +15,8 @@ import time
 import pytest
 import requests
 
-from app.nginx_config import native_layout, render_nginx_conf
-from app.stack import find_binary, free_ports
+from app.ops.nginx_config import native_layout, render_nginx_conf
+from app.ops.stack import find_binary, free_ports
 from tests.helpers import service_settings, wait_for
 
 

@@ -15,7 +15,7 @@ import time
 import pytest
 import requests
 
-from app.stack import free_ports
+from app.ops.stack import free_ports
 from tests.helpers import LONG_JOB
 from tests.test_e2e import ROOT, TINY_JOB, wait_for_state
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import shutil
 import time
 
-from app.stack import Child
-from app.supervisor import RestartPolicy, Supervisor
+from app.ops.stack import Child
+from app.ops.supervisor import RestartPolicy, Supervisor
 
 
 class Clock:

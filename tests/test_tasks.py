@@ -12,10 +12,10 @@ import torch
 
 from app.api import create_app
 from app.config import SAMPLE_DATA_DIR
+from app.engine.run_folder import Progress
+from app.engine.training import train_and_evaluate
 from app.params import TrainParams
-from app.run_folder import Progress
-from app.tasks import CURVE_POINTS, ProgressReporter
-from app.training import train_and_evaluate
+from app.service.tasks import CURVE_POINTS, ProgressReporter
 from tests.helpers import RESUMABLE, service_settings, wait_for, work_horse_pids
 
 

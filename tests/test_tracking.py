@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from app.config import Settings
-from app.model_names import ModelNotAvailable
+from app.engine.model_names import ModelNotAvailable
+from app.engine.training import train_and_evaluate
 from app.params import TrainParams
 from app.tracking import CompositeTracker, NullTracker, make_tracker, parse_tracker_names
-from app.training import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(model="minilm", batch_size=8, lr=1e-4, epochs=2, max_length=32, train_limit=24, eval_limit=8, seed=7)
@@ -152,7 +152,7 @@ def test_mlflow_metric_history_has_loss_per_step_and_dev_accuracy_per_epoch(mlfl
 
 def test_mlflow_run_logs_the_data_splits_as_inputs_with_digests(mlflow_cli_run):
     from app.config import SAMPLE_DATA_DIR
-    from app.data import digest, load_boolq
+    from app.engine.data import digest, load_boolq
 
     result, out = mlflow_cli_run
     run = mlflow_client(out).get_run(result["tracking"]["mlflow"]["mlflow_run_id"])
@@ -185,7 +185,7 @@ def test_mlflow_artifacts_hold_predictions_metrics_and_confusion_matrix_without_
 def test_registered_model_version_has_metric_tags_and_loads_for_prediction(mlflow_cli_run, tmp_path, monkeypatch):
     from mlflow.artifacts import download_artifacts
 
-    from app.predict import Predictor
+    from app.service.predict import Predictor
 
     result, out = mlflow_cli_run
     client = mlflow_client(out)

@@ -12,12 +12,12 @@ from transformers import (
     DistilBertForSequenceClassification,
 )
 
-from app.encoding import Encoded, collate, length_grouped_batches
-from app.model_names import ModelNotAvailable, resolve_model
-from app.modeling import DeviceNotAvailable, compute_last_layer_for_first_token_only, resolve_device
+from app.engine.encoding import Encoded, collate, length_grouped_batches
+from app.engine.model_names import ModelNotAvailable, resolve_model
+from app.engine.modeling import DeviceNotAvailable, compute_last_layer_for_first_token_only, resolve_device
+from app.engine.training import train_and_evaluate
 from app.params import TrainParams
-from app.predict import Predictor
-from app.training import train_and_evaluate
+from app.service.predict import Predictor
 from tests.helpers import RESUMABLE, TINY_PARAMS, tiny_bert
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +71,7 @@ def test_save_and_predict_round_trip(tiny_run):
     predictor = Predictor(result.run_dir)
     rows = [json.loads(line) for line in (Path(result.run_dir) / "predictions.jsonl").read_text().splitlines()]
     from app.config import SAMPLE_DATA_DIR
-    from app.data import load_boolq
+    from app.engine.data import load_boolq
 
     val = load_boolq(SAMPLE_DATA_DIR).val[:3]
     answers = predictor.predict([(e.question, e.passage) for e in val])
@@ -82,10 +82,10 @@ def test_save_and_predict_round_trip(tiny_run):
 
 @pytest.mark.slow
 def test_keep_best_epoch_ends_with_the_weights_of_the_best_dev_epoch(tmp_path):
-    from app.data import load_boolq, split_train_dev
-    from app.encoding import encode
-    from app.evaluation import predict_probabilities
-    from app.modeling import load_tokenizer
+    from app.engine.data import load_boolq, split_train_dev
+    from app.engine.encoding import encode
+    from app.engine.evaluation import predict_probabilities
+    from app.engine.modeling import load_tokenizer
 
     params = TrainParams(**{**TINY_PARAMS, "epochs": 3, "dev_size": 0.25, "keep_best_epoch": True})
     result = train_and_evaluate(params, _sample(), tmp_path)
@@ -197,7 +197,7 @@ def test_first_token_only_leaves_other_architectures_alone():
 
 FAULTS_PER_STEP = """
 import resource, statistics, sys, torch
-from app.training import keep_freed_memory_in_heap
+from app.engine.training import keep_freed_memory_in_heap
 
 applied = keep_freed_memory_in_heap() if sys.argv[1] == "tuned" else None
 x, w = torch.randn(16, 512, 384), torch.randn(384, 1536)
@@ -256,7 +256,7 @@ def test_missing_local_model_folder_is_reported(tmp_path):
 
 
 def test_a_run_that_predicts_only_the_majority_class_is_flagged_as_learning_nothing():
-    from app.evaluation import classification_metrics
+    from app.engine.evaluation import classification_metrics
 
     labels = [1, 1, 1, 0]
     majority = classification_metrics(labels, [1, 1, 1, 1])

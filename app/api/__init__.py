@@ -14,12 +14,12 @@ from app.config import Settings
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the app from ``settings`` (default: the environment). Connects lazily: nothing blocks here."""
-    from app.admission import Admission
     from app.api import console, health, jobs, models, openapi, predict, sweeps
     from app.api.context import Service
     from app.api.errors import register_error_handlers
     from app.api.metrics import ServiceMetrics
-    from app.jobs import connect_redis, training_queue
+    from app.service.admission import Admission
+    from app.service.jobs import connect_redis, training_queue
 
     settings = settings or Settings()
     app = Flask(__name__)

@@ -15,14 +15,14 @@ from typing import Literal
 from flask import Blueprint, jsonify, render_template, request, url_for
 from pydantic import Field, field_validator
 
-from app import data, jobs, run_folder
 from app.api.auth import require_token
 from app.api.body import parse
 from app.api.context import current_service
-from app.api.errors import ApiError
-from app.api.jobs import find_job
+from app.api.jobs import find_job, succeeded_job_predictions
 from app.api.schemas import Strict
 from app.params import TrainParams
+from app.service import jobs
+from app.service.predictions import val_examples_by_idx
 
 APP_DIR = Path(__file__).resolve().parent.parent
 bp = Blueprint(
@@ -241,12 +241,7 @@ def job_live(job_id: str):
 def job_predictions(job_id: str):
     """A page of the job's val predictions with each question and a passage excerpt; optionally wrong only."""
     query = parse(ConsolePredictionsQuery, request.args.to_dict(), where="query")
-    job = find_job(job_id)
-    if jobs.public_status(job) != "succeeded":
-        raise ApiError(409, f"job {job_id} is {jobs.public_status(job)}; predictions exist once it has succeeded")
-    rows = run_folder.read_predictions(current_service().settings.artifacts_dir / job_id)
-    if rows is None:
-        raise ApiError(404, f"the run folder of job {job_id} has no predictions (was it deleted?)")
+    rows = succeeded_job_predictions(job_id)
     rows = [r for r in rows if not query.wrong_only or r["label"] != r["prediction"]]
     start = (query.page - 1) * query.per_page
     texts = val_texts()
@@ -274,18 +269,8 @@ def excerpt(text: str, limit: int = PASSAGE_EXCERPT) -> str:
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
-def val_texts() -> dict[int, data.BoolQExample]:
-    """The val examples by idx from ``DATA_DIR`` (as the workers read it); empty for the hub or a missing folder."""
-    path = Path(current_service().settings.data_dir) / "val.jsonl"
-    try:
-        return val_examples(path, path.stat().st_mtime)
-    except (OSError, data.DataError):
-        return {}
-
-
-@functools.lru_cache(maxsize=2)
-def val_examples(path: Path, _mtime: float) -> dict[int, data.BoolQExample]:
-    return {example.idx: example for example in data.read_jsonl(path)}
+def val_texts() -> dict:
+    return val_examples_by_idx(current_service().settings)
 
 
 @bp.get("/console/sweeps")

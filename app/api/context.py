@@ -17,7 +17,7 @@ class Service:
     queue: Queue
     predictors: object  # app.api.predict.PredictorCache
     metrics: object  # app.api.metrics.ServiceMetrics
-    admission: object  # app.admission.Admission
+    admission: object  # app.service.admission.Admission
     # One slot per allowed concurrent POST /train?wait=true in this process (MAX_WAITERS).
     waiters: threading.BoundedSemaphore
 

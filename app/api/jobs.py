@@ -6,16 +6,17 @@ import re
 
 from flask import Blueprint, jsonify, request, url_for
 
-from app import jobs, run_folder
-from app.admission import RETRY_AFTER_S, Refused, check_cost, client_key
 from app.api.auth import bearer_token, require_token, require_token_for_reads
 from app.api.body import json_object, parse
 from app.api.context import current_service
 from app.api.errors import ApiError
 from app.api.schemas import JobsQuery, TrainQuery
-from app.model_access import ModelNotAllowed, loadable_here, model_for_training
 from app.params import TrainParams
-from app.redaction import without_server_paths
+from app.service import jobs
+from app.service import predictions as predictions_of
+from app.service.admission import RETRY_AFTER_S, Refused, check_cost, client_key
+from app.service.model_access import ModelNotAllowed, loadable_here, model_for_training
+from app.service.redaction import without_server_paths
 
 bp = Blueprint("jobs", __name__)
 
@@ -131,14 +132,17 @@ def cancel(job_id: str):
 @bp.get(f"/jobs/{JOB_ID}/predictions")
 @require_token_for_reads
 def predictions(job_id: str):
-    job = find_job(job_id)
-    status = jobs.public_status(job)
-    if status != "succeeded":
-        raise ApiError(409, f"job {job_id} is {status}; predictions exist once it has succeeded")
-    rows = run_folder.read_predictions(current_service().settings.artifacts_dir / job_id)
-    if rows is None:
-        raise ApiError(404, f"the run folder of job {job_id} has no predictions (was it deleted?)")
-    return jsonify(job_id=job_id, predictions=list(rows))
+    return jsonify(job_id=job_id, predictions=succeeded_job_predictions(job_id))
+
+
+def succeeded_job_predictions(job_id: str) -> list[dict]:
+    """The job's val predictions: 409 until it has succeeded, 404 if its run folder lost them."""
+    try:
+        return predictions_of.read_job_predictions(find_job(job_id), current_service().settings)
+    except predictions_of.PredictionsNotReady as exc:
+        raise ApiError(409, str(exc)) from exc
+    except predictions_of.PredictionsMissing as exc:
+        raise ApiError(404, str(exc)) from exc
 
 
 def find_job(job_id: str):

@@ -15,7 +15,7 @@ from prometheus_client.core import GaugeMetricFamily
 from redis.exceptions import RedisError
 from rq import Queue
 
-from app import jobs
+from app.service import jobs
 
 log = logging.getLogger(__name__)
 

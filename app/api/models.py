@@ -6,13 +6,13 @@ import functools
 
 from flask import Blueprint, jsonify
 
-from app import registry
 from app.api.auth import require_token
 from app.api.body import json_object, parse
 from app.api.context import current_service
 from app.api.errors import ApiError
 from app.api.schemas import PromoteRequest
 from app.config import Settings
+from app.service import registry
 
 bp = Blueprint("models", __name__)
 

@@ -7,7 +7,7 @@ from pydantic.json_schema import models_json_schema
 
 from app.api import schemas
 from app.params import TrainParams
-from app.sweeps import SweepRequest
+from app.service.sweeps import SweepRequest
 
 bp = Blueprint("openapi", __name__)
 

@@ -12,15 +12,15 @@ from pathlib import Path
 
 from flask import Blueprint, jsonify, request
 
-from app import jobs
 from app.api.auth import require_token
 from app.api.body import json_object, parse
 from app.api.context import current_service
 from app.api.errors import ApiError
 from app.api.schemas import PredictBatch, PredictOne
-from app.batching import MicroBatcher
-from app.model_access import ModelNotAllowed, fine_tuned_model
-from app.registry import CHAMPION, read_champion_pointer
+from app.service import jobs
+from app.service.batching import MicroBatcher
+from app.service.model_access import ModelNotAllowed, fine_tuned_model
+from app.service.registry import CHAMPION, read_champion_pointer
 
 bp = Blueprint("predict", __name__)
 log = logging.getLogger(__name__)
@@ -70,14 +70,9 @@ class PredictorCache:
         return model.predict_fn.__self__ if isinstance(model, MicroBatcher) else model
 
     def load(self, folder: Path):
-        import torch
+        from app.service.predict import load_predictor
 
-        from app.predict import Predictor
-
-        if self.num_threads > 0:
-            # On a busy machine, a forward pass split over more threads than free cores waits at every op.
-            torch.set_num_threads(self.num_threads)
-        predictor = Predictor(folder) if self.max_padding is None else Predictor(folder, self.max_padding)
+        predictor = load_predictor(folder, self.max_padding, self.num_threads)
         if self.max_batch <= 1:
             return predictor
         return MicroBatcher(predictor.predict, self.max_batch, self.wait_s, on_batch=self.on_batch)
@@ -98,7 +93,7 @@ def predict():
 
 def bounded_answers(folder: Path, pairs: list[tuple[str, str]]) -> list:
     """Answers within PREDICT_MAX_TOKENS (422 above) and PREDICT_TIMEOUT_S (503 after; the work stops too)."""
-    from app.predict import PredictionStopped, TooManyTokens
+    from app.service.predict import PredictionStopped, TooManyTokens
 
     service = current_service()
     settings = service.settings

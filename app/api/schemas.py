@@ -6,8 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
-from app.registry import ModelVersion
-from app.run_folder import Progress
+from app.service.jobs import Progress
+from app.service.registry import ModelVersion
 
 MAX_ITEMS = 256
 Text = Annotated[str, Field(min_length=1, max_length=20_000)]

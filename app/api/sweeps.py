@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, request, url_for
 
-from app import jobs, sweeps
 from app.api.auth import require_token
 from app.api.body import json_object, parse
 from app.api.context import current_service
 from app.api.errors import ApiError
 from app.api.jobs import JOB_ID_PATTERN
 from app.api.schemas import JobsQuery
+from app.service import jobs, sweeps
 
 bp = Blueprint("sweeps", __name__)
 

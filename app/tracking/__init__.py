@@ -7,6 +7,7 @@ fail a training run: the failing backend is switched off, a warning is logged an
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 from collections.abc import Callable, Iterator
@@ -20,6 +21,17 @@ KNOWN_TRACKERS = ("mlflow", "neptune", "none")
 # Longest tracker error kept in a job result (MLflow server errors can carry whole HTML pages).
 MAX_ERROR_CHARS = 500
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def version_tags(job_id: str, params: dict, metrics: dict) -> dict[str, str]:
+    """The tags a registered version carries: job id, params, dev accuracy (of the kept epoch), val accuracy."""
+    dev = metrics["dev_accuracy_per_epoch"][metrics["kept_epoch"] - 1]
+    return {
+        "job_id": job_id,
+        "params": json.dumps(params, sort_keys=True),
+        "dev_accuracy": str(dev),
+        "val_accuracy": str(metrics["accuracy"]),
+    }
 
 
 class Tracker(Protocol):

@@ -1,4 +1,4 @@
-"""Gunicorn configuration for ``python -m app serve`` (``gunicorn -c app/gunicorn_conf.py 'app.api:create_app()'``).
+"""Gunicorn configuration for ``python -m app serve`` (``gunicorn -c app/ops/gunicorn_conf.py 'app.api:create_app()'``).
 
 Threaded workers, so a ``POST /train?wait=true`` holds one thread, not a whole process; the timeout is
 above the longest allowed wait. Command-line options (``--bind``, ``--workers``) override these values.

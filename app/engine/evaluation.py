@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from app.encoding import Encoded, collate, padding_bounded_batches
-from app.modeling import autocast, device_of
+from app.engine.encoding import Encoded, collate, padding_bounded_batches
+from app.engine.modeling import autocast, device_of
 
 EVAL_BATCH_SIZE = 64
 # A run "learned nothing" when its accuracy is within this of always answering the majority class.

@@ -4,7 +4,7 @@ redis-server, N API replicas (``python -m app serve``), M RQ workers (``python -
 front of the replicas, all children of this one command. Each child runs in its own process group, so a
 Ctrl-C reaches only the stack, which then stops nginx, the replicas and workers, and Redis last, and makes
 sure no process of any group is left. While it runs, a child that dies is restarted with backoff
-(``app/supervisor.py``); Redis on the same append-only file, the replicas answering 503 meanwhile.
+(``app/ops/supervisor.py``); Redis on the same append-only file, the replicas answering 503 meanwhile.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import requests
 from rq import Worker
 
 from app.config import PROJECT_ROOT, Settings, environment_with
-from app.nginx_config import native_layout, render_nginx_conf
-from app.supervisor import Supervisor
+from app.ops.nginx_config import native_layout, render_nginx_conf
+from app.ops.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from app.config import Settings
+from app.tracking import version_tags
 
 CHAMPION = "champion"
 # Tag values are strings; these version tags are read back as numbers.
@@ -31,17 +32,6 @@ class RegistryOff(RuntimeError):
 
 class NotBetter(ValueError):
     """The version's val accuracy is below the champion's and ``force`` was not given."""
-
-
-def version_tags(job_id: str, params: dict, metrics: dict) -> dict[str, str]:
-    """The tags a registered version carries: job id, params, dev accuracy (of the kept epoch), val accuracy."""
-    dev = metrics["dev_accuracy_per_epoch"][metrics["kept_epoch"] - 1]
-    return {
-        "job_id": job_id,
-        "params": json.dumps(params, sort_keys=True),
-        "dev_accuracy": str(dev),
-        "val_accuracy": str(metrics["accuracy"]),
-    }
 
 
 class ModelVersion(BaseModel):
@@ -138,7 +128,7 @@ class ModelRegistry:
         self, run_dir: Path, job_id: str, params: dict, metrics: dict, mlflow_run_id: str | None
     ) -> ModelVersion:
         """Register a finished run folder's model after the fact (a sweep's best trial)."""
-        from app import run_folder
+        from app.engine import run_folder
 
         tracker = self.tracker
         tracker.client, tracker.run_id = self.client, mlflow_run_id

@@ -5,14 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from app import run_folder
 from app.config import Settings
-from app.data import BoolQExample
-from app.encoding import Encoded, encode
-from app.evaluation import predict_probabilities
-from app.modeling import compute_last_layer_for_first_token_only
+from app.engine import run_folder
+from app.engine.data import BoolQExample
+from app.engine.encoding import Encoded, encode
+from app.engine.evaluation import predict_probabilities
+from app.engine.modeling import compute_last_layer_for_first_token_only
 from app.params import TrainParams
 
 # Tokens per chunk (a few forward passes) of a large request: the granularity at which a deadline or a gone
@@ -108,3 +109,11 @@ def trained_max_length(model_folder: Path) -> int:
     default = TrainParams.model_fields["max_length"].default
     params = run_folder.read_params(model_folder.parent) or {}
     return int(params.get("max_length", default))
+
+
+def load_predictor(folder: Path, max_padding: float | None = None, num_threads: int = 0) -> Predictor:
+    """A predictor for ``folder``; ``num_threads`` > 0 caps torch's threads in this process first."""
+    if num_threads > 0:
+        # On a busy machine, a forward pass split over more threads than free cores waits at every op.
+        torch.set_num_threads(num_threads)
+    return Predictor(folder) if max_padding is None else Predictor(folder, max_padding)

@@ -16,7 +16,7 @@ from rq import Queue
 from rq.job import Job
 
 from app.config import Settings
-from app.data import HUB_SOURCE
+from app.engine.data import HUB_SOURCE
 from app.params import TrainParams
 
 # What a client is told to wait before trying again when the queue or its share is full.

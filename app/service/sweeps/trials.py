@@ -1,5 +1,5 @@
 """One sweep trial: a training run that reports dev accuracy to its Optuna trial after every epoch and stops
-when the pruner says so. ``trial_job`` is the worker's task (enqueued by name by ``app.sweeps``);
+when the pruner says so. ``trial_job`` is the worker's task (enqueued by name by ``app.service.sweeps``);
 ``run_trial`` is shared with the CLI's local sweep.
 """
 
@@ -11,15 +11,16 @@ import optuna
 from optuna.trial import TrialState
 from rq import get_current_job
 
-from app import run_folder, sweeps
 from app.config import Settings
-from app.jobs import training_queue
-from app.model_access import model_for_training
+from app.engine import run_folder
+from app.engine.run_folder import RunResult
+from app.engine.training import train_and_evaluate
 from app.params import TrainParams
-from app.run_folder import RunResult
-from app.tasks import ProgressReporter
+from app.service import sweeps
+from app.service.jobs import training_queue
+from app.service.model_access import model_for_training
+from app.service.tasks import ProgressReporter
 from app.tracking import make_tracker
-from app.training import train_and_evaluate
 
 log = logging.getLogger(__name__)
 

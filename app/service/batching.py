@@ -20,8 +20,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # importing app.predict loads torch; the API imports this module before any model is needed
-    from app.predict import Answer
+if TYPE_CHECKING:  # importing app.service.predict loads torch; the API imports this module before any model is needed
+    from app.service.predict import Answer
 
 Pair = tuple[str, str]
 

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from app.modeling import resolve_device
+from app.engine.modeling import resolve_device
 
 log = logging.getLogger(__name__)
 

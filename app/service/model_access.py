@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from app.config import Settings
-from app.model_names import MINILM_ALIAS, is_hub_id
-from app.run_folder import checkpoint_folder
+from app.engine.model_names import MINILM_ALIAS, is_hub_id
+from app.engine.run_folder import checkpoint_folder
 
 # Longest model name a request may use: a file name's limit on Linux, so no name can make a path too long.
 MAX_MODEL_NAME = 255

@@ -17,8 +17,8 @@ from transformers import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import eager_attention_forward
 
-from app.attention import attend
-from app.model_names import resolve_model
+from app.engine.attention import attend
+from app.engine.model_names import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def _first_token_layer_forward(layer, hidden_states: torch.Tensor, attention_mas
     value = attention.value(hidden_states).view(heads).transpose(1, 2)
     if attention_mask is not None and attention_mask.dim() == 4:
         attention_mask = attention_mask[:, :, :1]  # the mask's rows are query positions
-    if getattr(attention, "cheap_cpu", False):  # app.attention's dropout (the encoder uses it too)
+    if getattr(attention, "cheap_cpu", False):  # app.engine.attention's dropout (the encoder uses it too)
         context = attend(attention, query, key, value, attention_mask)
     else:
         implementation = attention.config._attn_implementation

@@ -1,4 +1,4 @@
-"""Training as RQ jobs: the queue, and a job's state as the API reports it (the task is ``app.tasks``).
+"""Training as RQ jobs: the queue, and a job's state as the API reports it (the task is ``app.service.tasks``).
 
 The lifecycle is RQ's (statuses and registries in Redis); this module only maps it to the API's
 words (queued | running | succeeded | failed | cancelled, and pruned for a sweep trial the pruner stopped).
@@ -19,15 +19,16 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from app.config import Settings
-from app.job_index import JobIndex
+from app.engine.run_folder import Progress as Progress  # the shape of a job's progress, for the API's schema
 from app.params import TrainParams
-from app.redaction import without_server_paths
+from app.service.job_index import JobIndex
+from app.service.redaction import without_server_paths
 
 log = logging.getLogger(__name__)
 
 LEARNED_NOTHING = "the model learned nothing: val accuracy is within 1 point of always answering the majority class"
 # The worker's task, by name: the web side never imports it (nor torch).
-TRAIN_TASK = "app.tasks.train_job"
+TRAIN_TASK = "app.service.tasks.train_job"
 # RQ's failure_ttl when a job sets none (one year).
 DEFAULT_FAILURE_TTL = 365 * 24 * 3600
 # API-side Redis timeouts: a dead Redis answers 503 in seconds instead of hanging a request.

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from app.data import BoolQExample
+from app.engine.data import BoolQExample
 
 # Length-grouped sampling sorts within windows of this many batches (as HF's LengthGroupedSampler).
 MEGABATCH_FACTOR = 50

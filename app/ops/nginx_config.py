@@ -1,7 +1,7 @@
 """nginx in front of the API replicas: one template, two layouts (docker-compose and the native stack).
 
 ``nginx/nginx.conf`` is the compose rendering, committed so compose can mount it; regenerate it with
-``python -m app.nginx_config`` after editing ``nginx/nginx.conf.template`` (a test checks they agree).
+``python -m app.ops.nginx_config`` after editing ``nginx/nginx.conf.template`` (a test checks they agree).
 """
 
 from __future__ import annotations

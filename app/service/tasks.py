@@ -1,4 +1,4 @@
-"""The task an RQ worker runs. The API enqueues it by name (``app.tasks.train_job``), so web processes never
+"""The task an RQ worker runs. The API enqueues it by name (``app.service.tasks.train_job``), so web processes never
 import it, nor torch; a worker anywhere imports it when it takes a job.
 """
 
@@ -16,12 +16,12 @@ from rq import get_current_job
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from app import distributed, run_folder
 from app.config import Settings, environment_with
-from app.model_access import model_for_training
+from app.engine import distributed, run_folder
+from app.engine.training import keep_freed_memory_in_heap, train_and_evaluate
 from app.params import TrainParams
+from app.service.model_access import model_for_training
 from app.tracking import make_tracker
-from app.training import keep_freed_memory_in_heap, train_and_evaluate
 
 # Progress is written to Redis at most this often (plus after every dev evaluation and the last step).
 PROGRESS_INTERVAL_S = 0.5
@@ -56,7 +56,7 @@ def train_job(params_dict: dict) -> dict:
 
 
 def train_on_ranks(job: Job, params: TrainParams, settings: Settings) -> dict:
-    """``devices`` N > 1: run the job as N ranks through torchrun (``python -m app.tasks``) and return rank 0's result.
+    """``devices`` N > 1: run the job as N torchrun ranks (``python -m app.service.tasks``); return rank 0's result.
 
     This work horse only launches and waits, so a cancel or timeout (RQ kills its process group) kills torchrun,
     and the kernel then kills the ranks (``distributed.die_with_parent``)."""
@@ -65,7 +65,7 @@ def train_on_ranks(job: Job, params: TrainParams, settings: Settings) -> dict:
     with tempfile.TemporaryDirectory(prefix="boolq-ranks-") as folder:
         result_file = Path(folder) / "result.json"
         env = environment_with(OMP_NUM_THREADS=str(threads))
-        code = distributed.run_ranks(params.devices, ["app.tasks", job.id, str(result_file)], env)
+        code = distributed.run_ranks(params.devices, ["app.service.tasks", job.id, str(result_file)], env)
         if code != 0 or not result_file.is_file():
             raise distributed.RanksFailed(
                 f"a rank of {params.devices} failed (torchrun exit code {code}); see the worker's log"
@@ -128,5 +128,5 @@ class ProgressReporter:
             loss[:] = loss[:-1:2] + loss[-1:]
 
 
-if __name__ == "__main__":  # a rank started by train_on_ranks: python -m app.tasks JOB_ID RESULT_FILE
+if __name__ == "__main__":  # a rank started by train_on_ranks: python -m app.service.tasks JOB_ID RESULT_FILE
     run_rank(*sys.argv[1:])

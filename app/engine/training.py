@@ -2,8 +2,8 @@
 
 A plain PyTorch loop (the original tutorial recipe: AdamW, linear schedule, clipping at 1.0, dev accuracy
 each epoch). Its speed comes from small helpers elsewhere: one fast-tokenizer call per split, length-grouped
-batches and dynamic padding (``app.encoding``), a fused AdamW, a last layer that computes only the [CLS]
-position the classifier reads, and bf16 autocast where the CPU/GPU does bf16 natively (``app.modeling``).
+batches and dynamic padding (``app.engine.encoding``), a fused AdamW, a last layer that computes only the [CLS]
+position the classifier reads, and bf16 autocast where the CPU/GPU does bf16 natively (``app.engine.modeling``).
 """
 
 from __future__ import annotations
@@ -21,18 +21,18 @@ import numpy as np
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from app import distributed, run_folder
-from app.attention import use_cheap_cpu_attention
-from app.data import digest, load_boolq, split_train_dev
-from app.encoding import Encoded, device_batches, encode, length_grouped_batches, to_device
-from app.evaluation import (
+from app.engine import distributed, run_folder
+from app.engine.attention import use_cheap_cpu_attention
+from app.engine.data import digest, load_boolq, split_train_dev
+from app.engine.encoding import Encoded, device_batches, encode, length_grouped_batches, to_device
+from app.engine.evaluation import (
     accuracy,
     classification_metrics,
     confusion_matrix_report,
     final_metrics,
     predict_probabilities,
 )
-from app.modeling import (
+from app.engine.modeling import (
     autocast,
     bf16_supported,
     compute_last_layer_for_first_token_only,
@@ -42,10 +42,9 @@ from app.modeling import (
     resolve_device,
     use_tf32,
 )
+from app.engine.run_folder import Progress, RunResult
 from app.params import TrainParams
-from app.registry import version_tags
-from app.run_folder import Progress, RunResult
-from app.tracking import NullTracker, Tracker, ended_on_error
+from app.tracking import NullTracker, Tracker, ended_on_error, version_tags
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,173 @@
+"""Driving a sweep over RQ: top trials up to ``parallel``, notice dead ones, register the best at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+
+from rq import Queue, Retry
+from rq.job import Job
+
+from app.config import Settings
+from app.engine import run_folder
+from app.params import TrainParams
+from app.service import jobs, registry
+from app.service.job_index import JobIndex
+from app.service.sweeps.spec import TRIAL_TASK, SweepRequest
+from app.service.sweeps.study import distributions, load_study, storage, trial_params
+
+log = logging.getLogger(__name__)
+
+
+def create_sweep(request: SweepRequest, base: TrainParams, settings: Settings, queue: Queue | None) -> str:
+    """Create the study (its spec in user attributes) and, with a queue, start its first trials."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sweep_id = str(uuid.uuid4())
+    study = optuna.create_study(study_name=sweep_id, storage=storage(settings), direction="maximize")
+    spec = request.model_dump(mode="json", exclude_none=True) | {"base": base.model_dump()}
+    study.set_user_attr("spec", spec)
+    study.set_user_attr("created_at", time.time())
+    if queue is not None:
+        advance(settings, queue, sweep_id)
+    return sweep_id
+
+
+def advance(settings: Settings, queue: Queue, sweep_id: str) -> None:
+    """Reconcile trials whose job died, start trials up to ``parallel``, finish the sweep when all have ended."""
+    from optuna.trial import TrialState
+
+    with queue.connection.lock(f"boolq:{settings.queue_name}:sweep-lock:{sweep_id}", timeout=120):
+        study = load_study(settings, sweep_id, telling=True)
+        spec, attrs = study.user_attrs["spec"], study.user_attrs
+        if attrs.get("ended_at"):
+            return
+        trials = study.get_trials(deepcopy=False)
+        for trial in trials:
+            if trial.state == TrialState.RUNNING:
+                status = trial_job_status(queue, trial.user_attrs.get("job_id"))
+                if status in ("failed", "cancelled"):
+                    end_trial(study, trial.number, TrialState.FAIL, outcome=status)
+        trials = study.get_trials(deepcopy=False)
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        asked = len(trials)
+        while not attrs.get("cancelled") and running < spec["parallel"] and asked < spec["trials"]:
+            start_trial(settings, queue, sweep_id, asked)
+            running, asked = running + 1, asked + 1
+        if running == 0 and (asked >= spec["trials"] or attrs.get("cancelled")):
+            finish(settings, queue, sweep_id)
+
+
+def start_trial(settings: Settings, queue: Queue, sweep_id: str, asked: int) -> Job:
+    study = load_study(settings, sweep_id, asked)
+    spec = study.user_attrs["spec"]
+    trial = study.ask(fixed_distributions=distributions(spec["space"]))
+    job_id = str(uuid.uuid4())
+    trial.set_user_attr("job_id", job_id)
+    job = queue.enqueue(
+        TRIAL_TASK,
+        trial_params(spec, trial.params),
+        sweep_id,
+        trial.number,
+        job_id=job_id,
+        job_timeout=settings.job_timeout,
+        result_ttl=settings.result_ttl,
+        failure_ttl=settings.result_ttl,
+        retry=Retry(max=settings.job_retries) if settings.job_retries > 0 else None,
+        meta={"progress": None, "sweep": {"sweep_id": sweep_id, "trial": trial.number}},
+        description=f"sweep {sweep_id} trial {trial.number}",
+    )
+    JobIndex(queue).add(job)  # a trial is a job like any other: listed in GET /jobs
+    return job
+
+
+def trial_job_status(queue: Queue, job_id: str | None) -> str:
+    try:
+        return jobs.public_status(jobs.fetch_job(queue, job_id)) if job_id else "failed"
+    except jobs.JobNotFound:
+        return "failed"
+
+
+def end_trial(study, number: int, state, value: float | None = None, outcome: str | None = None, **attrs) -> bool:
+    """Tell Optuna how a trial ended (once; False if it had already been told) and record what goes with it."""
+    from optuna.trial import TrialState
+
+    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+    for key, item in (attrs | ({"outcome": outcome} if outcome else {})).items():
+        study._storage.set_trial_user_attr(trial_id, key, item)
+    try:
+        study.tell(number, state=state, values=value if state == TrialState.COMPLETE else None)
+    except (RuntimeError, ValueError):  # already ended (cancelled by the API while its job was finishing)
+        return False
+    return True
+
+
+def finish(settings: Settings, queue: Queue | None, sweep_id: str) -> None:
+    """Mark the sweep ended; unless cancelled, register its best trial (by dev accuracy) and maybe promote it."""
+    conclude(load_study(settings, sweep_id, telling=True), settings, queue)
+
+
+def conclude(study, settings: Settings, queue: Queue | None) -> None:
+    spec, attrs = study.user_attrs["spec"], study.user_attrs
+    if not attrs.get("cancelled"):
+        best = best_trial(study)
+        if best is not None:
+            try:
+                study.set_user_attr("registration", register_best(settings, queue, best, spec))
+            except registry.RegistryOff:
+                pass  # no MLflow tracker, no registry: the leaderboard still names the best trial
+            except Exception as exc:  # the sweep must still end; the failure is shown in its view
+                log.exception("sweep %s: registering the best trial failed", study.study_name)
+                study.set_user_attr("registration", {"version": None, "promoted": False, "reason": str(exc)[:500]})
+    study.set_user_attr("ended_at", time.time())
+
+
+def register_best(settings: Settings, queue: Queue | None, best, spec: dict) -> dict:
+    """Register the best trial's model, promote it if asked; what happened, for the sweep's view."""
+    models = registry.ModelRegistry(settings)
+    job_id = best.user_attrs["job_id"]
+    run_dir = settings.artifacts_dir / job_id
+    metrics = run_folder.read_metrics(run_dir)
+    if metrics is None:
+        return {"version": None, "promoted": False, "reason": f"the run folder of job {job_id} has no metrics"}
+    version = models.register(
+        run_dir, job_id, run_folder.read_params(run_dir), metrics, best.user_attrs.get("mlflow_run_id")
+    )
+    outcome = {"version": version.version, "job_id": job_id, "promoted": False, "reason": None}
+    if spec["promote"]:
+        try:
+            champion = models.promote(version)
+            if queue is not None:
+                registry.write_champion_pointer(queue.connection, settings, champion)
+            outcome["promoted"] = True
+        except registry.NotBetter as exc:
+            outcome["reason"] = str(exc)
+    return outcome
+
+
+def best_trial(study):
+    """The completed trial with the highest dev accuracy (the earliest among equals); val plays no part."""
+    from optuna.trial import TrialState
+
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    return max(done, key=lambda t: (t.value, -t.number), default=None)
+
+
+def cancel_sweep(settings: Settings, queue: Queue, sweep_id: str) -> None:
+    """Stop starting trials, cancel the queued and running ones, and end the sweep (nothing is registered)."""
+    from optuna.trial import TrialState
+
+    with queue.connection.lock(f"boolq:{settings.queue_name}:sweep-lock:{sweep_id}", timeout=120):
+        study = load_study(settings, sweep_id, telling=True)
+        if study.user_attrs.get("ended_at"):
+            raise jobs.JobAlreadyFinished(f"sweep {sweep_id} has already ended")
+        study.set_user_attr("cancelled", True)
+        for trial in study.get_trials(deepcopy=False):
+            if trial.state == TrialState.RUNNING:
+                with contextlib.suppress(jobs.JobNotFound, jobs.JobAlreadyFinished):
+                    jobs.cancel_training(queue, jobs.fetch_job(queue, trial.user_attrs["job_id"]))
+                end_trial(study, trial.number, TrialState.FAIL, outcome="cancelled")
+        finish(settings, queue, sweep_id)

@@ -1,0 +1,201 @@
+"""What a sweep request may ask for: the search space, its rules, and the compute budget it must fit."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    Tag,
+    ValidationError,
+    model_validator,
+)
+
+from app.config import Settings
+from app.params import TrainParams
+from app.service.model_access import ModelNotAllowed, model_for_training
+
+TRIAL_TASK = "app.service.sweeps.trials.trial_job"
+# BoolQ's train split, for the compute budget when DATA_DIR is the hub.
+BOOLQ_TRAIN_ROWS = 9427
+# The median pruner compares a trial with the trials before it only once this many have finished.
+MEDIAN_STARTUP_TRIALS = 2
+Number = StrictFloat | StrictInt
+# Trials run in one process each (a sweep spreads over workers instead), so `devices` is not searched either.
+SearchableFields = tuple(name for name in TrainParams.model_fields if name not in ("register", "devices"))
+
+
+class SweepError(ValueError):
+    """A sweep request breaks a rule; ``fields`` maps each offending field to its rule."""
+
+    def __init__(self, fields: dict[str, str]):
+        super().__init__("; ".join(f"{k}: {v}" for k, v in fields.items()))
+        self.fields = fields
+
+
+class SweepNotFound(LookupError):
+    pass
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Range(Strict):
+    """A numeric range: uniform, ``log``-uniform, or on a grid of ``step``."""
+
+    low: Number
+    high: Number
+    log: StrictBool = False
+    step: Number | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def ordered(self):
+        if self.low > self.high:
+            raise ValueError("low must not exceed high")
+        if self.log and self.step is not None:
+            raise ValueError("log and step cannot be combined")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+
+Choices = Annotated[list[Any], Field(min_length=1, max_length=100)]
+# A list is choices and anything else a range, so an error names that one rule, not both union members'.
+# The tags are spelt like pydantic's own union labels ("list[...]"), which error messages leave out of field names.
+SpaceEntry = Annotated[
+    Annotated[Choices, Tag("list[choices]")] | Annotated[Range, Tag("dict[range]")],
+    Discriminator(lambda v: "list[choices]" if isinstance(v, list) else "dict[range]"),
+]
+
+
+class Threshold(Strict):
+    """Prune a trial as soon as its dev accuracy after an epoch is below ``threshold``."""
+
+    threshold: Annotated[Number, Field(ge=0, le=1)]
+
+
+class SweepRequest(Strict):
+    """``POST /sweeps`` (and the CLI's ``--space`` file): fixed params, the searched space, and how to search it."""
+
+    base: dict[str, Any] = Field(default_factory=dict, description="TrainParams every trial shares.")
+    space: Annotated[
+        dict[str, SpaceEntry],
+        Field(min_length=1, description="TrainParams fields to search: {low, high, log?, step?} or a list of choices."),
+    ]
+    trials: Annotated[StrictInt, Field(ge=1, le=500, description="Trials to run.")] = 8
+    parallel: Annotated[StrictInt, Field(ge=1, le=64, description="Trials running at once, at most.")] = 1
+    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    pruner: Literal["median", "none"] | Threshold = "median"
+    promote: StrictBool = Field(False, description="Promote the best trial to champion when the sweep ends.")
+    seed: Annotated[StrictInt | None, Field(ge=0, description="Seed of the sampler (default: random).")] = None
+
+
+def validate_request(request: SweepRequest, settings: Settings) -> TrainParams:
+    """The rules beyond the shapes: each field searchable, each bound and choice a valid value of its field,
+    grid on lists only, the compute budget. Returns the base params; raises SweepError naming each field."""
+    errors: dict[str, str] = {}
+    try:
+        base = TrainParams(**({"model": settings.default_model} | request.base))
+        model_for_training(base.model, settings)
+    except ValidationError as exc:
+        errors |= {f"base.{'.'.join(map(str, e['loc']))}": e["msg"] for e in exc.errors(include_url=False)}
+        base = TrainParams()
+    except ModelNotAllowed as exc:
+        errors["base.model"] = str(exc)
+    if base.devices > 1:
+        errors["base.devices"] = "sweep trials train on one device each; leave devices at 1"
+    for name, entry in request.space.items():
+        where = f"space.{name}"
+        if name not in SearchableFields:
+            errors[where] = f"not a searchable field; searchable: {', '.join(SearchableFields)}"
+            continue
+        if isinstance(entry, Range):
+            rule = range_rule(name, entry)
+            values = [entry.low, entry.high]
+        else:
+            rule, values = None, entry
+            if len({repr(v) for v in entry}) != len(entry):
+                rule = "choices must be distinct"
+        if request.sampler == "grid" and isinstance(entry, Range):
+            rule = "the grid sampler needs a list of choices, not a range"
+        for value in values:
+            rule = rule or value_rule(base, name, value, settings)
+        if rule:
+            errors[where] = rule
+    if request.sampler == "grid" and not errors:
+        combinations = math.prod(len(entry) for entry in request.space.values())
+        if request.trials > combinations:
+            errors["trials"] = f"the grid has {combinations} combinations; ask for at most that many trials"
+    if not errors:
+        cost, limit = examples_to_train(request, base, settings), settings.sweep_max_examples
+        if cost > limit:
+            errors["trials"] = (
+                f"the sweep may train up to {cost} examples (trials × epochs × train rows), "
+                f"over the budget SWEEP_MAX_EXAMPLES={limit}"
+            )
+    if errors:
+        raise SweepError(errors)
+    return base
+
+
+def range_rule(name: str, entry: Range) -> str | None:
+    kind = field_kind(name)
+    if kind not in ("integer", "number"):
+        return "a range needs a numeric field; give a list of choices"
+    ints = [entry.low, entry.high] + ([entry.step] if entry.step is not None else [])
+    if kind == "integer" and not all(isinstance(v, int) for v in ints):
+        return "an integer field needs integer low, high and step"
+    return None
+
+
+@functools.cache
+def field_kind(name: str) -> str:
+    """The JSON type of a TrainParams field without its null: "integer", "number" (float or int), or another."""
+    schema = TrainParams.model_json_schema()["properties"][name]
+    types = {option.get("type") for option in schema.get("anyOf", [schema])} - {"null"}
+    return "number" if "number" in types else "integer" if types == {"integer"} else "other"
+
+
+def value_rule(base: TrainParams, name: str, value: Any, settings: Settings) -> str | None:
+    try:
+        TrainParams(**(base.model_dump() | {name: value}))
+        if name == "model":
+            model_for_training(value, settings)
+    except ValidationError as exc:
+        return f"{value!r}: {exc.errors(include_url=False)[0]['msg']}"
+    except ModelNotAllowed as exc:
+        return str(exc)
+    return None
+
+
+def examples_to_train(request: SweepRequest, base: TrainParams, settings: Settings) -> int:
+    """The most training examples the sweep can take: trials × the largest epochs × the largest train rows."""
+
+    def largest(name: str, default):
+        entry = request.space.get(name)
+        if entry is None:
+            return default
+        values = [entry.high] if isinstance(entry, Range) else entry
+        return max(default if v is None else v for v in values)
+
+    rows = available_train_rows(settings)
+    return int(
+        request.trials * largest("epochs", base.epochs) * min(largest("train_limit", base.train_limit or rows), rows)
+    )
+
+
+def available_train_rows(settings: Settings) -> int:
+    train = settings.data_dir / "train.jsonl"
+    if not train.is_file():
+        return BOOLQ_TRAIN_ROWS
+    with train.open("rb") as lines:
+        return sum(1 for line in lines if line.strip())

@@ -1,0 +1,113 @@
+"""The Optuna side of a sweep: the study in a journal on the service's Redis, its sampler and pruner."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+from app.config import Settings
+from app.service.sweeps.spec import MEDIAN_STARTUP_TRIALS, Range, SweepNotFound, field_kind
+
+
+def storage(settings: Settings):
+    """The journal storage on the service's Redis, one journal per queue (so services sharing a Redis stay apart)."""
+    return journal_on_redis(settings.redis_url, f"boolq:{settings.queue_name}:optuna")
+
+
+@functools.lru_cache(maxsize=8)
+def journal_on_redis(redis_url: str, prefix: str):
+    """One storage per process: a new one replays the whole journal, a kept one reads only what was appended."""
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalRedisBackend
+
+    warnings.filterwarnings("ignore", category=ExperimentalWarning)  # the Redis journal, stable in use since v3.1
+    return JournalStorage(JournalRedisBackend(redis_url, prefix=prefix))
+
+
+def distributions(space: dict) -> dict:
+    """Optuna distributions of the space (integer fields get integer distributions)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    found = {}
+    for name, entry in space.items():
+        entry = Range(**entry) if isinstance(entry, dict) else entry
+        if isinstance(entry, list):
+            found[name] = CategoricalDistribution(entry)
+        elif field_kind(name) == "integer":
+            found[name] = IntDistribution(entry.low, entry.high, log=entry.log, step=entry.step or 1)
+        else:
+            found[name] = FloatDistribution(entry.low, entry.high, log=entry.log, step=entry.step)
+    return found
+
+
+def suggest(trial, space: dict) -> dict:
+    """Draw the space's values through ``trial``'s suggest API (the in-process loop of ``python -m app sweep``)."""
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    drawn = {}
+    for name, dist in distributions(space).items():
+        if isinstance(dist, CategoricalDistribution):
+            drawn[name] = trial.suggest_categorical(name, dist.choices)
+        elif isinstance(dist, IntDistribution):
+            drawn[name] = trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+        else:
+            drawn[name] = trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    return drawn
+
+
+def local_storage(folder):
+    """A journal file for a sweep run without a server (``python -m app sweep``)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(folder / "sweeps.journal")))
+
+
+def make_sampler(spec: dict, asked: int):
+    """The sampler, rebuilt for each ask (any process may ask); a seed is offset by the trials asked so far,
+    so a seeded sampler draws a new point each time yet the sweep stays reproducible."""
+    import optuna
+
+    seed = None if spec.get("seed") is None else spec["seed"] + asked
+    if spec["sampler"] == "grid":
+        return optuna.samplers.GridSampler(spec["space"], seed=seed)
+    if spec["sampler"] == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_pruner(spec: dict):
+    import optuna
+
+    pruner = spec["pruner"]
+    if pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=MEDIAN_STARTUP_TRIALS, n_warmup_steps=0)
+    if isinstance(pruner, dict):
+        return optuna.pruners.ThresholdPruner(lower=pruner["threshold"])
+    return optuna.pruners.NopPruner()
+
+
+def load_study(settings: Settings, sweep_id: str, asked: int = 0, telling: bool = False):
+    """The sweep's study with its sampler and pruner. ``telling``: to report and tell only, so a plain sampler
+    (the grid sampler would try to stop an optimize loop that does not exist here when the grid is done)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        summary = optuna.load_study(study_name=sweep_id, storage=storage(settings))
+    except KeyError as exc:
+        raise SweepNotFound(sweep_id) from exc
+    spec = summary.user_attrs["spec"]
+    return optuna.load_study(
+        study_name=sweep_id,
+        storage=summary._storage,
+        sampler=optuna.samplers.RandomSampler() if telling else make_sampler(spec, asked),
+        pruner=make_pruner(spec),
+    )
+
+
+def trial_params(spec: dict, sampled: dict) -> dict:
+    """A trial's TrainParams: the base, the sampled values, and no registration (a sweep registers its best)."""
+    return spec["base"] | sampled | {"register": False}
