@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Full BoolQ for `make demo-full`: a folder with train.jsonl and val.jsonl, or `hub` (google/boolq, online).
 DATA_DIR ?= $(if $(wildcard ../shared/data/boolq/train.jsonl),../shared/data/boolq,hub)
 
-.PHONY: demo demo-full test test-fast lint format services compose-smoke
+.PHONY: demo up stack-services demo-full test test-fast lint format services compose-smoke
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -13,15 +13,21 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@
 
-# The pipeline end to end in ~2 minutes, offline: minilm on the bundled 400-row sample. Too few rows for a
-# model to learn BoolQ, and the summary says so; `make demo-full` is the run that learns.
-demo: $(BIN)/.installed
-	@echo "== demo: fine-tune minilm on the bundled 400-row BoolQ sample (about 2 min of training on 2 cores)."
-	@echo "== It shows the pipeline end to end (data, training, dev and val evaluation, run folder, tracking)."
-	@echo "== 360 training rows are too few to learn BoolQ: expect accuracy near the majority baseline."
-	HF_HUB_OFFLINE=1 $(BIN)/python -m app train --model minilm --batch-size 16 --lr 1e-4 --epochs 2 --max-length 256
-	@echo "== Next: 'make demo-full' trains on the full BoolQ train split and beats the majority baseline;"
-	@echo "==       'python -m app predict --model-dir runs/<run id> --question ... --passage ...' asks the model."
+# The main job as users run it: the native stack (Redis, 2 API replicas, a worker, nginx on :4000), one training
+# job through nginx (minilm on the bundled 400-row sample: too few rows to learn BoolQ, and the output says so),
+# its accuracy against the majority class, one /predict answer; then the stack stops. `make up` keeps it running.
+demo: $(BIN)/.installed stack-services
+	HF_HUB_OFFLINE=1 $(BIN)/python -m app demo
+	@echo "== Next: 'make up' keeps the stack running on localhost:4000 (console: http://localhost:4000/console);"
+	@echo "==       'make demo-full' trains on the full BoolQ train split and beats the majority baseline."
+
+# The stack in the foreground until Ctrl-C: http://localhost:4000 (API, /docs, /console).
+up: $(BIN)/.installed stack-services
+	HF_HUB_OFFLINE=1 $(BIN)/python -m app stack --replicas 2 --workers 1 --port 4000
+
+# redis-server and nginx for the native stack: installed when we can (root + apt), else the one command to run.
+stack-services:
+	@bash .ci/services redis-server nginx
 
 # The shortest measured run that beats the majority class by >= 3 points (bench/README.md "demo-full"):
 # 2 epochs over the full train split. One epoch (half the time) measured only +1.6 points.

@@ -149,9 +149,11 @@ def leaderboard_table(view: dict) -> str:
 def add_predict_parser(commands) -> None:
     predict = commands.add_parser("predict", help="answer a yes/no question with a fine-tuned run")
     predict.add_argument(
+        "--model",
         "--model-dir",
+        dest="model",
         required=True,
-        help="a run folder (runs/<id>) or its model/ folder",
+        help="latest (the newest finished run under ARTIFACTS_DIR), a run or job id, or a run folder or its model/",
     )
     predict.add_argument("--question", required=True)
     predict.add_argument("--passage", required=True)
@@ -208,9 +210,18 @@ def add_stack_parser(commands) -> None:
     stack.add_argument(
         "--web-workers", type=int_at_least(1), default=1, help="gunicorn processes per replica (default: 1)"
     )
-    stack.add_argument("--state-dir", type=Path, help="config, logs and Redis data (default: ARTIFACTS_DIR/stack)")
+    stack.add_argument("--state-dir", type=Path, help="config, logs and Redis data (default: ARTIFACTS_DIR/.stack)")
     stack.add_argument("--redis-port", type=int_at_least(1), default=0, help="Redis port (default: a free one)")
     stack.set_defaults(handler=run_stack)
+
+
+def add_demo_parser(commands) -> None:
+    demo = commands.add_parser(
+        "demo",
+        help="start the stack, train minilm on the bundled sample through nginx, ask one question, stop",
+    )
+    demo.add_argument("--port", type=int_at_least(1), default=4000, help="nginx port (default: 4000)")
+    demo.set_defaults(handler=run_demo)
 
 
 def int_at_least(minimum: int):
@@ -237,6 +248,7 @@ def build_parser() -> ArgumentParser:
     add_serve_parser(commands)
     add_worker_parser(commands)
     add_stack_parser(commands)
+    add_demo_parser(commands)
     return parser
 
 
@@ -394,12 +406,13 @@ class ProgressBar:
 
 def run_predict(args: argparse.Namespace, settings: Settings) -> int:
     quiet_libraries()
+    from app.engine.run_folder import find_run
     from app.service.predict import ModelDirError, Predictor
 
     try:
-        predictor = Predictor(args.model_dir)
-    except ModelDirError as exc:
-        return usage_error(f"--model-dir: {exc}")
+        predictor = Predictor(find_run(settings.artifacts_dir, args.model))
+    except (ModelDirError, FileNotFoundError) as exc:
+        return usage_error(f"--model: {exc}")
     if settings.num_threads > 0:
         import torch
 
@@ -422,6 +435,12 @@ def run_stack(args: argparse.Namespace, settings: Settings) -> int:
         redis_port=args.redis_port,
     )
     return run_stack(options, settings)
+
+
+def run_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from app.ops.demo import DemoOptions, run_demo
+
+    return run_demo(DemoOptions(port=args.port), settings)
 
 
 def usage_error(message: str) -> int:
@@ -461,5 +480,6 @@ def user_errors() -> tuple[type[Exception], ...]:
     from app.engine.data import DataError
     from app.engine.model_names import ModelNotAvailable
     from app.engine.modeling import DeviceNotAvailable
+    from app.ops.demo import DemoError
 
-    return DataError, DeviceNotAvailable, ModelNotAvailable
+    return DataError, DemoError, DeviceNotAvailable, ModelNotAvailable

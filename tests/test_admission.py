@@ -91,6 +91,18 @@ def test_a_hub_model_that_cannot_load_offline_is_refused_at_submit(redis_url, tm
     assert "HF_HUB_OFFLINE" in error_of(response)["message"]
 
 
+def test_a_hub_model_is_refused_at_submit_when_the_hub_cannot_be_reached(redis_url, tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE unset, but the hub's address answers nothing (a closed local port): 422 in the API's words."""
+    from tests.helpers import free_port
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    response = submit(client_for(redis_url, tmp_path), model="nobody-here/not-a-cached-model")
+    assert response.status_code == 422 and set(error_of(response)["fields"]) == {"model"}
+    message = error_of(response)["message"]
+    assert "cannot be reached" in message and "--model" not in message
+
+
 @pytest.mark.parametrize(
     "model",
     ["a" * 256, "a" * 5000, "runs/" + "b" * 300, "minilm\x00", "bad\nname", "~nosuchuser/x"],

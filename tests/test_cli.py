@@ -84,9 +84,13 @@ def test_offline_default_model_fails_fast(tmp_path):
 
 @pytest.mark.slow
 def test_train_json_then_predict(tmp_path):
+    """With the default tracker, as users run it: MLflow's store sits in ARTIFACTS_DIR beside the run folders."""
+    import os
+
+    env = {**os.environ, "ARTIFACTS_DIR": str(tmp_path)}
     proc = run_cli(
         "train", "--model", "minilm", "--train-limit", "16", "--eval-limit", "6", "--max-length", "32",
-        "--epochs", "1", "--batch-size", "8", "--output-dir", str(tmp_path), "--tracker", "none", "--json",
+        "--epochs", "1", "--batch-size", "8", "--json", env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
@@ -101,11 +105,26 @@ def test_train_json_then_predict(tmp_path):
     assert proc.returncode == 0, proc.stderr
     answer = json.loads(proc.stdout)
     assert isinstance(answer["answer"], bool) and 0 <= answer["probability"] <= 1
+    run_id = Path(out["run_dir"]).name
+    for model in ("latest", run_id):  # the newest run, by name, with the tracking store beside the run folders
+        again = run_cli(
+            "predict", "--model", model, "--question", "is the sky blue", "--passage", "Sky -- blue", env=env
+        )
+        assert again.returncode == 0, again.stderr
+        assert json.loads(again.stdout) == answer
 
 
 def test_predict_with_a_folder_that_is_not_a_model(tmp_path):
     proc = run_cli("predict", "--model-dir", str(tmp_path), "--question", "q", "--passage", "p")
-    assert proc.returncode == 2 and "--model-dir" in proc.stderr
+    assert proc.returncode == 2 and "--model" in proc.stderr
+
+
+def test_predict_latest_without_any_run_names_the_folder(tmp_path):
+    import os
+
+    env = {**os.environ, "ARTIFACTS_DIR": str(tmp_path)}
+    proc = run_cli("predict", "--model", "latest", "--question", "q", "--passage", "p", env=env)
+    assert proc.returncode == 2 and "no finished run under" in proc.stderr
 
 
 def test_boolean_options_read_true_and_false():
@@ -124,3 +143,15 @@ def test_an_unknown_device_is_one_line_naming_device_and_writes_nothing(tmp_path
     assert proc.returncode == 1
     assert "DEVICE='tpu'" in proc.stderr.strip().splitlines()[-1]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_that_cannot_load_its_model_leaves_no_run_folder(tmp_path):
+    import os
+
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")  # a folder that looks like a checkpoint but holds no model
+    env = {**os.environ, "ARTIFACTS_DIR": str(tmp_path / "runs")}
+    proc = run_cli("train", "--model", str(broken), "--train-limit", "8", "--tracker", "none", env=env)
+    assert proc.returncode != 0
+    assert list((tmp_path / "runs").glob("*/params.json")) == []

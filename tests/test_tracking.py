@@ -46,7 +46,7 @@ def closed_port() -> int:
 
 
 def local_store_uri(artifacts_dir: Path) -> str:
-    return f"sqlite:///{(artifacts_dir / 'mlflow' / 'mlflow.db').resolve()}"
+    return f"sqlite:///{(artifacts_dir / '.mlflow' / 'mlflow.db').resolve()}"
 
 
 def mlflow_client(artifacts_dir: Path):
@@ -132,7 +132,7 @@ def test_mlflow_run_has_params_status_and_local_artifact_folder(mlflow_cli_run):
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.name == "boolq"
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the model-training view
-    assert experiment.artifact_location == (out / "mlflow" / "artifacts").resolve().as_uri()
+    assert experiment.artifact_location == (out / ".mlflow" / "artifacts").resolve().as_uri()
 
 
 def test_mlflow_metric_history_has_loss_per_step_and_dev_accuracy_per_epoch(mlflow_cli_run):

@@ -6,10 +6,13 @@ Light on purpose (no torch): the API checks model names at submit time with it.
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 MINILM_ALIAS = "minilm"
+HUB_CHECK_TTL_S = 60.0
+_hub_checks: dict[str, tuple[float, bool]] = {}
 
 
 class ModelNotAvailable(RuntimeError):
@@ -36,7 +39,7 @@ def resolve_model(name: str) -> str:
         raise ModelNotAvailable(f"model folder {path} does not exist")
     if not is_hub_id(name):
         raise ModelNotAvailable(f"model '{name}' is neither the alias '{MINILM_ALIAS}', a local folder, nor a hub id")
-    if _in_hub_cache(name):
+    if in_hub_cache(name):
         return name
     hint = f"use --model {MINILM_ALIAS} (offline all-MiniLM-L6-v2) or --model PATH to a local checkpoint folder"
     from huggingface_hub import constants
@@ -45,7 +48,7 @@ def resolve_model(name: str) -> str:
         raise ModelNotAvailable(
             f"model '{name}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {hint}"
         )
-    if not _hub_reachable(constants.ENDPOINT):
+    if not hub_reachable(constants.ENDPOINT):
         raise ModelNotAvailable(f"model '{name}' is not cached and the Hugging Face hub is unreachable; {hint}")
     return name
 
@@ -61,14 +64,24 @@ def is_hub_id(name: str) -> bool:
     return True
 
 
-def _in_hub_cache(name: str) -> bool:
+def in_hub_cache(name: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
     return isinstance(try_to_load_from_cache(name, "config.json"), str)
 
 
-def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
-    """One TCP connect with a short timeout, so an offline machine fails in seconds, not after retries."""
+def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """One TCP connect with a short timeout, so an offline machine fails in seconds, not after retries.
+    An answer is kept for HUB_CHECK_TTL_S, so a burst of submissions costs one connect."""
+    checked_at, reachable = _hub_checks.get(endpoint, (-HUB_CHECK_TTL_S, False))
+    if time.monotonic() - checked_at < HUB_CHECK_TTL_S:
+        return reachable
+    reachable = _connects(endpoint, timeout)
+    _hub_checks[endpoint] = (time.monotonic(), reachable)
+    return reachable
+
+
+def _connects(endpoint: str, timeout: float) -> bool:
     url = urlparse(endpoint)
     port = url.port or (443 if url.scheme == "https" else 80)
     try:

@@ -72,6 +72,25 @@ def is_finished(run_dir: Path) -> bool:
     return (run_dir / METRICS).is_file()
 
 
+def latest_finished_run(artifacts_dir: Path) -> Path | None:
+    """The run folder under ``artifacts_dir`` that finished last (tracking stores and unfinished runs are skipped)."""
+    finished = [d for d in Path(artifacts_dir).glob("*/") if (d / PARAMS).is_file() and is_finished(d)]
+    return max(finished, key=lambda d: (d / METRICS).stat().st_mtime, default=None)
+
+
+def find_run(artifacts_dir: Path, model: str) -> Path:
+    """Where ``--model`` points: ``latest``, a run or job id under ``artifacts_dir``, or a folder path."""
+    if model == "latest":
+        latest = latest_finished_run(artifacts_dir)
+        if latest is None:
+            raise FileNotFoundError(f"no finished run under {artifacts_dir} yet (train one first)")
+        return latest
+    by_id = Path(artifacts_dir) / model
+    if "/" not in model and by_id.is_dir():
+        return by_id
+    return Path(model)
+
+
 def checkpoint_folder(folder: Path) -> Path | None:
     """The Hugging Face checkpoint inside a run folder (``model/``) or the folder itself, if there is one.
 

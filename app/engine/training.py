@@ -92,9 +92,6 @@ def train_and_evaluate(
     val_rows = boolq.val[: params.eval_limit] if params.eval_limit else boolq.val
     train_rows, dev_rows = split_train_dev(train_rows, params.dev_size, params.seed)
 
-    if distributed.is_rank_zero():
-        run_dir.mkdir(parents=True, exist_ok=resuming)
-        run_folder.write_params(run_dir, params.model_dump())
     tracker.start_run(run_id, params.model_dump())
     tracker.log_inputs(
         [
@@ -116,6 +113,9 @@ def train_and_evaluate(
         max_length = min(params.max_length, model.config.max_position_embeddings)
         train_set, dev_set, val_set = (encode(tokenizer, rows, max_length) for rows in (train_rows, dev_rows, val_rows))
         tokenize_s = time.perf_counter() - t0
+        if distributed.is_rank_zero():  # only now: a run that fails to load its model or data leaves no folder
+            run_dir.mkdir(parents=True, exist_ok=resuming)
+            run_folder.write_params(run_dir, params.model_dump())
 
         t0 = time.perf_counter()
         history = fine_tune(

@@ -174,7 +174,7 @@ class Stack:
         self.options = options
         self.settings = settings
         self.artifacts_dir = settings.artifacts_dir.resolve()
-        self.state_dir = (options.state_dir or self.artifacts_dir / "stack").resolve()
+        self.state_dir = (options.state_dir or self.artifacts_dir / ".stack").resolve()
         self.logs_dir = self.state_dir / "logs"
         self.state_file = self.state_dir / STATE_FILE_NAME
         self.url = f"http://{options.host}:{options.port}"

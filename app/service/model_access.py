@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from app.config import Settings
-from app.engine.model_names import MINILM_ALIAS, is_hub_id
+from app.engine.model_names import MINILM_ALIAS, hub_reachable, in_hub_cache, is_hub_id
 from app.engine.run_folder import checkpoint_folder
 
 # Longest model name a request may use: a file name's limit on Linux, so no name can make a path too long.
@@ -63,16 +63,21 @@ def exists_quietly(path: Path) -> bool:
 
 
 def loadable_here(name: str) -> None:
-    """Refuse a hub model this machine cannot load: offline (HF_HUB_OFFLINE) and not in the local cache."""
-    from huggingface_hub import constants, try_to_load_from_cache
+    """Refuse a hub model no worker could load: not in the local cache while the hub is off or unreachable."""
+    from huggingface_hub import constants
 
-    if name == MINILM_ALIAS or Path(name).is_absolute() or not constants.HF_HUB_OFFLINE:
+    if name == MINILM_ALIAS or Path(name).is_absolute() or in_hub_cache(name):
         return
-    if not isinstance(try_to_load_from_cache(name, "config.json"), str):
-        raise ModelNotAllowed(
-            f"model '{name}' is not in this service's Hugging Face cache and the hub is off (HF_HUB_OFFLINE); "
-            f"use '{MINILM_ALIAS}', a fine-tuned job id, or a cached hub model"
-        )
+    if constants.HF_HUB_OFFLINE:
+        why = "the hub is off (HF_HUB_OFFLINE)"
+    elif not hub_reachable(constants.ENDPOINT):
+        why = "the Hugging Face hub cannot be reached from this service"
+    else:
+        return
+    raise ModelNotAllowed(
+        f"model '{name}' is not in this service's Hugging Face cache and {why}; "
+        f"use '{MINILM_ALIAS}', a fine-tuned job id, or a cached hub model"
+    )
 
 
 def model_for_training(name: str, settings: Settings) -> str:

@@ -1,7 +1,7 @@
 """MLflow backend: params, metric curves, artifacts and a registered model version per run.
 
 Without ``MLFLOW_TRACKING_URI`` the store is local and needs no server: SQLite at
-``ARTIFACTS_DIR/mlflow/mlflow.db`` and artifacts under ``ARTIFACTS_DIR/mlflow/artifacts``.
+``ARTIFACTS_DIR/.mlflow/mlflow.db`` and artifacts under ``ARTIFACTS_DIR/.mlflow/artifacts``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 def local_store(artifacts_dir: Path) -> tuple[str, str]:
     """The default tracking URI (SQLite) and artifact location (a folder) under ``artifacts_dir``."""
-    root = (Path(artifacts_dir) / "mlflow").resolve()
+    root = (Path(artifacts_dir) / ".mlflow").resolve()  # hidden: a glob of run folders never lists it
     return f"sqlite:///{root / 'mlflow.db'}", (root / EXPERIMENT_ARTIFACTS).as_uri()
 
 

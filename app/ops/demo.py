@@ -1,0 +1,147 @@
+"""``python -m app demo``: the service as its users run it, end to end and then gone.
+
+The native stack (Redis, API replicas, a worker, nginx) comes up on the given port, one training job goes in
+through nginx as ``POST /train?wait=true``, its val accuracy is printed beside the majority baseline, one
+question goes to ``/predict``, and the stack stops. Everything a user would type is printed as it happens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from app.config import Settings
+
+log = logging.getLogger(__name__)
+
+QUESTION = "is the sky blue"
+PASSAGE = "Sky -- The sky appears blue because of Rayleigh scattering of sunlight by the atmosphere."
+STACK_START_TIMEOUT_S = 240
+STACK_STOP_TIMEOUT_S = 60
+
+
+class DemoError(RuntimeError):
+    """The demo could not complete; the message says which step failed and where its logs are."""
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    port: int = 4000
+    replicas: int = 2
+    workers: int = 1
+    train: dict = field(
+        default_factory=lambda: {"model": "minilm", "epochs": 2, "batch_size": 16, "lr": 1e-4, "max_length": 256}
+    )
+    wait_s: float = 1800.0
+
+
+def run_demo(options: DemoOptions, settings: Settings) -> int:
+    """Start the stack, train through it, ask it one question, stop it; exit code 0 when every step worked."""
+    log_path = Path(settings.artifacts_dir) / ".demo-stack.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    base = f"http://127.0.0.1:{options.port}"
+    stack = start_stack(options, log_path)
+    try:
+        wait_for_stack(stack, base, log_path)
+        result = train_through_service(base, options)
+        print(describe_result(result))
+        print(describe_answer(ask_one_question(base)))
+        return 0
+    finally:
+        stop_stack(stack)
+        print(f"== stack stopped (its log: {log_path})")
+
+
+def start_stack(options: DemoOptions, log_path: Path) -> subprocess.Popen:
+    command = [
+        sys.executable, "-m", "app", "stack",
+        "--replicas", str(options.replicas), "--workers", str(options.workers), "--port", str(options.port),
+    ]  # fmt: skip
+    print(f"== starting the stack: {' '.join(['python', *command[1:]])}  (log: {log_path})")
+    with log_path.open("wb") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ)
+
+
+def wait_for_stack(stack: subprocess.Popen, base: str, log_path: Path) -> None:
+    deadline = time.monotonic() + STACK_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if stack.poll() is not None:
+            raise DemoError(f"the stack exited ({stack.returncode}); the end of {log_path}:\n{tail(log_path)}")
+        if healthy(base):
+            print(f"== the service answers on {base} (nginx in front of the API replicas)")
+            return
+        time.sleep(0.5)
+    raise DemoError(f"the stack did not answer {base}/healthz within {STACK_START_TIMEOUT_S} s; see {log_path}")
+
+
+def healthy(base: str) -> bool:
+    try:
+        return requests.get(f"{base}/healthz", timeout=2).ok
+    except requests.RequestException:
+        return False
+
+
+def train_through_service(base: str, options: DemoOptions) -> dict:
+    body = json.dumps(options.train)
+    print(f"== curl -X POST '{base}/train?wait=true' -H 'Content-Type: application/json' -d '{body}'")
+    print("   (minilm on the bundled 400-row sample: about 2-4 minutes of training on 2 cores)")
+    response = requests.post(
+        f"{base}/train",
+        params={"wait": "true", "timeout": options.wait_s},
+        json=options.train,
+        timeout=options.wait_s + 60,
+    )
+    job = response.json()
+    if response.status_code == 202:
+        raise DemoError(f"job {job.get('job_id')} still {job.get('status')} after {options.wait_s:.0f} s")
+    if response.status_code != 200 or job.get("status") != "succeeded":
+        raise DemoError(f"training did not succeed: HTTP {response.status_code} {json.dumps(job)[:500]}")
+    return job
+
+
+def describe_result(job: dict) -> str:
+    result = job["result"]
+    metrics = result.get("metrics", {})
+    majority = metrics.get("majority_baseline")
+    line = f"== job {job['job_id']} succeeded: val accuracy {result['accuracy']:.4f}"
+    if majority is not None:
+        line += f" against {majority:.4f} for always answering the majority class"
+    if result.get("warning"):
+        line += f"\n   WARNING: {result['warning']} (400 rows are too few to learn BoolQ; `make demo-full` learns)"
+    return line
+
+
+def ask_one_question(base: str) -> dict:
+    print(f"== curl -X POST {base}/predict -d '{{\"question\": \"{QUESTION}\", \"passage\": \"...\"}}'")
+    response = requests.post(f"{base}/predict", json={"question": QUESTION, "passage": PASSAGE}, timeout=60)
+    if response.status_code != 200:
+        raise DemoError(f"/predict answered HTTP {response.status_code}: {response.text[:300]}")
+    return response.json()
+
+
+def describe_answer(answer: dict) -> str:
+    word = "yes" if answer["answer"] else "no"
+    return f"== {QUESTION}? {word} (P(yes) = {answer['probability']:.2f}, model {answer['model']})"
+
+
+def stop_stack(stack: subprocess.Popen) -> None:
+    if stack.poll() is None:
+        stack.send_signal(signal.SIGTERM)
+        try:
+            stack.wait(STACK_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(stack.pid, signal.SIGKILL)
+            stack.wait()
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
