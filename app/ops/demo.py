@@ -121,7 +121,7 @@ def describe_result(job: dict) -> str:
 
 
 def ask_one_question(base: str) -> dict:
-    print(f"== curl -X POST {base}/predict -d '{{\"question\": \"{QUESTION}\", \"passage\": \"...\"}}'")
+    print(f'== curl -X POST {base}/predict -d \'{{"question": "{QUESTION}", "passage": "..."}}\'')
     response = requests.post(f"{base}/predict", json={"question": QUESTION, "passage": PASSAGE}, timeout=60)
     if response.status_code != 200:
         raise DemoError(f"/predict answered HTTP {response.status_code}: {response.text[:300]}")
