@@ -1,0 +1,58 @@
+"""The docs' option and settings tables against the code they describe: a field added without a row, or a row
+left for a removed field, fails here."""
+
+from __future__ import annotations
+
+import re
+
+from app.config import Settings
+from app.params import TrainParams
+from tests.helpers import REPO_ROOT
+
+DOCS = REPO_ROOT / "docs"
+# Variables the docs describe that belong to a library, not to Settings.
+LIBRARY_VARIABLES = {
+    "HF_HUB_OFFLINE",
+    "LOCAL_WORLD_SIZE",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT",
+}
+# Command-line options that are not training parameters.
+CLI_ONLY_OPTIONS = {"--data-dir", "--output-dir", "--tracker", "--json"}
+
+
+def first_cells(path) -> list[str]:
+    """The names in backticks in the first cell of each table row of ``path``."""
+    rows = [line for line in path.read_text().splitlines() if line.startswith("| `")]
+    return [name for row in rows for name in re.findall(r"`([^`]+)`", row.split("|")[1])]
+
+
+def test_every_setting_has_one_row_and_every_row_a_setting():
+    documented = [
+        name for doc in ("configuration.md", "tracking.md") for name in first_cells(DOCS / doc) if name.isupper()
+    ]
+    settings = {name.upper() for name in Settings.model_fields}
+    assert sorted(settings - set(documented)) == [], "settings without a row in docs/configuration.md"
+    assert sorted(set(documented) - settings - LIBRARY_VARIABLES) == [], "rows for variables Settings lacks"
+
+
+def test_every_training_parameter_has_a_row_with_its_default():
+    rows = {
+        name: line
+        for line in (DOCS / "training.md").read_text().splitlines()
+        if line.startswith("| `--")
+        for name in re.findall(r"`(--[a-z-]+)`", re.sub(r"\(.*?\)", "", line.split("|")[1]))  # not the aliases
+    }
+    options = {"--" + name.replace("_", "-"): info for name, info in TrainParams.model_fields.items()}
+    assert sorted(set(options) - set(rows)) == []
+    assert sorted(set(rows) - set(options) - CLI_ONLY_OPTIONS) == []
+    for option, info in options.items():
+        default = info.default
+        if isinstance(default, bool):
+            expected = str(default).lower()
+        elif isinstance(default, int | float) and not isinstance(default, bool):
+            expected = f"{default:g}"
+        else:
+            continue  # None and names: described in words ("all", "off", the model's name)
+        shown = rows[option].split("|")[2].strip().strip("`")
+        assert float(shown) == float(expected) if expected[0].isdigit() else shown == expected, option
