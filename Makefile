@@ -57,9 +57,9 @@ services:
 test: services lint
 	$(BIN)/python -m pytest
 
-# No training and no service processes: under 2 minutes.
+# tests/unit: no service, no process of its own (torch runs in the test process).
 test-fast: lint
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest tests/unit
 
 # Build the images and run the compose stack for real (Docker, or podman without a Docker daemon) and talk to it
 # through nginx on localhost:4000; builds without a registry from local base images (README, "Deploy").

@@ -11,27 +11,6 @@ from app.config import SAMPLE_DATA_DIR
 from app.params import TrainParams
 from tests.helpers import CHROMIUM_ARGS, TINY_PARAMS, Launcher, free_port, wait_for
 
-# A test that needs one of these (directly or through another fixture) trains a model or starts processes.
-SLOW_FIXTURES = {
-    "tiny_run",
-    "one_and_two_processes",
-    "launcher",
-    "mlflow_cli_run",
-    "neptune_run",
-    "runs",
-    "readme_stack",
-    "stack",
-    "console_stack",
-    "browser",
-}
-
-
-def pytest_collection_modifyitems(items):
-    """Mark the slow tests by what they use, so `make test-fast` (-m "not slow") needs no list to keep up."""
-    for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.slow)
-
 
 @pytest.fixture(scope="session")
 def sample_data_dir() -> Path:
@@ -109,7 +88,8 @@ def browser():
     """Debian's chromium driven by Playwright (its own browser download cannot work offline); headless."""
     import shutil
 
-    playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install -r requirements-dev.txt")
+    from playwright import sync_api as playwright_api  # a missing Playwright fails the browser tests, never skips
+
     executable = shutil.which("chromium")
     if executable is None:
         pytest.fail("chromium is not installed (Debian package chromium); the console's browser tests need it")

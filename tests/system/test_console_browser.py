@@ -22,11 +22,11 @@ from urllib.parse import urlparse
 
 import pytest
 import requests
+from playwright.sync_api import expect  # a missing Playwright fails these tests, never skips them
 
 from app.ops.stack import free_ports
 from tests.helpers import LONG_JOB, REPO_ROOT, wait_for_state
 
-expect = pytest.importorskip("playwright.sync_api", reason="pip install -r requirements-dev.txt").expect
 SCREENSHOTS = REPO_ROOT / "test-artifacts" / "console"
 JOB_TIMEOUT_MS = 300_000
 # Tiny, and with enough val rows that an untrained model gets some wrong.

@@ -21,7 +21,7 @@ import requests
 from app.ops.stack import free_ports
 from tests.helpers import wait_for_state
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STACK_START_TIMEOUT_S = 240
 JOB_TIMEOUT_S = 300
 TINY_JOB = {"model": "minilm", "train_limit": 16, "eval_limit": 8, "max_length": 32, "epochs": 1, "batch_size": 8}
@@ -122,7 +122,7 @@ def test_stack_trains_and_predicts_through_nginx_and_survives_a_dead_replica(sta
     assert process.poll() is None, "the stack must keep serving with one replica left"
     after_kill = client.replicas - before_kill
     # Of the replicas from before the kill only the survivor answered again; the stack restarts the killed
-    # one as a new process (tests/test_supervision.py), which may answer too.
+    # one as a new process (tests/system/test_supervision.py), which may answer too.
     assert len(set(before_kill) & set(after_kill)) == 1, (before_kill, after_kill)
 
     # SIGTERM stops the stack cleanly and leaves no process of any child's group.

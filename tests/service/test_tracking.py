@@ -22,7 +22,7 @@ from app.engine.training import train_and_evaluate
 from app.params import TrainParams
 from app.tracking import CompositeTracker, NullTracker, make_tracker, parse_tracker_names
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(model="minilm", batch_size=8, lr=1e-4, epochs=2, max_length=32, train_limit=24, eval_limit=8, seed=7)
 TINY_STEPS = 6  # 21 train rows (3 go to dev) / batch 8 = 3 steps per epoch, 2 epochs
 TRACKING_ENV = ("TRACKER", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "REGISTERED_MODEL_NAME", "ARTIFACTS_DIR")

@@ -20,7 +20,7 @@ from app.params import TrainParams
 from app.service.predict import Predictor
 from tests.helpers import RESUMABLE, TINY_PARAMS, tiny_bert
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_loss_decreases(tiny_run):

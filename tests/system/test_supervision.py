@@ -16,8 +16,8 @@ import pytest
 import requests
 
 from app.ops.stack import free_ports
-from tests.helpers import LONG_JOB
-from tests.test_e2e import ROOT, TINY_JOB, wait_for_state
+from tests.helpers import LONG_JOB, TINY_JOB, wait_for_state
+from tests.helpers import REPO_ROOT as ROOT
 
 RECOVERY_S = 30
 

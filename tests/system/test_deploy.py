@@ -23,7 +23,7 @@ import yaml
 from app.ops.nginx_config import COMPOSE_CONF_PATH, compose_layout, native_layout, render_nginx_conf
 from app.ops.stack import find_binary, free_ports
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 LOCAL_IMAGES_ENV = ROOT / "deploy" / "local-images.env"
 NGINX_START = ROOT / "nginx" / "start.sh"
