@@ -87,12 +87,14 @@ def test_job_succeeds_with_final_progress_result_and_run_folder(succeeded, setti
     assert progress["epoch"] == progress["epochs"] == 1
     assert progress["dev_accuracy"] is not None and progress["examples_per_s"] > 0
     result = final["result"]
-    assert 0 <= result["accuracy"] <= 1 and result["n_eval"] == TINY_JOB["eval_limit"]
+    assert result["n_eval"] == TINY_JOB["eval_limit"]
     assert result["model"] == final["job_id"]
     assert result["tracking"] == {}
     assert final["started_at"] and final["ended_at"] and final["error"] is None
     run_dir = settings.artifacts_dir / final["job_id"]
     assert (run_dir / "metrics.json").is_file() and (run_dir / "model" / "config.json").is_file()
+    rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert result["accuracy"] == sum(r["label"] == r["prediction"] for r in rows) / len(rows)  # what it wrote
 
 
 def test_predictions_endpoint_lists_each_val_example(client, succeeded):
@@ -140,9 +142,10 @@ def test_wait_true_returns_accuracy_and_predictions(client):
     response = client.post("/train?wait=true&timeout=120", json=TINY_JOB)
     body = response.get_json()
     assert response.status_code == 200, body
-    assert body["status"] == "succeeded" and 0 <= body["accuracy"] <= 1
-    assert len(body["predictions"]) == TINY_JOB["eval_limit"]
-    assert set(body["predictions"]) <= {0, 1}
+    assert body["status"] == "succeeded"
+    written = client.get(f"/jobs/{body['job_id']}/predictions").get_json()["predictions"]
+    assert body["predictions"] == [row["prediction"] for row in written]  # the same answers, in val order
+    assert body["accuracy"] == sum(r["label"] == r["prediction"] for r in written) / TINY_JOB["eval_limit"]
 
 
 def test_a_job_that_raises_is_failed_with_its_error(client):

@@ -272,3 +272,23 @@ def test_cli_summary_warns_when_the_run_learned_nothing(tiny_run):
     text = summary(result)
     assert ("learned nothing" in text) == (not result.metrics["learned"])
     assert result.metrics["learned"] == (result.accuracy > result.metrics["majority_baseline"] + 0.01)
+
+
+@pytest.mark.slow
+def test_training_learns_a_small_slice_well_beyond_the_majority_class(tmp_path):
+    """Evaluated on the very rows it trained on, a model that learns answers them far better than always saying the
+    majority answer: the check that training trains (a run that only ever predicts 'yes' fails it)."""
+    from app.config import SAMPLE_DATA_DIR
+
+    rows = [json.loads(line) for line in (SAMPLE_DATA_DIR / "train.jsonl").read_text().splitlines()]
+    yes = [r for r in rows if r["label"] in (1, True)][:12]
+    no = [r for r in rows if r["label"] in (0, False)][:12]
+    balanced = [row for pair in zip(yes, no, strict=True) for row in pair]  # majority class: 50 %
+    data = tmp_path / "slice"
+    data.mkdir()
+    for split in ("train.jsonl", "val.jsonl"):
+        (data / split).write_text("".join(json.dumps(r) + "\n" for r in balanced))
+    params = TrainParams(model="minilm", batch_size=8, lr=5e-4, epochs=6, max_length=48, dev_size=0.1, seed=3)
+    result = train_and_evaluate(params, data, tmp_path / "runs")
+    assert result.metrics["majority_baseline"] == 0.5
+    assert result.accuracy >= 0.85, result.metrics["loss_curve"][-10:]
