@@ -50,7 +50,8 @@ def tiny_bert(tmp_path_factory) -> Path:
 
 def train_cli(args: list[str], output_dir: Path) -> tuple[subprocess.CompletedProcess, float]:
     """``python -m app train ARGS --json`` in a child process (1 thread per process); the process and its wall time."""
-    settings = Settings().model_copy(update=dict(tracker="none", num_threads=1, artifacts_dir=output_dir))
+    # DEVICE=cpu: these are gloo runs of 2 ranks; on a 1-GPU host `auto` would pick CUDA and refuse the second rank.
+    settings = Settings().model_copy(update=dict(tracker="none", num_threads=1, artifacts_dir=output_dir, device="cpu"))
     env = settings_env(settings) | {"DATA_DIR": str(SAMPLE_DATA_DIR)}
     started = time.perf_counter()
     done = subprocess.run(
@@ -163,7 +164,7 @@ def service(launcher, redis_url, tmp_path_factory):
     """A real worker, and the API in this process told that workers give up to 64 devices."""
     from app.api import create_app
 
-    settings = service_settings(redis_url, tmp_path_factory.mktemp("ddp-jobs"), max_devices=64)
+    settings = service_settings(redis_url, tmp_path_factory.mktemp("ddp-jobs"), max_devices=64, device="cpu")
     launcher.worker(settings)
     return settings, create_app(settings).test_client()
 
