@@ -23,7 +23,7 @@ from app.service import jobs
 from tests.helpers import TINY_JOB, service_settings
 
 JOBS_STORED = 2000
-PAGE_BUDGET_S = 0.3
+FEW_JOBS = 20
 
 
 @pytest.fixture
@@ -167,12 +167,10 @@ def test_the_console_loads_no_torch_nor_scikit_learn():
     assert proc.stdout.strip() == "[]"
 
 
-def test_the_jobs_page_with_2000_stored_jobs(client, settings):
-    """``/`` renders in under 300 ms of server time with 2,000 jobs stored (the median of 7 requests; the job
-    listing reads one page of the Redis job index). Prints the figures."""
+def test_the_jobs_page_with_2000_stored_jobs_costs_about_what_it_costs_with_20(client, settings):
+    """The console's job listing reads one page of the Redis job index, so ``/`` costs about the same with 2,000
+    jobs stored as with 20 (medians of 7 requests each, side by side on the same machine). Prints the figures."""
     queue = queue_of(client)
-    for _ in range(JOBS_STORED):
-        finished_job(queue, settings, TINY_JOB, run_value())
 
     def median_s(action, repeats=7):
         times = []
@@ -182,15 +180,19 @@ def test_the_jobs_page_with_2000_stored_jobs(client, settings):
             times.append(time.perf_counter() - started)
         return statistics.median(times)
 
-    page_s = median_s(lambda: client.get("/"))
-    filtered_s = median_s(lambda: client.get("/?status=succeeded"))
-    listing_s = median_s(lambda: jobs.recent_jobs(queue, 1, 20))
-    print(
-        f"\n/ with {JOBS_STORED} jobs: {page_s * 1000:.0f} ms (of which jobs.recent_jobs {listing_s * 1000:.0f} ms); "
-        f"/?status=succeeded: {filtered_s * 1000:.0f} ms"
-    )
-    assert page_s < PAGE_BUDGET_S
-    assert filtered_s < PAGE_BUDGET_S
+    def page_costs() -> tuple[float, float]:
+        return median_s(lambda: client.get("/")), median_s(lambda: client.get("/?status=succeeded"))
+
+    for _ in range(FEW_JOBS):
+        finished_job(queue, settings, TINY_JOB, run_value())
+    few = page_costs()
+    for _ in range(JOBS_STORED - FEW_JOBS):
+        finished_job(queue, settings, TINY_JOB, run_value())
+    many = page_costs()
+    print(f"\n/ and /?status=succeeded: {few[0] * 1000:.0f}, {few[1] * 1000:.0f} ms with {FEW_JOBS} jobs; "
+          f"{many[0] * 1000:.0f}, {many[1] * 1000:.0f} ms with {JOBS_STORED}")  # fmt: skip
+    for small, large in zip(few, many, strict=True):
+        assert large < 2 * small + 0.02  # loading every job would cost 100x
 
 
 def test_where_job_reads_need_the_token_pages_hold_no_job_data_and_the_data_views_ask_for_it(redis_url, tmp_path):
