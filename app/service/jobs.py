@@ -27,8 +27,11 @@ from app.service.redaction import without_server_paths
 log = logging.getLogger(__name__)
 
 LEARNED_NOTHING = "the model learned nothing: val accuracy is within 1 point of always answering the majority class"
-# The worker's task, by name: the web side never imports it (nor torch).
+# The worker's tasks, by name: the web side never imports them (nor torch).
 TRAIN_TASK = "app.service.tasks.train_job"
+TRIAL_TASK = "app.service.sweeps.trials.trial_job"
+# The only functions a worker imports and runs: whoever can write to Redis must not choose the code.
+PROJECT_TASKS = frozenset({TRAIN_TASK, TRIAL_TASK})
 # RQ's failure_ttl when a job sets none (one year).
 DEFAULT_FAILURE_TTL = 365 * 24 * 3600
 # API-side Redis timeouts: a dead Redis answers 503 in seconds instead of hanging a request.
@@ -57,6 +60,39 @@ class JobNotFound(LookupError):
 
 class JobAlreadyFinished(RuntimeError):
     """Cancel was asked for a job that has already ended."""
+
+
+class ForbiddenTask(RuntimeError):
+    """A job names a function that is not one of the project's tasks (or asks for a callback); it is never imported."""
+
+
+class ProjectJob(Job):
+    """An RQ job that resolves only the project's tasks: RQ would import any ``module.function`` named in Redis.
+
+    The check runs before any import; callbacks (which RQ also imports by name) are refused, the project uses none.
+    """
+
+    @property
+    def func(self):
+        name = self.func_name
+        if self.instance is not None or name not in PROJECT_TASKS:
+            raise ForbiddenTask(f"job {self.id} names {name!r}, not one of this service's tasks; it was not run")
+        callbacks = [self._success_callback_name, self._failure_callback_name, self._stopped_callback_name]
+        if any(callbacks):
+            raise ForbiddenTask(f"job {self.id} asks for callbacks {[c for c in callbacks if c]}; none is allowed")
+        return super().func
+
+    @property
+    def success_callback(self):
+        return None
+
+    @property
+    def failure_callback(self):
+        return None
+
+    @property
+    def stopped_callback(self):
+        return None
 
 
 def connect_redis(settings: Settings) -> Redis:
@@ -96,6 +132,7 @@ def make_worker(settings: Settings) -> Worker:
         [training_queue(settings, connection)],
         connection=connection,
         serializer=JSONSerializer,
+        job_class=ProjectJob,
         job_monitoring_interval=settings.worker_heartbeat,
     )
 

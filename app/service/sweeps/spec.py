@@ -21,9 +21,9 @@ from pydantic import (
 
 from app.config import Settings
 from app.params import TrainParams
+from app.service.jobs import TRIAL_TASK as TRIAL_TASK  # the trial task's name, for the driver
 from app.service.model_access import ModelNotAllowed, model_for_training
 
-TRIAL_TASK = "app.service.sweeps.trials.trial_job"
 # BoolQ's train split, for the compute budget when DATA_DIR is the hub.
 BOOLQ_TRAIN_ROWS = 9427
 # The median pruner compares a trial with the trials before it only once this many have finished.

@@ -1,0 +1,42 @@
+"""Issue 22: whoever can write to Redis, a run folder or a local file must not run code or read secrets, and every
+door of the API has its lock. Each test reproduces one finding with the real component (Redis, worker, nginx)."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+from redis import Redis
+from rq import Queue
+from rq.job import JobStatus
+from rq.serializers import JSONSerializer
+
+from tests.helpers import service_settings, wait_for
+
+
+class WritesFile:
+    """A pickle that creates ``path`` when it is unpickled: the attacker's payload."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def planted_pickle(path) -> bytes:
+    return pickle.dumps(WritesFile(path))
+
+
+@pytest.mark.slow
+def test_a_worker_refuses_a_job_naming_a_function_that_is_not_a_project_task(launcher, redis_url, tmp_path):
+    settings = service_settings(redis_url, tmp_path)
+    launcher.worker(settings)
+    marker = tmp_path / "owned"
+    queue = Queue(settings.queue_name, connection=Redis.from_url(redis_url), serializer=JSONSerializer)
+    job = queue.enqueue("os.system", f"touch {marker}")
+    wait_for(lambda: job.get_status() in (JobStatus.FAILED, JobStatus.FINISHED), 60, "the planted job to end")
+    assert job.get_status() == JobStatus.FAILED
+    assert "os.system" in job.latest_result().exc_string
+    assert "ForbiddenTask" in job.latest_result().exc_string
+    assert not marker.exists()
