@@ -40,3 +40,27 @@ def test_a_worker_refuses_a_job_naming_a_function_that_is_not_a_project_task(lau
     assert "os.system" in job.latest_result().exc_string
     assert "ForbiddenTask" in job.latest_result().exc_string
     assert not marker.exists()
+
+
+SWEEP = {
+    "base": dict(model="minilm", train_limit=40, eval_limit=8, max_length=32, epochs=1, batch_size=8),
+    "space": {"lr": [1e-4, 2e-4]},
+    "trials": 2,
+    "parallel": 1,
+}
+
+
+def test_a_pickle_planted_as_the_optuna_snapshot_is_never_unpickled(redis_url, tmp_path):
+    from app.api import create_app
+    from app.service.sweeps import journal_on_redis
+
+    settings = service_settings(redis_url, tmp_path)
+    client = create_app(settings).test_client()
+    sweep_id = client.post("/sweeps", json=SWEEP).get_json()["sweep_id"]
+    marker = tmp_path / "owned"
+    Redis.from_url(redis_url).set(f"boolq:{settings.queue_name}:optuna:snapshot", planted_pickle(marker))
+    journal_on_redis.cache_clear()  # a new process: its storage replays the journal
+    listed = client.get("/sweeps")
+    assert listed.status_code == 200
+    assert [s["sweep_id"] for s in listed.get_json()["sweeps"]] == [sweep_id]
+    assert not marker.exists()
