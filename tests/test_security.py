@@ -64,3 +64,23 @@ def test_a_pickle_planted_as_the_optuna_snapshot_is_never_unpickled(redis_url, t
     assert listed.status_code == 200
     assert [s["sweep_id"] for s in listed.get_json()["sweeps"]] == [sweep_id]
     assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_tampered_checkpoint_runs_no_code_and_the_run_starts_over(tmp_path):
+    import torch
+
+    from app.config import SAMPLE_DATA_DIR
+    from app.engine import run_folder
+    from app.engine.training import train_and_evaluate
+    from app.params import TrainParams
+    from tests.helpers import RESUMABLE
+
+    marker = tmp_path / "owned"
+    state = run_folder.training_state(tmp_path / "runs" / "r")
+    state.parent.mkdir(parents=True)
+    torch.save({"loop": WritesFile(marker)}, state)  # a killed attempt's checkpoint, rewritten by an attacker
+    result = train_and_evaluate(TrainParams(**RESUMABLE), SAMPLE_DATA_DIR, tmp_path / "runs", run_id="r")
+    assert not marker.exists()
+    assert result.metrics["resumed_from_step"] is None  # refused: trained from the start
+    assert not state.exists()
