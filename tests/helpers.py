@@ -203,6 +203,11 @@ def wait_for_state(process, state_file: Path, log_path: Path, timeout_s: float =
     return json.loads(state_file.read_text())
 
 
+def stack_redis_url(state: dict) -> str:
+    """The stack's Redis URL with its password (stack.json names the private file that holds it)."""
+    return Path(state["redis_url_file"]).read_text().strip()
+
+
 def work_horse_pids(worker_pid: int) -> list[int]:
     """The work horses (forked children, each running one job) of an RQ worker process."""
     children = Path(f"/proc/{worker_pid}/task/{worker_pid}/children").read_text().split()
