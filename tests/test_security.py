@@ -119,3 +119,97 @@ def test_the_native_stack_keeps_the_redis_password_out_of_shared_files_logs_and_
         process.wait(timeout=60)
     logs = [log_path, *(state_dir / "logs").iterdir()]
     assert all(password not in path.read_text(errors="replace") for path in logs)
+
+
+def test_two_sweeps_cannot_put_more_jobs_on_the_queue_than_max_queued_jobs(redis_url, tmp_path):
+    from app.api import create_app
+
+    settings = service_settings(redis_url, tmp_path, max_queued_jobs=2)
+    client = create_app(settings).test_client()
+    wide = SWEEP | {"trials": 6, "parallel": 6, "space": {"lr": {"low": 1e-5, "high": 1e-3}}}
+    first = client.post("/sweeps", json=wide)
+    second = client.post("/sweeps", json=wide)
+    queue = Queue(settings.queue_name, connection=Redis.from_url(redis_url))
+    assert first.status_code == 202 and queue.count == 2
+    assert second.status_code == 429 and "MAX_QUEUED_JOBS" in second.get_json()["error"]["message"]
+    assert client.post("/train", json=SWEEP["base"]).status_code == 429
+    assert queue.count == 2
+
+
+def test_a_sweep_whose_trials_exceed_the_token_budget_is_refused_naming_max_length(redis_url, tmp_path):
+    from app.api import create_app
+
+    # 40 rows × 1 epoch × 512 tokens = 20,480 tokens per trial, over a budget of 10,000.
+    settings = service_settings(redis_url, tmp_path, max_job_tokens=10_000)
+    client = create_app(settings).test_client()
+    response = client.post("/sweeps", json=SWEEP | {"space": {"max_length": [32, 512]}})
+    assert response.status_code == 422
+    assert "MAX_JOB_TOKENS" in response.get_json()["error"]["fields"]["space.max_length"]
+
+
+def test_without_api_token_rotating_bearer_strings_share_one_per_client_cap(redis_url, tmp_path):
+    from app.api import create_app
+
+    settings = service_settings(redis_url, tmp_path, max_jobs_per_client=2)
+    client = create_app(settings).test_client()
+    answers = [
+        client.post("/train", json=SWEEP["base"], headers={"Authorization": f"Bearer fresh-{n}"}).status_code
+        for n in range(4)
+    ]
+    assert answers == [202, 202, 429, 429]
+
+
+@pytest.mark.slow
+def test_a_spoofed_x_forwarded_for_straight_at_gunicorn_does_not_dodge_the_per_client_cap(
+    launcher, redis_url, tmp_path
+):
+    import requests
+
+    # The only trusted proxy is elsewhere: this test's requests come straight from 127.0.0.1.
+    settings = service_settings(redis_url, tmp_path, max_jobs_per_client=2, trusted_proxies="10.9.9.9")
+    url = launcher.server(settings, workers=1)
+    answers = [
+        requests.post(f"{url}/train", json=SWEEP["base"], headers={"X-Forwarded-For": f"203.0.113.{n}"}).status_code
+        for n in range(4)
+    ]
+    assert answers == [202, 202, 429, 429]
+
+
+@pytest.fixture(scope="module")
+def behind_nginx(launcher, redis_url, tmp_path_factory):
+    """A real gunicorn replica behind the real nginx of the template; yields nginx's URL."""
+    from tests.helpers import nginx_in_front
+
+    folder = tmp_path_factory.mktemp("behind-nginx")
+    api_url = launcher.server(service_settings(redis_url, folder), workers=1)
+    with nginx_in_front(folder, api_url) as url:
+        yield url
+
+
+@pytest.mark.slow
+def test_nginx_rate_limits_sweeps_like_train(behind_nginx):
+    import requests
+
+    with requests.Session() as session:
+        codes = [
+            session.post(
+                f"{behind_nginx}/sweeps", data="{bad", headers={"Content-Type": "application/json"}
+            ).status_code
+            for _ in range(40)
+        ]
+    assert codes.count(400) >= 20 and codes.count(429) >= 10, codes
+
+
+@pytest.mark.slow
+def test_nginx_hides_its_version_forbids_framing_and_sniffing_and_replicas_are_opaque(behind_nginx):
+    import socket
+
+    import requests
+
+    answer = requests.get(f"{behind_nginx}/healthz")
+    assert answer.headers["Server"] == "nginx"
+    assert answer.headers["X-Frame-Options"] == "DENY"
+    assert answer.headers["X-Content-Type-Options"] == "nosniff"
+    assert "Strict-Transport-Security" not in answer.headers  # plain HTTP: HSTS only on a TLS server
+    replica = answer.headers["X-Replica"]
+    assert socket.gethostname() not in replica and ":" not in replica

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
-import socket
+import secrets
 import threading
 
 from flask import Flask
-from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app.config import Settings
 
@@ -18,6 +18,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from app.api.context import Service
     from app.api.errors import register_error_handlers
     from app.api.metrics import ServiceMetrics
+    from app.api.proxy import TrustedProxyFix
     from app.service.admission import Admission
     from app.service.jobs import connect_redis, training_queue
 
@@ -38,7 +39,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     waiters = threading.BoundedSemaphore(max(settings.max_waiters, 1))
     app.extensions["boolq"] = Service(settings, queue, predictors, metrics, Admission(queue, settings), waiters)
     # Behind nginx the client's address is the last X-Forwarded-For hop (admission counts jobs per address).
-    app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=0, x_host=0, x_port=0, x_prefix=0)
+    app.wsgi_app = TrustedProxyFix(app.wsgi_app, settings.trusted_proxies)
 
     for blueprint in (health.bp, jobs.bp, predict.bp, openapi.bp, models.bp, sweeps.bp, console.bp):
         app.register_blueprint(blueprint)
@@ -49,6 +50,13 @@ def create_app(settings: Settings | None = None) -> Flask:
 
 
 def add_replica_header(response):
-    """``X-Replica: host:pid`` on every response, so load balancing can be observed."""
-    response.headers["X-Replica"] = f"{socket.gethostname()}:{os.getpid()}"
+    """``X-Replica`` on every response, so load balancing can be observed: an opaque id per process (a host name
+    and pid would tell a client about the servers)."""
+    response.headers["X-Replica"] = replica_id(os.getpid())
     return response
+
+
+@functools.cache
+def replica_id(pid: int) -> str:
+    """A random id drawn once per process (keyed by pid: gunicorn forks its workers from one loaded app)."""
+    return secrets.token_hex(6)

@@ -32,6 +32,8 @@ TRAIN_TASK = "app.service.tasks.train_job"
 TRIAL_TASK = "app.service.sweeps.trials.trial_job"
 # The only functions a worker imports and runs: whoever can write to Redis must not choose the code.
 PROJECT_TASKS = frozenset({TRAIN_TASK, TRIAL_TASK})
+# How often a worker runs RQ's registry cleanup and the sweeps' check (trials whose worker died, trials to start).
+MAINTENANCE_INTERVAL_S = 60
 # RQ's failure_ttl when a job sets none (one year).
 DEFAULT_FAILURE_TTL = 365 * 24 * 3600
 # API-side Redis timeouts: a dead Redis answers 503 in seconds instead of hanging a request.
@@ -111,30 +113,66 @@ def training_queue(settings: Settings, connection: Redis) -> Queue:
 
 def enqueue_training(queue: Queue, params: TrainParams, settings: Settings) -> Job:
     """Put one training run on the queue (and in the job index); the job id becomes the run folder's name."""
+    return enqueue_job(queue, TRAIN_TASK, [params.model_dump()], settings, description=f"train {params.model}")
+
+
+def enqueue_job(
+    queue: Queue,
+    task: str,
+    args: list,
+    settings: Settings,
+    *,
+    description: str,
+    job_id: str | None = None,
+    meta: dict | None = None,
+) -> Job:
+    """The one way a job reaches the queue (called inside ``Admission.admit``): timeouts, retries and TTLs from
+    the settings, and the job index, the same for a training and a sweep's trial."""
+    if task not in PROJECT_TASKS:
+        raise ForbiddenTask(f"{task!r} is not one of this service's tasks")
     job = queue.enqueue(
-        TRAIN_TASK,
-        params.model_dump(),
+        task,
+        *args,
+        job_id=job_id,
         job_timeout=settings.job_timeout,
         result_ttl=settings.result_ttl,
         failure_ttl=settings.result_ttl,
         retry=Retry(max=settings.job_retries) if settings.job_retries > 0 else None,
-        meta={"progress": None},
-        description=f"train {params.model}",
+        meta={"progress": None} | (meta or {}),
+        description=description,
     )
     JobIndex(queue).add(job)
     return job
 
 
-def make_worker(settings: Settings) -> Worker:
-    """An RQ worker on the training queue; each job runs in a forked work horse it watches."""
+class ProjectWorker(Worker):
+    """An RQ worker that also runs ``on_maintenance`` (the sweeps' periodic check) with RQ's own maintenance."""
+
+    on_maintenance = None
+
+    def run_maintenance_tasks(self):
+        super().run_maintenance_tasks()
+        if self.on_maintenance is not None:
+            try:
+                self.on_maintenance()
+            except Exception:  # a maintenance hiccup must not stop the worker taking jobs
+                log.exception("periodic maintenance failed")
+
+
+def make_worker(settings: Settings, on_maintenance=None) -> Worker:
+    """An RQ worker on the training queue; each job runs in a forked work horse it watches.
+    ``on_maintenance`` runs every MAINTENANCE_INTERVAL_S (the sweeps' periodic check; the web side has none)."""
     connection = Redis.from_url(settings.redis_url)
-    return Worker(
+    worker = ProjectWorker(
         [training_queue(settings, connection)],
         connection=connection,
         serializer=JSONSerializer,
         job_class=ProjectJob,
         job_monitoring_interval=settings.worker_heartbeat,
+        maintenance_interval=MAINTENANCE_INTERVAL_S,
     )
+    worker.on_maintenance = on_maintenance
+    return worker
 
 
 def fetch_job(queue: Queue, job_id: str) -> Job:
