@@ -103,7 +103,11 @@ class Settings(BaseSettings):
     # Addresses or networks (comma-separated; `*` = any) whose X-Forwarded-For the API believes: the nginx hop.
     # A request from elsewhere is counted by its own address, so a client cannot choose its per-client key.
     trusted_proxies: str = "127.0.0.1,::1"
-    # 1: GET /jobs* are open to everyone even when API_TOKEN is set (by default they need the token too).
+    # Host names (comma-separated) a browser may reach the API by when API_TOKEN is empty: a POST's Host and
+    # Origin must name one of them, so a web page elsewhere (or a DNS-rebinding name) cannot queue jobs.
+    allowed_hosts: str = "localhost,127.0.0.1,[::1]"
+    # 1: the reads (GET /jobs*, /sweeps*, /models) are open to everyone even when API_TOKEN is set (by default
+    # they need the token too).
     public_reads: bool = False
     # Most devices (`devices` of POST /train: ranks of one DDP run) a job may ask for; 422 above it. Set it to
     # what each worker can give: its GPUs, or on CPU-only workers at most its cores. Default 1: one process.

@@ -213,3 +213,62 @@ def test_nginx_hides_its_version_forbids_framing_and_sniffing_and_replicas_are_o
     assert "Strict-Transport-Security" not in answer.headers  # plain HTTP: HSTS only on a TLS server
     replica = answer.headers["X-Replica"]
     assert socket.gethostname() not in replica and ":" not in replica
+
+
+def open_client(redis_url, tmp_path, **overrides):
+    from app.api import create_app
+
+    return create_app(service_settings(redis_url, tmp_path, **overrides)).test_client()
+
+
+def test_a_cross_site_empty_text_plain_post_is_415(redis_url, tmp_path):
+    client = open_client(redis_url, tmp_path)
+    response = client.post("/train", data="", content_type="text/plain", headers={"Origin": "http://localhost"})
+    assert response.status_code == 415 and response.get_json()["error"]["code"] == "unsupported_media_type"
+    assert client.post("/train").status_code == 415  # no body, no content type: not JSON either
+
+
+def test_without_a_token_a_post_from_a_foreign_origin_or_host_is_403(redis_url, tmp_path):
+    client = open_client(redis_url, tmp_path)
+    foreign = client.post("/train", json=SWEEP["base"], headers={"Origin": "http://evil.example"})
+    assert foreign.status_code == 403 and "evil.example" in foreign.get_json()["error"]["message"]
+    rebound = client.post("/train", json=SWEEP["base"], headers={"Host": "evil.example"})  # DNS rebinding
+    assert rebound.status_code == 403 and "ALLOWED_HOSTS" in rebound.get_json()["error"]["message"]
+    assert client.post("/jobs/some-job/cancel", headers={"Origin": "http://evil.example"}).status_code == 403
+    same_origin = client.post("/train", json=SWEEP["base"], headers={"Origin": "http://localhost"})
+    assert same_origin.status_code == 202
+
+
+def test_with_a_token_and_no_public_reads_sweeps_and_models_need_the_token(redis_url, tmp_path):
+    client = open_client(redis_url, tmp_path, api_token="s3cret", tracker="mlflow")
+    token = {"Authorization": "Bearer s3cret"}
+    sweep_id = client.post("/sweeps", json=SWEEP, headers=token).get_json()["sweep_id"]
+    for path in ("/sweeps", f"/sweeps/{sweep_id}", "/models"):
+        assert client.get(path).status_code == 401, path
+        assert client.get(path, headers=token).status_code == 200, path
+
+
+def test_reading_a_sweep_changes_nothing_and_the_workers_check_notices_a_dead_trial(redis_url, tmp_path):
+    from rq.job import Job
+
+    from app.service import jobs, sweeps
+
+    settings = service_settings(redis_url, tmp_path)
+    client = open_client(redis_url, tmp_path, queue_name=settings.queue_name)
+    sweep_id = client.post("/sweeps", json=SWEEP).get_json()["sweep_id"]
+    queue = Queue(settings.queue_name, connection=Redis.from_url(redis_url), serializer=JSONSerializer)
+    (first,) = queue.get_job_ids()
+    Job.fetch(first, connection=queue.connection, serializer=JSONSerializer).cancel()  # its worker died, say
+    for _ in range(3):
+        assert client.get(f"/sweeps/{sweep_id}").status_code == 200
+    assert queue.count == 0 and client.get(f"/sweeps/{sweep_id}").get_json()["leaderboard"][0]["status"] == "running"
+    sweeps.advance_unfinished(settings, jobs.training_queue(settings, queue.connection))
+    board = client.get(f"/sweeps/{sweep_id}").get_json()["leaderboard"]
+    assert sorted(row["status"] for row in board) == ["cancelled", "queued"]
+    assert queue.count == 1
+
+
+def test_promote_refuses_a_job_id_that_is_not_a_job_id_before_it_reaches_mlflow(redis_url, tmp_path):
+    client = open_client(redis_url, tmp_path, tracker="mlflow")
+    response = client.post("/models/champion", json={"job_id": "x' or name != '"})
+    assert response.status_code == 422 and "job_id" in response.get_json()["error"]["fields"]

@@ -15,6 +15,7 @@ from app.config import Settings
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the app from ``settings`` (default: the environment). Connects lazily: nothing blocks here."""
     from app.api import console, health, jobs, models, openapi, predict, sweeps
+    from app.api.auth import refuse_foreign_origin
     from app.api.context import Service
     from app.api.errors import register_error_handlers
     from app.api.metrics import ServiceMetrics
@@ -44,6 +45,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     for blueprint in (health.bp, jobs.bp, predict.bp, openapi.bp, models.bp, sweeps.bp, console.bp):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
+    app.before_request(refuse_foreign_origin)
     metrics.instrument(app)
     app.after_request(add_replica_header)
     return app

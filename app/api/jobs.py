@@ -21,7 +21,7 @@ from app.service.redaction import without_server_paths
 bp = Blueprint("jobs", __name__)
 
 JOB_ID = "<job_id>"
-JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+JOB_ID_PATTERN = re.compile(jobs.JOB_ID_RULE)
 
 
 @bp.post("/train")

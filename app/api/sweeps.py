@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, request, url_for
 
-from app.api.auth import bearer_token, require_token
+from app.api.auth import bearer_token, require_token, require_token_for_reads
 from app.api.body import json_object, parse
 from app.api.context import current_service
 from app.api.errors import ApiError
@@ -35,6 +35,7 @@ def create():
 
 
 @bp.get("/sweeps")
+@require_token_for_reads
 def index():
     service = current_service()
     query = parse(JobsQuery, request.args.to_dict(), where="query")
@@ -48,6 +49,7 @@ def index():
 
 
 @bp.get("/sweeps/<sweep_id>")
+@require_token_for_reads
 def show(sweep_id: str):
     service = current_service()
     find_sweep(sweep_id)  # a read changes nothing: trials whose worker died are noticed by the workers' check

@@ -32,6 +32,8 @@ TRAIN_TASK = "app.service.tasks.train_job"
 TRIAL_TASK = "app.service.sweeps.trials.trial_job"
 # The only functions a worker imports and runs: whoever can write to Redis must not choose the code.
 PROJECT_TASKS = frozenset({TRAIN_TASK, TRIAL_TASK})
+# What a job id (and a run folder's name) may be: what the API accepts in a path, and in an MLflow filter.
+JOB_ID_RULE = r"[A-Za-z0-9_-]{1,64}"
 # How often a worker runs RQ's registry cleanup and the sweeps' check (trials whose worker died, trials to start).
 MAINTENANCE_INTERVAL_S = 60
 # RQ's failure_ttl when a job sets none (one year).
