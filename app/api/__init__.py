@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import secrets
+import socket
 import threading
 
 from flask import Flask
@@ -52,13 +54,15 @@ def create_app(settings: Settings | None = None) -> Flask:
 
 
 def add_replica_header(response):
-    """``X-Replica`` on every response, so load balancing can be observed: an opaque id per process (a host name
-    and pid would tell a client about the servers)."""
+    """``X-Replica: <host>-<process>`` on every response, so load balancing can be observed; both parts opaque
+    (a host name and pid would tell a client about the servers)."""
     response.headers["X-Replica"] = replica_id(os.getpid())
     return response
 
 
 @functools.cache
 def replica_id(pid: int) -> str:
-    """A random id drawn once per process (keyed by pid: gunicorn forks its workers from one loaded app)."""
-    return secrets.token_hex(6)
+    """A digest of the host name (the same for a replica's processes) and a random id drawn once per process
+    (keyed by pid: gunicorn forks its workers from one loaded app)."""
+    host = hashlib.sha256(f"boolq-replica:{socket.gethostname()}".encode()).hexdigest()[:8]
+    return f"{host}-{secrets.token_hex(4)}"
