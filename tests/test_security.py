@@ -272,3 +272,49 @@ def test_promote_refuses_a_job_id_that_is_not_a_job_id_before_it_reaches_mlflow(
     client = open_client(redis_url, tmp_path, tracker="mlflow")
     response = client.post("/models/champion", json={"job_id": "x' or name != '"})
     assert response.status_code == 422 and "job_id" in response.get_json()["error"]["fields"]
+
+
+@pytest.mark.slow
+def test_the_micro_batcher_honours_predict_max_tokens(tiny_run, redis_url, tmp_path):
+    run_dir = Path(tiny_run[0].run_dir)
+    client = open_client(redis_url, tmp_path, artifacts_dir=run_dir.parent, predict_max_batch=8, predict_max_tokens=16)
+    long_pair = {"question": "is the sky blue " * 5, "passage": "The sky is blue by day. " * 20}
+    response = client.post("/predict", json=long_pair | {"model": run_dir.name})
+    assert response.status_code == 422 and response.get_json()["error"]["code"] == "too_many_tokens"
+    short = client.post("/predict", json={"question": "sky", "passage": "blue", "model": run_dir.name})
+    assert short.status_code == 200
+
+
+@pytest.mark.slow
+def test_a_model_loading_does_not_stall_requests_for_a_loaded_one(tiny_run):
+    import threading
+
+    from app.api.predict import PredictorCache
+
+    loaded_folder = Path(tiny_run[0].run_dir)
+    slow_folder = Path("/nonexistent/slow-model")
+    started, release = threading.Event(), threading.Event()
+
+    class SlowLoads(PredictorCache):
+        def load(self, folder):
+            if folder == slow_folder:
+                started.set()
+                release.wait(60)  # a big model from a slow disk, say
+                return "slow model"
+            return super().load(folder)
+
+    cache = SlowLoads(2)
+    loaded = cache.get(loaded_folder)
+    loading = threading.Thread(target=cache.get, args=(slow_folder,))
+    loading.start()
+    try:
+        assert started.wait(10)
+        answered = []
+        reader = threading.Thread(target=lambda: answered.append(cache.get(loaded_folder)))
+        reader.start()
+        reader.join(timeout=10)
+        assert answered == [loaded]  # served while the other folder is still loading
+    finally:
+        release.set()
+        loading.join(timeout=60)
+    assert cache.get(slow_folder) == "slow model"
