@@ -318,3 +318,22 @@ def test_a_model_loading_does_not_stall_requests_for_a_loaded_one(tiny_run):
         release.set()
         loading.join(timeout=60)
     assert cache.get(slow_folder) == "slow model"
+
+
+@pytest.mark.slow
+def test_a_worker_notices_a_dead_trial_in_its_periodic_check_and_starts_the_next(launcher, redis_url, tmp_path):
+    from rq.job import Job
+
+    settings = service_settings(redis_url, tmp_path)
+    client = open_client(redis_url, tmp_path, queue_name=settings.queue_name)
+    sweep_id = client.post("/sweeps", json=SWEEP).get_json()["sweep_id"]
+    queue = Queue(settings.queue_name, connection=Redis.from_url(redis_url), serializer=JSONSerializer)
+    (first,) = queue.get_job_ids()
+    Job.fetch(first, connection=queue.connection, serializer=JSONSerializer).cancel()  # lost before any worker ran it
+    launcher.worker(settings)  # its first maintenance runs at start
+
+    def statuses():
+        return sorted(row["status"] for row in client.get(f"/sweeps/{sweep_id}").get_json()["leaderboard"])
+
+    wait_for(lambda: len(statuses()) == 2, 120, "the worker to start the next trial")
+    assert statuses()[0] == "cancelled"
