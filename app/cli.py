@@ -190,12 +190,17 @@ def add_worker_parser(commands) -> None:
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     import app.service.tasks  # noqa: F401  (loaded once here, so each forked job starts without importing torch)
-    from app.service import sweeps
+    from app.service import registry, sweeps
     from app.service.jobs import connect_redis, make_worker, training_queue
 
     quiet_libraries()
     queue = training_queue(settings, connect_redis(settings))
-    worker = make_worker(settings, on_maintenance=lambda: sweeps.advance_unfinished(settings, queue))
+
+    def periodic_check() -> None:
+        sweeps.advance_unfinished(settings, queue)
+        registry.sync_champion_pointer(queue.connection, settings)
+
+    worker = make_worker(settings, on_maintenance=periodic_check)
     worker.work(burst=args.burst, logging_level="INFO")
     return 0
 

@@ -337,3 +337,25 @@ def test_a_worker_notices_a_dead_trial_in_its_periodic_check_and_starts_the_next
 
     wait_for(lambda: len(statuses()) == 2, 120, "the worker to start the next trial")
     assert statuses()[0] == "cancelled"
+
+
+@pytest.mark.slow
+def test_models_shows_no_server_path_and_reading_it_writes_nothing(tiny_run, redis_url, tmp_path):
+    from app.engine import run_folder
+    from app.service import registry
+
+    run_dir = Path(tiny_run[0].run_dir)
+    settings = service_settings(redis_url, tmp_path, tracker="mlflow")
+    models = registry.ModelRegistry(settings)
+    version = models.register(
+        run_dir, run_dir.name, run_folder.read_params(run_dir), run_folder.read_metrics(run_dir), None
+    )
+    models.promote(version)  # in MLflow only, as `python -m app sweep --promote` or MLflow's UI would
+    client = open_client(redis_url, tmp_path, queue_name=settings.queue_name, tracker="mlflow")
+    listing = client.get("/models")
+    assert listing.status_code == 200 and listing.get_json()["champion"]["job_id"] == run_dir.name
+    assert str(tmp_path) not in listing.text and "file:///" not in listing.text
+    connection = Redis.from_url(redis_url)
+    assert registry.read_champion_pointer(connection, settings) is None  # a GET changed nothing
+    registry.sync_champion_pointer(connection, settings)  # the workers' periodic check
+    assert registry.read_champion_pointer(connection, settings)["job_id"] == run_dir.name

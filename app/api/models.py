@@ -24,11 +24,7 @@ def index():
     service = current_service()
     models = open_registry(service.settings)
     versions = models.versions()
-    champion = next((v for v in versions if v.champion), None)
-    pointer = registry.read_champion_pointer(service.queue.connection, service.settings)
-    if champion is not None and (pointer or {}).get("version") != champion.version:
-        # Promoted elsewhere (python -m app sweep --promote, MLflow's UI) or Redis was reset: copy it again.
-        registry.write_champion_pointer(service.queue.connection, service.settings, champion)
+    champion = next((v for v in versions if v.champion), None)  # /predict follows Redis' copy (workers sync it)
     # A version's source is where MLflow keeps its files (file:///… on this server): cut to the last part.
     return jsonify(
         registered_model=models.name,

@@ -87,7 +87,6 @@ class Predictor:
                 probabilities[i] = p
         return [Answer(answer=p >= 0.5, probability=p) for p in probabilities]
 
-
     def check_tokens(self, pairs: list[tuple[str, str]], max_tokens: int) -> None:
         """:class:`TooManyTokens` when ``pairs`` hold more than ``max_tokens`` tokens after truncation."""
         self.encode_within(pairs, max_tokens)

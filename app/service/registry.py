@@ -68,6 +68,17 @@ def write_champion_pointer(redis, settings: Settings, version: ModelVersion) -> 
     redis.set(champion_key(settings), json.dumps(pointer))
 
 
+def sync_champion_pointer(redis, settings: Settings) -> None:
+    """Copy MLflow's champion into Redis when they differ (promoted by ``python -m app sweep --promote`` or in
+    MLflow's UI, or Redis was reset): the workers' periodic check, so no read has to write."""
+    try:
+        champion = ModelRegistry(settings).champion()
+    except RegistryOff:
+        return
+    if champion is not None and (read_champion_pointer(redis, settings) or {}).get("version") != champion.version:
+        write_champion_pointer(redis, settings, champion)
+
+
 class ModelRegistry:
     """The registered model's versions in MLflow, read and promoted through ``MlflowClient``."""
 
