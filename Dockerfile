@@ -54,5 +54,5 @@ EXPOSE 5000
 HEALTHCHECK --interval=10s --timeout=5s --start-period=180s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '5000'), timeout=4)"]
 
-# gunicorn with app/ops/gunicorn_conf.py, bound to 0.0.0.0:$PORT.
-CMD ["python", "-m", "app", "serve"]
+# gunicorn with app/ops/gunicorn_conf.py, bound to 0.0.0.0:$PORT inside the container network (nginx publishes).
+CMD ["python", "-m", "app", "serve", "--host", "0.0.0.0"]

@@ -42,7 +42,7 @@ demo-full: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/lint-imports --no-logo pyproject.toml .importlinter
+	$(BIN)/lint-imports --no-logo --no-cache pyproject.toml .importlinter
 
 format: $(BIN)/.installed
 	$(BIN)/ruff check --fix .

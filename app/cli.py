@@ -162,7 +162,9 @@ def add_predict_parser(commands) -> None:
 
 def add_serve_parser(commands) -> None:
     serve = commands.add_parser("serve", help="serve the REST API with gunicorn (app/ops/gunicorn_conf.py)")
-    serve.add_argument("--host", default="0.0.0.0", help="interface to bind (default: 0.0.0.0)")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1; a container gives 0.0.0.0)"
+    )
     serve.add_argument("--port", type=int, help="port (default: PORT or 5000)")
     serve.add_argument("--workers", type=int, help="worker processes (default: WEB_WORKERS or 2)")
     serve.set_defaults(handler=run_serve)
@@ -190,10 +192,17 @@ def add_worker_parser(commands) -> None:
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     import app.service.tasks  # noqa: F401  (loaded once here, so each forked job starts without importing torch)
-    from app.service.jobs import make_worker
+    from app.service import registry, sweeps
+    from app.service.jobs import connect_redis, make_worker, training_queue
 
     quiet_libraries()
-    worker = make_worker(settings)
+    queue = training_queue(settings, connect_redis(settings))
+
+    def periodic_check() -> None:
+        sweeps.advance_unfinished(settings, queue)
+        registry.sync_champion_pointer(queue.connection, settings)
+
+    worker = make_worker(settings, on_maintenance=periodic_check)
     worker.work(burst=args.burst, logging_level="INFO")
     return 0
 

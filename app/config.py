@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     neptune_mode: str = ""
     # Folder holding Neptune's .neptune data (offline runs); empty = ARTIFACTS_DIR/.neptune.
     neptune_data_directory: Path | None = None
-    # HTTP port of ``python -m app serve`` (gunicorn binds 0.0.0.0:PORT).
+    # HTTP port of ``python -m app serve`` (gunicorn binds 127.0.0.1:PORT unless --host says otherwise).
     port: int = 5000
     # Gunicorn worker processes and threads per process.
     web_workers: int = 2
@@ -100,7 +100,14 @@ class Settings(BaseSettings):
     predict_timeout_s: float = 60.0
     # Concurrent POST /train?wait=true waiters per API process; 429 beyond, so waiters never take every thread.
     max_waiters: int = 2
-    # 1: GET /jobs* are open to everyone even when API_TOKEN is set (by default they need the token too).
+    # Addresses or networks (comma-separated; `*` = any) whose X-Forwarded-For the API believes: the nginx hop.
+    # A request from elsewhere is counted by its own address, so a client cannot choose its per-client key.
+    trusted_proxies: str = "127.0.0.1,::1"
+    # Host names (comma-separated) a browser may reach the API by when API_TOKEN is empty: a POST's Host and
+    # Origin must name one of them, so a web page elsewhere (or a DNS-rebinding name) cannot queue jobs.
+    allowed_hosts: str = "localhost,127.0.0.1,[::1]"
+    # 1: the reads (GET /jobs*, /sweeps*, /models) are open to everyone even when API_TOKEN is set (by default
+    # they need the token too).
     public_reads: bool = False
     # Most devices (`devices` of POST /train: ranks of one DDP run) a job may ask for; 422 above it. Set it to
     # what each worker can give: its GPUs, or on CPU-only workers at most its cores. Default 1: one process.

@@ -15,6 +15,10 @@ SMOKE_TIMEOUT=${SMOKE_TIMEOUT:-1800}
 LOCAL_IMAGES=${LOCAL_IMAGES:-auto}
 export COMPOSE_PROJECT_NAME=${COMPOSE_PROJECT_NAME:-boolq-smoke}
 export WORKER_REPLICAS=1 HF_HUB_OFFLINE=1 DEFAULT_MODEL=minilm TRACKER=none
+# compose refuses to start without these: fresh ones for this run unless given.
+API_TOKEN=${API_TOKEN:-$(python3 -c 'import secrets; print(secrets.token_hex(16))')}
+REDIS_PASSWORD=${REDIS_PASSWORD:-$(python3 -c 'import secrets; print(secrets.token_hex(16))')}
+export API_TOKEN REDIS_PASSWORD
 URL=http://localhost:4000
 TINY_JOB='{"model": "minilm", "epochs": 1, "batch_size": 16, "train_limit": 64, "eval_limit": 32, "max_length": 64}'
 QUESTION='{"question": "is the sky blue", "passage": "The sky appears blue because of Rayleigh scattering."}'
@@ -142,7 +146,7 @@ step "GET /healthz through nginx, answered by all 3 replicas (X-Replica)"
 replicas=""
 for _ in $(seq 60); do
   replica=$(curl -fsS -D - -o /dev/null "$URL/healthz" | tr -d '\r' \
-    | sed -n 's/^[Xx]-[Rr]eplica: \([^:]*\):.*$/\1/p') || replica=""
+    | sed -n 's/^[Xx]-[Rr]eplica: \([^-]*\)-.*$/\1/p') || replica=""
   replicas=$(printf '%s\n%s\n' "$replicas" "$replica" | sed '/^$/d' | sort -u)
   [ "$(echo "$replicas" | wc -l)" -ge 3 ] && break
 done
@@ -152,7 +156,7 @@ pass "replicas $(echo $replicas)"
 step "POST /train?wait=true, a tiny minilm job"
 t0=$SECONDS
 result=$(curl -fsS --max-time "$(left)" -X POST "$URL/train?wait=true&timeout=600" \
-  -H 'Content-Type: application/json' -d "$TINY_JOB") || fail "POST /train?wait=true: $result"
+  -H "Authorization: Bearer $API_TOKEN" -H 'Content-Type: application/json' -d "$TINY_JOB") || fail "POST /train?wait=true: $result"
 job_id=$(json 'data["job_id"]' <<<"$result") || fail "no job_id in $result"
 accuracy=$(json 'data["accuracy"]' <<<"$result") || fail "no accuracy in $result"
 n_predictions=$(json 'len(data["predictions"])' <<<"$result") || fail "no predictions in $result"
@@ -160,7 +164,8 @@ n_predictions=$(json 'len(data["predictions"])' <<<"$result") || fail "no predic
 pass "job $job_id: accuracy $accuracy, $n_predictions predictions, $((SECONDS - t0)) s"
 
 step "POST /predict with the job's model"
-answer=$(curl -fsS --max-time 120 -X POST "$URL/predict" -H 'Content-Type: application/json' \
+answer=$(curl -fsS --max-time 120 -X POST "$URL/predict" -H "Authorization: Bearer $API_TOKEN" \
+  -H 'Content-Type: application/json' \
   -d "${QUESTION%\}}, \"model\": \"$job_id\"}") || fail "POST /predict: $answer"
 answered_by=$(json 'data["model"]' <<<"$answer") || fail "no model in $answer"
 [ "$answered_by" = "$job_id" ] || fail "answered by another model: $answer"

@@ -191,6 +191,41 @@ class Launcher:
                 process.wait()
 
 
+@contextlib.contextmanager
+def nginx_in_front(folder: Path, api_url: str):
+    """A real nginx (the template's native layout) in front of the replica at ``api_url``; yields nginx's URL."""
+    import signal
+    import subprocess
+
+    import requests
+
+    from app.ops.nginx_config import native_layout, render_nginx_conf
+    from app.ops.stack import find_binary, free_ports
+
+    (listen_port,) = free_ports(1)
+    (folder / "logs").mkdir()
+    (folder / "nginx-temp").mkdir()
+    layout = native_layout(f"127.0.0.1:{listen_port}", [api_url.removeprefix("http://")], folder)
+    conf = folder / "nginx.conf"
+    conf.write_text(render_nginx_conf(layout))
+    argv = [find_binary("nginx"), "-c", str(conf), "-p", str(folder), "-e", str(folder / "logs" / "error.log")]
+    nginx = subprocess.Popen([*argv, "-g", "daemon off;"], start_new_session=True)
+    url = f"http://127.0.0.1:{listen_port}"
+
+    def answers():
+        try:
+            return requests.get(f"{url}/healthz", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    try:
+        wait_for(answers, 20, "nginx in front of the replica")
+        yield url
+    finally:
+        os.killpg(nginx.pid, signal.SIGTERM)
+        nginx.wait(timeout=10)
+
+
 def wait_for_state(process, state_file: Path, log_path: Path, timeout_s: float = 240) -> dict:
     """stack.json appears once Redis, every replica, the worker and nginx answer."""
     import time
@@ -201,6 +236,11 @@ def wait_for_state(process, state_file: Path, log_path: Path, timeout_s: float =
         assert time.monotonic() < deadline, f"stack not ready after {timeout_s} s:\n{log_path.read_text()}"
         time.sleep(0.25)
     return json.loads(state_file.read_text())
+
+
+def stack_redis_url(state: dict) -> str:
+    """The stack's Redis URL with its password (stack.json names the private file that holds it)."""
+    return Path(state["redis_url_file"]).read_text().strip()
 
 
 def work_horse_pids(worker_pid: int) -> list[int]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
+import secrets
 import socket
 import threading
 
 from flask import Flask
-from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app.config import Settings
 
@@ -15,9 +17,11 @@ from app.config import Settings
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the app from ``settings`` (default: the environment). Connects lazily: nothing blocks here."""
     from app.api import console, health, jobs, models, openapi, predict, sweeps
+    from app.api.auth import refuse_foreign_origin
     from app.api.context import Service
     from app.api.errors import register_error_handlers
     from app.api.metrics import ServiceMetrics
+    from app.api.proxy import TrustedProxyFix
     from app.service.admission import Admission
     from app.service.jobs import connect_redis, training_queue
 
@@ -38,17 +42,27 @@ def create_app(settings: Settings | None = None) -> Flask:
     waiters = threading.BoundedSemaphore(max(settings.max_waiters, 1))
     app.extensions["boolq"] = Service(settings, queue, predictors, metrics, Admission(queue, settings), waiters)
     # Behind nginx the client's address is the last X-Forwarded-For hop (admission counts jobs per address).
-    app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=0, x_host=0, x_port=0, x_prefix=0)
+    app.wsgi_app = TrustedProxyFix(app.wsgi_app, settings.trusted_proxies)
 
     for blueprint in (health.bp, jobs.bp, predict.bp, openapi.bp, models.bp, sweeps.bp, console.bp):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
+    app.before_request(refuse_foreign_origin)
     metrics.instrument(app)
     app.after_request(add_replica_header)
     return app
 
 
 def add_replica_header(response):
-    """``X-Replica: host:pid`` on every response, so load balancing can be observed."""
-    response.headers["X-Replica"] = f"{socket.gethostname()}:{os.getpid()}"
+    """``X-Replica: <host>-<process>`` on every response, so load balancing can be observed; both parts opaque
+    (a host name and pid would tell a client about the servers)."""
+    response.headers["X-Replica"] = replica_id(os.getpid())
     return response
+
+
+@functools.cache
+def replica_id(pid: int) -> str:
+    """A digest of the host name (the same for a replica's processes) and a random id drawn once per process
+    (keyed by pid: gunicorn forks its workers from one loaded app)."""
+    host = hashlib.sha256(f"boolq-replica:{socket.gethostname()}".encode()).hexdigest()[:8]
+    return f"{host}-{secrets.token_hex(4)}"

@@ -1,9 +1,11 @@
-"""Bearer-token check when API_TOKEN is set: for the endpoints that spend compute, and for job reads."""
+"""Bearer-token check when API_TOKEN is set (the endpoints that spend compute or change state, and the reads unless
+PUBLIC_READS); without a token, state-changing requests must come from an allowed host, same-origin."""
 
 from __future__ import annotations
 
 import functools
 import hmac
+from urllib.parse import urlsplit
 
 from flask import request
 
@@ -42,3 +44,29 @@ def require_token_for_reads(view):
         return view(*args, **kwargs)
 
     return checked
+
+
+# Methods a browser on another site could use to change state here (GET and HEAD never change state).
+STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
+
+
+def refuse_foreign_origin() -> None:
+    """Without API_TOKEN nothing else stops a web page the user visits: a state-changing request must name an
+    ALLOWED_HOSTS host (no DNS rebinding) and, when the browser says where it comes from, this same origin."""
+    settings = current_service().settings
+    if settings.api_token or request.method not in STATE_CHANGING:
+        return
+    allowed = {name.strip().lower() for name in settings.allowed_hosts.split(",") if name.strip()}
+    host = request.host.lower()
+    if hostname_of(host) not in allowed:
+        raise ApiError(403, f"host {host!r} is not in ALLOWED_HOSTS; set API_TOKEN or add the host")
+    origin = request.headers.get("Origin")
+    if origin is not None and urlsplit(origin).netloc.lower() != host:
+        raise ApiError(403, f"cross-origin request from {origin!r} refused; set API_TOKEN to allow other origins")
+
+
+def hostname_of(host: str) -> str:
+    """``example.org:4000`` → ``example.org``; ``[::1]:4000`` → ``[::1]``."""
+    if host.startswith("["):
+        return host[: host.index("]") + 1] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host

@@ -9,13 +9,14 @@ from app.api.errors import ApiError, from_validation
 
 
 def json_object() -> dict:
-    """The request body as a JSON object; an empty body counts as ``{}``."""
+    """The request body as a JSON object; an empty body counts as ``{}``, but it too must be sent as
+    application/json: a web page elsewhere can send text/plain or a form without asking, never JSON."""
+    if request.mimetype != "application/json":
+        raise ApiError(415, f"send the body as application/json, not {request.mimetype or 'no content type'}")
     if not request.content_length and not request.data:
         return {}
     if request.content_length is None and over_the_limit_when_chunked():
         raise ApiError(413, f"the body is larger than this service accepts ({request.max_content_length} bytes)")
-    if request.mimetype != "application/json":
-        raise ApiError(415, f"send the body as application/json, not {request.mimetype or 'no content type'}")
     try:
         body = request.get_json(silent=True)
     except RecursionError:  # json.loads gives up on deeply nested arrays with this, not a ValueError

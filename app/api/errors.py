@@ -18,6 +18,7 @@ UNION_MEMBER = re.compile(r"int|float|str|bool|none|[\w-]+\[.*\]")
 HTTP_CODES = {
     400: "bad_request",
     401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     409: "conflict",

@@ -12,7 +12,7 @@ from app.api.context import current_service
 from app.api.errors import ApiError
 from app.api.schemas import JobsQuery, TrainQuery
 from app.params import TrainParams
-from app.service import jobs
+from app.service import jobs, sweeps
 from app.service import predictions as predictions_of
 from app.service.admission import RETRY_AFTER_S, Refused, check_cost, client_key
 from app.service.model_access import ModelNotAllowed, loadable_here, model_for_training
@@ -21,7 +21,7 @@ from app.service.redaction import without_server_paths
 bp = Blueprint("jobs", __name__)
 
 JOB_ID = "<job_id>"
-JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+JOB_ID_PATTERN = re.compile(jobs.JOB_ID_RULE)
 
 
 @bp.post("/train")
@@ -61,7 +61,7 @@ def train():
 def submit(params: TrainParams):
     """Enqueue through admission control: 429 when the queue or this client has no room."""
     service = current_service()
-    client = client_key(bearer_token(), request.remote_addr)
+    client = client_key(service.settings, bearer_token(), request.remote_addr)
     try:
         return service.admission.admit(client, lambda: jobs.enqueue_training(service.queue, params, service.settings))
     except Refused as exc:
@@ -125,6 +125,9 @@ def cancel(job_id: str):
         job = jobs.cancel_training(service.queue, find_job(job_id))
     except jobs.JobAlreadyFinished as exc:
         raise ApiError(409, str(exc)) from exc
+    sweep_id = (job.meta.get("sweep") or {}).get("sweep_id")
+    if sweep_id:  # a sweep's trial: the sweep marks it cancelled and starts the next one now
+        sweeps.advance(service.settings, service.queue, sweep_id)
     view = jobs.describe_job(job)
     return jsonify(view), 200 if view["status"] == "cancelled" else 202
 

@@ -6,31 +6,30 @@ import functools
 
 from flask import Blueprint, jsonify
 
-from app.api.auth import require_token
+from app.api.auth import require_token, require_token_for_reads
 from app.api.body import json_object, parse
 from app.api.context import current_service
 from app.api.errors import ApiError
 from app.api.schemas import PromoteRequest
 from app.config import Settings
 from app.service import registry
+from app.service.redaction import without_server_paths
 
 bp = Blueprint("models", __name__)
 
 
 @bp.get("/models")
+@require_token_for_reads
 def index():
     service = current_service()
     models = open_registry(service.settings)
     versions = models.versions()
-    champion = next((v for v in versions if v.champion), None)
-    pointer = registry.read_champion_pointer(service.queue.connection, service.settings)
-    if champion is not None and (pointer or {}).get("version") != champion.version:
-        # Promoted elsewhere (python -m app sweep --promote, MLflow's UI) or Redis was reset: copy it again.
-        registry.write_champion_pointer(service.queue.connection, service.settings, champion)
+    champion = next((v for v in versions if v.champion), None)  # /predict follows Redis' copy (workers sync it)
+    # A version's source is where MLflow keeps its files (file:///… on this server): cut to the last part.
     return jsonify(
         registered_model=models.name,
-        champion=champion.model_dump() if champion else None,
-        models=[v.model_dump() for v in versions],
+        champion=without_server_paths(champion.model_dump()) if champion else None,
+        models=[without_server_paths(v.model_dump()) for v in versions],
     )
 
 
@@ -51,7 +50,7 @@ def promote():
     except registry.NotBetter as exc:
         raise ApiError(409, str(exc), {"force": "needed to promote a version with lower val accuracy"}) from exc
     registry.write_champion_pointer(service.queue.connection, service.settings, champion)
-    return jsonify(champion=champion.model_dump())
+    return jsonify(champion=without_server_paths(champion.model_dump()))
 
 
 def open_registry(settings: Settings) -> registry.ModelRegistry:

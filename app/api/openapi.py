@@ -38,11 +38,12 @@ MODELS = (
 ERRORS = {
     "400": "Malformed JSON",
     "401": "Missing or wrong bearer token (when API_TOKEN is set)",
+    "403": "Without API_TOKEN: a state-changing request from a host not in ALLOWED_HOSTS or another origin",
     "404": "Unknown job, sweep, route or model",
     "405": "Wrong method",
     "409": "Job or sweep in the wrong state for this request; a champion with higher val accuracy (force)",
     "413": "Body over MAX_CONTENT_LENGTH",
-    "415": "Body is not application/json",
+    "415": "Body (even an empty one) is not sent as application/json",
     "422": "A field breaks its rule (each named in error.fields)",
     "500": "Internal error (no details leak)",
     "429": "Queue, client or waiter cap reached (Retry-After says when to retry)",
@@ -66,7 +67,8 @@ def operation(summary: str, responses: dict, body=None, query=None, secured: boo
     }
     if body is not None:
         op["requestBody"] = {
-            "required": False,
+            # Required as application/json, `{}` at least: an empty body of another type is refused (415).
+            "required": True,
             "content": {
                 "application/json": {"schema": {"oneOf": [ref(m) for m in body]} if len(body) > 1 else ref(body[0])}
             },

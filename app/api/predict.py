@@ -49,20 +49,40 @@ class PredictorCache:
         self.wait_s = wait_s
         self.on_batch = on_batch
         self.loaded: OrderedDict[Path, object] = OrderedDict()
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # guards `loaded` and `loading`; never held while a model loads
+        self.loading: dict[Path, threading.Lock] = {}
 
     def get(self, folder: Path):
+        """The folder's model, loaded on first use. A load holds only that folder's lock: requests for loaded
+        models keep being answered meanwhile, and concurrent requests for the same folder load it once."""
         with self.lock:
-            if folder in self.loaded:
-                self.loaded.move_to_end(folder)
-                return self.loaded[folder]
-            model = self.load(folder)
-            self.loaded[folder] = model
-            while len(self.loaded) > self.size:
-                _, evicted = self.loaded.popitem(last=False)
-                if isinstance(evicted, MicroBatcher):
-                    evicted.close()
+            model = self.cached(folder)
+            if model is not None:
+                return model
+            loading = self.loading.setdefault(folder, threading.Lock())
+        with loading:
+            with self.lock:
+                model = self.cached(folder)
+            if model is not None:  # another thread loaded it while this one waited
+                return model
+            try:
+                model = self.load(folder)
+            finally:
+                with self.lock:
+                    self.loading.pop(folder, None)
+            with self.lock:
+                self.loaded[folder] = model
+                while len(self.loaded) > self.size:
+                    _, evicted = self.loaded.popitem(last=False)
+                    if isinstance(evicted, MicroBatcher):
+                        evicted.close()
             return model
+
+    def cached(self, folder: Path):
+        if folder in self.loaded:
+            self.loaded.move_to_end(folder)
+            return self.loaded[folder]
+        return None
 
     def predictor(self, folder: Path):
         """The model itself, without micro-batching: for requests large enough to fill a forward pass alone."""
@@ -108,16 +128,17 @@ def bounded_answers(folder: Path, pairs: list[tuple[str, str]]) -> list:
         return None
 
     try:
-        if len(pairs) < service.predictors.max_batch:  # small: share forward passes with concurrent requests
-            return service.predictors.get(folder).predict(pairs)
         predictor = service.predictors.predictor(folder)
+        if len(pairs) < service.predictors.max_batch:  # small: share forward passes with concurrent requests
+            predictor.check_tokens(pairs, settings.predict_max_tokens)
+            return service.predictors.get(folder).predict(pairs, timeout_s=max(deadline - time.monotonic(), 0))
         return predictor.predict(pairs, max_tokens=settings.predict_max_tokens, should_stop=should_stop)
     except TooManyTokens as exc:
         raise ApiError(
             422, f"{exc} (PREDICT_MAX_TOKENS); send fewer or shorter items", {"items": str(exc)}, code="too_many_tokens"
         ) from exc
-    except PredictionStopped as exc:
-        log.warning("/predict of %d items stopped: %s", len(pairs), exc)
+    except (PredictionStopped, TimeoutError) as exc:  # TimeoutError: a micro-batched answer missed the deadline
+        log.warning("/predict of %d items stopped: %s", len(pairs), exc or "deadline")
         raise ApiError(
             503,
             f"the answer took longer than PREDICT_TIMEOUT_S ({settings.predict_timeout_s:g} s) and was stopped; "

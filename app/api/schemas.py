@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
-from app.service.jobs import Progress
+from app.service.jobs import JOB_ID_RULE, Progress
 from app.service.registry import ModelVersion
 
 MAX_ITEMS = 256
@@ -153,7 +153,8 @@ class PromoteRequest(Strict):
     """``POST /models/champion``: name the version by its job id or its number (one of the two)."""
 
     job_id: Annotated[
-        str | None, Field(min_length=1, max_length=64, description="A job that registered a version.")
+        str | None,
+        Field(pattern=f"^{JOB_ID_RULE}$", description="A job that registered a version (letters, digits, - and _)."),
     ] = None
     version: Annotated[StrictInt | None, Field(ge=1, description="A version number of the registered model.")] = None
     force: StrictBool = Field(False, description="Promote even if its val accuracy is below the champion's.")

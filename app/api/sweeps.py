@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, request, url_for
 
-from app.api.auth import require_token
+from app.api.auth import bearer_token, require_token, require_token_for_reads
 from app.api.body import json_object, parse
 from app.api.context import current_service
 from app.api.errors import ApiError
-from app.api.jobs import JOB_ID_PATTERN
+from app.api.jobs import JOB_ID_PATTERN, refusal
 from app.api.schemas import JobsQuery
 from app.service import jobs, sweeps
+from app.service.admission import Refused, client_key
 
 bp = Blueprint("sweeps", __name__)
 
@@ -24,12 +25,17 @@ def create():
         base = sweeps.validate_request(request_, service.settings)
     except sweeps.SweepError as exc:
         raise ApiError(422, f"invalid sweep: {exc}", exc.fields) from exc
-    sweep_id = sweeps.create_sweep(request_, base, service.settings, service.queue)
+    client = client_key(service.settings, bearer_token(), request.remote_addr)
+    try:
+        sweep_id = sweeps.create_sweep(request_, base, service.settings, service.queue, client)
+    except Refused as exc:
+        raise refusal(exc) from exc
     location = url_for("sweeps.show", sweep_id=sweep_id)
     return jsonify(sweep_id=sweep_id, status="running"), 202, {"Location": location}
 
 
 @bp.get("/sweeps")
+@require_token_for_reads
 def index():
     service = current_service()
     query = parse(JobsQuery, request.args.to_dict(), where="query")
@@ -43,10 +49,10 @@ def index():
 
 
 @bp.get("/sweeps/<sweep_id>")
+@require_token_for_reads
 def show(sweep_id: str):
     service = current_service()
-    find_sweep(sweep_id)
-    sweeps.advance(service.settings, service.queue, sweep_id)  # notices trials whose worker died
+    find_sweep(sweep_id)  # a read changes nothing: trials whose worker died are noticed by the workers' check
     return jsonify(sweeps.describe_sweep(service.settings, service.queue, sweep_id))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import pickle
 import random
 import time
 from collections.abc import Callable
@@ -238,8 +239,12 @@ def fine_tune(
     scheduler = get_linear_schedule_with_warmup(optimizer, int(params.warmup_ratio * total_steps), total_steps)
     keep_best = params.keep_best_epoch or params.early_stopping_patience is not None
     state = TrainingState(history={"loss": [], "dev_accuracy": [], "kept_epoch": params.epochs})
+    restored = None
     if resume and checkpoints is not None:
-        state = checkpoints.restore(model, optimizer, scheduler, generator)
+        restored = checkpoints.restore(model, optimizer, scheduler, generator)
+    resume = restored is not None
+    if resume:
+        state = restored
         log.info("resuming at epoch %d, step %d of %d", state.epoch, state.step, total_steps)
     history = state.history
     history["resumed_from_step"] = state.step if resume else None
@@ -368,7 +373,7 @@ class Checkpoints:
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+            "rng": {"python": python_rng_state(), "numpy": numpy_rng_state(), "torch": torch.get_rng_state()},
         }
         if torch.cuda.is_available():
             snapshot["rng"]["cuda"] = torch.cuda.get_rng_state_all()
@@ -376,15 +381,21 @@ class Checkpoints:
         self.saved_at = time.monotonic()
         log.debug("checkpoint at epoch %d, step %d", state.epoch, state.step)
 
-    def restore(self, model, optimizer, scheduler, generator: torch.Generator) -> TrainingState:
-        """Load the saved state into the model, optimizer, scheduler and generators; return the loop's state."""
-        snapshot = torch.load(self.path, map_location="cpu", weights_only=False)
+    def restore(self, model, optimizer, scheduler, generator: torch.Generator) -> TrainingState | None:
+        """Load the saved state into the model, optimizer, scheduler and generators; return the loop's state,
+        or None (nothing loaded: the run starts over) when the file holds more than tensors and plain data."""
+        try:
+            # weights_only: whoever can write the run folder must not run code in the worker through a pickle.
+            snapshot = torch.load(self.path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            log.warning("checkpoint %s refused (not tensors and plain data), starting over: %s", self.path, exc)
+            return None
         model.load_state_dict(snapshot["model"])
         optimizer.load_state_dict(snapshot["optimizer"])
         scheduler.load_state_dict(snapshot["scheduler"])
         rng = snapshot["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+        restore_python_rng(rng["python"])
+        restore_numpy_rng(rng["numpy"])
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
@@ -395,6 +406,28 @@ class Checkpoints:
     def remove(self) -> None:
         if distributed.is_rank_zero():
             self.path.unlink(missing_ok=True)
+
+
+def python_rng_state() -> dict:
+    """``random``'s state as plain data (a checkpoint loads with ``weights_only``)."""
+    version, internal, gauss = random.getstate()
+    return {"version": version, "internal": list(internal), "gauss": gauss}
+
+
+def restore_python_rng(state: dict) -> None:
+    random.setstate((state["version"], tuple(state["internal"]), state["gauss"]))
+
+
+def numpy_rng_state() -> dict:
+    """numpy's global generator state as a tensor and numbers (a checkpoint loads with ``weights_only``)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    keys = torch.from_numpy(keys.astype(np.int64))
+    return {"name": name, "keys": keys, "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def restore_numpy_rng(state: dict) -> None:
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["cached"]))
 
 
 def make_optimizer(model: torch.nn.Module, params: TrainParams, fused: bool = True) -> torch.optim.Optimizer:

@@ -8,7 +8,7 @@ from app.config import Settings
 
 _settings = Settings()
 
-bind = f"0.0.0.0:{_settings.port}"
+bind = f"127.0.0.1:{_settings.port}"  # only nginx (or a container network) should reach it
 workers = _settings.web_workers
 worker_class = "gthread"
 threads = _settings.web_threads

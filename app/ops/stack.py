@@ -38,6 +38,8 @@ from app.ops.supervisor import Supervisor
 log = logging.getLogger(__name__)
 
 STATE_FILE_NAME = "stack.json"
+# The Redis URL with its password, readable by the stack's user alone (stack.json names it, never holds it).
+REDIS_URL_FILE_NAME = "redis.url"
 READY_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 15.0
 POLL_INTERVAL_S = 0.25
@@ -197,16 +199,20 @@ class Stack:
         self.redis_url = f"redis://:{redis_password}@127.0.0.1:{redis_port}/0"
         for directory in (self.logs_dir, self.state_dir / "redis", self.state_dir / "nginx-temp"):
             directory.mkdir(parents=True, exist_ok=True)
+        # The password goes in a private file, not on the command line: ps and our logs show command lines.
+        redis_conf = self.state_dir / "redis.conf"
+        write_private(redis_conf, f"requirepass {redis_password}\n")
+        write_private(self.state_dir / REDIS_URL_FILE_NAME, self.redis_url + "\n")
 
         self.children.append(
             Child(
                 "redis",
                 "redis",
-                [redis_bin, "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(self.state_dir / "redis")]
-                + ["--appendonly", "yes", "--save", "", "--daemonize", "no", "--logfile", ""]
-                + ["--requirepass", redis_password],
+                [redis_bin, str(redis_conf), "--port", str(redis_port), "--bind", "127.0.0.1"]
+                + ["--dir", str(self.state_dir / "redis")]
+                + ["--appendonly", "yes", "--save", "", "--daemonize", "no", "--logfile", ""],
                 self.logs_dir / "redis.log",
-                url=self.redis_url,
+                url=f"redis://127.0.0.1:{redis_port}/0",
             )
         )
         api_ports = ports[: self.options.replicas]
@@ -313,14 +319,15 @@ class Stack:
         state = {
             "pid": os.getpid(),
             "url": self.url,
-            "redis_url": self.redis_url,
+            "redis_url": self.of_role("redis")[0].url,  # no password: redis_url_file holds the full URL
+            "redis_url_file": str(self.state_dir / REDIS_URL_FILE_NAME),
             "artifacts_dir": str(self.artifacts_dir),
             "state_dir": str(self.state_dir),
             "nginx_conf": str(self.state_dir / "nginx.conf"),
             "children": [child.describe() for child in self.children],
         }
         temporary = self.state_file.with_suffix(".tmp")
-        temporary.write_text(json.dumps(state, indent=2))
+        write_private(temporary, json.dumps(state, indent=2))
         temporary.replace(self.state_file)
 
     def summary(self, seconds: float) -> str:
@@ -343,6 +350,14 @@ class Stack:
         with contextlib.suppress(FileNotFoundError):
             self.state_file.unlink()
         log.info("stack stopped; no process left")
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to a file only its owner may read (created 0600, never world-readable in between)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # an existing file keeps its mode through O_CREAT
+    with os.fdopen(descriptor, "w") as file:
+        file.write(text)
 
 
 def answers_healthz(base_url: str) -> bool:
@@ -369,8 +384,11 @@ def stop_groups(children: list[Child]) -> None:
 
 @contextlib.contextmanager
 def exclusive_state_dir(state_dir: Path):
-    """One stack per state folder: two would share Redis' append-only file and nginx's pid file."""
-    state_dir.mkdir(parents=True, exist_ok=True)
+    """One stack per state folder: two would share Redis' append-only file and nginx's pid file.
+
+    The folder is its owner's alone (0700): it holds the Redis password, the logs and the nginx config."""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    state_dir.chmod(0o700)
     with open(state_dir / "stack.lock", "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

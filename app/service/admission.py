@@ -1,4 +1,5 @@
-"""Admission control for ``POST /train``: what a job may cost, and how many jobs the queue and a client may hold.
+"""Admission control for every job (``POST /train`` and each sweep trial): what a job may cost, and how many
+jobs the queue and a client may hold.
 
 Everything knowable at submit is refused at submit (422), so no job fails minutes later for a reason the
 request already showed; a full queue or a client over its share is told to come back later (429).
@@ -37,9 +38,10 @@ class Refused(Exception):
         self.fields = fields or {}
 
 
-def client_key(bearer_token: str, address: str | None) -> str:
-    """Whom a job is counted against: its bearer token (hashed, never stored), else its address."""
-    if bearer_token:
+def client_key(settings: Settings, bearer_token: str, address: str | None) -> str:
+    """Whom a job is counted against: the bearer token (hashed, never stored) when API_TOKEN makes it one that was
+    checked, else the address (any string a client sends unchecked would let it pick a fresh key per request)."""
+    if settings.api_token and bearer_token:
         return "token:" + hashlib.sha256(bearer_token.encode()).hexdigest()[:16]
     return f"addr:{address or 'unknown'}"
 
@@ -98,12 +100,15 @@ class Admission:
     def connection(self) -> Redis:
         return self.queue.connection
 
-    def admit(self, client: str, enqueue) -> Job:
-        """Run ``enqueue()`` if the queue and ``client`` have room; else raise :class:`Refused` (429)."""
+    def admit(self, client: str, enqueue, ending: str | None = None) -> Job:
+        """Run ``enqueue()`` if the queue and ``client`` have room; else raise :class:`Refused` (429).
+
+        Every job passes here, a sweep's trials too. ``ending``: the id of a job that is ending and starts its
+        successor (a sweep's trial), not counted against the client."""
         lock = self.connection.lock(f"{self.prefix}:admission", timeout=10, blocking_timeout=5)
         try:
             with lock:
-                self.check_room(client)
+                self.check_room(client, ending)
                 job = enqueue()
                 key = self.client_set(client)
                 self.connection.pipeline().sadd(key, job.id).expire(key, self.settings.result_ttl).execute()
@@ -111,11 +116,11 @@ class Admission:
         except LockError as exc:
             raise Refused(429, "the service is busy admitting other jobs; retry shortly") from exc
 
-    def check_room(self, client: str) -> None:
+    def check_room(self, client: str, ending: str | None = None) -> None:
         queued = self.queued_count()
         if queued >= self.settings.max_queued_jobs:
             raise Refused(429, f"the queue is full ({queued} jobs waiting, MAX_QUEUED_JOBS); retry later")
-        active = self.active_jobs_of(client)
+        active = self.active_jobs_of(client, ending)
         if active >= self.settings.max_jobs_per_client:
             raise Refused(
                 429,
@@ -130,10 +135,10 @@ class Admission:
     def client_set(self, client: str) -> str:
         return f"{self.prefix}:client:{client}"
 
-    def active_jobs_of(self, client: str) -> int:
+    def active_jobs_of(self, client: str, ending: str | None = None) -> int:
         """The client's queued or running jobs; ended or expired ones leave its set here (at most the cap is read)."""
         key = self.client_set(client)
-        ids = [i.decode() for i in self.connection.smembers(key)]
+        ids = [i.decode() for i in self.connection.smembers(key) if i.decode() != ending]
         if not ids:
             return 0
         # A job whose worker died is failed here, not counted as running forever.

@@ -56,8 +56,9 @@ class MicroBatcher:
         self.closed = False
         self.thread: threading.Thread | None = None
 
-    def predict(self, pairs: list[Pair]) -> list[Answer]:
-        """Answers for ``pairs``, computed together with those of concurrent calls."""
+    def predict(self, pairs: list[Pair], timeout_s: float | None = None) -> list[Answer]:
+        """Answers for ``pairs``, computed together with those of concurrent calls; :class:`TimeoutError` when
+        they are not ready within ``timeout_s`` (the caller's deadline; the shared pass itself runs on)."""
         call = PendingCall(list(pairs))
         with self.lock:
             if self.closed:
@@ -66,7 +67,7 @@ class MicroBatcher:
                 self.thread = threading.Thread(target=self.serve, name="predict-batcher", daemon=True)
                 self.thread.start()
             self.calls.put(call)
-        return call.answers.result()
+        return call.answers.result(timeout=timeout_s)
 
     def close(self) -> None:
         """Answer the calls already queued, then stop the thread; later calls run unbatched."""

@@ -27,8 +27,15 @@ from app.service.redaction import without_server_paths
 log = logging.getLogger(__name__)
 
 LEARNED_NOTHING = "the model learned nothing: val accuracy is within 1 point of always answering the majority class"
-# The worker's task, by name: the web side never imports it (nor torch).
+# The worker's tasks, by name: the web side never imports them (nor torch).
 TRAIN_TASK = "app.service.tasks.train_job"
+TRIAL_TASK = "app.service.sweeps.trials.trial_job"
+# The only functions a worker imports and runs: whoever can write to Redis must not choose the code.
+PROJECT_TASKS = frozenset({TRAIN_TASK, TRIAL_TASK})
+# What a job id (and a run folder's name) may be: what the API accepts in a path, and in an MLflow filter.
+JOB_ID_RULE = r"[A-Za-z0-9_-]{1,64}"
+# How often a worker runs RQ's registry cleanup and the sweeps' check (trials whose worker died, trials to start).
+MAINTENANCE_INTERVAL_S = 60
 # RQ's failure_ttl when a job sets none (one year).
 DEFAULT_FAILURE_TTL = 365 * 24 * 3600
 # API-side Redis timeouts: a dead Redis answers 503 in seconds instead of hanging a request.
@@ -59,6 +66,39 @@ class JobAlreadyFinished(RuntimeError):
     """Cancel was asked for a job that has already ended."""
 
 
+class ForbiddenTask(RuntimeError):
+    """A job names a function that is not one of the project's tasks (or asks for a callback); it is never imported."""
+
+
+class ProjectJob(Job):
+    """An RQ job that resolves only the project's tasks: RQ would import any ``module.function`` named in Redis.
+
+    The check runs before any import; callbacks (which RQ also imports by name) are refused, the project uses none.
+    """
+
+    @property
+    def func(self):
+        name = self.func_name
+        if self.instance is not None or name not in PROJECT_TASKS:
+            raise ForbiddenTask(f"job {self.id} names {name!r}, not one of this service's tasks; it was not run")
+        callbacks = [self._success_callback_name, self._failure_callback_name, self._stopped_callback_name]
+        if any(callbacks):
+            raise ForbiddenTask(f"job {self.id} asks for callbacks {[c for c in callbacks if c]}; none is allowed")
+        return super().func
+
+    @property
+    def success_callback(self):
+        return None
+
+    @property
+    def failure_callback(self):
+        return None
+
+    @property
+    def stopped_callback(self):
+        return None
+
+
 def connect_redis(settings: Settings) -> Redis:
     """A Redis client with short timeouts, for the API."""
     return Redis.from_url(
@@ -75,29 +115,66 @@ def training_queue(settings: Settings, connection: Redis) -> Queue:
 
 def enqueue_training(queue: Queue, params: TrainParams, settings: Settings) -> Job:
     """Put one training run on the queue (and in the job index); the job id becomes the run folder's name."""
+    return enqueue_job(queue, TRAIN_TASK, [params.model_dump()], settings, description=f"train {params.model}")
+
+
+def enqueue_job(
+    queue: Queue,
+    task: str,
+    args: list,
+    settings: Settings,
+    *,
+    description: str,
+    job_id: str | None = None,
+    meta: dict | None = None,
+) -> Job:
+    """The one way a job reaches the queue (called inside ``Admission.admit``): timeouts, retries and TTLs from
+    the settings, and the job index, the same for a training and a sweep's trial."""
+    if task not in PROJECT_TASKS:
+        raise ForbiddenTask(f"{task!r} is not one of this service's tasks")
     job = queue.enqueue(
-        TRAIN_TASK,
-        params.model_dump(),
+        task,
+        *args,
+        job_id=job_id,
         job_timeout=settings.job_timeout,
         result_ttl=settings.result_ttl,
         failure_ttl=settings.result_ttl,
         retry=Retry(max=settings.job_retries) if settings.job_retries > 0 else None,
-        meta={"progress": None},
-        description=f"train {params.model}",
+        meta={"progress": None} | (meta or {}),
+        description=description,
     )
     JobIndex(queue).add(job)
     return job
 
 
-def make_worker(settings: Settings) -> Worker:
-    """An RQ worker on the training queue; each job runs in a forked work horse it watches."""
+class ProjectWorker(Worker):
+    """An RQ worker that also runs ``on_maintenance`` (the sweeps' periodic check) with RQ's own maintenance."""
+
+    on_maintenance = None
+
+    def run_maintenance_tasks(self):
+        super().run_maintenance_tasks()
+        if self.on_maintenance is not None:
+            try:
+                self.on_maintenance()
+            except Exception:  # a maintenance hiccup must not stop the worker taking jobs
+                log.exception("periodic maintenance failed")
+
+
+def make_worker(settings: Settings, on_maintenance=None) -> Worker:
+    """An RQ worker on the training queue; each job runs in a forked work horse it watches.
+    ``on_maintenance`` runs every MAINTENANCE_INTERVAL_S (the sweeps' periodic check; the web side has none)."""
     connection = Redis.from_url(settings.redis_url)
-    return Worker(
+    worker = ProjectWorker(
         [training_queue(settings, connection)],
         connection=connection,
         serializer=JSONSerializer,
+        job_class=ProjectJob,
         job_monitoring_interval=settings.worker_heartbeat,
+        maintenance_interval=MAINTENANCE_INTERVAL_S,
     )
+    worker.on_maintenance = on_maintenance
+    return worker
 
 
 def fetch_job(queue: Queue, job_id: str) -> Job:

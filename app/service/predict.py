@@ -73,12 +73,8 @@ class Predictor:
         """Answers in input order, computed in order of length (``padding_bounded_batches``). Refuses more than
         ``max_tokens`` tokens (0: no limit) before computing; between chunks of about CHUNK_TOKENS, stops with
         :class:`PredictionStopped` when ``should_stop()`` returns a reason."""
-        rows = [BoolQExample(idx=i, question=q, passage=p, label=False) for i, (q, p) in enumerate(pairs)]
-        encoded = encode(self.tokenizer, rows, self.max_length)
-        lengths = [len(ids) for ids in encoded.input_ids]
-        if max_tokens and sum(lengths) > max_tokens:
-            raise TooManyTokens(sum(lengths), max_tokens)
-        probabilities = [0.0] * len(rows)
+        encoded, lengths = self.encode_within(pairs, max_tokens)
+        probabilities = [0.0] * len(pairs)
         for chunk in token_chunks(lengths, CHUNK_TOKENS):
             reason = should_stop() if should_stop is not None else None
             if reason:
@@ -90,6 +86,18 @@ class Predictor:
             for i, p in zip(chunk, chunk_probabilities, strict=True):
                 probabilities[i] = p
         return [Answer(answer=p >= 0.5, probability=p) for p in probabilities]
+
+    def check_tokens(self, pairs: list[tuple[str, str]], max_tokens: int) -> None:
+        """:class:`TooManyTokens` when ``pairs`` hold more than ``max_tokens`` tokens after truncation."""
+        self.encode_within(pairs, max_tokens)
+
+    def encode_within(self, pairs: list[tuple[str, str]], max_tokens: int) -> tuple[Encoded, list[int]]:
+        rows = [BoolQExample(idx=i, question=q, passage=p, label=False) for i, (q, p) in enumerate(pairs)]
+        encoded = encode(self.tokenizer, rows, self.max_length)
+        lengths = [len(ids) for ids in encoded.input_ids]
+        if max_tokens and sum(lengths) > max_tokens:
+            raise TooManyTokens(sum(lengths), max_tokens)
+        return encoded, lengths
 
 
 def token_chunks(lengths: list[int], chunk_tokens: int) -> list[list[int]]:

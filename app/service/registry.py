@@ -8,6 +8,7 @@ champion is served within a request, without a restart. No torch here; MLflow is
 from __future__ import annotations
 
 import json
+import re
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from app.config import Settings
+from app.service.jobs import JOB_ID_RULE
 from app.tracking import version_tags
 
 CHAMPION = "champion"
@@ -66,6 +68,17 @@ def write_champion_pointer(redis, settings: Settings, version: ModelVersion) -> 
     redis.set(champion_key(settings), json.dumps(pointer))
 
 
+def sync_champion_pointer(redis, settings: Settings) -> None:
+    """Copy MLflow's champion into Redis when they differ (promoted by ``python -m app sweep --promote`` or in
+    MLflow's UI, or Redis was reset): the workers' periodic check, so no read has to write."""
+    try:
+        champion = ModelRegistry(settings).champion()
+    except RegistryOff:
+        return
+    if champion is not None and (read_champion_pointer(redis, settings) or {}).get("version") != champion.version:
+        write_champion_pointer(redis, settings, champion)
+
+
 class ModelRegistry:
     """The registered model's versions in MLflow, read and promoted through ``MlflowClient``."""
 
@@ -99,6 +112,8 @@ class ModelRegistry:
             raise RegistryError(f"{self.name} has no version {number}") from exc
 
     def version_of_job(self, job_id: str) -> ModelVersion:
+        if not re.fullmatch(JOB_ID_RULE, job_id):  # it goes into an MLflow filter string
+            raise RegistryError(f"{job_id!r} is not a job id (letters, digits, '-' or '_', at most 64)")
         found = self.client.search_model_versions(f"name = '{self.name}' and tags.job_id = '{job_id}'")
         if not found:
             raise RegistryError(f"job {job_id} has no registered version (it was not registered, or did not succeed)")

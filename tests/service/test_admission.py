@@ -53,12 +53,15 @@ def test_each_client_has_its_own_cap_and_regains_room_when_a_job_ends(redis_url,
     assert submit(client, address="10.0.0.1").status_code == 202
 
 
-def test_clients_are_told_apart_by_bearer_token_before_address(redis_url, tmp_path):
+def test_clients_are_told_apart_by_bearer_token_before_address_when_api_token_checks_it(redis_url, tmp_path):
     from app.service.admission import client_key
 
-    assert client_key("secret", "10.0.0.1") == client_key("secret", "10.0.0.2")
-    assert client_key("", "10.0.0.1") != client_key("", "10.0.0.2")
-    assert "secret" not in client_key("secret", None)
+    with_token = service_settings(redis_url, tmp_path, api_token="secret")
+    assert client_key(with_token, "secret", "10.0.0.1") == client_key(with_token, "secret", "10.0.0.2")
+    assert client_key(with_token, "", "10.0.0.1") != client_key(with_token, "", "10.0.0.2")
+    assert "secret" not in client_key(with_token, "secret", None)
+    open_service = service_settings(redis_url, tmp_path)  # an unchecked bearer string is no key
+    assert client_key(open_service, "any", "10.0.0.1") == client_key(open_service, "other", "10.0.0.1")
 
 
 def test_a_job_over_the_token_budget_is_422_naming_the_fields(redis_url, tmp_path):

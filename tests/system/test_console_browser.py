@@ -25,7 +25,7 @@ import requests
 from playwright.sync_api import expect  # a missing Playwright fails these tests, never skips them
 
 from app.ops.stack import free_ports
-from tests.helpers import LONG_JOB, REPO_ROOT, wait_for_state
+from tests.helpers import LONG_JOB, REPO_ROOT, stack_redis_url, wait_for_state
 
 SCREENSHOTS = REPO_ROOT / "test-artifacts" / "console"
 JOB_TIMEOUT_MS = 300_000
@@ -277,7 +277,7 @@ def test_the_token_is_asked_once_kept_in_session_storage_and_sent_as_a_bearer_he
     from app.api import create_app
     from tests.helpers import service_settings
 
-    settings = service_settings(console_stack["redis_url"], tmp_path, api_token="s3cret-token")
+    settings = service_settings(stack_redis_url(console_stack), tmp_path, api_token="s3cret-token")
     server = make_server("127.0.0.1", free_ports(1)[0], create_app(settings), threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     context = browser.new_context(base_url=f"http://127.0.0.1:{server.server_port}")

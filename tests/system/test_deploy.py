@@ -29,9 +29,15 @@ LOCAL_IMAGES_ENV = ROOT / "deploy" / "local-images.env"
 NGINX_START = ROOT / "nginx" / "start.sh"
 
 
+# The secrets compose refuses to start without.
+SECRETS = {"API_TOKEN": "t0ken", "REDIS_PASSWORD": "s3cret-pw"}
+
+
 def docker_compose(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``docker-compose -f docker-compose.yml ARGS`` with ``env`` (default: this environment and SECRETS)."""
     binary = shutil.which("docker-compose")
     assert binary, "docker-compose is missing: sudo apt-get install docker-compose (.ci/run installs it)"
+    env = os.environ | SECRETS if env is None else env
     return subprocess.run(
         [binary, "-f", str(COMPOSE_FILE), *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=60
     )
@@ -57,7 +63,7 @@ def test_compose_topology_nginx_4000_in_front_of_three_api_replicas():
     }
     assert services["api"]["deploy"]["replicas"] == 3
     assert "ports" not in services["api"]  # only nginx is published
-    assert [str(p["published"]) for p in services["nginx"]["ports"]] == ["4000"]
+    assert published(services["nginx"]) == [("127.0.0.1", "4000")]  # BIND_ADDRESS widens it
     assert services["nginx"]["depends_on"]["api"]["condition"] == "service_healthy"
     assert services["worker"]["depends_on"]["redis"]["condition"] == "service_healthy"
     assert services["redis"]["command"][:3] == ["redis-server", "--appendonly", "yes"]
@@ -66,14 +72,45 @@ def test_compose_topology_nginx_4000_in_front_of_three_api_replicas():
 
 
 def test_compose_redis_needs_the_password_the_app_uses_and_is_not_published():
-    env = os.environ | {"REDIS_PASSWORD": "s3cret-pw"}
-    services = yaml.safe_load(docker_compose("config", env=env).stdout)["services"]
+    services = yaml.safe_load(docker_compose("config").stdout)["services"]
     assert services["redis"]["command"][-2:] == ["--requirepass", "s3cret-pw"]
     assert "ports" not in services["redis"]
     for name in ("api", "worker"):
         assert services[name]["environment"]["REDIS_URL"] == "redis://:s3cret-pw@redis:6379/0"
     for name in ("api", "worker"):
         assert ("artifacts", "/data/artifacts") in mounts(services[name])
+
+
+@pytest.mark.parametrize("missing", ["API_TOKEN", "REDIS_PASSWORD"])
+def test_compose_refuses_to_start_without_a_secret_naming_it(missing):
+    env = {k: v for k, v in (os.environ | SECRETS).items() if k != missing}
+    proc = docker_compose("config", "-q", env=env)
+    assert proc.returncode != 0 and f"set {missing}" in proc.stderr, proc.stderr
+
+
+def test_compose_is_closed_by_default_token_set_hub_offline_mlflow_on_loopback_only():
+    env = os.environ | SECRETS | {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    services = yaml.safe_load(docker_compose("--profile", "mlflow", "config", env=env).stdout)["services"]
+    for name in ("api", "worker"):
+        assert services[name]["environment"]["API_TOKEN"] == "t0ken"
+        assert services[name]["environment"]["HF_HUB_OFFLINE"] == "1"
+    assert published(services["mlflow"]) == [("127.0.0.1", "5500")]
+    wide = os.environ | SECRETS | {"BIND_ADDRESS": "0.0.0.0"}
+    assert published(yaml.safe_load(docker_compose("config", env=wide).stdout)["services"]["nginx"]) == [
+        ("0.0.0.0", "4000")
+    ]
+
+
+def published(service: dict) -> list[tuple[str | None, str]]:
+    """(host address, host port) of each published port, from the short syntax (compose 1.29) or the long one (v2)."""
+    pairs = []
+    for port in service.get("ports", []):
+        if isinstance(port, str):
+            host_ip, host_port, _ = port.split(":")
+            pairs.append((host_ip, host_port))
+        else:
+            pairs.append((port.get("host_ip"), str(port["published"])))
+    return pairs
 
 
 def mounts(service: dict) -> list[tuple[str, str]]:
@@ -89,7 +126,7 @@ def mounts(service: dict) -> list[tuple[str, str]]:
 
 
 def test_compose_profiles_add_gpu_worker_and_mlflow():
-    env = {**os.environ, "WORKER_REPLICAS": "0", "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    env = os.environ | SECRETS | {"WORKER_REPLICAS": "0", "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
     config = yaml.safe_load(docker_compose("--profile", "gpu", "--profile", "mlflow", "config", env=env).stdout)
     services = config["services"]
     assert services["worker"]["deploy"]["replicas"] == 0

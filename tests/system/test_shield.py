@@ -6,18 +6,13 @@ limited with 429 JSON, and any over-limit body is a 413 JSON, chunked or not.
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
 import time
 
 import pytest
 import requests
 
-from app.ops.nginx_config import native_layout, render_nginx_conf
-from app.ops.stack import find_binary, free_ports
-from tests.helpers import service_settings, wait_for
+from tests.helpers import nginx_in_front, service_settings
 
 
 @pytest.fixture(scope="module")
@@ -25,28 +20,8 @@ def shielded(launcher, redis_url, tmp_path_factory):
     """nginx (native layout) in front of one gunicorn replica; yields nginx's URL."""
     folder = tmp_path_factory.mktemp("shield")
     api_url = launcher.server(service_settings(redis_url, folder), workers=1)
-    (listen_port,) = free_ports(1)
-    (folder / "logs").mkdir()
-    (folder / "nginx-temp").mkdir()
-    layout = native_layout(f"127.0.0.1:{listen_port}", [api_url.removeprefix("http://")], folder)
-    conf = folder / "nginx.conf"
-    conf.write_text(render_nginx_conf(layout))
-    argv = [find_binary("nginx"), "-c", str(conf), "-p", str(folder), "-e", str(folder / "logs" / "error.log")]
-    nginx = subprocess.Popen([*argv, "-g", "daemon off;"], start_new_session=True)
-    url = f"http://127.0.0.1:{listen_port}"
-
-    def answers():
-        try:
-            return requests.get(f"{url}/healthz", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-
-    try:
-        wait_for(answers, 20, "nginx in front of the replica")
+    with nginx_in_front(folder, api_url) as url:
         yield url
-    finally:
-        os.killpg(nginx.pid, signal.SIGTERM)
-        nginx.wait(timeout=10)
 
 
 def test_2600_idle_connections_leave_room_for_health_probes(shielded):

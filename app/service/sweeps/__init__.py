@@ -2,13 +2,22 @@
 
 The study lives in Optuna's journal storage on the service's Redis, so every API replica and worker sees
 the same sweep. Nothing here waits for a trial: :func:`advance` (run when a sweep is created, when a trial
-ends in its worker, and when a sweep is read) tells Optuna about trials whose job died, tops the running
-trials up to ``parallel`` with new jobs, and finishes the sweep when the last trial has ended: the best
-trial **by dev accuracy** is registered (the only version a sweep registers) and, with ``promote``, made
-champion. Val accuracy is shown beside dev accuracy and never used to choose. No torch here.
+ends in its worker, on a POST that concerns it, and periodically in the workers) tells Optuna about trials
+whose job died, admits trials up to ``parallel`` as new jobs (through the same admission as any job), and
+finishes the sweep when the last trial has ended: the best trial **by dev accuracy** is registered (the only
+version a sweep registers) and, with ``promote``, made champion. Val accuracy is shown beside dev accuracy
+and never used to choose. No torch here.
 """
 
-from app.service.sweeps.driver import advance, cancel_sweep, conclude, create_sweep, end_trial, finish
+from app.service.sweeps.driver import (
+    advance,
+    advance_unfinished,
+    cancel_sweep,
+    conclude,
+    create_sweep,
+    end_trial,
+    finish,
+)
 from app.service.sweeps.spec import SweepError, SweepNotFound, SweepRequest, validate_request
 from app.service.sweeps.study import (
     journal_on_redis,
@@ -27,6 +36,7 @@ __all__ = [
     "SweepNotFound",
     "SweepRequest",
     "advance",
+    "advance_unfinished",
     "cancel_sweep",
     "conclude",
     "create_sweep",

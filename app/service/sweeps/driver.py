@@ -7,37 +7,56 @@ import logging
 import time
 import uuid
 
-from rq import Queue, Retry
+from rq import Queue
 from rq.job import Job
 
 from app.config import Settings
 from app.engine import run_folder
 from app.params import TrainParams
 from app.service import jobs, registry
-from app.service.job_index import JobIndex
+from app.service.admission import Admission, Refused
 from app.service.sweeps.spec import TRIAL_TASK, SweepRequest
 from app.service.sweeps.study import distributions, load_study, storage, trial_params
 
 log = logging.getLogger(__name__)
 
 
-def create_sweep(request: SweepRequest, base: TrainParams, settings: Settings, queue: Queue | None) -> str:
-    """Create the study (its spec in user attributes) and, with a queue, start its first trials."""
+def create_sweep(
+    request: SweepRequest, base: TrainParams, settings: Settings, queue: Queue | None, client: str = "local"
+) -> str:
+    """Create the study (its spec in user attributes) and, with a queue, start its first trials.
+
+    Its trials are admitted like any job, counted against ``client``; with no room for even one now, nothing is
+    created (:class:`Refused`, 429)."""
     import optuna
 
+    if queue is not None:
+        Admission(queue, settings).check_room(client)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sweep_id = str(uuid.uuid4())
     study = optuna.create_study(study_name=sweep_id, storage=storage(settings), direction="maximize")
     spec = request.model_dump(mode="json", exclude_none=True) | {"base": base.model_dump()}
     study.set_user_attr("spec", spec)
+    study.set_user_attr("client", client)
     study.set_user_attr("created_at", time.time())
     if queue is not None:
         advance(settings, queue, sweep_id)
     return sweep_id
 
 
-def advance(settings: Settings, queue: Queue, sweep_id: str) -> None:
-    """Reconcile trials whose job died, start trials up to ``parallel``, finish the sweep when all have ended."""
+def advance_unfinished(settings: Settings, queue: Queue) -> None:
+    """Advance every sweep that has not ended: the workers' periodic check (a trial whose worker died, a trial
+    the full queue kept from starting)."""
+    from app.service.sweeps.views import sweep_ids
+
+    for sweep_id in sweep_ids(settings):
+        if not load_study(settings, sweep_id, telling=True).user_attrs.get("ended_at"):
+            advance(settings, queue, sweep_id)
+
+
+def advance(settings: Settings, queue: Queue, sweep_id: str, ending: str | None = None) -> None:
+    """Reconcile trials whose job died, start trials up to ``parallel`` as admission allows, finish the sweep
+    when all have ended. ``ending``: the trial job calling this as it ends (not counted against the client)."""
     from optuna.trial import TrialState
 
     with queue.connection.lock(f"boolq:{settings.queue_name}:sweep-lock:{sweep_id}", timeout=120):
@@ -55,33 +74,40 @@ def advance(settings: Settings, queue: Queue, sweep_id: str) -> None:
         running = sum(t.state == TrialState.RUNNING for t in trials)
         asked = len(trials)
         while not attrs.get("cancelled") and running < spec["parallel"] and asked < spec["trials"]:
-            start_trial(settings, queue, sweep_id, asked)
+            try:
+                start_trial(settings, queue, sweep_id, asked, attrs.get("client") or f"sweep:{sweep_id}", ending)
+            except Refused as exc:  # the next trial end, a POST or the workers' periodic check tries again
+                log.info("sweep %s: trial %d waits: %s", sweep_id, asked, exc.message)
+                break
             running, asked = running + 1, asked + 1
         if running == 0 and (asked >= spec["trials"] or attrs.get("cancelled")):
             finish(settings, queue, sweep_id)
 
 
-def start_trial(settings: Settings, queue: Queue, sweep_id: str, asked: int) -> Job:
-    study = load_study(settings, sweep_id, asked)
-    spec = study.user_attrs["spec"]
-    trial = study.ask(fixed_distributions=distributions(spec["space"]))
-    job_id = str(uuid.uuid4())
-    trial.set_user_attr("job_id", job_id)
-    job = queue.enqueue(
-        TRIAL_TASK,
-        trial_params(spec, trial.params),
-        sweep_id,
-        trial.number,
-        job_id=job_id,
-        job_timeout=settings.job_timeout,
-        result_ttl=settings.result_ttl,
-        failure_ttl=settings.result_ttl,
-        retry=Retry(max=settings.job_retries) if settings.job_retries > 0 else None,
-        meta={"progress": None, "sweep": {"sweep_id": sweep_id, "trial": trial.number}},
-        description=f"sweep {sweep_id} trial {trial.number}",
-    )
-    JobIndex(queue).add(job)  # a trial is a job like any other: listed in GET /jobs
-    return job
+def start_trial(
+    settings: Settings, queue: Queue, sweep_id: str, asked: int, client: str, ending: str | None = None
+) -> Job:
+    """Admit and enqueue the next trial (a job like any other: admitted, listed in GET /jobs); the trial is asked
+    of Optuna only once admitted, so a refused one leaves no trace."""
+    admission = Admission(queue, settings)
+
+    def enqueue() -> Job:
+        study = load_study(settings, sweep_id, asked)
+        spec = study.user_attrs["spec"]
+        trial = study.ask(fixed_distributions=distributions(spec["space"]))
+        job_id = str(uuid.uuid4())
+        trial.set_user_attr("job_id", job_id)
+        return jobs.enqueue_job(
+            queue,
+            TRIAL_TASK,
+            [trial_params(spec, trial.params), sweep_id, trial.number],
+            settings,
+            job_id=job_id,
+            meta={"sweep": {"sweep_id": sweep_id, "trial": trial.number}},
+            description=f"sweep {sweep_id} trial {trial.number}",
+        )
+
+    return admission.admit(client, enqueue, ending)
 
 
 def trial_job_status(queue: Queue, job_id: str | None) -> str:

@@ -21,9 +21,12 @@ from pydantic import (
 
 from app.config import Settings
 from app.params import TrainParams
+from app.service.admission import Refused, check_cost
+from app.service.jobs import TRIAL_TASK as TRIAL_TASK  # the trial task's name, for the driver
 from app.service.model_access import ModelNotAllowed, model_for_training
 
-TRIAL_TASK = "app.service.sweeps.trials.trial_job"
+# The TrainParams fields that set a trial's cost (check_cost).
+COST_FIELDS = ("epochs", "train_limit", "max_length")
 # BoolQ's train split, for the compute budget when DATA_DIR is the hub.
 BOOLQ_TRAIN_ROWS = 9427
 # The median pruner compares a trial with the trials before it only once this many have finished.
@@ -142,9 +145,32 @@ def validate_request(request: SweepRequest, settings: Settings) -> TrainParams:
                 f"the sweep may train up to {cost} examples (trials × epochs × train rows), "
                 f"over the budget SWEEP_MAX_EXAMPLES={limit}"
             )
+    if not errors:
+        errors |= largest_trial_rule(request, base, settings)
     if errors:
         raise SweepError(errors)
     return base
+
+
+def largest_trial_rule(request: SweepRequest, base: TrainParams, settings: Settings) -> dict[str, str]:
+    """The per-job rules (MAX_JOB_TOKENS, MAX_DEVICES: the same ``check_cost`` as ``POST /train``) for the
+    costliest trial the space allows; its errors name the base or space fields that set each value."""
+    largest = {name: largest_value(request, name, getattr(base, name)) for name in COST_FIELDS}
+    try:
+        check_cost(base.model_copy(update=largest), settings)
+    except Refused as exc:
+        where = {name: f"space.{name}" if name in request.space else f"base.{name}" for name in COST_FIELDS}
+        return {where.get(name, name): rule for name, rule in exc.fields.items()}
+    return {}
+
+
+def largest_value(request: SweepRequest, name: str, default):
+    """The largest value the space gives field ``name`` (``default``, the base's, when it is not searched)."""
+    entry = request.space.get(name)
+    if entry is None:
+        return default
+    values = [entry.high] if isinstance(entry, Range) else entry
+    return max((default if v is None else v for v in values), key=lambda v: float("inf") if v is None else v)
 
 
 def range_rule(name: str, entry: Range) -> str | None:

@@ -17,12 +17,31 @@ def storage(settings: Settings):
 @functools.lru_cache(maxsize=8)
 def journal_on_redis(redis_url: str, prefix: str):
     """One storage per process: a new one replays the whole journal, a kept one reads only what was appended."""
-    from optuna.exceptions import ExperimentalWarning
     from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalRedisBackend
 
-    warnings.filterwarnings("ignore", category=ExperimentalWarning)  # the Redis journal, stable in use since v3.1
-    return JournalStorage(JournalRedisBackend(redis_url, prefix=prefix))
+    return JournalStorage(JsonJournalOnRedis(redis_url, prefix))
+
+
+class JsonJournalOnRedis:
+    """Optuna's journal backend (``read_logs``/``append_logs``) on Redis, JSON log entries only.
+
+    Optuna's own Redis backend also keeps a pickled snapshot that every new storage unpickles: whoever can
+    write to Redis would run code in the API and the workers. Without ``save_snapshot``/``load_snapshot`` Optuna
+    replays the JSON log instead; the keys are the same as its backend's, so existing sweeps stay readable.
+    """
+
+    def __init__(self, redis_url: str, prefix: str):
+        from optuna.exceptions import ExperimentalWarning
+        from optuna.storages.journal import JournalRedisBackend
+
+        warnings.filterwarnings("ignore", category=ExperimentalWarning)  # the Redis journal, stable in use since v3.1
+        self._logs = JournalRedisBackend(redis_url, prefix=prefix)
+
+    def read_logs(self, log_number_from: int):
+        return self._logs.read_logs(log_number_from)
+
+    def append_logs(self, logs: list) -> None:
+        self._logs.append_logs(logs)
 
 
 def distributions(space: dict) -> dict:

@@ -81,12 +81,12 @@ def trial_job(params_dict: dict, sweep_id: str, number: int) -> dict:
         job.meta["pruned_at_epoch"] = pruned.epoch
         job.save_meta()
         sweeps.end_trial(study, number, TrialState.PRUNED)
-        sweeps.advance(settings, queue, sweep_id)
+        sweeps.advance(settings, queue, sweep_id, ending=job.id)
         return {"status": "pruned", "pruned_at_epoch": pruned.epoch}
     except Exception:
         if not job.should_retry:  # a job RQ will run again (JOB_RETRIES) is still this trial's
             sweeps.end_trial(study, number, TrialState.FAIL, outcome="failed")
-            sweeps.advance(settings, queue, sweep_id)
+            sweeps.advance(settings, queue, sweep_id, ending=job.id)
         raise
     sweeps.end_trial(
         study,
@@ -96,7 +96,7 @@ def trial_job(params_dict: dict, sweep_id: str, number: int) -> dict:
         val_accuracy=result.accuracy,
         mlflow_run_id=(result.tracking.get("mlflow") or {}).get("mlflow_run_id"),
     )
-    sweeps.advance(settings, queue, sweep_id)
+    sweeps.advance(settings, queue, sweep_id, ending=job.id)
     return result.to_dict()
 
 
