@@ -1,4 +1,8 @@
-"""Every error a client sees: one JSON shape ``{"error": {"code", "message", "fields"}}``, never a traceback."""
+"""Every error a client sees: one JSON shape ``{"error": {"code", "message", "fields"}}``, never a traceback.
+
+The service raises domain errors (``NoRoom``, ``ModelNotAllowed``, ``JobNotFound``...) and knows no HTTP;
+``DOMAIN_ERRORS`` below is the one place that says which status, code and fields each becomes.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,11 @@ from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from werkzeug.exceptions import HTTPException
+
+from app.service import jobs, registry, sweeps
+from app.service.admission import RETRY_AFTER_S, NoRoom, OverLimit
+from app.service.model_access import ModelNotAllowed
+from app.service.predictions import PredictionsMissing, PredictionsNotReady
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +80,23 @@ def from_validation(exc: ValidationError, where: str = "body") -> ApiError:
     return ApiError(422, f"invalid {where}: " + "; ".join(f"{k}: {v}" for k, v in fields.items()), fields)
 
 
+# Domain error → the API's answer. Messages are the service's own; fields name what to change.
+DOMAIN_ERRORS = {
+    NoRoom: lambda e: ApiError(429, e.message, e.fields, headers={"Retry-After": str(RETRY_AFTER_S)}),
+    OverLimit: lambda e: ApiError(422, e.message, e.fields),
+    ModelNotAllowed: lambda e: ApiError(422, str(e), {"model": str(e)}),
+    jobs.JobNotFound: lambda e: ApiError(404, str(e), {"job_id": "unknown job id"}),
+    jobs.JobAlreadyFinished: lambda e: ApiError(409, str(e)),
+    PredictionsNotReady: lambda e: ApiError(409, str(e)),
+    PredictionsMissing: lambda e: ApiError(404, str(e)),
+    sweeps.SweepError: lambda e: ApiError(422, f"invalid sweep: {e}", e.fields),
+    sweeps.SweepNotFound: lambda e: ApiError(404, str(e), {"sweep_id": "unknown sweep id"}),
+    registry.RegistryError: lambda e: ApiError(404, str(e)),
+    registry.NotBetter: lambda e: ApiError(409, str(e), {"force": "needed to promote a lower val accuracy"}),
+    registry.RegistryOff: lambda e: ApiError(409, str(e), code="registry_off"),
+}
+
+
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError):
@@ -81,6 +107,9 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ValidationError)
     def validation_error(exc: ValidationError):
         return api_error(from_validation(exc))
+
+    for kind, answer in DOMAIN_ERRORS.items():
+        app.register_error_handler(kind, lambda exc, answer=answer: api_error(answer(exc)))
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

@@ -14,8 +14,8 @@ from app.api.schemas import JobsQuery, TrainQuery
 from app.params import TrainParams
 from app.service import jobs, sweeps
 from app.service import predictions as predictions_of
-from app.service.admission import RETRY_AFTER_S, Refused, check_cost, client_key
-from app.service.model_access import ModelNotAllowed, loadable_here, model_for_training
+from app.service.admission import RETRY_AFTER_S, check_cost, client_key
+from app.service.model_access import loadable_here, model_for_training
 from app.service.redaction import without_server_paths
 
 bp = Blueprint("jobs", __name__)
@@ -31,14 +31,9 @@ def train():
     query = parse(TrainQuery, request.args.to_dict(), where="query")
     body = {"model": service.settings.default_model} | json_object()
     params = parse(TrainParams, body)
-    try:
-        # Checked here, resolved again by the worker: the job keeps the name as the client gave it.
-        loadable_here(model_for_training(params.model, service.settings))
-        check_cost(params, service.settings)
-    except ModelNotAllowed as exc:
-        raise ApiError(422, str(exc), {"model": str(exc)}) from exc
-    except Refused as exc:
-        raise refusal(exc) from exc
+    # Checked here, resolved again by the worker: the job keeps the name as the client gave it.
+    loadable_here(model_for_training(params.model, service.settings))
+    check_cost(params, service.settings)
     if not query.wait:
         return accepted(submit(params))
     if not service.waiters.acquire(blocking=False):
@@ -62,15 +57,7 @@ def submit(params: TrainParams):
     """Enqueue through admission control: 429 when the queue or this client has no room."""
     service = current_service()
     client = client_key(service.settings, bearer_token(), request.remote_addr)
-    try:
-        return service.admission.admit(client, lambda: jobs.enqueue_training(service.queue, params, service.settings))
-    except Refused as exc:
-        raise refusal(exc) from exc
-
-
-def refusal(exc: Refused) -> ApiError:
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 429 else {}
-    return ApiError(exc.status, exc.message, exc.fields, headers=headers)
+    return service.admission.admit(client, lambda: jobs.enqueue_training(service.queue, params, service.settings))
 
 
 def accepted(job):
@@ -121,10 +108,7 @@ def show(job_id: str):
 @require_token
 def cancel(job_id: str):
     service = current_service()
-    try:
-        job = jobs.cancel_training(service.queue, find_job(job_id))
-    except jobs.JobAlreadyFinished as exc:
-        raise ApiError(409, str(exc)) from exc
+    job = jobs.cancel_training(service.queue, find_job(job_id))
     sweep_id = (job.meta.get("sweep") or {}).get("sweep_id")
     if sweep_id:  # a sweep's trial: the sweep marks it cancelled and starts the next one now
         sweeps.advance(service.settings, service.queue, sweep_id)
@@ -139,19 +123,10 @@ def predictions(job_id: str):
 
 
 def succeeded_job_predictions(job_id: str) -> list[dict]:
-    """The job's val predictions: 409 until it has succeeded, 404 if its run folder lost them."""
-    try:
-        return predictions_of.read_job_predictions(find_job(job_id), current_service().settings)
-    except predictions_of.PredictionsNotReady as exc:
-        raise ApiError(409, str(exc)) from exc
-    except predictions_of.PredictionsMissing as exc:
-        raise ApiError(404, str(exc)) from exc
+    return predictions_of.read_job_predictions(find_job(job_id), current_service().settings)
 
 
 def find_job(job_id: str):
     if not JOB_ID_PATTERN.fullmatch(job_id):
         raise ApiError(404, f"no job {job_id!r}", {"job_id": "job ids are 1-64 letters, digits, '-' or '_'"})
-    try:
-        return jobs.fetch_job(current_service().queue, job_id)
-    except jobs.JobNotFound as exc:
-        raise ApiError(404, f"no job {job_id}", {"job_id": "unknown job id"}) from exc
+    return jobs.fetch_job(current_service().queue, job_id)

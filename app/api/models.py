@@ -9,7 +9,6 @@ from flask import Blueprint, jsonify
 from app.api.auth import require_token, require_token_for_reads
 from app.api.body import json_object, parse
 from app.api.context import current_service
-from app.api.errors import ApiError
 from app.api.schemas import PromoteRequest
 from app.config import Settings
 from app.service import registry
@@ -39,27 +38,15 @@ def promote():
     service = current_service()
     request_ = parse(PromoteRequest, json_object())
     models = open_registry(service.settings)
-    try:
-        if request_.version is not None:
-            version = models.version(request_.version)
-        else:
-            version = models.version_of_job(request_.job_id)
-        champion = models.promote(version, force=request_.force)
-    except registry.RegistryError as exc:
-        raise ApiError(404, str(exc)) from exc
-    except registry.NotBetter as exc:
-        raise ApiError(409, str(exc), {"force": "needed to promote a version with lower val accuracy"}) from exc
+    if request_.version is not None:
+        version = models.version(request_.version)
+    else:
+        version = models.version_of_job(request_.job_id)
+    champion = models.promote(version, force=request_.force)
     registry.write_champion_pointer(service.queue.connection, service.settings, champion)
     return jsonify(champion=without_server_paths(champion.model_dump()))
 
 
-def open_registry(settings: Settings) -> registry.ModelRegistry:
-    try:
-        return cached_registry(settings)
-    except registry.RegistryOff as exc:
-        raise ApiError(409, str(exc), code="registry_off") from exc
-
-
 @functools.lru_cache(maxsize=4)
-def cached_registry(settings: Settings) -> registry.ModelRegistry:
+def open_registry(settings: Settings) -> registry.ModelRegistry:
     return registry.ModelRegistry(settings)

@@ -19,7 +19,7 @@ from app.api.errors import ApiError
 from app.api.schemas import PredictBatch, PredictOne
 from app.service import jobs
 from app.service.batching import MicroBatcher
-from app.service.model_access import ModelNotAllowed, fine_tuned_model
+from app.service.model_access import fine_tuned_model
 from app.service.registry import CHAMPION, read_champion_pointer
 
 bp = Blueprint("predict", __name__)
@@ -179,7 +179,4 @@ def default_model_name() -> str:
 
 
 def model_folder(name: str) -> Path:
-    try:
-        return fine_tuned_model(name, current_service().settings)
-    except ModelNotAllowed as exc:
-        raise ApiError(422, str(exc), {"model": str(exc)}) from exc
+    return fine_tuned_model(name, current_service().settings)

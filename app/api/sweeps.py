@@ -8,10 +8,10 @@ from app.api.auth import bearer_token, require_token, require_token_for_reads
 from app.api.body import json_object, parse
 from app.api.context import current_service
 from app.api.errors import ApiError
-from app.api.jobs import JOB_ID_PATTERN, refusal
+from app.api.jobs import JOB_ID_PATTERN
 from app.api.schemas import JobsQuery
-from app.service import jobs, sweeps
-from app.service.admission import Refused, client_key
+from app.service import sweeps
+from app.service.admission import client_key
 
 bp = Blueprint("sweeps", __name__)
 
@@ -21,15 +21,9 @@ bp = Blueprint("sweeps", __name__)
 def create():
     service = current_service()
     request_ = parse(sweeps.SweepRequest, json_object())
-    try:
-        base = sweeps.validate_request(request_, service.settings)
-    except sweeps.SweepError as exc:
-        raise ApiError(422, f"invalid sweep: {exc}", exc.fields) from exc
+    base = sweeps.validate_request(request_, service.settings)
     client = client_key(service.settings, bearer_token(), request.remote_addr)
-    try:
-        sweep_id = sweeps.create_sweep(request_, base, service.settings, service.queue, client)
-    except Refused as exc:
-        raise refusal(exc) from exc
+    sweep_id = sweeps.create_sweep(request_, base, service.settings, service.queue, client)
     location = url_for("sweeps.show", sweep_id=sweep_id)
     return jsonify(sweep_id=sweep_id, status="running"), 202, {"Location": location}
 
@@ -61,17 +55,11 @@ def show(sweep_id: str):
 def cancel(sweep_id: str):
     service = current_service()
     find_sweep(sweep_id)
-    try:
-        sweeps.cancel_sweep(service.settings, service.queue, sweep_id)
-    except jobs.JobAlreadyFinished as exc:
-        raise ApiError(409, str(exc)) from exc
+    sweeps.cancel_sweep(service.settings, service.queue, sweep_id)
     return jsonify(sweeps.describe_sweep(service.settings, service.queue, sweep_id))
 
 
 def find_sweep(sweep_id: str) -> None:
     if not JOB_ID_PATTERN.fullmatch(sweep_id):
         raise ApiError(404, f"no sweep {sweep_id!r}", {"sweep_id": "sweep ids are 1-64 letters, digits, '-' or '_'"})
-    try:
-        sweeps.load_study(current_service().settings, sweep_id, telling=True)
-    except sweeps.SweepNotFound as exc:
-        raise ApiError(404, f"no sweep {sweep_id}", {"sweep_id": "unknown sweep id"}) from exc
+    sweeps.load_study(current_service().settings, sweep_id, telling=True)

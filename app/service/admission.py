@@ -29,13 +29,20 @@ ACTIVE_STATUSES = {"queued", "started", "deferred", "scheduled", "created"}
 
 
 class Refused(Exception):
-    """A submit the service will not take: ``status`` 422 (never will) or 429 (not now), with per-field reasons."""
+    """A submit the service will not take, with per-field reasons."""
 
-    def __init__(self, status: int, message: str, fields: dict[str, str] | None = None):
+    def __init__(self, message: str, fields: dict[str, str] | None = None):
         super().__init__(message)
-        self.status = status
         self.message = message
         self.fields = fields or {}
+
+
+class OverLimit(Refused):
+    """Never: the job breaks a rule or a budget, whatever else runs."""
+
+
+class NoRoom(Refused):
+    """Not now: the queue or this client is at its cap; the same submit may pass later."""
 
 
 def client_key(settings: Settings, bearer_token: str, address: str | None) -> str:
@@ -71,21 +78,21 @@ def check_cost(params: TrainParams, settings: Settings) -> None:
         reason = (
             f"{params.devices} devices asked, this service's workers give at most {settings.max_devices} (MAX_DEVICES)"
         )
-        raise Refused(422, reason, {"devices": reason})
+        raise OverLimit(reason, {"devices": reason})
     available = available_train_rows(settings.data_dir)
     if available is None:
         return
     rows = min(params.train_limit, available) if params.train_limit else available
     if rows < 2:
         reason = f"{rows} training row(s) cannot be split into train and dev; use train_limit ≥ 2"
-        raise Refused(422, reason, {"train_limit": reason})
+        raise OverLimit(reason, {"train_limit": reason})
     tokens = params.epochs * rows * params.max_length
     if tokens > settings.max_job_tokens:
         reason = (
             f"estimated {tokens:,} tokens (epochs {params.epochs} × {rows} training rows × max_length "
             f"{params.max_length}) exceed this service's budget of {settings.max_job_tokens:,} (MAX_JOB_TOKENS)"
         )
-        raise Refused(422, reason, {name: reason for name in ("epochs", "train_limit", "max_length")})
+        raise OverLimit(reason, {name: reason for name in ("epochs", "train_limit", "max_length")})
 
 
 class Admission:
@@ -101,7 +108,7 @@ class Admission:
         return self.queue.connection
 
     def admit(self, client: str, enqueue, ending: str | None = None) -> Job:
-        """Run ``enqueue()`` if the queue and ``client`` have room; else raise :class:`Refused` (429).
+        """Run ``enqueue()`` if the queue and ``client`` have room; else raise :class:`NoRoom`.
 
         Every job passes here, a sweep's trials too. ``ending``: the id of a job that is ending and starts its
         successor (a sweep's trial), not counted against the client."""
@@ -114,16 +121,15 @@ class Admission:
                 self.connection.pipeline().sadd(key, job.id).expire(key, self.settings.result_ttl).execute()
                 return job
         except LockError as exc:
-            raise Refused(429, "the service is busy admitting other jobs; retry shortly") from exc
+            raise NoRoom("the service is busy admitting other jobs; retry shortly") from exc
 
     def check_room(self, client: str, ending: str | None = None) -> None:
         queued = self.queued_count()
         if queued >= self.settings.max_queued_jobs:
-            raise Refused(429, f"the queue is full ({queued} jobs waiting, MAX_QUEUED_JOBS); retry later")
+            raise NoRoom(f"the queue is full ({queued} jobs waiting, MAX_QUEUED_JOBS); retry later")
         active = self.active_jobs_of(client, ending)
         if active >= self.settings.max_jobs_per_client:
-            raise Refused(
-                429,
+            raise NoRoom(
                 f"you have {active} queued or running jobs, the most one client may have (MAX_JOBS_PER_CLIENT); "
                 "wait for one to finish or cancel one",
             )

@@ -182,7 +182,7 @@ def fetch_job(queue: Queue, job_id: str) -> Job:
     try:
         job = Job.fetch(job_id, connection=queue.connection, serializer=queue.serializer)
     except NoSuchJobError as exc:
-        raise JobNotFound(job_id) from exc
+        raise JobNotFound(f"no job {job_id}") from exc
     if job.get_status(refresh=False) == JobStatus.STARTED:
         queue.started_job_registry.cleanup()
         job.refresh()

@@ -14,7 +14,7 @@ from app.config import Settings
 from app.engine import run_folder
 from app.params import TrainParams
 from app.service import jobs, registry
-from app.service.admission import Admission, Refused
+from app.service.admission import Admission, NoRoom
 from app.service.sweeps.spec import TRIAL_TASK, SweepRequest
 from app.service.sweeps.study import distributions, load_study, storage, trial_params
 
@@ -27,7 +27,7 @@ def create_sweep(
     """Create the study (its spec in user attributes) and, with a queue, start its first trials.
 
     Its trials are admitted like any job, counted against ``client``; with no room for even one now, nothing is
-    created (:class:`Refused`, 429)."""
+    created (:class:`NoRoom`)."""
     import optuna
 
     if queue is not None:
@@ -76,7 +76,7 @@ def advance(settings: Settings, queue: Queue, sweep_id: str, ending: str | None 
         while not attrs.get("cancelled") and running < spec["parallel"] and asked < spec["trials"]:
             try:
                 start_trial(settings, queue, sweep_id, asked, attrs.get("client") or f"sweep:{sweep_id}", ending)
-            except Refused as exc:  # the next trial end, a POST or the workers' periodic check tries again
+            except NoRoom as exc:  # the next trial end, a POST or the workers' periodic check tries again
                 log.info("sweep %s: trial %d waits: %s", sweep_id, asked, exc.message)
                 break
             running, asked = running + 1, asked + 1

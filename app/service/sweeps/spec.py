@@ -21,7 +21,7 @@ from pydantic import (
 
 from app.config import Settings
 from app.params import TrainParams
-from app.service.admission import Refused, check_cost
+from app.service.admission import OverLimit, check_cost
 from app.service.jobs import TRIAL_TASK as TRIAL_TASK  # the trial task's name, for the driver
 from app.service.model_access import ModelNotAllowed, model_for_training
 
@@ -158,7 +158,7 @@ def largest_trial_rule(request: SweepRequest, base: TrainParams, settings: Setti
     largest = {name: largest_value(request, name, getattr(base, name)) for name in COST_FIELDS}
     try:
         check_cost(base.model_copy(update=largest), settings)
-    except Refused as exc:
+    except OverLimit as exc:
         where = {name: f"space.{name}" if name in request.space else f"base.{name}" for name in COST_FIELDS}
         return {where.get(name, name): rule for name, rule in exc.fields.items()}
     return {}

@@ -117,7 +117,7 @@ def load_study(settings: Settings, sweep_id: str, asked: int = 0, telling: bool 
     try:
         summary = optuna.load_study(study_name=sweep_id, storage=storage(settings))
     except KeyError as exc:
-        raise SweepNotFound(sweep_id) from exc
+        raise SweepNotFound(f"no sweep {sweep_id}") from exc
     spec = summary.user_attrs["spec"]
     return optuna.load_study(
         study_name=sweep_id,
