@@ -6,6 +6,7 @@ from flask import Blueprint, jsonify
 from pydantic.json_schema import models_json_schema
 
 from app.api import schemas
+from app.api.context import current_service
 from app.params import TrainParams
 from app.service.sweeps import SweepRequest
 
@@ -236,7 +237,29 @@ def component_schemas() -> dict:
     return top["$defs"]
 
 
-def openapi_document() -> dict:
+def openapi_document(settings=None) -> dict:
+    """The document for this service as configured: without API_TOKEN no operation asks for a token."""
+    document = full_document()
+    if settings is not None:
+        describe_auth_as_configured(document, settings)
+    return document
+
+
+def describe_auth_as_configured(document: dict, settings) -> None:
+    for item in document["paths"].values():
+        for method, op in item.items():
+            if method == "parameters":
+                continue
+            open_read = method == "get" and settings.public_reads
+            if not settings.api_token or open_read:
+                op.pop("security", None)
+            if "security" not in op:
+                op["responses"].pop("401", None)
+    if not settings.api_token:
+        document["components"].pop("securitySchemes")
+
+
+def full_document() -> dict:
     return {
         "openapi": "3.1.0",
         "info": {
@@ -254,4 +277,4 @@ def openapi_document() -> dict:
 
 @bp.get("/openapi.json")
 def openapi():
-    return jsonify(openapi_document())
+    return jsonify(openapi_document(current_service().settings))

@@ -149,6 +149,15 @@ class Health(BaseModel):
     checks: dict[str, str] | None = None
 
 
+def require_exactly_one(schema: dict, *names: str) -> None:
+    """Make optional fields ``names`` non-nullable in ``schema`` and require exactly one of them (``oneOf``)."""
+    for name in names:
+        field = schema["properties"][name]
+        schema["properties"][name] = {key: value for key, value in field.items() if key != "anyOf"} | field["anyOf"][0]
+        schema["properties"][name].pop("default", None)
+    schema["oneOf"] = [{"required": [name]} for name in names]
+
+
 class PromoteRequest(Strict):
     """``POST /models/champion``: name the version by its job id or its number (one of the two)."""
 
@@ -159,10 +168,14 @@ class PromoteRequest(Strict):
     version: Annotated[StrictInt | None, Field(ge=1, description="A version number of the registered model.")] = None
     force: StrictBool = Field(False, description="Promote even if its val accuracy is below the champion's.")
 
+    # The rule the validator below keeps, said in the schema too: exactly one of the two names, never null.
+    model_config = ConfigDict(json_schema_extra=lambda schema: require_exactly_one(schema, "job_id", "version"))
+
     @model_validator(mode="after")
     def one_name(self):
-        if (self.job_id is None) == (self.version is None):
-            raise ValueError("give exactly one of job_id and version")
+        given = {name for name in ("job_id", "version") if name in self.model_fields_set}
+        if len(given) != 1 or getattr(self, given.pop()) is None:
+            raise ValueError("give exactly one of job_id and version (not null)")
         return self
 
 
