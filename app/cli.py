@@ -188,7 +188,7 @@ def add_worker_parser(commands) -> None:
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     import app.service.tasks  # noqa: F401  (loaded once here, so each forked job starts without importing torch)
-    from app.service.jobs import make_worker
+    from app.service.workers import make_worker
 
     quiet_libraries()
     worker = make_worker(settings)

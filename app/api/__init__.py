@@ -19,7 +19,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     from app.api.errors import register_error_handlers
     from app.api.metrics import ServiceMetrics
     from app.service.admission import Admission
-    from app.service.jobs import connect_redis, training_queue
+    from app.service.jobs import training_queue
+    from app.service.redis_connection import connect_redis
 
     settings = settings or Settings()
     app = Flask(__name__)

@@ -12,7 +12,7 @@ import logging
 import time
 
 from redis import Redis
-from rq import Queue, Retry, Worker
+from rq import Queue, Retry
 from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
@@ -23,6 +23,7 @@ from app.engine.run_folder import Progress as Progress  # the shape of a job's p
 from app.params import TrainParams
 from app.service.job_index import JobIndex
 from app.service.redaction import without_server_paths
+from app.service.redis_connection import connect_redis as connect_redis  # the API's and the tests' way in
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,6 @@ LEARNED_NOTHING = "the model learned nothing: val accuracy is within 1 point of 
 TRAIN_TASK = "app.service.tasks.train_job"
 # RQ's failure_ttl when a job sets none (one year).
 DEFAULT_FAILURE_TTL = 365 * 24 * 3600
-# API-side Redis timeouts: a dead Redis answers 503 in seconds instead of hanging a request.
-REDIS_CONNECT_TIMEOUT_S = 2
-REDIS_SOCKET_TIMEOUT_S = 5
 
 PUBLIC_STATUS = {
     JobStatus.CREATED: "queued",
@@ -59,15 +57,6 @@ class JobAlreadyFinished(RuntimeError):
     """Cancel was asked for a job that has already ended."""
 
 
-def connect_redis(settings: Settings) -> Redis:
-    """A Redis client with short timeouts, for the API."""
-    return Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
-        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
-    )
-
-
 def training_queue(settings: Settings, connection: Redis) -> Queue:
     """The RQ queue of training jobs; JSON-serialized so job data is plain and readable (no pickle)."""
     return Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
@@ -87,17 +76,6 @@ def enqueue_training(queue: Queue, params: TrainParams, settings: Settings) -> J
     )
     JobIndex(queue).add(job)
     return job
-
-
-def make_worker(settings: Settings) -> Worker:
-    """An RQ worker on the training queue; each job runs in a forked work horse it watches."""
-    connection = Redis.from_url(settings.redis_url)
-    return Worker(
-        [training_queue(settings, connection)],
-        connection=connection,
-        serializer=JSONSerializer,
-        job_monitoring_interval=settings.worker_heartbeat,
-    )
 
 
 def fetch_job(queue: Queue, job_id: str) -> Job:

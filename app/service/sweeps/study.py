@@ -6,23 +6,31 @@ import functools
 import warnings
 
 from app.config import Settings
+from app.service.redis_connection import connect_redis
 from app.service.sweeps.spec import MEDIAN_STARTUP_TRIALS, Range, SweepNotFound, field_kind
 
 
 def storage(settings: Settings):
     """The journal storage on the service's Redis, one journal per queue (so services sharing a Redis stay apart)."""
-    return journal_on_redis(settings.redis_url, f"boolq:{settings.queue_name}:optuna")
+    return journal_on_redis(settings, f"boolq:{settings.queue_name}:optuna")
 
 
 @functools.lru_cache(maxsize=8)
-def journal_on_redis(redis_url: str, prefix: str):
+def journal_on_redis(settings: Settings, prefix: str):
     """One storage per process: a new one replays the whole journal, a kept one reads only what was appended."""
     from optuna.exceptions import ExperimentalWarning
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalRedisBackend
 
+    class JournalOnClient(JournalRedisBackend):
+        """Optuna's Redis journal on a client given to it (a Sentinel's master), not on a URL it connects to."""
+
+        def __init__(self, connection, prefix: str):
+            super().__init__("redis://", prefix=prefix)  # redis-py connects lazily: this client is never used
+            self._redis = connection
+
     warnings.filterwarnings("ignore", category=ExperimentalWarning)  # the Redis journal, stable in use since v3.1
-    return JournalStorage(JournalRedisBackend(redis_url, prefix=prefix))
+    return JournalStorage(JournalOnClient(connect_redis(settings), prefix))
 
 
 def distributions(space: dict) -> dict:
