@@ -1,4 +1,10 @@
-"""The RQ worker that runs training jobs: which queues it listens to, and how it rides out a Redis failover."""
+"""The RQ worker that runs training jobs: what it advertises, which queues it takes jobs from, and how it rides
+out a Redis failover.
+
+A worker is of the gpu class when torch sees a GPU (and DEVICE is not cpu), else of the cpu class; it takes jobs
+from its class's queue first, then from the service's queue that every worker shares ("any"). So a job asking
+for a GPU waits in ``<queue>:gpu`` until a GPU worker is up, instead of failing on a CPU one.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +16,23 @@ from rq import Worker
 from rq.serializers import JSONSerializer
 
 from app.config import Settings
-from app.service.jobs import training_queue
+from app.service.jobs import class_queue, training_queue
 from app.service.redis_connection import connect_redis
 
 log = logging.getLogger(__name__)
 
 
 class TrainingWorker(Worker):
-    """RQ's forking worker, except that a heartbeat lost to a Redis gap (a Sentinel failover) is not fatal."""
+    """RQ's forking worker, advertising its capabilities in its Redis record (which expires with its heartbeats),
+    and surviving a heartbeat lost to a Redis gap (a Sentinel failover)."""
+
+    def __init__(self, *args, capabilities: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.capabilities = capabilities
+
+    def register_birth(self):
+        super().register_birth()
+        self.connection.hset(self.key, mapping={f"boolq_{k}": v for k, v in self.capabilities.items()})
 
     def maintain_heartbeats(self, job, execution):
         # RQ quits the worker on any error here, abandoning the running job; the next heartbeat reconnects.
@@ -27,12 +42,27 @@ class TrainingWorker(Worker):
             log.warning("worker %s: heartbeat missed, Redis unreachable (a failover?): %s", self.name, exc)
 
 
+def worker_capabilities(settings: Settings) -> dict:
+    """This machine's class (gpu or cpu), GPUs and cores, as the worker advertises them."""
+    import torch
+
+    from app.engine.distributed import cpu_cores
+
+    # NVML's count: CUDA stays uninitialised in this process, so the jobs it forks can still use it.
+    gpus = 0 if settings.device == "cpu" else torch.cuda.device_count()
+    return {"accelerator": "gpu" if gpus else "cpu", "gpus": gpus, "cpu_cores": cpu_cores()}
+
+
 def make_worker(settings: Settings) -> Worker:
-    """An RQ worker on the training queue; each job runs in a forked work horse it watches."""
+    """A worker on its class's queue and the shared one; each job runs in a forked work horse it watches."""
     connection = connect_redis(settings, for_worker=True)
+    capabilities = worker_capabilities(settings)
+    shared = training_queue(settings, connection)
+    log.info("worker capabilities: %s", capabilities)
     return TrainingWorker(
-        [training_queue(settings, connection)],
+        [class_queue(shared, capabilities["accelerator"]), shared],
         connection=connection,
         serializer=JSONSerializer,
         job_monitoring_interval=settings.worker_heartbeat,
+        capabilities=capabilities,
     )
