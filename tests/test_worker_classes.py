@@ -34,7 +34,7 @@ def test_an_unknown_accelerator_is_422_naming_the_field(redis_url, tmp_path):
     assert response.status_code == 422 and "accelerator" in response.get_json()["error"]["fields"]
 
 
-def test_a_cpu_worker_runs_cpu_and_any_jobs_and_never_takes_a_gpu_job(launcher, redis_url, tmp_path):
+def test_a_cpu_worker_runs_cpu_then_any_jobs_and_never_takes_a_gpu_job(launcher, redis_url, tmp_path):
     settings = service_settings(redis_url, tmp_path, device="cpu")  # a CPU worker even on a machine with a GPU
     url = launcher.server(settings, workers=1)
     worker = launcher.worker(settings)
@@ -52,7 +52,12 @@ def test_a_cpu_worker_runs_cpu_and_any_jobs_and_never_takes_a_gpu_job(launcher, 
     metrics = requests.get(f"{url}/metrics", timeout=30).text
     workers = dict(re.findall(r'boolq_workers\{accelerator="(\w+)"\} (\S+)', metrics))
     assert workers == {"any": "1.0", "cpu": "1.0", "gpu": "0.0"}
-    [record] = Worker.all(queue=jobs.training_queue(settings, jobs.connect_redis(settings)))
+    queue = jobs.training_queue(settings, jobs.connect_redis(settings))
+    # The worker takes its class's queue first: the cpu job ran, then the any job; both are listed, newest first.
+    assert jobs.latest_succeeded_job_id(queue) == anywhere
+    succeeded, total = jobs.recent_jobs_with_status(queue, "succeeded", page=1, per_page=20)
+    assert [j.id for j in succeeded] == [anywhere, cpu] and total == 2
+    [record] = Worker.all(queue=queue)
     advertised = record.connection.hmget(record.key, "boolq_accelerator", "boolq_gpus", "boolq_cpu_cores")
     assert advertised[:2] == [b"cpu", b"0"] and int(advertised[2]) >= 1
 

@@ -199,7 +199,7 @@ def describe_job(job: Job) -> dict:
 
 def waiting_reason(job: Job) -> str | None:
     """Why a queued job cannot start whatever its turn: no live worker listens on its class's queue."""
-    if live_workers(Queue(job.origin, connection=job.connection)):
+    if live_workers(Queue(job.origin, connection=job.connection, serializer=job.serializer)):
         return None
     accelerator = (job.args[0] if job.args else {}).get("accelerator", "any")
     return "waiting for a worker" if accelerator == "any" else f"waiting for a {accelerator} worker"
