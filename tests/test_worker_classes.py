@@ -14,10 +14,10 @@ from tests.helpers import TINY_JOB, service_settings, wait_for
 
 def test_with_no_worker_a_queued_job_says_which_class_of_worker_it_waits_for(redis_url, tmp_path):
     client = create_app(service_settings(redis_url, tmp_path)).test_client()
-    waiting = {}
-    for accelerator in ("gpu", "cpu", "any"):
-        job_id = client.post("/train", json=TINY_JOB | {"accelerator": accelerator}).get_json()["job_id"]
-        waiting[accelerator] = client.get(f"/jobs/{job_id}").get_json()["waiting"]
+    ids = {
+        a: client.post("/train", json=TINY_JOB | {"accelerator": a}).get_json()["job_id"] for a in ("gpu", "cpu", "any")
+    }
+    waiting = {a: client.get(f"/jobs/{job_id}").get_json()["waiting"] for a, job_id in ids.items()}
     assert waiting == {
         "gpu": "waiting for a gpu worker",
         "cpu": "waiting for a cpu worker",
@@ -26,6 +26,7 @@ def test_with_no_worker_a_queued_job_says_which_class_of_worker_it_waits_for(red
     listed = client.get("/jobs").get_json()
     assert listed["total"] == 3 and {j["params"]["accelerator"] for j in listed["jobs"]} == {"gpu", "cpu", "any"}
     assert 'boolq_jobs{status="queued"} 3.0' in client.get("/metrics").get_data(as_text=True)
+    assert "waiting for a gpu worker" in client.get(f"/console/jobs/{ids['gpu']}").get_data(as_text=True)
 
 
 def test_an_unknown_accelerator_is_422_naming_the_field(redis_url, tmp_path):
