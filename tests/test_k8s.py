@@ -28,7 +28,9 @@ def render(overlay: str, folder: Path) -> str:
     """``kubectl kustomize`` of an overlay, with the Secret's example values standing in for the user's."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
-        pytest.fail("kubectl is not installed; the Kubernetes manifests' tests need it (kustomize is built in)")
+        pytest.fail(
+            "kubectl is not installed; the Kubernetes manifests' tests need it (>= 1.27: its built-in kustomize v5)"
+        )
     tree = folder / "k8s"
     if not tree.exists():
         shutil.copytree(K8S, tree)
