@@ -193,7 +193,9 @@ def add_worker_parser(commands) -> None:
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     import app.service.tasks  # noqa: F401  (loaded once here, so each forked job starts without importing torch)
     from app.service import registry, sweeps
-    from app.service.jobs import connect_redis, make_worker, training_queue
+    from app.service.jobs import training_queue
+    from app.service.redis_connection import connect_redis
+    from app.service.workers import make_worker
 
     quiet_libraries()
     queue = training_queue(settings, connect_redis(settings))

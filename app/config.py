@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     device: str = "auto"
     # Redis holding the job queue and job state.
     redis_url: str = "redis://localhost:6379/0"
+    # Redis Sentinels watching that Redis, comma-separated host:port; set, the service asks them for the master
+    # named REDIS_SENTINEL_MASTER (and follows a failover), and REDIS_URL gives only the password and the db.
+    redis_sentinels: str = ""
+    redis_sentinel_master: str = "mymaster"
+    # Password of the Sentinels themselves; empty = they ask none.
+    redis_sentinel_password: str = Field(default="", repr=False)
     # RQ queue name.
     queue_name: str = "boolq-train"
     # Seconds a training job may run before RQ stops it (default 24 h).
@@ -127,6 +133,20 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(Path(p).expanduser() for p in value.split(os.pathsep) if p)
         return value
+
+    @field_validator("redis_sentinels", mode="after")
+    @classmethod
+    def check_host_ports(cls, value: str) -> str:
+        for address in filter(None, (a.strip() for a in value.split(","))):
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"{address!r} is not host:port (REDIS_SENTINELS is a comma-separated host:port list)")
+        return value
+
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """REDIS_SENTINELS as (host, port) pairs; empty when Sentinel is not used."""
+        pairs = (a.strip().rpartition(":") for a in self.redis_sentinels.split(",") if a.strip())
+        return [(host, int(port)) for host, _, port in pairs]
 
     @field_validator("artifacts_dir", "data_dir", "neptune_data_directory", mode="after")
     @classmethod

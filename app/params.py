@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
@@ -65,6 +65,13 @@ class TrainParams(BaseModel):
             description="Processes training this one model together (PyTorch DDP): GPUs, or groups of CPU cores.",
         ),
     ] = 1
+    accelerator: Annotated[
+        Literal["any", "cpu", "gpu"],
+        Field(
+            description="Which workers may take the job: any, only GPU workers (it waits for one), or only CPU "
+            "workers. Jobs only; a local run trains where it is (DEVICE)."
+        ),
+    ] = "any"
     register: Annotated[
         StrictBool,
         Field(description="Register the fine-tuned model as a version in the MLflow model registry."),

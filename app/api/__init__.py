@@ -23,7 +23,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     from app.api.metrics import ServiceMetrics
     from app.api.proxy import TrustedProxyFix
     from app.service.admission import Admission
-    from app.service.jobs import connect_redis, training_queue
+    from app.service.jobs import training_queue
+    from app.service.redis_connection import connect_redis
 
     settings = settings or Settings()
     app = Flask(__name__)

@@ -12,7 +12,9 @@ import re
 from flask import Flask, jsonify
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.sentinel import MasterNotFoundError
 from werkzeug.exceptions import HTTPException
 
 from app.service import jobs, registry, sweeps
@@ -22,6 +24,8 @@ from app.service.predictions import PredictionsMissing, PredictionsNotReady
 
 log = logging.getLogger(__name__)
 
+# What a client is told to wait when Redis is unreachable: about a Sentinel failover's gap.
+REDIS_RETRY_AFTER_S = 5
 # Pydantic adds the tried union member ("float", "int", "list[...]") to an error's location; not a field.
 UNION_MEMBER = re.compile(r"int|float|str|bool|none|[\w-]+\[.*\]")
 HTTP_CODES = {
@@ -118,11 +122,17 @@ def register_error_handlers(app: Flask) -> None:
             return *response, {"Allow": ", ".join(exc.valid_methods)}
         return response
 
+    # A master that is down, not yet replaced by the Sentinels, or just demoted to a read-only replica: a gap.
     @app.errorhandler(RedisConnectionError)
     @app.errorhandler(RedisTimeoutError)
+    @app.errorhandler(MasterNotFoundError)
+    @app.errorhandler(ReadOnlyError)
     def redis_down(exc: Exception):
         log.warning("redis unavailable: %s", exc)
-        return error_response(503, "the job store (Redis) is unreachable; try again later", code="redis_unavailable")
+        body, status = error_response(
+            503, "the job store (Redis) is unreachable; try again later", code="redis_unavailable"
+        )
+        return body, status, {"Retry-After": str(REDIS_RETRY_AFTER_S)}
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):

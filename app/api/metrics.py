@@ -1,4 +1,4 @@
-"""Prometheus metrics: request counts and latencies per endpoint, and jobs per status read from Redis.
+"""Prometheus metrics: request counts and latencies per endpoint; jobs per status and workers per class from Redis.
 
 Each app (so each gunicorn worker process) has its own registry: request counters are per process and
 carry the ``X-Replica`` of the process that served the scrape; job counts come from Redis and are global.
@@ -30,6 +30,7 @@ class JobsByStatus:
         up = GaugeMetricFamily("boolq_redis_up", "1 if Redis answered the last scrape")
         try:
             counts = jobs.job_counts(self.queue)
+            workers = jobs.workers_by_class(self.queue)
         except RedisError as exc:
             log.warning("metrics: redis unavailable: %s", exc)
             up.add_metric([], 0)
@@ -41,6 +42,12 @@ class JobsByStatus:
         for status, count in counts.items():
             by_status.add_metric([status], count)
         yield by_status
+        by_class = GaugeMetricFamily(
+            "boolq_workers", "Live workers taking each class of job (any: every worker)", labels=["accelerator"]
+        )
+        for accelerator, count in workers.items():
+            by_class.add_metric([accelerator], count)
+        yield by_class
 
 
 class ServiceMetrics:

@@ -95,6 +95,9 @@ class JobView(BaseModel):
     status: Status
     params: dict
     progress: Progress | None
+    waiting: str | None = Field(
+        description='For a queued job no live worker can take: why ("waiting for a gpu worker").'
+    )
     created_at: str | None
     enqueued_at: str | None
     started_at: str | None

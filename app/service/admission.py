@@ -19,6 +19,7 @@ from rq.job import Job
 from app.config import Settings
 from app.engine.data import HUB_SOURCE
 from app.params import TrainParams
+from app.service.jobs import class_queues
 
 # What a client is told to wait before trying again when the queue or its share is full.
 RETRY_AFTER_S = 30
@@ -135,8 +136,9 @@ class Admission:
             )
 
     def queued_count(self) -> int:
-        queue = self.queue
-        return queue.count + queue.deferred_job_registry.count + queue.scheduled_job_registry.count
+        return sum(
+            q.count + q.deferred_job_registry.count + q.scheduled_job_registry.count for q in class_queues(self.queue)
+        )
 
     def client_set(self, client: str) -> str:
         return f"{self.prefix}:client:{client}"
@@ -148,7 +150,8 @@ class Admission:
         if not ids:
             return 0
         # A job whose worker died is failed here, not counted as running forever.
-        self.queue.started_job_registry.cleanup()
+        for queue in class_queues(self.queue):
+            queue.started_job_registry.cleanup()
         pipe = self.connection.pipeline()
         for job_id in ids:
             pipe.hget(Job.key_for(job_id), "status")

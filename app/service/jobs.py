@@ -12,17 +12,19 @@ import logging
 import time
 
 from redis import Redis
-from rq import Queue, Retry, Worker
+from rq import Queue, Retry
 from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
+from rq.worker_registration import get_keys
 
 from app.config import Settings
 from app.engine.run_folder import Progress as Progress  # the shape of a job's progress, for the API's schema
 from app.params import TrainParams
 from app.service.job_index import JobIndex
 from app.service.redaction import without_server_paths
+from app.service.redis_connection import connect_redis as connect_redis  # the API's and the tests' way in
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +40,6 @@ JOB_ID_RULE = r"[A-Za-z0-9_-]{1,64}"
 MAINTENANCE_INTERVAL_S = 60
 # RQ's failure_ttl when a job sets none (one year).
 DEFAULT_FAILURE_TTL = 365 * 24 * 3600
-# API-side Redis timeouts: a dead Redis answers 503 in seconds instead of hanging a request.
-REDIS_CONNECT_TIMEOUT_S = 2
-REDIS_SOCKET_TIMEOUT_S = 5
 
 PUBLIC_STATUS = {
     JobStatus.CREATED: "queued",
@@ -56,6 +55,8 @@ PUBLIC_STATUS = {
     JobStatus.CANCELED: "cancelled",
 }
 FINAL_STATUSES = {"succeeded", "failed", "cancelled", "pruned"}
+# Worker classes: each has its own queue besides the service's queue, which every worker listens to ("any").
+ACCELERATORS = ("cpu", "gpu")
 
 
 class JobNotFound(LookupError):
@@ -99,23 +100,53 @@ class ProjectJob(Job):
         return None
 
 
-def connect_redis(settings: Settings) -> Redis:
-    """A Redis client with short timeouts, for the API."""
-    return Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
-        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
-    )
-
-
 def training_queue(settings: Settings, connection: Redis) -> Queue:
     """The RQ queue of training jobs; JSON-serialized so job data is plain and readable (no pickle)."""
     return Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
 
 
+def class_queue(queue: Queue, accelerator: str) -> Queue:
+    """The queue of jobs asking for ``accelerator``: ``queue`` itself for "any", else ``<queue>:gpu`` or ``:cpu``."""
+    if accelerator == "any":
+        return queue
+    return Queue(f"{queue.name}:{accelerator}", connection=queue.connection, serializer=queue.serializer)
+
+
+def class_queues(queue: Queue) -> list[Queue]:
+    """Every queue a job of the service may wait in: ``queue`` (any worker) and each worker class's."""
+    return [queue, *(class_queue(queue, accelerator) for accelerator in ACCELERATORS)]
+
+
+def origin_queue(queue: Queue, job: Job) -> Queue:
+    return Queue(job.origin, connection=queue.connection, serializer=queue.serializer)
+
+
+def live_workers(queue: Queue) -> int:
+    """Workers listening on ``queue`` now: registered, and with a key their heartbeats keep from expiring."""
+    keys = list(get_keys(queue))
+    if not keys:
+        return 0
+    pipe = queue.connection.pipeline()
+    for key in keys:
+        pipe.exists(key)
+    return sum(pipe.execute())
+
+
+def workers_by_class(queue: Queue) -> dict[str, int]:
+    """How many workers listen for each class of job ("any" counts every worker: all of them take those)."""
+    return {"any": live_workers(queue)} | {a: live_workers(class_queue(queue, a)) for a in ACCELERATORS}
+
+
 def enqueue_training(queue: Queue, params: TrainParams, settings: Settings) -> Job:
-    """Put one training run on the queue (and in the job index); the job id becomes the run folder's name."""
-    return enqueue_job(queue, TRAIN_TASK, [params.model_dump()], settings, description=f"train {params.model}")
+    """Put one training run on its class's queue (and in the job index); the job id becomes the run folder's name."""
+    return enqueue_job(
+        queue,
+        TRAIN_TASK,
+        [params.model_dump()],
+        settings,
+        description=f"train {params.model}",
+        accelerator=params.accelerator,
+    )
 
 
 def enqueue_job(
@@ -127,12 +158,14 @@ def enqueue_job(
     description: str,
     job_id: str | None = None,
     meta: dict | None = None,
+    accelerator: str = "any",
 ) -> Job:
     """The one way a job reaches the queue (called inside ``Admission.admit``): timeouts, retries and TTLs from
-    the settings, and the job index, the same for a training and a sweep's trial."""
+    the settings, the queue of the worker class it asks for, and the service's job index, the same for a training
+    and a sweep's trial."""
     if task not in PROJECT_TASKS:
         raise ForbiddenTask(f"{task!r} is not one of this service's tasks")
-    job = queue.enqueue(
+    job = class_queue(queue, accelerator).enqueue(
         task,
         *args,
         job_id=job_id,
@@ -147,36 +180,6 @@ def enqueue_job(
     return job
 
 
-class ProjectWorker(Worker):
-    """An RQ worker that also runs ``on_maintenance`` (the sweeps' periodic check) with RQ's own maintenance."""
-
-    on_maintenance = None
-
-    def run_maintenance_tasks(self):
-        super().run_maintenance_tasks()
-        if self.on_maintenance is not None:
-            try:
-                self.on_maintenance()
-            except Exception:  # a maintenance hiccup must not stop the worker taking jobs
-                log.exception("periodic maintenance failed")
-
-
-def make_worker(settings: Settings, on_maintenance=None) -> Worker:
-    """An RQ worker on the training queue; each job runs in a forked work horse it watches.
-    ``on_maintenance`` runs every MAINTENANCE_INTERVAL_S (the sweeps' periodic check; the web side has none)."""
-    connection = Redis.from_url(settings.redis_url)
-    worker = ProjectWorker(
-        [training_queue(settings, connection)],
-        connection=connection,
-        serializer=JSONSerializer,
-        job_class=ProjectJob,
-        job_monitoring_interval=settings.worker_heartbeat,
-        maintenance_interval=MAINTENANCE_INTERVAL_S,
-    )
-    worker.on_maintenance = on_maintenance
-    return worker
-
-
 def fetch_job(queue: Queue, job_id: str) -> Job:
     """The job, after letting RQ fail jobs whose worker died (so none stays 'running' forever)."""
     try:
@@ -184,7 +187,7 @@ def fetch_job(queue: Queue, job_id: str) -> Job:
     except NoSuchJobError as exc:
         raise JobNotFound(f"no job {job_id}") from exc
     if job.get_status(refresh=False) == JobStatus.STARTED:
-        queue.started_job_registry.cleanup()
+        origin_queue(queue, job).started_job_registry.cleanup()
         job.refresh()
     return job
 
@@ -200,12 +203,18 @@ def recent_jobs(queue: Queue, page: int, per_page: int) -> tuple[list[Job], int]
 
 
 def latest_succeeded_job_id(queue: Queue) -> str | None:
-    """The most recently finished job (FinishedJobRegistry scores are expiry times, later = newer)."""
+    """The most recently finished job of any class."""
+    found = [job for q in class_queues(queue) if (job := latest_succeeded_job(q)) is not None]
+    return max(found, key=lambda job: job.ended_at).id if found else None
+
+
+def latest_succeeded_job(queue: Queue) -> Job | None:
+    """The queue's most recently finished job (FinishedJobRegistry scores are expiry times, later = newer)."""
     for start in range(0, queue.finished_job_registry.count, 20):
         ids = queue.finished_job_registry.get_job_ids(start, start + 19, desc=True)
         for job in Job.fetch_many(ids, queue.connection, queue.serializer):
             if job is not None and public_status(job) == "succeeded":  # a pruned sweep trial has no model
-                return job.id
+                return job
     return None
 
 
@@ -244,6 +253,7 @@ def describe_job(job: Job) -> dict:
         "status": status,
         "params": job.args[0] if job.args else {},
         "progress": job.meta.get("progress"),
+        "waiting": waiting_reason(job) if status == "queued" else None,
         "created_at": isoformat(job.created_at),
         "enqueued_at": isoformat(job.enqueued_at),
         "started_at": isoformat(job.started_at),
@@ -252,6 +262,14 @@ def describe_job(job: Job) -> dict:
         "result": without_server_paths(result_summary(job)) if status == "succeeded" else None,
         "error": without_server_paths(failure_of(job)) if status == "failed" else None,
     }
+
+
+def waiting_reason(job: Job) -> str | None:
+    """Why a queued job cannot start whatever its turn: no live worker listens on its class's queue."""
+    if live_workers(Queue(job.origin, connection=job.connection, serializer=job.serializer)):
+        return None
+    accelerator = (job.args[0] if job.args else {}).get("accelerator", "any")
+    return "waiting for a worker" if accelerator == "any" else f"waiting for a {accelerator} worker"
 
 
 def result_summary(job: Job) -> dict | None:
@@ -306,18 +324,19 @@ def isoformat(moment) -> str | None:
 
 
 def job_counts(queue: Queue) -> dict[str, int]:
-    """Jobs per public status, for the metrics endpoint; registry sizes only, no job is loaded.
+    """Jobs per public status in every class's queue, for the metrics endpoint; registry sizes only, no job is loaded.
 
     Jobs stopped by a cancel sit in RQ's failed registry; the job index remembers which, so they count as cancelled.
     """
-    stopped = JobIndex(queue).stopped_in(queue.failed_job_registry.key)
-    return {
-        "queued": queue.count + queue.deferred_job_registry.count + queue.scheduled_job_registry.count,
-        "running": queue.started_job_registry.count,
-        "succeeded": queue.finished_job_registry.count,
-        "failed": queue.failed_job_registry.count - stopped,
-        "cancelled": queue.canceled_job_registry.count + stopped,
-    }
+    counts = dict.fromkeys(("queued", "running", "succeeded", "failed", "cancelled"), 0)
+    for q in class_queues(queue):
+        stopped = JobIndex(queue).stopped_in(q.failed_job_registry.key)
+        counts["queued"] += q.count + q.deferred_job_registry.count + q.scheduled_job_registry.count
+        counts["running"] += q.started_job_registry.count
+        counts["succeeded"] += q.finished_job_registry.count
+        counts["failed"] += q.failed_job_registry.count - stopped
+        counts["cancelled"] += q.canceled_job_registry.count + stopped
+    return counts
 
 
 # The registries that can hold a job of each public status (stopped jobs sit in RQ's failed registry).
@@ -339,14 +358,31 @@ def recent_jobs_with_status(queue: Queue, status: str, page: int, per_page: int)
     """
     start = (page - 1) * per_page
     if status in ("succeeded", "running"):
-        registry = getattr(queue, STATUS_REGISTRIES[status][0])
-        ids = registry.get_job_ids(start, start + per_page - 1, desc=True)
-        found = Job.fetch_many(ids, queue.connection, queue.serializer)
-        return [j for j in found if j is not None], registry.count
-    ids = set(queue.get_job_ids()) if status == "queued" else set()
-    for name in STATUS_REGISTRIES[status]:
-        ids.update(getattr(queue, name).get_job_ids())
+        registries = [getattr(q, STATUS_REGISTRIES[status][0]) for q in class_queues(queue)]
+        return registry_page([r for r in registries if r.count] or registries[:1], status, start, per_page)
+    ids = set()
+    for q in class_queues(queue):
+        ids.update(q.get_job_ids() if status == "queued" else ())
+        for name in STATUS_REGISTRIES[status]:
+            ids.update(getattr(q, name).get_job_ids())
     found = Job.fetch_many(list(ids), queue.connection, queue.serializer)
     matching = [j for j in found if j is not None and public_status(j) == status]
     matching.sort(key=lambda j: j.created_at, reverse=True)
     return matching[start : start + per_page], len(matching)
+
+
+def registry_page(registries: list, status: str, start: int, per_page: int) -> tuple[list[Job], int]:
+    """Jobs ``start`` to ``start + per_page`` of the registries, newest first, and their count.
+
+    One registry (the usual case: one class of jobs) is read a page at a time in its own order; several are
+    merged by when their jobs ended or started, reading each up to the page's end.
+    """
+    connection, serializer = registries[0].connection, registries[0].serializer
+    if len(registries) == 1:
+        ids = registries[0].get_job_ids(start, start + per_page - 1, desc=True)
+        found = Job.fetch_many(ids, connection, serializer)
+        return [j for j in found if j is not None], registries[0].count
+    ids = [i for r in registries for i in r.get_job_ids(0, start + per_page - 1, desc=True)]
+    found = [j for j in Job.fetch_many(ids, connection, serializer) if j is not None]
+    found.sort(key=lambda j: (j.ended_at if status == "succeeded" else j.started_at) or j.created_at, reverse=True)
+    return found[start : start + per_page], sum(r.count for r in registries)

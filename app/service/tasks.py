@@ -5,13 +5,15 @@ import it, nor torch; a worker anywhere imports it when it takes a job.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import get_current_job
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -21,7 +23,10 @@ from app.engine import distributed, run_folder
 from app.engine.training import keep_freed_memory_in_heap, train_and_evaluate
 from app.params import TrainParams
 from app.service.model_access import model_for_training
+from app.service.redis_connection import connect_redis
 from app.tracking import make_tracker
+
+log = logging.getLogger(__name__)
 
 # Progress is written to Redis at most this often (plus after every dev evaluation and the last step).
 PROGRESS_INTERVAL_S = 0.5
@@ -77,7 +82,7 @@ def run_rank(job_id: str, result_file: str) -> None:
     """One rank of a multi-device job (``train_on_ranks``): rank 0 reports progress to the job and writes the result."""
     keep_freed_memory_in_heap()
     settings = Settings()
-    job = Job.fetch(job_id, connection=Redis.from_url(settings.redis_url), serializer=JSONSerializer)  # the queue's
+    job = Job.fetch(job_id, connection=connect_redis(settings, for_worker=True), serializer=JSONSerializer)
     params = TrainParams(**job.args[0])
     params = params.model_copy(update={"model": model_for_training(params.model, settings)})
     with distributed.process_group(settings.device) as device:
@@ -114,7 +119,11 @@ class ProgressReporter:
             return
         self.job.meta["progress"] = asdict(progress)
         self.job.meta["curves"] = self.curves
-        self.job.save_meta()
+        try:
+            self.job.save_meta()
+        except (RedisConnectionError, RedisTimeoutError) as exc:  # a failover's gap: training goes on
+            log.warning("job %s: progress not saved, Redis unreachable: %s", self.job.id, exc)
+            return
         self.last_write = now
 
     def record(self, progress) -> None:

@@ -143,7 +143,7 @@ def test_a_killed_redis_is_restarted_on_its_append_only_file_with_503_meanwhile(
     print(f"\nredis killed: API answered 503 JSON, then 200 again after {back:.1f} s ({len(seen)} probes)")
 
 
-def test_a_job_running_when_redis_dies_ends_failed_with_the_reason(stack):
+def test_a_job_running_when_redis_dies_and_comes_back_carries_on_and_succeeds(stack):
     process, state_file, state = stack
     url = state["url"]
     job_id = requests.post(f"{url}/train", json=LONG_JOB, timeout=30).json()["job_id"]
@@ -155,11 +155,12 @@ def test_a_job_running_when_redis_dies_ends_failed_with_the_reason(stack):
     time.sleep(1.5)  # appendfsync everysec: the job's 'started' state is on disk
     os.killpg(child_named(state_file, "redis")["pid"], signal.SIGKILL)
     wait_until(lambda: answers(f"{url}/readyz"), "Redis back")
+    # The worker's client waits Redis out (about 30 s of retries): the job never noticed the restart.
     waited = wait_until(
         lambda: requests.get(f"{url}/jobs/{job_id}", timeout=10).json()["status"] in ("failed", "succeeded"),
         "the interrupted job to end",
-        timeout_s=90,
+        timeout_s=300,
     )
     view = requests.get(f"{url}/jobs/{job_id}", timeout=10).json()
-    assert view["status"] == "failed" and view["error"]["type"] and view["error"]["message"], view
-    print(f"\njob running when Redis died: failed {waited:.1f} s after Redis was back: {view['error']}")
+    assert view["status"] == "succeeded", view
+    print(f"\njob running when Redis died: succeeded {waited:.1f} s after Redis was back")

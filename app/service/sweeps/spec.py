@@ -32,8 +32,11 @@ BOOLQ_TRAIN_ROWS = 9427
 # The median pruner compares a trial with the trials before it only once this many have finished.
 MEDIAN_STARTUP_TRIALS = 2
 Number = StrictFloat | StrictInt
-# Trials run in one process each (a sweep spreads over workers instead), so `devices` is not searched either.
-SearchableFields = tuple(name for name in TrainParams.model_fields if name not in ("register", "devices"))
+# Trials run in one process each (a sweep spreads over workers instead), so `devices` is not searched either;
+# trials go to any worker (the queue every class listens to), so neither is `accelerator`.
+SearchableFields = tuple(
+    name for name in TrainParams.model_fields if name not in ("register", "devices", "accelerator")
+)
 
 
 class SweepError(ValueError):

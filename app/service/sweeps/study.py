@@ -6,36 +6,39 @@ import functools
 import warnings
 
 from app.config import Settings
+from app.service.redis_connection import connect_redis
 from app.service.sweeps.spec import MEDIAN_STARTUP_TRIALS, Range, SweepNotFound, field_kind
 
 
 def storage(settings: Settings):
     """The journal storage on the service's Redis, one journal per queue (so services sharing a Redis stay apart)."""
-    return journal_on_redis(settings.redis_url, f"boolq:{settings.queue_name}:optuna")
+    return journal_on_redis(settings, f"boolq:{settings.queue_name}:optuna")
 
 
 @functools.lru_cache(maxsize=8)
-def journal_on_redis(redis_url: str, prefix: str):
+def journal_on_redis(settings: Settings, prefix: str):
     """One storage per process: a new one replays the whole journal, a kept one reads only what was appended."""
     from optuna.storages import JournalStorage
 
-    return JournalStorage(JsonJournalOnRedis(redis_url, prefix))
+    return JournalStorage(JsonJournalOnRedis(connect_redis(settings), prefix))
 
 
 class JsonJournalOnRedis:
-    """Optuna's journal backend (``read_logs``/``append_logs``) on Redis, JSON log entries only.
+    """Optuna's journal backend (``read_logs``/``append_logs``) on Redis, JSON log entries only, on a client given
+    to it (a Sentinel's master follows a failover), not on a URL it connects to.
 
     Optuna's own Redis backend also keeps a pickled snapshot that every new storage unpickles: whoever can
     write to Redis would run code in the API and the workers. Without ``save_snapshot``/``load_snapshot`` Optuna
     replays the JSON log instead; the keys are the same as its backend's, so existing sweeps stay readable.
     """
 
-    def __init__(self, redis_url: str, prefix: str):
+    def __init__(self, connection, prefix: str):
         from optuna.exceptions import ExperimentalWarning
         from optuna.storages.journal import JournalRedisBackend
 
         warnings.filterwarnings("ignore", category=ExperimentalWarning)  # the Redis journal, stable in use since v3.1
-        self._logs = JournalRedisBackend(redis_url, prefix=prefix)
+        self._logs = JournalRedisBackend("redis://", prefix=prefix)  # redis-py connects lazily: never used
+        self._logs._redis = connection
 
     def read_logs(self, log_number_from: int):
         return self._logs.read_logs(log_number_from)

@@ -61,6 +61,9 @@
       ? "epoch " + progress.epoch + "/" + progress.epochs + ", step " + progress.step + "/" + progress.total_steps +
         (progress.examples_per_s ? ", " + progress.examples_per_s.toFixed(1) + " examples/s" : "")
       : job.status;
+    const waiting = document.getElementById("job-waiting");
+    waiting.hidden = !job.waiting;
+    waiting.textContent = job.waiting || "";
     const warning = document.getElementById("job-warning");
     warning.hidden = !(job.result && job.result.warning);
     if (job.result && job.result.warning) warning.textContent = job.result.warning;

@@ -1,0 +1,82 @@
+"""The RQ worker that runs training jobs: what it advertises, which queues it takes jobs from, and how it rides
+out a Redis failover.
+
+A worker is of the gpu class when torch sees a GPU (and DEVICE is not cpu), else of the cpu class; it takes jobs
+from its class's queue first, then from the service's queue that every worker shares ("any"). So a job asking
+for a GPU waits in ``<queue>:gpu`` until a GPU worker is up, instead of failing on a CPU one.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from rq import Worker
+from rq.serializers import JSONSerializer
+
+from app.config import Settings
+from app.service.jobs import MAINTENANCE_INTERVAL_S, ProjectJob, class_queue, training_queue
+from app.service.redis_connection import connect_redis
+
+log = logging.getLogger(__name__)
+
+
+class TrainingWorker(Worker):
+    """RQ's forking worker, advertising its capabilities in its Redis record (which expires with its heartbeats),
+    surviving a heartbeat lost to a Redis gap (a Sentinel failover), and running ``on_maintenance`` (the sweeps'
+    periodic check, the champion pointer's sync) with RQ's own maintenance."""
+
+    def __init__(self, *args, capabilities: dict, on_maintenance=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.capabilities = capabilities
+        self.on_maintenance = on_maintenance
+
+    def run_maintenance_tasks(self):
+        super().run_maintenance_tasks()
+        if self.on_maintenance is not None:
+            try:
+                self.on_maintenance()
+            except Exception:  # a maintenance hiccup must not stop the worker taking jobs
+                log.exception("periodic maintenance failed")
+
+    def register_birth(self):
+        super().register_birth()
+        self.connection.hset(self.key, mapping={f"boolq_{k}": v for k, v in self.capabilities.items()})
+
+    def maintain_heartbeats(self, job, execution):
+        # RQ quits the worker on any error here, abandoning the running job; the next heartbeat reconnects.
+        try:
+            super().maintain_heartbeats(job, execution)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            log.warning("worker %s: heartbeat missed, Redis unreachable (a failover?): %s", self.name, exc)
+
+
+def worker_capabilities(settings: Settings) -> dict:
+    """This machine's class (gpu or cpu), GPUs and cores, as the worker advertises them."""
+    import torch
+
+    from app.engine.distributed import cpu_cores
+
+    # NVML's count: CUDA stays uninitialised in this process, so the jobs it forks can still use it.
+    gpus = 0 if settings.device == "cpu" else torch.cuda.device_count()
+    return {"accelerator": "gpu" if gpus else "cpu", "gpus": gpus, "cpu_cores": cpu_cores()}
+
+
+def make_worker(settings: Settings, on_maintenance=None) -> Worker:
+    """A worker on its class's queue and the shared one; each job runs in a forked work horse it watches, and only
+    if it names one of the project's tasks (``ProjectJob``). ``on_maintenance`` runs every MAINTENANCE_INTERVAL_S."""
+    connection = connect_redis(settings, for_worker=True)
+    capabilities = worker_capabilities(settings)
+    shared = training_queue(settings, connection)
+    log.info("worker capabilities: %s", capabilities)
+    return TrainingWorker(
+        [class_queue(shared, capabilities["accelerator"]), shared],
+        connection=connection,
+        serializer=JSONSerializer,
+        job_class=ProjectJob,
+        job_monitoring_interval=settings.worker_heartbeat,
+        maintenance_interval=MAINTENANCE_INTERVAL_S,
+        capabilities=capabilities,
+        on_maintenance=on_maintenance,
+    )

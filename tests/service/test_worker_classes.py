@@ -1,0 +1,72 @@
+"""Jobs go to workers that can run them: a job asking for a GPU waits for a GPU worker, and says so."""
+
+from __future__ import annotations
+
+import re
+
+import requests
+from rq import Worker
+
+from app.api import create_app
+from app.service import jobs
+from tests.helpers import TINY_JOB, service_settings, wait_for
+
+
+def test_with_no_worker_a_queued_job_says_which_class_of_worker_it_waits_for(redis_url, tmp_path):
+    client = create_app(service_settings(redis_url, tmp_path)).test_client()
+    ids = {
+        a: client.post("/train", json=TINY_JOB | {"accelerator": a}).get_json()["job_id"] for a in ("gpu", "cpu", "any")
+    }
+    waiting = {a: client.get(f"/jobs/{job_id}").get_json()["waiting"] for a, job_id in ids.items()}
+    assert waiting == {
+        "gpu": "waiting for a gpu worker",
+        "cpu": "waiting for a cpu worker",
+        "any": "waiting for a worker",
+    }
+    listed = client.get("/jobs").get_json()
+    assert listed["total"] == 3 and {j["params"]["accelerator"] for j in listed["jobs"]} == {"gpu", "cpu", "any"}
+    assert 'boolq_jobs{status="queued"} 3.0' in client.get("/metrics").get_data(as_text=True)
+    assert "waiting for a gpu worker" in client.get(f"/console/jobs/{ids['gpu']}").get_data(as_text=True)
+
+
+def test_an_unknown_accelerator_is_422_naming_the_field(redis_url, tmp_path):
+    client = create_app(service_settings(redis_url, tmp_path)).test_client()
+    response = client.post("/train", json=TINY_JOB | {"accelerator": "tpu"})
+    assert response.status_code == 422 and "accelerator" in response.get_json()["error"]["fields"]
+
+
+def test_a_cpu_worker_runs_cpu_then_any_jobs_and_never_takes_a_gpu_job(launcher, redis_url, tmp_path):
+    settings = service_settings(redis_url, tmp_path, device="cpu")  # a CPU worker even on a machine with a GPU
+    url = launcher.server(settings, workers=1)
+    worker = launcher.worker(settings)
+    gpu, cpu, anywhere = (
+        requests.post(f"{url}/train", json=TINY_JOB | {"accelerator": a}, timeout=30).json()["job_id"]
+        for a in ("gpu", "cpu", "any")
+    )
+    for job_id in (cpu, anywhere):
+        wait_for(lambda j=job_id: job(url, j)["status"] not in ("queued", "running"), 180, f"job {job_id}")
+        assert job(url, job_id)["status"] == "succeeded", job(url, job_id)
+
+    view = job(url, gpu)
+    assert view["status"] == "queued" and view["waiting"] == "waiting for a gpu worker"
+    assert gpu not in worker.log_path.read_text()
+    metrics = requests.get(f"{url}/metrics", timeout=30).text
+    workers = dict(re.findall(r'boolq_workers\{accelerator="(\w+)"\} (\S+)', metrics))
+    assert workers == {"any": "1.0", "cpu": "1.0", "gpu": "0.0"}
+    queue = jobs.training_queue(settings, jobs.connect_redis(settings))
+    # The worker takes its class's queue first: the cpu job ran, then the any job; both are listed, newest first.
+    assert jobs.latest_succeeded_job_id(queue) == anywhere
+    succeeded, total = jobs.recent_jobs_with_status(queue, "succeeded", page=1, per_page=20)
+    assert [j.id for j in succeeded] == [anywhere, cpu] and total == 2
+    [record] = Worker.all(queue=queue)
+    advertised = record.connection.hmget(record.key, "boolq_accelerator", "boolq_gpus", "boolq_cpu_cores")
+    assert advertised[:2] == [b"cpu", b"0"] and int(advertised[2]) >= 1
+
+    cancelled = requests.post(f"{url}/jobs/{gpu}/cancel", timeout=30)
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    counts = dict(re.findall(r'boolq_jobs\{status="(\w+)"\} (\S+)', requests.get(f"{url}/metrics", timeout=30).text))
+    assert counts["succeeded"] == "2.0" and counts["cancelled"] == "1.0" and counts["queued"] == "0.0"
+
+
+def job(url: str, job_id: str) -> dict:
+    return requests.get(f"{url}/jobs/{job_id}", timeout=30).json()

@@ -1,0 +1,145 @@
+"""The Kubernetes manifests (deploy/k8s): each overlay renders with kubectl's kustomize, is valid against a pinned
+Kubernetes version's schemas (kubernetes-validate --strict, offline), and keeps the deployment's rules: probes on
+the API, no hostPath and no volume shared between pods, non-root pods, the Ingress carrying nginx's limits, and
+a GPU for the gpu overlay's workers."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import REPO_ROOT
+
+K8S = REPO_ROOT / "deploy" / "k8s"
+OVERLAYS = ("cpu", "gpu")
+# The oldest Kubernetes these manifests are checked against (kubernetes-validate's schemas, shipped with it).
+KUBERNETES_VERSION = "1.30.0"
+# Volumes private to a pod: nothing read-write is shared between pods but Redis and MLflow.
+POD_LOCAL_VOLUMES = {"emptyDir", "configMap", "secret", "downwardAPI", "projected"}
+
+
+def render(overlay: str, folder: Path) -> str:
+    """``kubectl kustomize`` of an overlay, with the Secret's example values standing in for the user's."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail(
+            "kubectl is not installed; the Kubernetes manifests' tests need it (>= 1.27: its built-in kustomize v5)"
+        )
+    tree = folder / "k8s"
+    if not tree.exists():
+        shutil.copytree(K8S, tree)
+        shutil.copy(tree / "base" / "secret.env.example", tree / "base" / "secret.env")
+    done = subprocess.run([kubectl, "kustomize", str(tree / "overlays" / overlay)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> dict[str, list[dict]]:
+    folder = tmp_path_factory.mktemp("k8s")
+    return {overlay: [d for d in yaml.safe_load_all(render(overlay, folder)) if d] for overlay in OVERLAYS}
+
+
+def validate(*paths: Path) -> subprocess.CompletedProcess:
+    """kubernetes-validate (PyPI; requirements-dev.txt) on manifest files: its schemas ship with it, no network."""
+    if shutil.which("kubernetes-validate", path=str(Path(sys.executable).parent)) is None:
+        pytest.fail("kubernetes-validate is not installed: pip install -r requirements-dev.txt")
+    command = [
+        sys.executable,
+        "-m",
+        "kubernetes_validate",
+        "--strict",
+        "-k",
+        KUBERNETES_VERSION,
+        "--quiet",
+        *map(str, paths),
+    ]
+    return subprocess.run(command, capture_output=True, text=True)
+
+
+@pytest.mark.slow  # kubernetes-validate loads its schemas: seconds per run
+def test_every_overlay_is_valid_against_the_pinned_kubernetes_schemas(tmp_path):
+    manifests = [tmp_path / f"{overlay}.yaml" for overlay in OVERLAYS]
+    for overlay, manifest in zip(OVERLAYS, manifests, strict=True):
+        manifest.write_text(render(overlay, tmp_path))
+    checked = validate(*manifests)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+@pytest.mark.slow
+def test_strict_validation_rejects_a_misspelt_field(rendered, tmp_path):
+    api = next(d for d in rendered["cpu"] if d["kind"] == "Deployment" and d["metadata"]["name"] == "boolq-api")
+    api["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {"httpGet": {"path": "/readyz", "port": 80}}
+    manifest = tmp_path / "typo.yaml"
+    manifest.write_text(yaml.safe_dump(api))
+    assert validate(manifest).returncode != 0
+
+
+def pod_specs(documents: list[dict]) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in documents if d["kind"] == "Deployment"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_share_no_volume_run_as_non_root_and_the_api_has_its_probes(rendered, overlay):
+    pods = pod_specs(rendered[overlay])
+    assert "hostPath" not in yaml.safe_dump(rendered[overlay])
+    for name, pod in pods.items():
+        for volume in pod.get("volumes", []):
+            assert set(volume) - {"name"} <= POD_LOCAL_VOLUMES, f"{name}: volume {volume} may be shared between pods"
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        for container in pod["containers"]:
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False, name
+    [api] = pods["boolq-api"]["containers"]
+    assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_only_the_gpu_overlay_has_a_worker_asking_for_a_gpu(rendered):
+    def gpus(documents):
+        return {
+            name: container["resources"].get("limits", {}).get("nvidia.com/gpu")
+            for name, pod in pod_specs(documents).items()
+            for container in pod["containers"]
+        }
+
+    assert set(gpus(rendered["cpu"]).values()) == {None}
+    assert gpus(rendered["gpu"]) == {"boolq-api": None, "boolq-worker": None, "boolq-gpu-worker": 1}
+    env = {e["name"]: e["value"] for e in pod_specs(rendered["gpu"])["boolq-worker"]["containers"][0]["env"]}
+    assert env["DEVICE"] == "cpu"  # the base's worker stays of the cpu class beside the GPU workers
+
+
+def test_the_ingress_carries_the_limits_of_the_nginx_template(rendered):
+    template = (REPO_ROOT / "nginx" / "nginx.conf.template").read_text()
+    ingresses = {d["metadata"]["name"]: d["metadata"]["annotations"] for d in rendered["cpu"] if d["kind"] == "Ingress"}
+    prefix = "nginx.ingress.kubernetes.io/"
+
+    def nginx(directive: str, after: str = "") -> str:
+        return re.search(rf"{directive}\s+(\S+?)s?;", template[template.index(after) :]).group(1)
+
+    assert {a[prefix + "proxy-body-size"] for a in ingresses.values()} == {nginx("client_max_body_size")}
+    assert ingresses["boolq-api"][prefix + "proxy-read-timeout"] == nginx("proxy_read_timeout")
+    assert ingresses["boolq-train"][prefix + "proxy-read-timeout"] == nginx("proxy_read_timeout", "location = /train")
+    assert ingresses["boolq-predict"][prefix + "proxy-read-timeout"] == nginx(
+        "proxy_read_timeout", "location = /predict"
+    )
+    for name, zone in (("boolq-train", "train"), ("boolq-predict", "predict")):
+        rate = re.search(rf"zone={zone}:\S+ rate=(\d+)r/s", template).group(1)
+        burst = re.search(rf"limit_req zone={zone} burst=(\d+)", template).group(1)
+        annotations = ingresses[name]
+        assert annotations[prefix + "limit-rps"] == rate
+        assert int(rate) * int(annotations[prefix + "limit-burst-multiplier"]) == int(burst)
+    assert {a[prefix + "limit-connections"] for a in ingresses.values()} == {nginx("limit_conn per_client")}
+
+
+def test_no_secret_value_is_committed():
+    example = (K8S / "base" / "secret.env.example").read_text()
+    values = dict(line.split("=", 1) for line in example.splitlines() if line and not line.startswith("#"))
+    assert set(values) == {"API_TOKEN", "REDIS_PASSWORD"} and set(values.values()) == {""}
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(K8S / "base" / "secret.env")], cwd=REPO_ROOT)
+    assert ignored.returncode == 0, "deploy/k8s/base/secret.env must be git-ignored"
