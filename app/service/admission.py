@@ -20,6 +20,7 @@ from app.config import Settings
 from app.engine.data import HUB_SOURCE
 from app.params import TrainParams
 from app.service.jobs import class_queues
+from app.service.redis_connection import service_key
 
 # What a client is told to wait before trying again when the queue or its share is full.
 RETRY_AFTER_S = 30
@@ -102,7 +103,7 @@ class Admission:
     def __init__(self, queue: Queue, settings: Settings):
         self.queue = queue
         self.settings = settings
-        self.prefix = f"boolq:{queue.name}"
+        self.prefix = service_key(queue.name)
 
     @property
     def connection(self) -> Redis:

@@ -12,6 +12,8 @@ import time
 from rq import Queue
 from rq.job import Job
 
+from app.service.redis_connection import service_key
+
 # Oldest index entries checked for expiry on each listing (records expire roughly oldest first).
 PRUNE_BATCH = 20
 
@@ -22,9 +24,9 @@ class JobIndex:
     def __init__(self, queue: Queue):
         self.queue = queue
         self.connection = queue.connection
-        self.key = f"boolq:{queue.name}:jobs"
-        self.stopped_key = f"boolq:{queue.name}:stopped"
-        self.backfilled_key = f"boolq:{queue.name}:jobs:backfilled"
+        self.key = service_key(queue.name, "jobs")
+        self.stopped_key = service_key(queue.name, "stopped")
+        self.backfilled_key = service_key(queue.name, "jobs", "backfilled")
 
     def add(self, job: Job) -> None:
         created = job.created_at.timestamp() if job.created_at else time.time()

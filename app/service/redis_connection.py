@@ -40,3 +40,8 @@ def connect_redis(settings: Settings, for_worker: bool = False) -> Redis:
         **options,
     )
     return sentinel.master_for(settings.redis_sentinel_master, **credentials)
+
+
+def service_key(queue_name: str, *parts: str) -> str:
+    """One of this service's Redis keys, ``boolq:<queue>:<part>:…``: services sharing a Redis stay apart by queue."""
+    return ":".join(("boolq", queue_name, *parts))

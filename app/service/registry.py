@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from app.config import Settings
 from app.service.jobs import JOB_ID_RULE
+from app.service.redis_connection import service_key
 from app.tracking import version_tags
 
 CHAMPION = "champion"
@@ -55,7 +56,7 @@ class ModelVersion(BaseModel):
 
 def champion_key(settings: Settings) -> str:
     """The Redis key holding the champion's version and job id, per queue (one service per queue)."""
-    return f"boolq:{settings.queue_name}:champion"
+    return service_key(settings.queue_name, "champion")
 
 
 def read_champion_pointer(redis, settings: Settings) -> dict | None:

@@ -15,6 +15,7 @@ from app.engine import run_folder
 from app.params import TrainParams
 from app.service import jobs, registry
 from app.service.admission import Admission, NoRoom
+from app.service.redis_connection import service_key
 from app.service.sweeps.spec import TRIAL_TASK, SweepRequest
 from app.service.sweeps.study import distributions, load_study, storage, trial_params
 
@@ -59,7 +60,7 @@ def advance(settings: Settings, queue: Queue, sweep_id: str, ending: str | None 
     when all have ended. ``ending``: the trial job calling this as it ends (not counted against the client)."""
     from optuna.trial import TrialState
 
-    with queue.connection.lock(f"boolq:{settings.queue_name}:sweep-lock:{sweep_id}", timeout=120):
+    with queue.connection.lock(service_key(settings.queue_name, "sweep-lock", sweep_id), timeout=120):
         study = load_study(settings, sweep_id, telling=True)
         spec, attrs = study.user_attrs["spec"], study.user_attrs
         if attrs.get("ended_at"):
@@ -186,7 +187,7 @@ def cancel_sweep(settings: Settings, queue: Queue, sweep_id: str) -> None:
     """Stop starting trials, cancel the queued and running ones, and end the sweep (nothing is registered)."""
     from optuna.trial import TrialState
 
-    with queue.connection.lock(f"boolq:{settings.queue_name}:sweep-lock:{sweep_id}", timeout=120):
+    with queue.connection.lock(service_key(settings.queue_name, "sweep-lock", sweep_id), timeout=120):
         study = load_study(settings, sweep_id, telling=True)
         if study.user_attrs.get("ended_at"):
             raise jobs.JobAlreadyFinished(f"sweep {sweep_id} has already ended")

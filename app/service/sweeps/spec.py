@@ -21,14 +21,12 @@ from pydantic import (
 
 from app.config import Settings
 from app.params import TrainParams
-from app.service.admission import OverLimit, check_cost
+from app.service.admission import HUB_TRAIN_ROWS, OverLimit, available_train_rows, check_cost
 from app.service.jobs import TRIAL_TASK as TRIAL_TASK  # the trial task's name, for the driver
 from app.service.model_access import ModelNotAllowed, model_for_training
 
 # The TrainParams fields that set a trial's cost (check_cost).
 COST_FIELDS = ("epochs", "train_limit", "max_length")
-# BoolQ's train split, for the compute budget when DATA_DIR is the hub.
-BOOLQ_TRAIN_ROWS = 9427
 # The median pruner compares a trial with the trials before it only once this many have finished.
 MEDIAN_STARTUP_TRIALS = 2
 Number = StrictFloat | StrictInt
@@ -216,15 +214,8 @@ def examples_to_train(request: SweepRequest, base: TrainParams, settings: Settin
         values = [entry.high] if isinstance(entry, Range) else entry
         return max(default if v is None else v for v in values)
 
-    rows = available_train_rows(settings)
+    # Unreadable here (the workers will say why): budget for the whole of BoolQ's train split.
+    rows = available_train_rows(settings.data_dir) or HUB_TRAIN_ROWS
     return int(
         request.trials * largest("epochs", base.epochs) * min(largest("train_limit", base.train_limit or rows), rows)
     )
-
-
-def available_train_rows(settings: Settings) -> int:
-    train = settings.data_dir / "train.jsonl"
-    if not train.is_file():
-        return BOOLQ_TRAIN_ROWS
-    with train.open("rb") as lines:
-        return sum(1 for line in lines if line.strip())

@@ -6,13 +6,13 @@ import functools
 import warnings
 
 from app.config import Settings
-from app.service.redis_connection import connect_redis
+from app.service.redis_connection import connect_redis, service_key
 from app.service.sweeps.spec import MEDIAN_STARTUP_TRIALS, Range, SweepNotFound, field_kind
 
 
 def storage(settings: Settings):
     """The journal storage on the service's Redis, one journal per queue (so services sharing a Redis stay apart)."""
-    return journal_on_redis(settings, f"boolq:{settings.queue_name}:optuna")
+    return journal_on_redis(settings, service_key(settings.queue_name, "optuna"))
 
 
 @functools.lru_cache(maxsize=8)
