@@ -11,6 +11,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from werkzeug.exceptions import HTTPException
 
+from app.service.model_store import ModelStoreUnavailable
+
 log = logging.getLogger(__name__)
 
 # Pydantic adds the tried union member ("float", "int", "list[...]") to an error's location; not a field.
@@ -93,6 +95,11 @@ def register_error_handlers(app: Flask) -> None:
     def redis_down(exc: Exception):
         log.warning("redis unavailable: %s", exc)
         return error_response(503, "the job store (Redis) is unreachable; try again later", code="redis_unavailable")
+
+    @app.errorhandler(ModelStoreUnavailable)
+    def model_store_down(exc: ModelStoreUnavailable):
+        log.warning("model store unavailable: %s", exc)
+        return error_response(503, f"{exc}; try again later", code="model_store_unavailable")
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):
