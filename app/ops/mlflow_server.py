@@ -14,6 +14,9 @@ import requests
 
 # One web process: the server only relays uploads and downloads, and a busy machine has no cores to spare.
 SERVER_WORKERS = 1
+# The server's environment: no usage telemetry, and none of MLflow 3's job runners (GenAI evaluation jobs, a
+# dozen processes we never use).
+SERVER_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def mlflow_server_argv(folder: Path, port: int, host: str = "127.0.0.1") -> list[str]:

@@ -34,7 +34,7 @@ import requests
 from rq import Worker
 
 from app.config import PROJECT_ROOT, Settings, environment_with
-from app.ops.mlflow_server import mlflow_server_argv, server_answers
+from app.ops.mlflow_server import SERVER_ENV, mlflow_server_argv, server_answers
 from app.ops.nginx_config import native_layout, render_nginx_conf
 from app.ops.supervisor import Supervisor
 
@@ -278,7 +278,7 @@ class Stack:
 
     def child_environment(self) -> dict[str, str]:
         """What every child gets: the stack's Redis and folder, and its MLflow server when it runs one."""
-        tracking = {"MLFLOW_TRACKING_URI": self.mlflow_url} if self.mlflow_url else {}
+        tracking = {"MLFLOW_TRACKING_URI": self.mlflow_url} | SERVER_ENV if self.mlflow_url else {}
         return environment_with(
             REDIS_URL=self.redis_url, ARTIFACTS_DIR=str(self.artifacts_dir), PYTHONUNBUFFERED="1", **tracking
         )
