@@ -216,8 +216,9 @@ class CompositeTracker:
         except Exception as exc:
             message = one_line(redact(f"{type(exc).__name__}: {exc}", self.secrets))[:MAX_ERROR_CHARS]
             self.errors[name] = message
-            if name in self.required:
+            if name in self.required:  # the run ends here: no backend is used again
                 for other, backend in self.backends.items():
+                    self.errors.setdefault(other, f"stopped: the required {name} tracker failed")
                     close_quietly(other, backend)
                 raise TrackingFailed(
                     f"the {name} tracking server failed, and models travel through it to the other hosts, so this "
