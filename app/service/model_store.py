@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 LOCK_FILE = ".download.lock"
 PARTIAL_PREFIX = ".partial-"
+# What a replica needs of a run folder: the model, and the files predict and GET /jobs/<id>/predictions read.
+RUN_FOLDER_PARTS = (run_folder.PARAMS, run_folder.METRICS, run_folder.PREDICTIONS, run_folder.MODEL)
 
 
 class ModelStoreUnavailable(RuntimeError):
@@ -58,7 +60,7 @@ def fetched_run_folder(job_id: str, settings: Settings) -> Path | None:
             run_id = runs.finished_run_id(job_id)
             if run_id is None:
                 return None
-            download_into(folder, lambda tmp: runs.download_run_folder(run_id, tmp))
+            download_into(folder, lambda tmp: runs.download(run_id, RUN_FOLDER_PARTS, tmp))
         except Exception as exc:
             raise ModelStoreUnavailable(f"the model of job {job_id} could not be fetched from MLflow: {exc}") from exc
         evict_least_recently_used(cache, settings.model_cache_max_mb * 1024 * 1024, keep=folder)

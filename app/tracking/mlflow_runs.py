@@ -1,5 +1,6 @@
 """A job's runs on the MLflow tracking server, found by the job id tag, and the files other hosts download from them:
-the finished run's folder (model, params, metrics, predictions) and the newest checkpoint of any attempt.
+the finished run's folder (its names are ``app.engine.run_folder``'s, passed in) and the newest checkpoint of any
+attempt.
 
 A run is complete once it is FINISHED: the tracker closes it last, after every upload (``MlflowTracker.end_run``),
 so a killed or failed attempt is never taken for a model.
@@ -17,9 +18,6 @@ from app.tracking.mlflow_tracker import (
     RUN_ID_TAG,
     MlflowClient,
 )
-
-# What a replica needs of a run folder: the names are app.engine.run_folder's (the tracking layer cannot import it).
-RUN_FILES = ("params.json", "metrics.json", "predictions.jsonl")
 
 
 class MlflowRuns:
@@ -51,9 +49,9 @@ class MlflowRuns:
         """Whether the run's artifacts hold a top-level file or folder ``name``."""
         return name in {artifact.path for artifact in self.client.list_artifacts(run_id)}
 
-    def download_run_folder(self, run_id: str, destination: Path) -> None:
-        """The run's model folder and its params, metrics and predictions files into ``destination``."""
-        for name in (*RUN_FILES, MODEL_ARTIFACT_PATH):
+    def download(self, run_id: str, names: tuple[str, ...], destination: Path) -> None:
+        """The run's top-level files and folders ``names`` into ``destination``."""
+        for name in names:
             self.client.download_artifacts(run_id, name, str(destination))
 
     def read_json(self, run_id: str, name: str) -> dict | None:
