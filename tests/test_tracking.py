@@ -323,7 +323,12 @@ def test_neptune_offline_run_keeps_copies_of_its_artifacts(neptune_run):
     result, _ = neptune_run
     upload_dir = Path(result.tracking["neptune"]["offline_dir"]) / "upload_path"
     files = {p.name.split("-")[0]: p for p in upload_dir.iterdir()}
-    assert set(files) == {"artifacts_predictions_jsonl", "artifacts_metrics_json", "artifacts_confusion_matrix_json"}
+    assert set(files) == {
+        "artifacts_predictions_jsonl",
+        "artifacts_params_json",
+        "artifacts_metrics_json",
+        "artifacts_confusion_matrix_json",
+    }
     assert (
         json.loads(files["artifacts_confusion_matrix_json"].read_text())["matrix"]
         == (result.metrics["confusion_matrix"])
