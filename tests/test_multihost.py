@@ -99,7 +99,8 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    """``mlflow server --serve-artifacts`` on a free port with a SQLite store; fails the tests if mlflow is missing."""
+    """``mlflow server --serve-artifacts`` on a free port with a SQLite store; fails the tests if mlflow is missing.
+    Yields its URL, its process and a function that waits until it answers (the cluster boots meanwhile)."""
     if importlib.util.find_spec("mlflow") is None:
         pytest.fail("mlflow is not installed (requirements.txt); the multi-host tests need its tracking server")
     folder = tmp_path_factory.mktemp("mlflow-server")
@@ -116,8 +117,7 @@ def mlflow_server(tmp_path_factory):
             pytest.fail("mlflow server exited:\n" + (folder / "server.log").read_text())
         return server_answers(url)
 
-    wait_for(answers, 180, "the MLflow server to answer /health", interval_s=0.5)
-    yield url, process
+    yield url, process, lambda: wait_for(answers, 180, "the MLflow server to answer /health", interval_s=0.5)
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
@@ -126,7 +126,7 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cluster(mlflow_server, redis_url, launcher, tmp_path_factory):
     """Worker A and replica C running; B defined (started by the tests that need it)."""
-    url, process = mlflow_server
+    url, process, wait_until_answering = mlflow_server
     common = service_settings(
         redis_url,
         tmp_path_factory.mktemp("common"),
@@ -147,6 +147,7 @@ def cluster(mlflow_server, redis_url, launcher, tmp_path_factory):
     api = launcher.server(hosts["C"].settings, workers=1, env=hosts["C"].env)
     cluster = Cluster(api, url, process, hosts, queue, launcher)
     cluster.start_worker("A")
+    wait_until_answering()
     return cluster
 
 
