@@ -369,6 +369,32 @@ def test_unreachable_mlflow_server_fails_the_run_before_training_with_the_cause_
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "model").exists()
 
 
+class UploadBreaks(NullTracker):
+    """A tracking server that accepts the run and its metrics, then breaks while the model is uploaded."""
+
+    def log_model(self, model_dir: Path) -> None:
+        raise ConnectionError("connection reset while uploading model.safetensors")
+
+    def references(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_a_model_upload_that_fails_leaves_an_unfinished_run_folder_that_nothing_serves(tmp_path):
+    from app.engine.run_folder import checkpoint_folder, is_finished
+
+    tracker = CompositeTracker({"mlflow": UploadBreaks}, required=("mlflow",))
+    with pytest.raises(TrackingFailed, match="connection reset while uploading"):
+        train_and_evaluate(TrainParams(**TINY), Settings().data_dir, tmp_path, run_id="upload-breaks", tracker=tracker)
+    run_dir = tmp_path / "upload-breaks"
+    assert (run_dir / "model" / "config.json").is_file()  # written before the upload broke...
+    assert not is_finished(run_dir) and checkpoint_folder(run_dir) is None  # ...but never taken for a model
+    assert (run_dir / "training_state.pt").is_file()  # a retry resumes from the last epoch's checkpoint
+
+
 @pytest.mark.slow
 def test_bad_neptune_token_is_reported_without_the_token(tmp_path, caplog):
     token = "not-a-real-token-4f1d2c"

@@ -109,7 +109,8 @@ def train_and_evaluate(
         ]
     )
 
-    with ended_on_error(tracker):  # a crash still closes the tracker run, as FAILED
+    # A crash still closes the tracker run, as FAILED, and leaves no finished-looking run folder behind.
+    with ended_on_error(tracker), run_folder.finished_only_if_completed(run_dir):
         t0 = time.perf_counter()
         tokenizer = load_tokenizer(params.model)
         model = load_classifier(params.model).to(target)
