@@ -223,6 +223,11 @@ def add_stack_parser(commands) -> None:
     )
     stack.add_argument("--state-dir", type=Path, help="config, logs and Redis data (default: ARTIFACTS_DIR/.stack)")
     stack.add_argument("--redis-port", type=int_at_least(1), default=0, help="Redis port (default: a free one)")
+    stack.add_argument(
+        "--mlflow",
+        action="store_true",
+        help="also run an MLflow tracking server (artifacts served by it) that models travel through",
+    )
     stack.set_defaults(handler=run_stack)
 
 
@@ -444,6 +449,7 @@ def run_stack(args: argparse.Namespace, settings: Settings) -> int:
         web_workers=args.web_workers,
         state_dir=args.state_dir,
         redis_port=args.redis_port,
+        mlflow=args.mlflow,
     )
     return run_stack(options, settings)
 

@@ -25,7 +25,8 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(frozen=True, env_ignore_empty=True, extra="ignore")
 
-    # Where run folders (params, metrics, predictions, fine-tuned model) are written. Shared by API and workers.
+    # Where run folders (params, metrics, predictions, fine-tuned model) are written. Shared by API and workers on
+    # one machine; across machines models travel through an MLflow tracking server instead (docs/several-machines.md).
     artifacts_dir: Path = PROJECT_ROOT / "runs"
     # BoolQ folder with train.jsonl and val.jsonl (default: the bundled sample); `hub` = google/boolq.
     data_dir: Path = SAMPLE_DATA_DIR
@@ -69,6 +70,10 @@ class Settings(BaseSettings):
     tracker: str = "mlflow"
     # MLflow tracking URI; empty = SQLite store under ARTIFACTS_DIR/mlflow.
     mlflow_tracking_uri: str = ""
+    # With an http(s) MLFLOW_TRACKING_URI, models come from the server into this cache on hosts that did not train
+    # them (empty = ARTIFACTS_DIR/.model-cache), least recently used first evicted above MODEL_CACHE_MAX_MB.
+    model_cache_dir: Path | None = None
+    model_cache_max_mb: int = Field(default=10_240, ge=1)
     # MLflow experiment the runs are logged to (created on first use).
     mlflow_experiment_name: str = "boolq"
     # Registered model name for model versions.
@@ -148,7 +153,7 @@ class Settings(BaseSettings):
         pairs = (a.strip().rpartition(":") for a in self.redis_sentinels.split(",") if a.strip())
         return [(host, int(port)) for host, _, port in pairs]
 
-    @field_validator("artifacts_dir", "data_dir", "neptune_data_directory", mode="after")
+    @field_validator("artifacts_dir", "data_dir", "neptune_data_directory", "model_cache_dir", mode="after")
     @classmethod
     def expand_user(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None

@@ -125,7 +125,7 @@ class Launcher:
         self.folder = folder
         self.processes = []
 
-    def start(self, name: str, argv: list[str], settings):
+    def start(self, name: str, argv: list[str], settings, env: dict | None = None):
         import subprocess
         import sys
 
@@ -133,7 +133,7 @@ class Launcher:
         process = subprocess.Popen(
             [sys.executable, "-m", "app", *argv],
             cwd=REPO_ROOT,
-            env=settings_env(settings),
+            env=settings_env(settings) | (env or {}),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -142,25 +142,25 @@ class Launcher:
         self.processes.append(process)
         return process
 
-    def worker(self, settings):
-        """A real ``python -m app worker``, returned once it has registered with Redis."""
+    def worker(self, settings, env: dict | None = None):
+        """A real ``python -m app worker``, returned once it has registered with Redis; ``env`` adds variables."""
         from redis import Redis
         from rq import Queue, Worker
 
         queue = Queue(settings.queue_name, connection=Redis.from_url(settings.redis_url))
         before = Worker.count(queue=queue)
-        process = self.start("worker", ["worker"], settings)
+        process = self.start("worker", ["worker"], settings, env)
         wait_for(lambda: Worker.count(queue=queue) > before or process.poll() is not None, 120, "the worker")
         assert process.poll() is None, process.log_path.read_text()
         return process
 
-    def server(self, settings, workers: int = 2) -> str:
+    def server(self, settings, workers: int = 2, env: dict | None = None) -> str:
         """A real gunicorn (``python -m app serve``) on a free port; returns its base URL once it answers."""
         import requests
 
         port = free_port()
         process = self.start(
-            "serve", ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)], settings
+            "serve", ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)], settings, env
         )
         url = f"http://127.0.0.1:{port}"
 

@@ -20,6 +20,7 @@ from werkzeug.exceptions import HTTPException
 from app.service import jobs, registry, sweeps
 from app.service.admission import RETRY_AFTER_S, NoRoom, OverLimit
 from app.service.model_access import ModelNotAllowed
+from app.service.model_store import ModelStoreUnavailable
 from app.service.predictions import PredictionsMissing, PredictionsNotReady
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,11 @@ def register_error_handlers(app: Flask) -> None:
             503, "the job store (Redis) is unreachable; try again later", code="redis_unavailable"
         )
         return body, status, {"Retry-After": str(REDIS_RETRY_AFTER_S)}
+
+    @app.errorhandler(ModelStoreUnavailable)
+    def model_store_down(exc: ModelStoreUnavailable):
+        log.warning("model store unavailable: %s", exc)
+        return error_response(503, f"{exc}; try again later", code="model_store_unavailable")
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):

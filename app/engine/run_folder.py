@@ -14,6 +14,7 @@ Every file is written atomically (temp file, then rename), so a reader never see
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -124,6 +125,17 @@ def remove_unfinished(run_dir: Path) -> None:
     if run_dir.is_dir() and not is_finished(run_dir):
         log.warning("removing unfinished run folder %s from an earlier attempt", run_dir)
         shutil.rmtree(run_dir)
+
+
+@contextlib.contextmanager
+def finished_only_if_completed(run_dir: Path) -> Iterator[None]:
+    """If the body raises after metrics.json was written (its upload to the tracking server failed), remove that
+    file again: the run is unfinished, nothing serves its model, and a retry may resume from its checkpoint."""
+    try:
+        yield
+    except BaseException:
+        (run_dir / METRICS).unlink(missing_ok=True)
+        raise
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:

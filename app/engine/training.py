@@ -79,11 +79,11 @@ def train_and_evaluate(
     started = time.perf_counter()
     run_id = run_id or run_folder.new_run_id()
     run_dir = Path(output_dir) / run_id
-    checkpoints = Checkpoints(run_folder.training_state(run_dir), checkpoint_every_s)
     resuming = run_folder.can_resume(run_dir)
     tracker = tracker or NullTracker()
     if not distributed.is_rank_zero():  # DDP: rank 0 alone writes the run folder, tracks and reports
         tracker, on_progress = NullTracker(), None
+    checkpoints = Checkpoints(run_folder.training_state(run_dir), checkpoint_every_s, on_saved=tracker.log_checkpoint)
     configure_torch(params.seed, num_threads)
     target = resolve_device(device)
     use_tf32(target)
@@ -107,7 +107,8 @@ def train_and_evaluate(
         ]
     )
 
-    with ended_on_error(tracker):  # a crash still closes the tracker run, as FAILED
+    # A crash still closes the tracker run, as FAILED, and leaves no finished-looking run folder behind.
+    with ended_on_error(tracker), run_folder.finished_only_if_completed(run_dir):
         t0 = time.perf_counter()
         tokenizer = load_tokenizer(params.model)
         model = load_classifier(params.model).to(target)
@@ -159,7 +160,9 @@ def train_and_evaluate(
 
         tracker.log_metrics(final_metrics(metrics), step=None)
         tracker.log_artifact(predictions_file)
+        tracker.log_artifact(run_dir / run_folder.PARAMS)
         tracker.log_artifact(run_dir / run_folder.METRICS)
+        tracker.log_model(model_folder)
         tracker.log_dict(confusion_matrix_report(metrics), "confusion_matrix.json")
         if params.register:
             tags = version_tags(run_id, params.model_dump(), metrics)
@@ -357,9 +360,10 @@ class Checkpoints:
     """The run's training state on disk: saved after each epoch and every ``every_s`` seconds (0: epoch ends only),
     with the model, optimizer, scheduler and every random generator, so a resumed run continues identically."""
 
-    def __init__(self, path: Path, every_s: float = 0):
+    def __init__(self, path: Path, every_s: float = 0, on_saved: Callable[[Path], None] | None = None):
         self.path = path
         self.every_s = every_s
+        self.on_saved = on_saved  # the tracker's upload, so a retry on another host can resume too
         self.saved_at = time.monotonic()
 
     def due(self) -> bool:
@@ -379,6 +383,8 @@ class Checkpoints:
             snapshot["rng"]["cuda"] = torch.cuda.get_rng_state_all()
         run_folder.write_atomically(self.path, lambda tmp: torch.save(snapshot, tmp))
         self.saved_at = time.monotonic()
+        if self.on_saved is not None:
+            self.on_saved(self.path)
         log.debug("checkpoint at epoch %d, step %d", state.epoch, state.step)
 
     def restore(self, model, optimizer, scheduler, generator: torch.Generator) -> TrainingState | None:

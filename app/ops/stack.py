@@ -1,10 +1,12 @@
 """``python -m app stack``: the docker-compose topology without Docker.
 
-redis-server, N API replicas (``python -m app serve``), M RQ workers (``python -m app worker``) and nginx in
-front of the replicas, all children of this one command. Each child runs in its own process group, so a
-Ctrl-C reaches only the stack, which then stops nginx, the replicas and workers, and Redis last, and makes
-sure no process of any group is left. While it runs, a child that dies is restarted with backoff
-(``app/ops/supervisor.py``); Redis on the same append-only file, the replicas answering 503 meanwhile.
+redis-server, N API replicas (``python -m app serve``), M RQ workers (``python -m app worker``), nginx in
+front of the replicas and, with ``--mlflow``, an MLflow tracking server the workers upload models to and the
+replicas fetch them from (as on several machines), all children of this one command. Each child runs in its
+own process group, so a Ctrl-C reaches only the stack, which then stops nginx, the replicas and workers, and
+Redis (and MLflow) last, and makes sure no process of any group is left. While it runs, a child that dies is
+restarted with backoff (``app/ops/supervisor.py``); Redis on the same append-only file, the replicas answering
+503 meanwhile.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import requests
 from rq import Worker
 
 from app.config import PROJECT_ROOT, Settings, environment_with
+from app.ops.mlflow_server import SERVER_ENV, mlflow_server_argv, server_answers
 from app.ops.nginx_config import native_layout, render_nginx_conf
 from app.ops.supervisor import Supervisor
 
@@ -61,6 +64,7 @@ class StackOptions:
     web_workers: int = 1
     state_dir: Path | None = None
     redis_port: int = 0
+    mlflow: bool = False
 
 
 @dataclass
@@ -68,7 +72,7 @@ class Child:
     """One process of the stack, started in a new session (its own process group)."""
 
     name: str
-    role: str  # redis | api | worker | nginx
+    role: str  # redis | mlflow | api | worker | nginx
     argv: list[str]
     log_path: Path
     url: str = ""
@@ -183,6 +187,7 @@ class Stack:
         self.stopping = threading.Event()
         self.children: list[Child] = []
         self.redis_url = ""
+        self.mlflow_url = ""
         self.env: dict[str, str] = {}
         self.supervisor = Supervisor(self.restart_child)
 
@@ -192,8 +197,9 @@ class Stack:
         """Choose ports and build every child's command line; write the nginx config."""
         redis_bin, nginx_bin = find_binary("redis-server"), find_binary("nginx")
         ensure_port_free(self.options.host, self.options.port)
-        ports = free_ports(self.options.replicas + 1)
+        ports = free_ports(self.options.replicas + 2)
         redis_port = self.options.redis_port or ports.pop()
+        mlflow_port = ports.pop()
         # Other local users can reach a loopback port; a per-stack password keeps them out of the job store.
         redis_password = secrets.token_hex(16)
         self.redis_url = f"redis://:{redis_password}@127.0.0.1:{redis_port}/0"
@@ -215,6 +221,17 @@ class Stack:
                 url=f"redis://127.0.0.1:{redis_port}/0",
             )
         )
+        if self.options.mlflow:
+            self.mlflow_url = f"http://127.0.0.1:{mlflow_port}"
+            self.children.append(
+                Child(
+                    "mlflow",
+                    "mlflow",
+                    mlflow_server_argv(self.state_dir / "mlflow", mlflow_port),
+                    self.logs_dir / "mlflow.log",
+                    url=self.mlflow_url,
+                )
+            )
         api_ports = ports[: self.options.replicas]
         for number, port in enumerate(api_ports, start=1):
             serve = ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(self.options.web_workers)]
@@ -253,16 +270,24 @@ class Stack:
     # --- starting ---------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start in dependency order, each stage ready before the next: Redis, replicas + workers, nginx."""
-        env = environment_with(REDIS_URL=self.redis_url, ARTIFACTS_DIR=str(self.artifacts_dir), PYTHONUNBUFFERED="1")
-        self.env = env
-        self.start_children(self.of_role("redis"), env)
+        """Start in dependency order, each stage ready before the next: Redis (+ MLflow), replicas + workers, nginx."""
+        env = self.env = self.child_environment()
+        self.start_children(self.of_role("redis") + self.of_role("mlflow"), env)
         self.wait_until("redis answers PING", self.redis_answers, self.of_role("redis"))
+        if self.mlflow_url:
+            self.wait_until("the MLflow server answers /health", self.mlflow_answers, self.of_role("mlflow"))
         self.start_children(self.of_role("api") + self.of_role("worker"), env)
         self.wait_until("every API replica answers /healthz", self.replicas_healthy, self.of_role("api"))
         self.wait_until("every worker is registered", self.workers_registered, self.of_role("worker"))
         self.start_children(self.of_role("nginx"), env)
         self.wait_until("nginx answers /healthz", self.nginx_healthy, self.of_role("nginx"))
+
+    def child_environment(self) -> dict[str, str]:
+        """What every child gets: the stack's Redis and folder, and its MLflow server when it runs one."""
+        tracking = {"MLFLOW_TRACKING_URI": self.mlflow_url} | SERVER_ENV if self.mlflow_url else {}
+        return environment_with(
+            REDIS_URL=self.redis_url, ARTIFACTS_DIR=str(self.artifacts_dir), PYTHONUNBUFFERED="1", **tracking
+        )
 
     def start_children(self, children: list[Child], env: dict[str, str]) -> None:
         for child in children:
@@ -290,6 +315,9 @@ class Stack:
             return redis.Redis.from_url(self.redis_url, socket_timeout=1).ping()
         except redis.RedisError:
             return False
+
+    def mlflow_answers(self) -> bool:
+        return server_answers(self.mlflow_url)
 
     def replicas_healthy(self) -> bool:
         return all(answers_healthz(child.url) for child in self.of_role("api"))
@@ -321,6 +349,7 @@ class Stack:
             "url": self.url,
             "redis_url": self.of_role("redis")[0].url,  # no password: redis_url_file holds the full URL
             "redis_url_file": str(self.state_dir / REDIS_URL_FILE_NAME),
+            "mlflow_url": self.mlflow_url,
             "artifacts_dir": str(self.artifacts_dir),
             "state_dir": str(self.state_dir),
             "nginx_conf": str(self.state_dir / "nginx.conf"),
@@ -337,6 +366,8 @@ class Stack:
             if child.role != "nginx":
                 lines.append(f"  {child.name:<14} {child.url or '-':<28} pid {child.pid:<7} log {child.log_path}")
         lines.append(f"  {'artifacts':<14} {self.artifacts_dir}")
+        if self.mlflow_url:
+            lines.append(f"  {'models via':<14} MLflow at {self.mlflow_url} (MLFLOW_TRACKING_URI of every process)")
         lines.append(f"  {'state':<14} {self.state_file}")
         lines.append(f"Try: curl {self.url}/healthz")
         return "\n".join(lines)
@@ -344,8 +375,9 @@ class Stack:
     # --- stopping ---------------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """nginx first (no new requests), then replicas and workers, Redis last (workers record job failures)."""
-        for stage in (["nginx"], ["api", "worker"], ["redis"]):
+        """nginx first (no new requests), then replicas and workers, Redis and MLflow last (workers record job
+        failures and finish uploads)."""
+        for stage in (["nginx"], ["api", "worker"], ["redis", "mlflow"]):
             stop_groups([c for c in self.children if c.role in stage and c.process is not None])
         with contextlib.suppress(FileNotFoundError):
             self.state_file.unlink()

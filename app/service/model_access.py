@@ -1,7 +1,8 @@
 """Which model names a request may use: aliases, hub ids and folders under the configured roots only.
 
 A request must never make the service read an arbitrary path, so folder names are resolved against
-``ARTIFACTS_DIR`` and ``MODEL_ROOTS`` and rejected when they resolve anywhere else.
+``ARTIFACTS_DIR`` and ``MODEL_ROOTS`` and rejected when they resolve anywhere else. A job id trained on another
+host is fetched from the MLflow tracking server into this host's model cache (``app.service.model_store``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 from app.config import Settings
 from app.engine.model_names import MINILM_ALIAS, hub_reachable, in_hub_cache, is_hub_id
 from app.engine.run_folder import checkpoint_folder
+from app.service.model_store import fetched_run_folder
 
 # Longest model name a request may use: a file name's limit on Linux, so no name can make a path too long.
 MAX_MODEL_NAME = 255
@@ -84,7 +86,7 @@ def model_for_training(name: str, settings: Settings) -> str:
     """What the engine should load for a training request: the alias, a hub id, or an absolute checkpoint path."""
     if name == MINILM_ALIAS:
         return name
-    folder = folder_under_roots(name, model_roots(settings))
+    folder = folder_under_roots(name, model_roots(settings)) or fetched_run_folder(name, settings)
     if folder is not None:
         checkpoint = checkpoint_folder(folder)
         if checkpoint is None:
@@ -98,8 +100,9 @@ def model_for_training(name: str, settings: Settings) -> str:
 
 
 def fine_tuned_model(name: str, settings: Settings) -> Path:
-    """The checkpoint folder of a fine-tuned model: a succeeded job id or a folder under the model roots."""
-    folder = folder_under_roots(name, model_roots(settings))
+    """The checkpoint folder of a fine-tuned model: a succeeded job id (here, or on the tracking server) or a folder
+    under the model roots. Raises ModelStoreUnavailable when the tracking server cannot deliver it."""
+    folder = folder_under_roots(name, model_roots(settings)) or fetched_run_folder(name, settings)
     checkpoint = checkpoint_folder(folder) if folder is not None else None
     if checkpoint is None:
         raise ModelNotAllowed(

@@ -10,6 +10,7 @@ from rq.job import Job
 from app.config import Settings
 from app.engine import data, run_folder
 from app.service.jobs import public_status
+from app.service.model_store import fetched_run_folder
 
 
 class PredictionsNotReady(RuntimeError):
@@ -21,11 +22,15 @@ class PredictionsMissing(LookupError):
 
 
 def read_job_predictions(job: Job, settings: Settings) -> list[dict]:
-    """The job's val predictions from its run folder, one dict per example."""
+    """The job's val predictions from its run folder, one dict per example: the local one where this host trained
+    it, else the run's copy on the MLflow tracking server (cached with its model)."""
     status = public_status(job)
     if status != "succeeded":
         raise PredictionsNotReady(f"job {job.id} is {status}; predictions exist once it has succeeded")
     rows = run_folder.read_predictions(settings.artifacts_dir / job.id)
+    if rows is None:
+        fetched = fetched_run_folder(job.id, settings)
+        rows = run_folder.read_predictions(fetched) if fetched is not None else None
     if rows is None:
         raise PredictionsMissing(f"the run folder of job {job.id} has no predictions (was it deleted?)")
     return list(rows)

@@ -141,16 +141,15 @@ class ModelRegistry:
         return self.version(version.version)
 
     def register(
-        self, run_dir: Path, job_id: str, params: dict, metrics: dict, mlflow_run_id: str | None
+        self, model_dir: Path | None, job_id: str, params: dict, metrics: dict, mlflow_run_id: str | None
     ) -> ModelVersion:
-        """Register a finished run folder's model after the fact (a sweep's best trial)."""
-        from app.engine import run_folder
-
+        """Register a finished run's model after the fact (a sweep's best trial); ``model_dir`` None: the model is
+        the one its MLflow run already holds on the tracking server."""
         tracker = self.tracker
         tracker.client, tracker.run_id = self.client, mlflow_run_id
         if mlflow_run_id is not None:
             tracker.artifact_uri = self.client.get_run(mlflow_run_id).info.artifact_uri
-        tracker.register_model(run_dir / run_folder.MODEL, {}, version_tags(job_id, params, metrics))
+        tracker.register_model(model_dir, {}, version_tags(job_id, params, metrics))
         return self.version(int(tracker.model_version))
 
     def describe(self, v) -> ModelVersion:

@@ -23,6 +23,7 @@ from app.engine import distributed, run_folder
 from app.engine.training import keep_freed_memory_in_heap, train_and_evaluate
 from app.params import TrainParams
 from app.service.model_access import model_for_training
+from app.service.model_store import fetch_checkpoint
 from app.service.redis_connection import connect_redis
 from app.tracking import make_tracker
 
@@ -42,7 +43,8 @@ def train_job(params_dict: dict) -> dict:
     params = TrainParams(**params_dict)
     params = params.model_copy(update={"model": model_for_training(params.model, settings)})
     run_dir = settings.artifacts_dir / job.id
-    if not run_folder.can_resume(run_dir):  # a retried job resumes from its checkpoint, or starts over
+    # A retried job resumes from its checkpoint (here, or the last one uploaded from another host), or starts over.
+    if not fetch_checkpoint(job.id, run_dir, settings):
         run_folder.remove_unfinished(run_dir)
     if params.devices > 1:
         return train_on_ranks(job, params, settings)

@@ -1,7 +1,10 @@
 """Experiment tracking: the interface the engine calls and ``make_tracker``, which picks the backends.
 
-Backends (MLflow, Neptune) sit behind :class:`CompositeTracker`, which never lets a tracking failure
-fail a training run: the failing backend is switched off, a warning is logged and ``end_run`` reports it.
+Backends (MLflow, Neptune) sit behind :class:`CompositeTracker`, which does not let a tracking failure fail
+a training run: the failing backend is switched off, a warning is logged and ``end_run`` reports it. One
+exception: with an MLflow tracking server (``models_travel_through_mlflow``) the models, predictions and
+checkpoints reach the other hosts only through it, so there MLflow is *required* and its failure fails the run
+(:class:`TrackingFailed`) before a model that no replica could serve is called a success.
 """
 
 from __future__ import annotations
@@ -34,6 +37,16 @@ def version_tags(job_id: str, params: dict, metrics: dict) -> dict[str, str]:
     }
 
 
+class TrackingFailed(RuntimeError):
+    """A required tracker (the MLflow server that models travel through) failed: the run cannot be published."""
+
+
+def models_travel_through_mlflow(settings) -> bool:
+    """True with an MLflow tracking server (an http(s) ``MLFLOW_TRACKING_URI``): hosts share models through it."""
+    uri = settings.mlflow_tracking_uri.lower()
+    return "mlflow" in parse_tracker_names(settings.tracker) and uri.startswith(("http://", "https://"))
+
+
 class Tracker(Protocol):
     """What the engine tells a tracker during one run."""
 
@@ -45,6 +58,14 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int | None) -> None: ...
     def log_artifact(self, path: Path) -> None: ...
     def log_dict(self, data: dict, name: str) -> None: ...
+    def log_model(self, model_dir: Path) -> None:
+        """The run's fine-tuned model folder (uploaded only where other hosts need it: a tracking server)."""
+        ...
+
+    def log_checkpoint(self, path: Path) -> None:
+        """A training state just saved; uploaded in the background where a retry on another host needs it."""
+        ...
+
     def register_model(self, model_dir: Path, metrics: dict[str, float], tags: dict[str, str] | None = None) -> None:
         """Register the model folder as a new version; ``tags`` (job id, params, dev/val accuracy) go with it."""
         ...
@@ -84,6 +105,12 @@ class NullTracker:
     def log_dict(self, data: dict, name: str) -> None:
         pass
 
+    def log_model(self, model_dir: Path) -> None:
+        pass
+
+    def log_checkpoint(self, path: Path) -> None:
+        pass
+
     def register_model(self, model_dir: Path, metrics: dict[str, float], tags: dict[str, str] | None = None) -> None:
         pass
 
@@ -92,14 +119,21 @@ class NullTracker:
 
 
 class CompositeTracker:
-    """Logs to every configured backend; a backend that raises is reported and switched off, never raised.
+    """Logs to every configured backend; a backend that raises is reported and switched off, not raised, unless
+    it is ``required``: then :class:`TrackingFailed` is raised (the other backends are closed first).
 
     ``end_run`` returns ``{<backend>: {references}, ..., "errors": {<backend>: "Type: message"}}``.
     Backends are built in ``start_run`` (not here), so a missing client library is a tracking error too.
     """
 
-    def __init__(self, factories: dict[str, Callable[[], Backend]], secrets: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        factories: dict[str, Callable[[], Backend]],
+        secrets: tuple[str, ...] = (),
+        required: tuple[str, ...] = (),
+    ):
         self.factories = factories
+        self.required = required
         self.secrets = tuple(s for s in secrets if s)
         self.backends: dict[str, Backend] = {}
         self.errors: dict[str, str] = {}
@@ -135,6 +169,16 @@ class CompositeTracker:
             with self.contained(backend_name):
                 backend.log_dict(data, name)
 
+    def log_model(self, model_dir: Path) -> None:
+        for name, backend in self.working():
+            with self.contained(name):
+                backend.log_model(model_dir)
+
+    def log_checkpoint(self, path: Path) -> None:
+        for name, backend in self.working():
+            with self.contained(name):
+                backend.log_checkpoint(path)
+
     def register_model(self, model_dir: Path, metrics: dict[str, float], tags: dict[str, str] | None = None) -> None:
         for name, backend in self.working():
             with self.contained(name):
@@ -166,12 +210,20 @@ class CompositeTracker:
 
     @contextlib.contextmanager
     def contained(self, name: str) -> Iterator[None]:
-        """Run one backend call; on error record it, warn once and switch the backend off."""
+        """Run one backend call; on error record it, warn once and switch the backend off (or raise, if required)."""
         try:
             yield
         except Exception as exc:
             message = one_line(redact(f"{type(exc).__name__}: {exc}", self.secrets))[:MAX_ERROR_CHARS]
             self.errors[name] = message
+            if name in self.required:  # the run ends here: no backend is used again
+                for other, backend in self.backends.items():
+                    self.errors.setdefault(other, f"stopped: the required {name} tracker failed")
+                    close_quietly(other, backend)
+                raise TrackingFailed(
+                    f"the {name} tracking server failed, and models travel through it to the other hosts, so this "
+                    f"run cannot be published: {message}"
+                ) from None
             log.warning("tracker %s failed and is switched off for this run (training continues): %s", name, message)
 
 
@@ -220,7 +272,8 @@ def make_tracker(settings) -> Tracker:
         return NullTracker()
     factories = {name: backend_factory(name, settings) for name in names}
     secrets = (settings.neptune_api_token, settings.api_token, uri_password(settings.mlflow_tracking_uri))
-    return CompositeTracker(factories, secrets)
+    required = ("mlflow",) if models_travel_through_mlflow(settings) else ()
+    return CompositeTracker(factories, secrets, required)
 
 
 def backend_factory(name: str, settings) -> Callable[[], Backend]:

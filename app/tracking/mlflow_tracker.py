@@ -11,6 +11,7 @@ import fcntl
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +35,9 @@ LOG_BATCH_LIMIT = 1000  # MLflow's maximum metrics per log_batch request
 LOCKED_RETRIES = 6
 LOCKED_FIRST_WAIT_S = 0.25
 MODEL_ARTIFACT_PATH = "model"
+CHECKPOINT_ARTIFACT_PATH = "checkpoint"
+# The tag naming the job (or CLI run) an MLflow run belongs to: how other hosts find a job's model and checkpoint.
+RUN_ID_TAG = "boolq.run_id"
 # Opens the experiment in MLflow's model-training view, not the GenAI view ("Traces").
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
@@ -75,6 +79,8 @@ class MlflowTracker:
         self.run_id: str | None = None
         self.artifact_uri: str | None = None
         self.model_version: str | None = None
+        self.model_uploaded = False
+        self.checkpoints: LatestOnlyUploader | None = None
         self.pending: list[Metric] = []
         self.flushed_at = time.monotonic()
 
@@ -96,7 +102,7 @@ class MlflowTracker:
             self.client.create_run,
             self.experiment_id,
             run_name=readable_name(run_id, params),
-            tags={"boolq.run_id": run_id},
+            tags={RUN_ID_TAG: run_id},
         )
         self.run_id, self.artifact_uri = run.info.run_id, run.info.artifact_uri
         self.retrying(self.client.log_batch, self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
@@ -150,14 +156,38 @@ class MlflowTracker:
     def log_dict(self, data: dict, name: str) -> None:
         self.retrying(self.client.log_dict, self.run_id, data, name)
 
+    @property
+    def uses_server(self) -> bool:
+        """A tracking server stores the artifacts (the local store leaves the model in the run folder)."""
+        return self.artifact_location is None
+
+    def log_model(self, model_dir: Path) -> None:
+        """Upload the model folder to the run's ``model/`` on a tracking server, where other hosts fetch it."""
+        if self.uses_server and not self.model_uploaded:
+            self.retrying(self.client.log_artifacts, self.run_id, str(model_dir), MODEL_ARTIFACT_PATH)
+            self.model_uploaded = True
+
+    def log_checkpoint(self, path: Path) -> None:
+        """Queue the training state for upload to the run's ``checkpoint/`` (server only), in the background."""
+        if not self.uses_server:
+            return
+        if self.checkpoints is None:
+            run_id, client = self.run_id, self.client
+            self.checkpoints = LatestOnlyUploader(
+                lambda file: client.log_artifact(run_id, str(file), CHECKPOINT_ARTIFACT_PATH)
+            )
+        self.checkpoints.submit(path)
+
     def register_model(self, model_dir: Path, metrics: dict[str, float], tags: dict[str, str] | None = None) -> None:
         """Register the model folder as a new version, metrics and ``tags`` as its tags.
 
         With the local store the version points at the run folder's ``model/`` (one copy of the weights on
-        disk); a tracking server cannot see this machine's disk, so there the folder is uploaded first.
+        disk); a tracking server cannot see this machine's disk, so there the version points at the run's
+        uploaded ``model/`` (uploaded now unless it already is; ``model_dir`` None: it already is).
         """
-        if self.artifact_location is None:
-            self.retrying(self.client.log_artifacts, self.run_id, str(model_dir), MODEL_ARTIFACT_PATH)
+        if self.uses_server:
+            if model_dir is not None:
+                self.log_model(model_dir)
             source = f"{self.artifact_uri}/{MODEL_ARTIFACT_PATH}"
         else:
             source = Path(model_dir).resolve().as_uri()
@@ -183,10 +213,25 @@ class MlflowTracker:
                 self.retrying(self.client.create_registered_model, self.model_name)
 
     def end_run(self, status: str) -> dict:
+        """Wait for a pending checkpoint upload, then close the run (FINISHED last: it marks a complete run)."""
+        if self.checkpoints is not None:
+            self.checkpoints.close()
+            if status == "FINISHED":
+                self.delete_checkpoints()
         if self.run_id is not None:
             self.flush()
             self.retrying(self.client.set_terminated, self.run_id, status)
         return self.references()
+
+    def delete_checkpoints(self) -> None:
+        """A finished run needs no training state; the server keeps no second copy of the weights and optimizer."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        try:
+            repository = get_artifact_repository(self.artifact_uri, tracking_uri=self.tracking_uri)
+            repository.delete_artifacts(CHECKPOINT_ARTIFACT_PATH)
+        except Exception as exc:  # only space is lost
+            log.warning("could not delete the checkpoint of MLflow run %s: %s", self.run_id, exc)
 
     def references(self) -> dict:
         return {
@@ -200,6 +245,8 @@ class MlflowTracker:
 
     def close(self) -> None:
         self.pending.clear()
+        if self.checkpoints is not None:
+            self.checkpoints.close(wait=False)
 
     def retrying(self, call: Callable, *args, **kwargs):
         """``call(*args, **kwargs)``, retried with backoff while another process holds the SQLite write lock."""
@@ -214,6 +261,48 @@ class MlflowTracker:
                 time.sleep(wait)
                 wait *= 2
         raise AssertionError("unreachable")
+
+
+class LatestOnlyUploader:
+    """Uploads files in a background thread through a queue of one: a file submitted while another waits
+    replaces it (the newer checkpoint is the one worth having), so training never waits for the network."""
+
+    def __init__(self, upload: Callable[[Path], None]):
+        self.upload = upload
+        self.pending: Path | None = None
+        self.closed = False
+        self.uploaded = 0
+        self.condition = threading.Condition()
+        self.thread = threading.Thread(target=self.run, name="checkpoint-upload", daemon=True)
+        self.thread.start()
+
+    def submit(self, path: Path) -> None:
+        with self.condition:
+            self.pending = path
+            self.condition.notify()
+
+    def run(self) -> None:
+        while True:
+            with self.condition:
+                self.condition.wait_for(lambda: self.pending is not None or self.closed)
+                if self.pending is None:
+                    return
+                path, self.pending = self.pending, None
+            try:
+                self.upload(path)
+                self.uploaded += 1
+            except Exception as exc:  # the next checkpoint may get through; the retry uses the last that did
+                log.warning("checkpoint upload failed: %s", exc)
+
+    def close(self, wait: bool = True) -> None:
+        """Stop after the pending upload (``wait``) or drop it."""
+        with self.condition:
+            if not wait:
+                self.pending = None
+            self.closed = True
+            self.condition.notify()
+        if wait:
+            self.thread.join()
 
 
 @contextlib.contextmanager

@@ -107,6 +107,12 @@ class NeptuneTracker:
         field = f"artifacts/{name.replace('.', '_')}"
         self.run[field].upload(File.from_content(json.dumps(data, indent=2), extension="json"))
 
+    def log_model(self, model_dir: Path) -> None:
+        pass  # the weights stay in the run folder; register_model records where
+
+    def log_checkpoint(self, path: Path) -> None:
+        pass  # checkpoints travel through MLflow only
+
     def register_model(self, model_dir: Path, metrics: dict[str, float], tags: dict[str, str] | None = None) -> None:
         """Record the model folder on the run (a Neptune model registry entry needs a server and a model key)."""
         self.model_path = str(Path(model_dir).resolve())

@@ -20,7 +20,7 @@ from app.config import Settings
 from app.engine.model_names import ModelNotAvailable
 from app.engine.training import train_and_evaluate
 from app.params import TrainParams
-from app.tracking import CompositeTracker, NullTracker, make_tracker, parse_tracker_names
+from app.tracking import CompositeTracker, NullTracker, TrackingFailed, make_tracker, parse_tracker_names
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(model="minilm", batch_size=8, lr=1e-4, epochs=2, max_length=32, train_limit=24, eval_limit=8, seed=7)
@@ -171,6 +171,7 @@ def test_mlflow_artifacts_hold_predictions_metrics_and_confusion_matrix_without_
     run_id = result["tracking"]["mlflow"]["mlflow_run_id"]
     assert {a.path for a in client.list_artifacts(run_id)} == {
         "predictions.jsonl",
+        "params.json",
         "metrics.json",
         "confusion_matrix.json",
     }
@@ -322,7 +323,12 @@ def test_neptune_offline_run_keeps_copies_of_its_artifacts(neptune_run):
     result, _ = neptune_run
     upload_dir = Path(result.tracking["neptune"]["offline_dir"]) / "upload_path"
     files = {p.name.split("-")[0]: p for p in upload_dir.iterdir()}
-    assert set(files) == {"artifacts_predictions_jsonl", "artifacts_metrics_json", "artifacts_confusion_matrix_json"}
+    assert set(files) == {
+        "artifacts_predictions_jsonl",
+        "artifacts_params_json",
+        "artifacts_metrics_json",
+        "artifacts_confusion_matrix_json",
+    }
     assert (
         json.loads(files["artifacts_confusion_matrix_json"].read_text())["matrix"]
         == (result.metrics["confusion_matrix"])
@@ -338,31 +344,55 @@ def test_neptune_sync_cli_starts():
     assert "--offline-only" in proc.stdout
 
 
-# --- failures never fail training -----------------------------------------------------------------------------
+# --- failures: contained, except for the tracking server that models travel through ----------------------------
 
 
 @pytest.mark.slow
-def test_unreachable_mlflow_server_is_reported_and_training_finishes(tmp_path, monkeypatch, caplog):
+def test_unreachable_mlflow_server_fails_the_run_before_training_with_the_cause_and_no_password(
+    tmp_path, monkeypatch, caplog
+):
+    """With a tracking server, models reach the other hosts only through it: its failure fails the run at once,
+    and the run folder holds no model anyone could serve."""
     # No retries and a short timeout, so the unreachable server costs a second, not MLflow's default minutes.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
     uri = f"http://trainer:s3cret-pw@127.0.0.1:{closed_port()}"
     tracker = make_tracker(settings_for(tmp_path, "mlflow,neptune", mlflow_tracking_uri=uri))
     params = TrainParams(**(TINY | {"epochs": 1}))
-    with caplog.at_level(logging.WARNING, logger="app.tracking"):
-        result = train_and_evaluate(params, Settings().data_dir, tmp_path, tracker=tracker)
+    with pytest.raises(TrackingFailed) as failed:
+        train_and_evaluate(params, Settings().data_dir, tmp_path, run_id="no-server", tracker=tracker)
 
-    assert (Path(result.run_dir) / "model" / "config.json").is_file() and result.n_eval == TINY["eval_limit"]
-    tracking = result.tracking
-    assert set(tracking["errors"]) == {"mlflow"}
-    assert tracking["errors"]["mlflow"].startswith("MlflowException: ")
-    assert "127.0.0.1" in tracking["errors"]["mlflow"]
-    assert tracking["mlflow"]["mlflow_run_id"] is None
-    assert tracking["mlflow"]["tracking_uri"].startswith("http://127.0.0.1:")  # credentials dropped
-    assert tracking["neptune"]["offline_dir"] and not tracking["errors"].get("neptune")  # the other one carried on
-    warnings = [r.getMessage() for r in caplog.records if r.name.startswith("app.tracking")]
-    assert len(warnings) == 1 and "tracker mlflow failed" in warnings[0]
-    assert "s3cret-pw" not in json.dumps(tracking) and "s3cret-pw" not in caplog.text
+    message = str(failed.value)
+    assert message.startswith("the mlflow tracking server failed") and "MlflowException" in message
+    assert "127.0.0.1" in message and "s3cret-pw" not in message and "s3cret-pw" not in caplog.text
+    run_dir = tmp_path / "no-server"
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "model").exists()
+
+
+class UploadBreaks(NullTracker):
+    """A tracking server that accepts the run and its metrics, then breaks while the model is uploaded."""
+
+    def log_model(self, model_dir: Path) -> None:
+        raise ConnectionError("connection reset while uploading model.safetensors")
+
+    def references(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_a_model_upload_that_fails_leaves_an_unfinished_run_folder_that_nothing_serves(tmp_path):
+    from app.engine.run_folder import checkpoint_folder, is_finished
+
+    tracker = CompositeTracker({"mlflow": UploadBreaks}, required=("mlflow",))
+    with pytest.raises(TrackingFailed, match="connection reset while uploading"):
+        train_and_evaluate(TrainParams(**TINY), Settings().data_dir, tmp_path, run_id="upload-breaks", tracker=tracker)
+    run_dir = tmp_path / "upload-breaks"
+    assert (run_dir / "model" / "config.json").is_file()  # written before the upload broke...
+    assert not is_finished(run_dir) and checkpoint_folder(run_dir) is None  # ...but never taken for a model
+    assert (run_dir / "training_state.pt").is_file()  # a retry resumes from the last epoch's checkpoint
 
 
 @pytest.mark.slow

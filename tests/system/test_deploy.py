@@ -20,12 +20,14 @@ import pytest
 import requests
 import yaml
 
+from app.config import Settings
 from app.ops.nginx_config import COMPOSE_CONF_PATH, compose_layout, native_layout, render_nginx_conf
-from app.ops.stack import find_binary, free_ports
+from app.ops.stack import Stack, StackOptions, find_binary, free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 LOCAL_IMAGES_ENV = ROOT / "deploy" / "local-images.env"
+MLFLOW_OVERRIDE = ROOT / "deploy" / "compose-mlflow.yml"
 NGINX_START = ROOT / "nginx" / "start.sh"
 
 
@@ -135,6 +137,45 @@ def test_compose_profiles_add_gpu_worker_and_mlflow():
     assert services["api"]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert services["worker"]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert "mlflow" in services
+
+
+def test_with_the_mlflow_override_api_and_workers_share_no_volume_and_log_to_the_mlflow_server():
+    proc = docker_compose("-f", str(MLFLOW_OVERRIDE), "--profile", "mlflow", "--profile", "gpu", "config")
+    assert proc.returncode == 0, proc.stderr
+    services = yaml.safe_load(proc.stdout)["services"]
+    for name in ("api", "worker", "worker-gpu"):
+        service = services[name]
+        named = [volume for volume in service.get("volumes", []) if not is_anonymous(volume)]
+        assert named == [], f"{name} mounts a volume other containers can see: {named}"
+        assert service["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000", name
+        assert service["environment"]["TRACKER"] == "mlflow", name
+    for name in ("worker", "worker-gpu"):
+        assert services[name]["depends_on"]["mlflow"]["condition"] == "service_healthy"
+    command = services["mlflow"]["command"]
+    assert "--serve-artifacts" in command and "--backend-store-uri=sqlite:////data/mlflow/mlflow.db" in command
+    assert mounts(services["mlflow"]) == [("mlflow-data", "/data/mlflow")]
+
+
+def test_stack_with_mlflow_plans_a_tracking_server_with_served_artifacts_and_points_every_process_at_it(tmp_path):
+    stack = Stack(
+        StackOptions(replicas=1, workers=1, mlflow=True, port=free_ports(1)[0]), Settings(artifacts_dir=tmp_path)
+    )
+    stack.plan()
+    (server,) = stack.of_role("mlflow")
+    assert server.argv[1:4] == ["-m", "mlflow", "server"] and "--serve-artifacts" in server.argv
+    store = stack.state_dir / "mlflow"
+    assert server.argv[server.argv.index("--backend-store-uri") + 1] == f"sqlite:///{store / 'mlflow.db'}"
+    assert server.argv[server.argv.index("--artifacts-destination") + 1] == str(store / "artifacts")
+    assert stack.child_environment()["MLFLOW_TRACKING_URI"] == server.url == stack.mlflow_url
+
+    plain = Stack(StackOptions(replicas=1, workers=1, port=free_ports(1)[0]), Settings(artifacts_dir=tmp_path / "p"))
+    plain.plan()
+    assert plain.of_role("mlflow") == [] and plain.mlflow_url == ""
+
+
+def is_anonymous(volume) -> bool:
+    """A volume with no source: created for one container alone."""
+    return ":" not in volume if isinstance(volume, str) else not volume.get("source")
 
 
 def test_committed_nginx_conf_is_the_compose_rendering_of_the_template():

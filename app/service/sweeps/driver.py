@@ -13,11 +13,12 @@ from rq.job import Job
 from app.config import Settings
 from app.engine import run_folder
 from app.params import TrainParams
-from app.service import jobs, registry
+from app.service import jobs, model_store, registry
 from app.service.admission import Admission, NoRoom
 from app.service.redis_connection import service_key
 from app.service.sweeps.spec import TRIAL_TASK, SweepRequest
 from app.service.sweeps.study import distributions, load_study, storage, trial_params
+from app.tracking import models_travel_through_mlflow
 
 log = logging.getLogger(__name__)
 
@@ -155,14 +156,17 @@ def conclude(study, settings: Settings, queue: Queue | None) -> None:
 def register_best(settings: Settings, queue: Queue | None, best, spec: dict) -> dict:
     """Register the best trial's model, promote it if asked; what happened, for the sweep's view."""
     models = registry.ModelRegistry(settings)
-    job_id = best.user_attrs["job_id"]
-    run_dir = settings.artifacts_dir / job_id
-    metrics = run_folder.read_metrics(run_dir)
+    job_id, mlflow_run_id = best.user_attrs["job_id"], best.user_attrs.get("mlflow_run_id")
+    if models_travel_through_mlflow(settings):  # the trial may have run on another host: read its MLflow run
+        model_dir = None
+        params, metrics = model_store.published_records(mlflow_run_id, settings)
+    else:
+        run_dir = settings.artifacts_dir / job_id
+        model_dir, params = run_dir / run_folder.MODEL, run_folder.read_params(run_dir)
+        metrics = run_folder.read_metrics(run_dir)
     if metrics is None:
-        return {"version": None, "promoted": False, "reason": f"the run folder of job {job_id} has no metrics"}
-    version = models.register(
-        run_dir, job_id, run_folder.read_params(run_dir), metrics, best.user_attrs.get("mlflow_run_id")
-    )
+        return {"version": None, "promoted": False, "reason": f"the run of job {job_id} has no metrics"}
+    version = models.register(model_dir, job_id, params, metrics, mlflow_run_id)
     outcome = {"version": version.version, "job_id": job_id, "promoted": False, "reason": None}
     if spec["promote"]:
         try:

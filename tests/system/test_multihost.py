@@ -1,0 +1,277 @@
+"""Hosts that share nothing but Redis and an MLflow tracking server: worker A, worker B and API replica C, each with
+its own ARTIFACTS_DIR, MODEL_CACHE_DIR and HF home that none of the others is given. Models, predictions and
+checkpoints reach the other hosts only through ``mlflow server --serve-artifacts``.
+
+The tests run in file order on one cluster: B is started (and A stopped) where a test needs the other host.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+from redis import Redis
+from rq import Queue
+
+from app.config import SAMPLE_DATA_DIR, Settings
+from app.engine.training import train_and_evaluate
+from app.ops.mlflow_server import SERVER_ENV, mlflow_server_argv, server_answers
+from app.params import TrainParams
+from tests.helpers import REPO_ROOT, TINY_JOB, free_port, service_settings, wait_for, work_horse_pids
+
+pytestmark = pytest.mark.slow
+
+QUESTION = "is the sky blue on a clear day"
+PASSAGE = "On a clear day the sky looks blue because air scatters blue light more than red light."
+# Three epochs of 23 steps (180 train rows after a quarter goes to dev), 32 tokens: checkpointed after each epoch.
+RESUMED_JOB = dict(
+    model="minilm", batch_size=8, lr=1e-4, epochs=3, max_length=32, train_limit=240, eval_limit=8, dev_size=0.25, seed=7
+)
+# MLflow's client retries a dead server for minutes by default; a stopped server should fail a job in seconds.
+MLFLOW_CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+@dataclass
+class Host:
+    """One machine of the cluster: its own folders, its settings, and the process it runs now."""
+
+    name: str
+    folder: Path
+    settings: Settings
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"HF_HOME": str(self.folder / "hf-home")} | MLFLOW_CLIENT_ENV
+
+    @property
+    def runs(self) -> Path:
+        return self.settings.artifacts_dir
+
+    def has_finished_run(self, job_id: str) -> bool:
+        return (self.runs / job_id / "metrics.json").is_file()
+
+
+@dataclass
+class Cluster:
+    url: str  # replica C
+    mlflow_url: str
+    mlflow: subprocess.Popen
+    hosts: dict[str, Host]
+    queue: Queue
+    launcher: object
+
+    def start_worker(self, name: str) -> None:
+        host = self.hosts[name]
+        host.process = self.launcher.worker(host.settings, host.env)
+
+    def stop_worker(self, name: str) -> None:
+        """SIGTERM: RQ's warm shutdown, finishing (or failing) the job under way and then taking no other."""
+        host = self.hosts[name]
+        os.kill(host.process.pid, signal.SIGTERM)
+        host.process.wait(timeout=120)
+
+    def job(self, job_id: str) -> dict:
+        return requests.get(f"{self.url}/jobs/{job_id}", timeout=30).json()
+
+    def ended(self, job_id: str, timeout_s: float = 300) -> dict:
+        return wait_for(
+            lambda: (view := self.job(job_id))["status"] in FINAL and view, timeout_s, f"job {job_id} to end", 0.5
+        )
+
+    def train(self, params: dict) -> str:
+        answer = requests.post(f"{self.url}/train", json=params, timeout=30)
+        assert answer.status_code == 202, answer.text
+        return answer.json()["job_id"]
+
+    def predict(self, **body) -> requests.Response:
+        return requests.post(f"{self.url}/predict", json={"question": QUESTION, "passage": PASSAGE} | body, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """``mlflow server --serve-artifacts`` on a free port with a SQLite store; fails the tests if mlflow is missing.
+    Yields its URL, its process and a function that waits until it answers (the cluster boots meanwhile)."""
+    if importlib.util.find_spec("mlflow") is None:
+        pytest.fail("mlflow is not installed (requirements.txt); the multi-host tests need its tracking server")
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = (folder / "server.log").open("w")
+    env = os.environ | SERVER_ENV
+    process = subprocess.Popen(
+        mlflow_server_argv(folder, port), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def answers():
+        if process.poll() is not None:
+            pytest.fail("mlflow server exited:\n" + (folder / "server.log").read_text())
+        return server_answers(url)
+
+    yield url, process, lambda: wait_for(answers, 180, "the MLflow server to answer /health", interval_s=0.5)
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def cluster(mlflow_server, redis_url, launcher, tmp_path_factory):
+    """Worker A and replica C running; B defined (started by the tests that need it)."""
+    url, process, wait_until_answering = mlflow_server
+    common = service_settings(
+        redis_url,
+        tmp_path_factory.mktemp("common"),
+        tracker="mlflow",
+        mlflow_tracking_uri=url,
+        job_retries=1,
+        checkpoint_every_s=0,
+    )
+    hosts = {}
+    for name in "ABC":
+        folder = tmp_path_factory.mktemp(f"host-{name}")
+        folder.chmod(0o700)
+        settings = common.model_copy(
+            update={"artifacts_dir": folder / "runs", "model_cache_dir": folder / "model-cache"}
+        )
+        hosts[name] = Host(name, folder, settings)
+    queue = Queue(common.queue_name, connection=Redis.from_url(redis_url))
+    api = launcher.server(hosts["C"].settings, workers=1, env=hosts["C"].env)
+    cluster = Cluster(api, url, process, hosts, queue, launcher)
+    cluster.start_worker("A")
+    wait_until_answering()
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def tiny_job(cluster):
+    job_id = cluster.train(TINY_JOB)
+    view = cluster.ended(job_id)
+    assert view["status"] == "succeeded", view["error"]
+    return job_id
+
+
+def test_a_job_trained_on_a_is_served_by_c_as_a_itself_predicts(cluster, tiny_job):
+    a, c = cluster.hosts["A"], cluster.hosts["C"]
+    assert a.has_finished_run(tiny_job) and not (c.runs / tiny_job).exists()
+
+    served = cluster.predict(model=tiny_job)
+    assert served.status_code == 200, served.text
+    local = subprocess.run(
+        [sys.executable, "-m", "app", "predict", "--model-dir", str(a.runs / tiny_job)]
+        + ["--question", QUESTION, "--passage", PASSAGE],
+        cwd=REPO_ROOT,
+        env=os.environ | {"HF_HUB_OFFLINE": "1", "NUM_THREADS": "1"} | a.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    on_a = json.loads(local.stdout.splitlines()[-1])
+    assert served.json()["probability"] == pytest.approx(on_a["probability"], abs=1e-6)
+    assert served.json()["answer"] == on_a["answer"]
+    assert (c.settings.model_cache_dir / tiny_job / "model" / "config.json").is_file()  # fetched from MLflow
+
+
+def test_c_returns_the_predictions_a_wrote(cluster, tiny_job):
+    a = cluster.hosts["A"]
+    answer = requests.get(f"{cluster.url}/jobs/{tiny_job}/predictions", timeout=30)
+    assert answer.status_code == 200, answer.text
+    written = [json.loads(line) for line in (a.runs / tiny_job / "predictions.jsonl").read_text().splitlines()]
+    assert answer.json()["predictions"] == written and len(written) == TINY_JOB["eval_limit"]
+
+
+def test_a_sweep_whose_best_trial_ran_on_a_and_that_b_finishes_registers_and_promotes_that_trial(cluster):
+    # One lr and one seed: both trials learn the same, and a tie goes to the earlier trial (the one on A).
+    body = {
+        "base": TINY_JOB,
+        "space": {"lr": [1e-4]},
+        "trials": 2,
+        "parallel": 1,
+        "sampler": "random",
+        "pruner": "none",
+        "promote": True,
+        "seed": 1,
+    }
+    answer = requests.post(f"{cluster.url}/sweeps", json=body, timeout=30)
+    assert answer.status_code == 202, answer.text
+    sweep_id = answer.json()["sweep_id"]
+    first = wait_for(lambda: cluster.queue.started_job_registry.get_job_ids(), 120, "the first trial to start", 0.1)
+    cluster.stop_worker("A")  # A finishes trial 0 (which queues trial 1) and takes nothing more
+    cluster.start_worker("B")
+
+    def ended():
+        view = requests.get(f"{cluster.url}/sweeps/{sweep_id}", timeout=30).json()
+        return view if view["status"] != "running" else None
+
+    view = wait_for(ended, 300, f"sweep {sweep_id} to end", interval_s=0.5)
+    trials = {row["trial"]: row["job_id"] for row in view["leaderboard"]}
+    assert trials[0] == first[0] and view["counts"]["succeeded"] == 2, view
+    assert cluster.hosts["A"].has_finished_run(trials[0]) and not cluster.hosts["B"].has_finished_run(trials[0])
+    assert cluster.hosts["B"].has_finished_run(trials[1])
+    registration = view["registration"]
+    assert registration["job_id"] == trials[0] and registration["promoted"] is True, registration
+    assert cluster.predict().json()["model"] == trials[0]  # the new champion, fetched by C
+
+
+def test_after_promoting_a_job_c_serves_the_champion_when_no_model_is_named(cluster, tiny_job):
+    promoted = requests.post(f"{cluster.url}/models/champion", json={"job_id": tiny_job, "force": True}, timeout=60)
+    assert promoted.status_code == 200, promoted.text
+    served = cluster.predict()
+    assert served.status_code == 200 and served.json()["model"] == tiny_job
+    assert served.json()["probability"] == pytest.approx(cluster.predict(model=tiny_job).json()["probability"])
+
+
+def uploaded_checkpoint(cluster: Cluster, job_id: str) -> bool:
+    from app.tracking.mlflow_runs import MlflowRuns
+
+    runs = MlflowRuns(cluster.mlflow_url, cluster.hosts["A"].settings.mlflow_experiment_name)
+    return any(runs.client.list_artifacts(run.info.run_id, "checkpoint") for run in runs.runs_of_job(job_id, False))
+
+
+def test_a_job_killed_on_a_after_its_first_checkpoint_resumes_on_b_as_if_never_killed(cluster, tmp_path):
+    cluster.stop_worker("B")
+    cluster.start_worker("A")
+    a = cluster.hosts["A"]
+    job_id = cluster.train(RESUMED_JOB)
+    wait_for(lambda: cluster.job(job_id)["status"] == "running", 120, "the job to start on A", 0.1)
+    (horse,) = work_horse_pids(a.process.pid)
+    wait_for(lambda: uploaded_checkpoint(cluster, job_id), 300, "A's first checkpoint on the MLflow server", 0.1)
+    os.killpg(horse, signal.SIGSTOP)  # hold A's training where it is while B starts
+    cluster.start_worker("B")
+    os.kill(a.process.pid, signal.SIGTERM)  # A: fail (and so retry) the job under way, then take no other
+    os.killpg(horse, signal.SIGKILL)
+    a.process.wait(timeout=120)
+
+    view = cluster.ended(job_id)
+    assert view["status"] == "succeeded", view["error"]
+    assert cluster.hosts["B"].has_finished_run(job_id) and not a.has_finished_run(job_id)
+    metrics = view["result"]["metrics"]
+    assert metrics["resumed_from_step"] > 0
+    whole = train_and_evaluate(TrainParams(**RESUMED_JOB), SAMPLE_DATA_DIR, tmp_path / "whole", num_threads=1)
+    assert len(metrics["loss_curve"]) == len(whole.metrics["loss_curve"]) == 3 * 23
+    assert metrics["loss_curve"] == pytest.approx(whole.metrics["loss_curve"], abs=1e-4)
+
+
+def test_with_mlflow_stopped_a_job_fails_with_a_clear_error_and_nothing_is_served_from_it(cluster):
+    os.killpg(cluster.mlflow.pid, signal.SIGTERM)
+    cluster.mlflow.wait(timeout=30)
+    job_id = cluster.train(TINY_JOB)
+    view = cluster.ended(job_id)
+    assert view["status"] == "failed"
+    assert view["error"]["type"] == "TrackingFailed", view["error"]
+    assert "mlflow tracking server failed" in view["error"]["message"]
+    served = cluster.predict(model=job_id)  # C has no such model and cannot ask the server for it
+    assert served.status_code == 503 and served.json()["error"]["code"] == "model_store_unavailable", served.text
+    assert requests.get(f"{cluster.url}/jobs/{job_id}/predictions", timeout=30).status_code == 409
+    for host in cluster.hosts.values():
+        assert not host.has_finished_run(job_id)
+        assert not (host.settings.model_cache_dir / job_id).exists()
