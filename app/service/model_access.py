@@ -12,6 +12,7 @@ from pathlib import Path
 from app.config import Settings
 from app.engine.model_names import MINILM_ALIAS, hub_reachable, in_hub_cache, is_hub_id
 from app.engine.run_folder import checkpoint_folder
+from app.params import TrainParams
 from app.service.model_store import fetched_run_folder
 
 # Longest model name a request may use: a file name's limit on Linux, so no name can make a path too long.
@@ -97,6 +98,11 @@ def model_for_training(name: str, settings: Settings) -> str:
     if not is_hub_id(name):
         raise ModelNotAllowed(f"model '{name}' is neither the alias '{MINILM_ALIAS}', a hub id, nor a model folder")
     return name
+
+
+def resolve_for_training(params: TrainParams, settings: Settings) -> TrainParams:
+    """``params`` with its model as the engine loads it (a job keeps the name as the client gave it)."""
+    return params.model_copy(update={"model": model_for_training(params.model, settings)})
 
 
 def fine_tuned_model(name: str, settings: Settings) -> Path:

@@ -22,7 +22,7 @@ from app.config import Settings, environment_with
 from app.engine import distributed, run_folder
 from app.engine.training import keep_freed_memory_in_heap, train_and_evaluate
 from app.params import TrainParams
-from app.service.model_access import model_for_training
+from app.service.model_access import resolve_for_training
 from app.service.model_store import fetch_checkpoint
 from app.service.redis_connection import connect_redis
 from app.tracking import make_tracker
@@ -41,7 +41,7 @@ def train_job(params_dict: dict) -> dict:
     settings = Settings()
     job = get_current_job()
     params = TrainParams(**params_dict)
-    params = params.model_copy(update={"model": model_for_training(params.model, settings)})
+    params = resolve_for_training(params, settings)
     run_dir = settings.artifacts_dir / job.id
     # A retried job resumes from its checkpoint (here, or the last one uploaded from another host), or starts over.
     if not fetch_checkpoint(job.id, run_dir, settings):
@@ -86,7 +86,7 @@ def run_rank(job_id: str, result_file: str) -> None:
     settings = Settings()
     job = Job.fetch(job_id, connection=connect_redis(settings, for_worker=True), serializer=JSONSerializer)
     params = TrainParams(**job.args[0])
-    params = params.model_copy(update={"model": model_for_training(params.model, settings)})
+    params = resolve_for_training(params, settings)
     with distributed.process_group(settings.device) as device:
         result = train_and_evaluate(
             params,

@@ -18,7 +18,7 @@ from app.engine.training import train_and_evaluate
 from app.params import TrainParams
 from app.service import sweeps
 from app.service.jobs import training_queue
-from app.service.model_access import model_for_training
+from app.service.model_access import resolve_for_training
 from app.service.model_store import fetch_checkpoint
 from app.service.tasks import ProgressReporter
 from app.tracking import make_tracker
@@ -47,7 +47,7 @@ def run_trial(trial: optuna.Trial, params: TrainParams, settings: Settings, run_
             if trial.should_prune():
                 raise Pruned(progress.epoch)
 
-    params = params.model_copy(update={"model": model_for_training(params.model, settings)})
+    params = resolve_for_training(params, settings)
     try:
         return train_and_evaluate(
             params,
