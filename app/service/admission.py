@@ -19,7 +19,7 @@ from rq.job import Job
 from app.config import Settings
 from app.engine.data import HUB_SOURCE
 from app.params import TrainParams
-from app.service.jobs import class_queues
+from app.service.jobs import class_queues, queued_in
 from app.service.redis_connection import service_key
 
 # What a client is told to wait before trying again when the queue or its share is full.
@@ -137,9 +137,7 @@ class Admission:
             )
 
     def queued_count(self) -> int:
-        return sum(
-            q.count + q.deferred_job_registry.count + q.scheduled_job_registry.count for q in class_queues(self.queue)
-        )
+        return sum(queued_in(q) for q in class_queues(self.queue))
 
     def client_set(self, client: str) -> str:
         return f"{self.prefix}:client:{client}"

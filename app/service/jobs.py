@@ -323,6 +323,11 @@ def isoformat(moment) -> str | None:
     return moment.isoformat() if moment else None
 
 
+def queued_in(queue: Queue) -> int:
+    """Jobs waiting in ``queue``: enqueued, deferred or scheduled (a retry waiting its turn)."""
+    return queue.count + queue.deferred_job_registry.count + queue.scheduled_job_registry.count
+
+
 def job_counts(queue: Queue) -> dict[str, int]:
     """Jobs per public status in every class's queue, for the metrics endpoint; registry sizes only, no job is loaded.
 
@@ -331,7 +336,7 @@ def job_counts(queue: Queue) -> dict[str, int]:
     counts = dict.fromkeys(("queued", "running", "succeeded", "failed", "cancelled"), 0)
     for q in class_queues(queue):
         stopped = JobIndex(queue).stopped_in(q.failed_job_registry.key)
-        counts["queued"] += q.count + q.deferred_job_registry.count + q.scheduled_job_registry.count
+        counts["queued"] += queued_in(q)
         counts["running"] += q.started_job_registry.count
         counts["succeeded"] += q.finished_job_registry.count
         counts["failed"] += q.failed_job_registry.count - stopped
