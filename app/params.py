@@ -20,6 +20,12 @@ PositiveCount = Annotated[StrictInt, Field(ge=1)]
 Number = StrictFloat
 
 
+class StrictModel(BaseModel):
+    """A request's model: unknown fields are refused (a typo is an error, not a default), values are final."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
 class TrainParams(BaseModel):
     """Hyperparameters of one fine-tuning run. Unknown fields are rejected."""
 

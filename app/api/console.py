@@ -19,8 +19,7 @@ from app.api.auth import require_token
 from app.api.body import parse
 from app.api.context import current_service
 from app.api.jobs import find_job, succeeded_job_predictions
-from app.api.schemas import Strict
-from app.params import TrainParams
+from app.params import StrictModel, TrainParams
 from app.service import jobs
 from app.service.predictions import val_examples_by_idx
 
@@ -48,7 +47,7 @@ BOUND_KEYWORDS = {
 }
 
 
-class ConsoleJobsQuery(Strict):
+class ConsoleJobsQuery(StrictModel):
     """Query string of the Jobs page and its data."""
 
     page: int = Field(1, ge=1)
@@ -61,7 +60,7 @@ class ConsoleJobsQuery(Strict):
         return value or None  # the filter's "all" option sends status=
 
 
-class ConsolePredictionsQuery(Strict):
+class ConsolePredictionsQuery(StrictModel):
     """Query string of a job's predictions table."""
 
     page: int = Field(1, ge=1)

@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
+from app.params import StrictModel
 from app.service.jobs import JOB_ID_RULE, Progress
 from app.service.registry import ModelVersion
 
@@ -17,25 +18,21 @@ ModelName = Annotated[
 ]
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TrainQuery(Strict):
+class TrainQuery(StrictModel):
     """Query string of ``POST /train``."""
 
     wait: bool = Field(False, description="Wait for the job to finish (up to `timeout` seconds).")
     timeout: float | None = Field(None, gt=0, description="Seconds to wait when wait=true (capped by MAX_WAIT).")
 
 
-class JobsQuery(Strict):
+class JobsQuery(StrictModel):
     """Query string of ``GET /jobs``."""
 
     page: int = Field(1, ge=1, le=100_000)
     per_page: int = Field(20, ge=1, le=100)
 
 
-class QuestionPassage(Strict):
+class QuestionPassage(StrictModel):
     question: Annotated[str, Field(min_length=1, max_length=2_000)]
     passage: Text
 
@@ -46,7 +43,7 @@ class PredictOne(QuestionPassage):
     model: ModelName | None = None
 
 
-class PredictBatch(Strict):
+class PredictBatch(StrictModel):
     """``POST /predict`` with up to 256 questions."""
 
     items: Annotated[list[QuestionPassage], Field(min_length=1, max_length=MAX_ITEMS)]
@@ -161,7 +158,7 @@ def require_exactly_one(schema: dict, *names: str) -> None:
     schema["oneOf"] = [{"required": [name]} for name in names]
 
 
-class PromoteRequest(Strict):
+class PromoteRequest(StrictModel):
     """``POST /models/champion``: name the version by its job id or its number (one of the two)."""
 
     job_id: Annotated[

@@ -7,8 +7,6 @@ import math
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Discriminator,
     Field,
     StrictBool,
@@ -20,7 +18,7 @@ from pydantic import (
 )
 
 from app.config import Settings
-from app.params import TrainParams
+from app.params import StrictModel, TrainParams
 from app.service.admission import HUB_TRAIN_ROWS, OverLimit, available_train_rows, check_cost
 from app.service.jobs import TRIAL_TASK as TRIAL_TASK  # the trial task's name, for the driver
 from app.service.model_access import ModelNotAllowed, model_for_training
@@ -29,7 +27,8 @@ from app.service.model_access import ModelNotAllowed, model_for_training
 COST_FIELDS = ("epochs", "train_limit", "max_length")
 # The median pruner compares a trial with the trials before it only once this many have finished.
 MEDIAN_STARTUP_TRIALS = 2
-Number = StrictFloat | StrictInt
+# A searched value keeps its type: an int range (epochs) stays int, a float one (lr) float.
+IntOrFloat = StrictFloat | StrictInt
 # Trials run in one process each (a sweep spreads over workers instead), so `devices` is not searched either;
 # trials go to any worker (the queue every class listens to), so neither is `accelerator`.
 SearchableFields = tuple(
@@ -49,17 +48,13 @@ class SweepNotFound(LookupError):
     pass
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Range(Strict):
+class Range(StrictModel):
     """A numeric range: uniform, ``log``-uniform, or on a grid of ``step``."""
 
-    low: Number
-    high: Number
+    low: IntOrFloat
+    high: IntOrFloat
     log: StrictBool = False
-    step: Number | None = Field(None, gt=0)
+    step: IntOrFloat | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def ordered(self):
@@ -81,13 +76,13 @@ SpaceEntry = Annotated[
 ]
 
 
-class Threshold(Strict):
+class Threshold(StrictModel):
     """Prune a trial as soon as its dev accuracy after an epoch is below ``threshold``."""
 
-    threshold: Annotated[Number, Field(ge=0, le=1)]
+    threshold: Annotated[IntOrFloat, Field(ge=0, le=1)]
 
 
-class SweepRequest(Strict):
+class SweepRequest(StrictModel):
     """``POST /sweeps`` (and the CLI's ``--space`` file): fixed params, the searched space, and how to search it."""
 
     base: dict[str, Any] = Field(default_factory=dict, description="TrainParams every trial shares.")
