@@ -89,6 +89,15 @@ def published_records(mlflow_run_id: str | None, settings: Settings) -> tuple[di
     return runs.read_json(mlflow_run_id, run_folder.PARAMS), runs.read_json(mlflow_run_id, run_folder.METRICS)
 
 
+def resume_or_start_over(job_id: str, settings: Settings) -> Path:
+    """The run folder of a job about to run: resumable from its last checkpoint (here, or the last one uploaded from
+    another host), or cleared of what a killed attempt left, so nothing half-written is ever taken for a model."""
+    run_dir = settings.artifacts_dir / job_id
+    if not fetch_checkpoint(job_id, run_dir, settings):
+        run_folder.remove_unfinished(run_dir)
+    return run_dir
+
+
 def fetch_checkpoint(job_id: str, run_dir: Path, settings: Settings) -> bool:
     """Before a retry: put the job's last uploaded training state into ``run_dir`` unless one is already there.
     True if the run folder can now resume. A server that cannot be asked means starting over, said in the log."""

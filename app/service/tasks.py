@@ -23,7 +23,7 @@ from app.engine import distributed, run_folder
 from app.engine.training import keep_freed_memory_in_heap, train_and_evaluate
 from app.params import TrainParams
 from app.service.model_access import resolve_for_training
-from app.service.model_store import fetch_checkpoint
+from app.service.model_store import resume_or_start_over
 from app.service.redis_connection import connect_redis
 from app.tracking import make_tracker
 
@@ -42,10 +42,7 @@ def train_job(params_dict: dict) -> dict:
     job = get_current_job()
     params = TrainParams(**params_dict)
     params = resolve_for_training(params, settings)
-    run_dir = settings.artifacts_dir / job.id
-    # A retried job resumes from its checkpoint (here, or the last one uploaded from another host), or starts over.
-    if not fetch_checkpoint(job.id, run_dir, settings):
-        run_folder.remove_unfinished(run_dir)
+    resume_or_start_over(job.id, settings)
     if params.devices > 1:
         return train_on_ranks(job, params, settings)
     result = train_and_evaluate(

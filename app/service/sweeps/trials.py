@@ -19,7 +19,7 @@ from app.params import TrainParams
 from app.service import sweeps
 from app.service.jobs import training_queue
 from app.service.model_access import resolve_for_training
-from app.service.model_store import fetch_checkpoint
+from app.service.model_store import resume_or_start_over
 from app.service.tasks import ProgressReporter
 from app.tracking import make_tracker
 
@@ -73,9 +73,7 @@ def trial_job(params_dict: dict, sweep_id: str, number: int) -> dict:
     queue = training_queue(settings, job.connection)
     study = sweeps.load_study(settings, sweep_id, telling=True)
     trial = optuna.Trial(study, study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
-    run_dir = settings.artifacts_dir / job.id
-    if not fetch_checkpoint(job.id, run_dir, settings):  # a retried trial resumes from its checkpoint, or starts over
-        run_folder.remove_unfinished(run_dir)
+    resume_or_start_over(job.id, settings)
     try:
         result = run_trial(trial, TrainParams(**params_dict), settings, job.id, ProgressReporter(job))
     except Pruned as pruned:
