@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -385,7 +386,17 @@ def summary(result) -> str:
         )
     lines.append(f"run folder: {result.run_dir}")
     lines += [f"tracking ({name}): {json.dumps(refs)}" for name, refs in result.tracking.items() if refs]
+    question = "--question 'is the sky blue' --passage 'The sky appears blue because of Rayleigh scattering.'"
+    lines.append(f"ask it: {as_pasted(sys.executable)} -m app predict --model {as_pasted(result.run_dir)} {question}")
     return "\n".join(lines)
+
+
+def as_pasted(path: str | Path) -> str:
+    """A path as a user can paste it here: relative when it is below the current folder (the venv's python)."""
+    try:
+        return shlex.quote(str(Path(path).absolute().relative_to(Path.cwd())))
+    except ValueError:
+        return shlex.quote(str(path))
 
 
 class ProgressBar:
