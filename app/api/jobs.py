@@ -10,7 +10,7 @@ from app.api.auth import bearer_token, require_token, require_token_for_reads
 from app.api.body import json_object, parse
 from app.api.context import current_service
 from app.api.errors import ApiError
-from app.api.schemas import JobsQuery, TrainQuery
+from app.api.schemas import JobAccepted, JobsQuery, PredictionList, TrainQuery, respond
 from app.params import TrainParams
 from app.service import jobs, sweeps
 from app.service import predictions as predictions_of
@@ -62,7 +62,7 @@ def submit(params: TrainParams):
 
 def accepted(job):
     location = url_for("jobs.show", job_id=job.id)
-    return jsonify(job_id=job.id, status=jobs.public_status(job)), 202, {"Location": location}
+    return respond(JobAccepted, 202, {"Location": location}, job_id=job.id, status=jobs.public_status(job))
 
 
 def refreshed(job):
@@ -119,7 +119,7 @@ def cancel(job_id: str):
 @bp.get(f"/jobs/{JOB_ID}/predictions")
 @require_token_for_reads
 def predictions(job_id: str):
-    return jsonify(job_id=job_id, predictions=succeeded_job_predictions(job_id))
+    return respond(PredictionList, job_id=job_id, predictions=succeeded_job_predictions(job_id))
 
 
 def succeeded_job_predictions(job_id: str) -> list[dict]:

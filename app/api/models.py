@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import functools
 
-from flask import Blueprint, jsonify
+from flask import Blueprint
 
 from app.api.auth import require_token, require_token_for_reads
 from app.api.body import json_object, parse
 from app.api.context import current_service
-from app.api.schemas import PromoteRequest
+from app.api.schemas import ChampionView, ModelList, PromoteRequest, respond
 from app.config import Settings
 from app.service import registry
 from app.service.redaction import without_server_paths
@@ -25,7 +25,8 @@ def index():
     versions = models.versions()
     champion = next((v for v in versions if v.champion), None)  # /predict follows Redis' copy (workers sync it)
     # A version's source is where MLflow keeps its files (file:///… on this server): cut to the last part.
-    return jsonify(
+    return respond(
+        ModelList,
         registered_model=models.name,
         champion=without_server_paths(champion.model_dump()) if champion else None,
         models=[without_server_paths(v.model_dump()) for v in versions],
@@ -44,7 +45,7 @@ def promote():
         version = models.version_of_job(request_.job_id)
     champion = models.promote(version, force=request_.force)
     registry.write_champion_pointer(service.queue.connection, service.settings, champion)
-    return jsonify(champion=without_server_paths(champion.model_dump()))
+    return respond(ChampionView, champion=without_server_paths(champion.model_dump()))
 
 
 @functools.lru_cache(maxsize=4)

@@ -10,13 +10,13 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, request
 
 from app.api.auth import require_token
 from app.api.body import json_object, parse
 from app.api.context import current_service
 from app.api.errors import ApiError
-from app.api.schemas import PredictBatch, PredictOne
+from app.api.schemas import PredictBatch, PredictBatchResponse, PredictOne, PredictOneResponse, respond
 from app.service import jobs
 from app.service.batching import MicroBatcher
 from app.service.model_access import fine_tuned_model
@@ -108,8 +108,8 @@ def predict():
     name = served_model(request_.model)
     answers = [a.to_dict() for a in bounded_answers(model_folder(name), [(i.question, i.passage) for i in items])]
     if isinstance(request_, PredictBatch):
-        return jsonify(answers=answers, model=name)
-    return jsonify(answers[0] | {"model": name})
+        return respond(PredictBatchResponse, answers=answers, model=name)
+    return respond(PredictOneResponse, **answers[0], model=name)
 
 
 def bounded_answers(folder: Path, pairs: list[tuple[str, str]]) -> list:

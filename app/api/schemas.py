@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+from flask import jsonify
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from app.params import StrictModel
@@ -233,3 +234,8 @@ class SweepList(BaseModel):
     page: int
     per_page: int
     total: int
+
+
+def respond(model: type[BaseModel], http_status: int = 200, headers: dict | None = None, /, **fields):
+    """A response built by its OpenAPI model, so what the spec says and what is sent cannot drift apart."""
+    return jsonify(model(**fields).model_dump(mode="json", exclude_unset=True)), http_status, headers or {}

@@ -9,7 +9,7 @@ from app.api.body import json_object, parse
 from app.api.context import current_service
 from app.api.errors import ApiError
 from app.api.jobs import JOB_ID_PATTERN
-from app.api.schemas import JobsQuery
+from app.api.schemas import JobsQuery, SweepAccepted, respond
 from app.service import sweeps
 from app.service.admission import client_key
 
@@ -25,7 +25,7 @@ def create():
     client = client_key(service.settings, bearer_token(), request.remote_addr)
     sweep_id = sweeps.create_sweep(request_, base, service.settings, service.queue, client)
     location = url_for("sweeps.show", sweep_id=sweep_id)
-    return jsonify(sweep_id=sweep_id, status="running"), 202, {"Location": location}
+    return respond(SweepAccepted, 202, {"Location": location}, sweep_id=sweep_id, status="running")
 
 
 @bp.get("/sweeps")
