@@ -177,6 +177,8 @@ def test_cancel_stops_a_running_job_and_frees_its_worker(client):
     # The same (only) worker takes the next job at once.
     follow_up = client.post("/train?wait=true&timeout=120", json=TINY_JOB)
     assert follow_up.status_code == 200, follow_up.get_json()
+    assert follow_up.get_json()["status"] == "succeeded"
+    assert len(follow_up.get_json()["predictions"]) == TINY_JOB["eval_limit"]
 
 
 def horse_pids(worker_pid: int) -> list[int]:
