@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Annotated, Literal
 
@@ -82,3 +83,14 @@ class TrainParams(BaseModel):
         StrictBool,
         Field(description="Register the fine-tuned model as a version in the MLflow model registry."),
     ] = True
+
+
+@functools.cache
+def field_kinds() -> dict[str, str]:
+    """Each field's JSON type without its null ("integer", "number", "string", "boolean"), read from the schema
+    once: the console's form and a sweep's search space both go by it."""
+    kinds = {}
+    for name, prop in TrainParams.model_json_schema()["properties"].items():
+        types = [option.get("type") for option in prop.get("anyOf", [prop])]
+        kinds[name] = "number" if "number" in types else next((k for k in types if k not in (None, "null")), "string")
+    return kinds

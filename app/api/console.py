@@ -19,7 +19,7 @@ from app.api.auth import require_token
 from app.api.body import parse
 from app.api.context import current_service
 from app.api.jobs import find_job, succeeded_job_predictions
-from app.params import StrictModel, TrainParams
+from app.params import StrictModel, TrainParams, field_kinds
 from app.service import jobs
 from app.service.predictions import val_examples_by_idx
 
@@ -163,15 +163,14 @@ def form_fields(default_model: str) -> list[dict]:
     schema = TrainParams.model_json_schema()
     fields = []
     for name, prop in schema["properties"].items():
-        kinds = [p.get("type") for p in prop.get("anyOf", [prop])]
-        kind = "number" if "number" in kinds else next((k for k in kinds if k not in (None, "null")), "string")
+        kind = field_kinds()[name]
         default = default_model if name == "model" else prop.get("default")
         fields.append(
             {
                 "name": name,
                 "label": prop.get("title", name),
                 "kind": kind,
-                "optional": "null" in kinds,
+                "optional": any(option.get("type") == "null" for option in prop.get("anyOf", [])),
                 "default": default,
                 "bounds": bounds_text(prop),
                 "description": prop.get("description", ""),

@@ -18,7 +18,7 @@ from pydantic import (
 )
 
 from app.config import Settings
-from app.params import StrictModel, TrainParams
+from app.params import StrictModel, TrainParams, field_kinds
 from app.service.admission import HUB_TRAIN_ROWS, OverLimit, available_train_rows, check_cost
 from app.service.jobs import TRIAL_TASK as TRIAL_TASK  # the trial task's name, for the driver
 from app.service.model_access import ModelNotAllowed, model_for_training
@@ -182,9 +182,8 @@ def range_rule(name: str, entry: Range) -> str | None:
 @functools.cache
 def field_kind(name: str) -> str:
     """The JSON type of a TrainParams field without its null: "integer", "number" (float or int), or another."""
-    schema = TrainParams.model_json_schema()["properties"][name]
-    types = {option.get("type") for option in schema.get("anyOf", [schema])} - {"null"}
-    return "number" if "number" in types else "integer" if types == {"integer"} else "other"
+    kind = field_kinds()[name]
+    return kind if kind in ("number", "integer") else "other"
 
 
 def value_rule(base: TrainParams, name: str, value: Any, settings: Settings) -> str | None:
