@@ -93,8 +93,10 @@ class Settings(BaseSettings):
     # Longest ``POST /train?wait=true`` wait in seconds; gunicorn's timeout is set above it.
     max_wait: int = 600
     # Seconds between an RQ worker's heartbeats while a job runs; a killed worker's job is failed
-    # about WORKER_HEARTBEAT + 60 s after its last heartbeat (RQ's abandoned-job handling).
+    # about WORKER_HEARTBEAT + WORKER_GRACE_S after its last heartbeat (RQ's abandoned-job handling).
     worker_heartbeat: int = 30
+    # How long past a missed heartbeat a worker's job still counts as running (RQ's own grace is 60 s).
+    worker_grace_s: int = Field(60, ge=1)
     # Times RQ re-runs a job whose worker died (0: it is failed at once, with the reason). A re-run resumes
     # from the job's last checkpoint.
     job_retries: int = 0

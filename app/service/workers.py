@@ -21,16 +21,24 @@ from app.service.redis_connection import connect_redis
 
 log = logging.getLogger(__name__)
 
+# The grace RQ adds to a job's heartbeat TTL (rq.worker.BaseWorker.get_heartbeat_ttl).
+RQ_GRACE_S = 60
+
 
 class TrainingWorker(Worker):
     """RQ's forking worker, advertising its capabilities in its Redis record (which expires with its heartbeats),
     surviving a heartbeat lost to a Redis gap (a Sentinel failover), and running ``on_maintenance`` (the sweeps'
     periodic check, the champion pointer's sync) with RQ's own maintenance."""
 
-    def __init__(self, *args, capabilities: dict, on_maintenance=None, **kwargs):
+    def __init__(self, *args, capabilities: dict, on_maintenance=None, grace_s: int = RQ_GRACE_S, **kwargs):
         super().__init__(*args, **kwargs)
         self.capabilities = capabilities
         self.on_maintenance = on_maintenance
+        self.grace_s = grace_s
+
+    def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
+        # RQ adds a fixed 60 s past the heartbeat interval; WORKER_GRACE_S says how long instead.
+        return super().get_heartbeat_ttl(job, working_time) - RQ_GRACE_S + self.grace_s
 
     def run_maintenance_tasks(self):
         super().run_maintenance_tasks()
@@ -79,4 +87,5 @@ def make_worker(settings: Settings, on_maintenance=None) -> Worker:
         maintenance_interval=MAINTENANCE_INTERVAL_S,
         capabilities=capabilities,
         on_maintenance=on_maintenance,
+        grace_s=settings.worker_grace_s,
     )

@@ -203,8 +203,8 @@ def test_killed_work_horse_fails_the_job_with_the_reason(launcher, redis_url, tm
 
 def test_killed_worker_leaves_its_job_failed_within_a_bounded_time(launcher, redis_url, tmp_path):
     """Worker and work horse killed together (machine lost): RQ's abandoned-job cleanup fails the job
-    once its heartbeat lapses (WORKER_HEARTBEAT + 60 s), triggered here by the API reading the job."""
-    settings = service_settings(redis_url, tmp_path, worker_heartbeat=2)
+    once its heartbeat lapses (WORKER_HEARTBEAT + WORKER_GRACE_S), triggered here by the API reading the job."""
+    settings = service_settings(redis_url, tmp_path, worker_heartbeat=2, worker_grace_s=5)
     worker = launcher.worker(settings)
     client = create_app(settings).test_client()
     job_id = client.post("/train", json=LONG_JOB).get_json()["job_id"]
@@ -214,6 +214,6 @@ def test_killed_worker_leaves_its_job_failed_within_a_bounded_time(launcher, red
     for pid in horses:
         os.kill(pid, signal.SIGKILL)
     worker.wait()
-    final = final_view(client, job_id, timeout_s=settings.worker_heartbeat + 60 + 30)[-1]
+    final = final_view(client, job_id, timeout_s=settings.worker_heartbeat + settings.worker_grace_s + 30)[-1]
     assert final["status"] == "failed"
     assert final["error"]["type"] == "WorkerLost"

@@ -88,3 +88,36 @@ def test_a_job_killed_mid_training_resumes_from_its_checkpoint(launcher, redis_u
     assert metrics["loss_curve"] == pytest.approx(whole.metrics["loss_curve"], abs=1e-4)
     assert abs(metrics["accuracy"] - whole.metrics["accuracy"]) <= 1 / 8  # one val answer of 8 at most
     assert metrics["dev_accuracy_per_epoch"] == whole.metrics["dev_accuracy_per_epoch"]
+
+
+def test_a_job_whose_whole_worker_died_is_retried_by_another_worker_and_resumes(launcher, redis_url, tmp_path):
+    """Worker and work horse killed together (the machine is lost): once the heartbeat and its grace lapse, reading
+    the job re-queues it (JOB_RETRIES), and a worker started later resumes it from the last checkpoint."""
+    settings = service_settings(
+        redis_url, tmp_path, job_retries=1, checkpoint_every_s=1, worker_heartbeat=2, worker_grace_s=3
+    )
+    worker = launcher.worker(settings)
+    client = create_app(settings).test_client()
+    job_id = client.post("/train", json=KILLED_JOB).get_json()["job_id"]
+    state_file = settings.artifacts_dir / job_id / "training_state.pt"
+
+    def checkpointed_mid_run():
+        progress = client.get(f"/jobs/{job_id}").get_json()["progress"] or {}
+        return state_file.is_file() and 4 <= progress.get("step", 0) < progress["total_steps"] - 6
+
+    wait_for(checkpointed_mid_run, 300, "a checkpoint in the middle of training", interval_s=0.1)
+    horses = work_horse_pids(worker.pid)
+    os.killpg(worker.pid, signal.SIGKILL)
+    for pid in horses:
+        os.kill(pid, signal.SIGKILL)
+    worker.wait()
+    killed_at = torch.load(state_file, weights_only=False)["loop"]["step"]
+    launcher.start("worker", ["worker"], settings, None)  # the replacement (the dead one is still registered)
+
+    def ended():
+        view = client.get(f"/jobs/{job_id}").get_json()
+        return view if view["status"] in ("succeeded", "failed", "cancelled") else None
+
+    view = wait_for(ended, 300, f"job {job_id} to end on the second worker")
+    assert view["status"] == "succeeded", view
+    assert view["result"]["metrics"]["resumed_from_step"] == killed_at > 0
