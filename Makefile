@@ -18,10 +18,10 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 # its accuracy against the majority class, one /predict answer; then the stack stops. `make up` keeps it running.
 demo: $(BIN)/.installed stack-services
 	HF_HUB_OFFLINE=1 $(BIN)/python -m app demo
-	@echo "== Next: 'make up' keeps the stack running on localhost:4000 (console: http://localhost:4000/console);"
+	@echo "== Next: 'make up' keeps the stack running on localhost:4000 (console: http://localhost:4000/);"
 	@echo "==       'make demo-full' trains on the full BoolQ train split and beats the majority baseline."
 
-# The stack in the foreground until Ctrl-C: http://localhost:4000 (API, /docs, /console).
+# The stack in the foreground until Ctrl-C: http://localhost:4000 (the console; /docs for the API).
 up: $(BIN)/.installed stack-services
 	HF_HUB_OFFLINE=1 $(BIN)/python -m app stack --replicas 2 --workers 1 --port 4000
 
