@@ -29,9 +29,11 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 
 def load_classifier(name: str) -> PreTrainedModel:
-    """A two-label sequence classifier on top of the checkpoint, with SDPA attention."""
+    """A two-label sequence classifier on top of the checkpoint, with SDPA attention, in fp32 whatever dtype the
+    checkpoint stores: training keeps fp32 master weights (autocast computes in bf16 where that pays), since AdamW's
+    small updates round away in half precision and autocast rejects fp16 weights on the CPU."""
     model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model(name), num_labels=2, attn_implementation="sdpa"
+        resolve_model(name), num_labels=2, attn_implementation="sdpa", dtype=torch.float32
     )
     model.config.id2label = {0: "false", 1: "true"}
     model.config.label2id = {"false": 0, "true": 1}
