@@ -40,6 +40,15 @@ def load_classifier(name: str) -> PreTrainedModel:
     return model
 
 
+def takes_prepared_mask(model: PreTrainedModel) -> bool:
+    """Whether the model gets ``encoding.prepared_mask``'s 4-D boolean mask (no host sync per forward): BERT
+    encoders on SDPA, whose mask handling tests/test_gpu_path.py checks against the 2-D mask. Eager attention
+    adds the mask to the scores (it wants 0/-inf floats) and other architectures are unchecked: the 2-D mask."""
+    if type(model) is not BertForSequenceClassification or model.config.is_decoder:
+        return False
+    return model.config._attn_implementation == "sdpa"
+
+
 def compute_last_layer_for_first_token_only(model: PreTrainedModel) -> bool:
     """Make a BERT classifier's last encoder layer compute the [CLS] position only; True if applied.
 

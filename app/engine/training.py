@@ -24,7 +24,7 @@ from transformers import get_linear_schedule_with_warmup
 from app.engine import distributed, run_folder
 from app.engine.attention import use_cheap_cpu_attention
 from app.engine.data import digest, load_boolq, split_train_dev
-from app.engine.encoding import Encoded, device_batches, encode, length_grouped_batches, to_device
+from app.engine.encoding import Encoded, device_batches, encode, length_grouped_batches, to_device, width_multiple
 from app.engine.evaluation import (
     accuracy,
     classification_metrics,
@@ -40,6 +40,7 @@ from app.engine.modeling import (
     load_classifier,
     load_tokenizer,
     resolve_device,
+    takes_prepared_mask,
     use_tf32,
 )
 from app.engine.run_folder import Progress, RunResult
@@ -52,8 +53,6 @@ ProgressCallback = Callable[[Progress], None]
 
 # On a GPU the loop reads the losses back (one host sync) this often; the CPU has nothing to wait for: every step.
 GPU_SYNC_EVERY_S = 1.0
-# GPU batches are padded to a multiple of this many tokens (tensor-core friendly shapes); the CPU pads exactly.
-GPU_PAD_MULTIPLE = 8
 
 
 def train_and_evaluate(
@@ -66,19 +65,22 @@ def train_and_evaluate(
     device: str = "auto",
     on_progress: ProgressCallback | None = None,
     tracker: Tracker | None = None,
-    checkpoint_every_s: float = 0,
+    checkpoint_every_s: float | None = None,
 ) -> RunResult | None:
     """Fine-tune ``params.model`` on BoolQ train, evaluate on val and write the run folder.
 
-    The training state is saved in the run folder after every epoch and every ``checkpoint_every_s``
-    seconds (0: at epoch ends only); a run folder holding one (a killed attempt) is resumed from it.
+    Where a run can resume (a service job retried), pass ``checkpoint_every_s``: the training state is then saved
+    in the run folder after every epoch and every ``checkpoint_every_s`` seconds (0: at epoch ends only), and a run
+    folder holding one (a killed attempt) is resumed from it. None (a CLI run, never resumed): no training state.
     With ``params.devices`` > 1 every rank calls this inside ``distributed.process_group``; rank 0 alone writes,
     tracks, reports and evaluates on val, and returns the result (the other ranks return None).
     """
     started = time.perf_counter()
     run_id = run_id or run_folder.new_run_id()
     run_dir = Path(output_dir) / run_id
-    checkpoints = Checkpoints(run_folder.training_state(run_dir), checkpoint_every_s)
+    checkpoints = None
+    if checkpoint_every_s is not None:
+        checkpoints = Checkpoints(run_folder.training_state(run_dir), checkpoint_every_s)
     resuming = run_folder.can_resume(run_dir)
     tracker = tracker or NullTracker()
     if not distributed.is_rank_zero():  # DDP: rank 0 alone writes the run folder, tracks and reports
@@ -164,7 +166,8 @@ def train_and_evaluate(
             tags = version_tags(run_id, params.model_dump(), metrics)
             tracker.register_model(model_folder, final_metrics(metrics), tags)
         tracking = tracker.end_run("FINISHED")
-    checkpoints.remove()
+    if checkpoints is not None:
+        checkpoints.remove()
 
     return RunResult(
         run_id=run_id,
@@ -245,21 +248,23 @@ def fine_tune(
     history["resumed_from_step"] = state.step if resume else None
     seen, started = 0, time.perf_counter()
     device = device_of(model)
-    train_split = to_device(train_set, pad_id, device)
-    pad_multiple = GPU_PAD_MULTIPLE if device.type == "cuda" else 1
+    train_split = to_device(train_set, pad_id, device, with_prepared_mask=takes_prepared_mask(model))
+    pad_multiple = width_multiple(device)
     losses = PendingLosses(sync_every_s if sync_every_s is not None else (GPU_SYNC_EVERY_S * (device.type == "cuda")))
     trained = distributed.wrap(model)  # DDP on several ranks (steps only); the model itself on one device
 
-    def progress(epoch: int, step: int, dev_accuracy: float | None = None) -> Progress:
+    def progress(epoch: int, step: int, dev_accuracy: float | None = None, recent=()) -> Progress:
         speed = seen / (time.perf_counter() - started)
-        return Progress(epoch, params.epochs, step, total_steps, history["loss"][step - 1], dev_accuracy, speed)
+        loss = history["loss"][step - 1]
+        return Progress(epoch, params.epochs, step, total_steps, loss, dev_accuracy, speed, tuple(recent))
 
     def publish(epoch: int) -> None:
-        """Read the pending losses back (one host sync), then log and report each of their steps."""
-        for step, loss in losses.drain():
-            history["loss"].append(loss)
-            tracker.log_metrics({"train_loss": loss}, step=step)
-            report(on_progress, progress(epoch, step))
+        """Read the pending losses back (one host sync), then log and report all of their steps in one call each."""
+        drained = losses.drain()
+        if drained:
+            history["loss"] += [loss for _, loss in drained]
+            tracker.log_metric_history("train_loss", drained)
+            report(on_progress, progress(epoch, drained[-1][0], recent=drained))
 
     for epoch in range(state.epoch, params.epochs + 1):
         state.epoch, state.epoch_order = epoch, generator.get_state()  # the batch order is redrawn from here

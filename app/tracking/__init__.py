@@ -43,6 +43,10 @@ class Tracker(Protocol):
         ...
 
     def log_metrics(self, metrics: dict[str, float], step: int | None) -> None: ...
+    def log_metric_history(self, key: str, points: list[tuple[int, float]]) -> None:
+        """Several steps of one metric, ``(step, value)`` pairs, in one call (the losses of one read-back)."""
+        ...
+
     def log_artifact(self, path: Path) -> None: ...
     def log_dict(self, data: dict, name: str) -> None: ...
     def register_model(self, model_dir: Path, metrics: dict[str, float], tags: dict[str, str] | None = None) -> None:
@@ -76,6 +80,9 @@ class NullTracker:
         pass
 
     def log_metrics(self, metrics: dict[str, float], step: int | None) -> None:
+        pass
+
+    def log_metric_history(self, key: str, points: list[tuple[int, float]]) -> None:
         pass
 
     def log_artifact(self, path: Path) -> None:
@@ -124,6 +131,11 @@ class CompositeTracker:
         for name, backend in self.working():
             with self.contained(name):
                 backend.log_metrics(metrics, step)
+
+    def log_metric_history(self, key: str, points: list[tuple[int, float]]) -> None:
+        for name, backend in self.working():
+            with self.contained(name):
+                backend.log_metric_history(key, points)
 
     def log_artifact(self, path: Path) -> None:
         for name, backend in self.working():
