@@ -199,7 +199,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 HEAP_KEEP_BYTES = 1 << 30
 # Freed memory the CPU training loop lets the heap keep resident (above the model, its gradients and AdamW state)
 # before it hands the free pages back to the kernel after a step.
-HEAP_SLACK_BYTES = 1 << 30
+HEAP_SLACK_BYTES = 3 << 29  # 1.5 GiB
 
 
 @functools.cache
