@@ -69,3 +69,4 @@ def test_a_bf16_checkpoint_trained_end_to_end_is_saved_in_fp32(tmp_path):
     assert stored_dtypes(saved) == {"F32"}
     assert json.loads((saved / "config.json").read_text()).get("dtype", "float32") == "float32"
     assert all(loss == loss for loss in result.metrics["loss_curve"])  # no NaN
+    assert result.metrics["peak_rss_mb"] > 100  # this process's peak: a worker's job view shows it
