@@ -197,8 +197,7 @@ def configure_torch(seed: int, num_threads: int) -> None:
 # glibc mallopt parameters (malloc.h).
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 HEAP_KEEP_BYTES = 1 << 30
-# Freed memory the CPU training loop lets the heap keep resident (above the model, its gradients and AdamW state)
-# before it hands the free pages back to the kernel after a step.
+# Freed memory ``heap_limit_for`` lets the heap keep resident above the model, its gradients and AdamW state.
 HEAP_SLACK_BYTES = 3 << 29  # 1.5 GiB
 
 
@@ -217,8 +216,9 @@ def keep_freed_memory_in_heap() -> bool:
 
     By default every block over the (at most 32 MiB) mmap threshold is mmap'd and returned to the kernel
     on free, so each training step faults in, and the kernel zeroes, its large activations again.
-    Blocks up to 1 GiB now come from the heap and stay there (faster CPU steps, bench/README.md); the training
-    loop bounds what the heap keeps (``trim_heap_above``). A no-op where libc is not glibc. Process-wide, so the
+    Blocks up to 1 GiB now come from the heap and stay there (faster CPU steps), but the heap then grows all run
+    long (bench/README.md "Memory": trimming it with ``trim_heap_above`` bounds that at a measured cost in speed,
+    so the loop does not). A no-op where libc is not glibc. Process-wide, so the
     process that exists to train calls it (CLI train, the worker's job), not a library function.
     """
     libc = glibc()
@@ -232,9 +232,9 @@ def trim_heap_above(limit_bytes: int) -> bool:
     True if it did.
 
     With heap reuse every freed block stays resident, and batches of ever new widths leave holes that later
-    blocks do not fit, so the heap grows all run long (to several GB for minilm over BoolQ). Trimming only past
-    a limit keeps that bound while most steps still find their buffers resident. Reading the resident size is
-    one small /proc read; elsewhere than Linux with glibc this does nothing."""
+    blocks do not fit, so the heap grows all run long (to several GB for minilm over BoolQ). Trimming past a
+    limit bounds that; bench/step_ablation.py's ``with heap_trim`` variant measures what it costs. Elsewhere than
+    Linux with glibc this does nothing."""
     libc = glibc()
     if libc is None or resident_bytes() <= limit_bytes:
         return False
@@ -243,8 +243,8 @@ def trim_heap_above(limit_bytes: int) -> bool:
 
 
 def heap_limit_for(model: torch.nn.Module) -> int:
-    """The resident size ``trim_heap_above`` keeps a training process under between steps: what it holds now, plus
-    the model's gradients and AdamW state still to come (3 × its weights), plus ``HEAP_SLACK_BYTES``."""
+    """A limit for ``trim_heap_above`` in a training process: what it holds now, plus the model's gradients and AdamW
+    state still to come (3 × its weights), plus ``HEAP_SLACK_BYTES``."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return resident_bytes() + 3 * weights + HEAP_SLACK_BYTES
 
@@ -303,7 +303,6 @@ def fine_tune(
     pad_multiple = width_multiple(device)
     losses = PendingLosses(sync_every_s if sync_every_s is not None else (GPU_SYNC_EVERY_S * (device.type == "cuda")))
     trained = distributed.wrap(model)  # DDP on several ranks (steps only); the model itself on one device
-    heap_limit = heap_limit_for(model)
 
     def progress(epoch: int, step: int, dev_accuracy: float | None = None, recent=()) -> Progress:
         speed = seen / (time.perf_counter() - started)
@@ -326,8 +325,6 @@ def fine_tune(
         steps = device_batches(train_split, [share for share, _ in shares], pad_multiple)
         for indices, (_, weight), batch in zip(batches, shares, steps, strict=True):
             losses.add(state.step + 1, train_step(trained, batch, optimizer, scheduler, weight))
-            if device.type == "cpu":
-                trim_heap_above(heap_limit)
             state.step, state.batches_done, seen = state.step + 1, state.batches_done + 1, seen + len(indices)
             checkpoint_due = checkpoints is not None and checkpoints.due()
             if losses.due() or checkpoint_due:
