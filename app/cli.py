@@ -325,12 +325,18 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
             device=settings.device,
             on_progress=bar.update,
             tracker=tracker,
+            checkpoint_every_s=checkpoint_interval(settings),
         )
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
         print(summary(result))
     return 0
+
+
+def checkpoint_interval(settings: Settings) -> float | None:
+    """A CLI run never resumes, so it saves no training state unless CHECKPOINT_EVERY_S is set explicitly."""
+    return settings.checkpoint_every_s if "checkpoint_every_s" in settings.model_fields_set else None
 
 
 def launch_ranks(args: argparse.Namespace, params, settings: Settings) -> int:
@@ -365,6 +371,7 @@ def train_as_rank(args: argparse.Namespace, params, settings: Settings, tracker)
             device=str(device),
             on_progress=bar.update,
             tracker=tracker,
+            checkpoint_every_s=checkpoint_interval(settings),
         )
     if result is not None:  # rank 0
         print(json.dumps(result.to_dict()) if args.json else summary(result))

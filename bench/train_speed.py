@@ -77,6 +77,7 @@ class BenchConfig:
     threads: int
     model_size: str
     device: str = "cpu"
+    model_path: str = "minilm"  # the pretrained model (and every side's tokenizer): an alias or a folder
 
 
 MODES = {
@@ -100,9 +101,9 @@ def load_rows(config: BenchConfig):
 
 def load_model(config: BenchConfig):
     """minilm's tokenizer plus either pretrained minilm or a random-init BERT of the named size."""
-    tokenizer = load_tokenizer("minilm")
+    tokenizer = load_tokenizer(config.model_path)
     if config.model_size == "minilm":
-        return tokenizer, load_classifier("minilm")
+        return tokenizer, load_classifier(config.model_path)
     bert = BertConfig(num_labels=2, vocab_size=tokenizer.vocab_size, **RANDOM_CONFIGS[config.model_size])
     return tokenizer, AutoModelForSequenceClassification.from_config(bert, attn_implementation="sdpa")
 
@@ -221,7 +222,7 @@ def run_engine(config: BenchConfig) -> dict:
     model.to(config.device)
     train_rows, dev_rows = load_rows(config)
     params = TrainParams(
-        model="minilm",
+        model=config.model_path,
         batch_size=config.batch_size,
         lr=config.lr,
         eps=config.eps,

@@ -13,6 +13,9 @@ from app.engine.data import BoolQExample
 
 # Length-grouped sampling sorts within windows of this many batches (as HF's LengthGroupedSampler).
 MEGABATCH_FACTOR = 50
+# On a GPU batch widths are rounded up to a multiple of this: a few shapes (8 at max_length 256) instead of one per
+# width, so kernels and attention plans are picked once per shape; the CPU pads exactly (padding costs it compute).
+GPU_WIDTH_MULTIPLE = 32
 
 
 @dataclass
@@ -68,23 +71,38 @@ class DeviceSplit:
     lengths: torch.Tensor
     labels: torch.Tensor
     host_lengths: list[int]
+    prepared_mask: bool = False  # attention masks as [batch, 1, 1, width] booleans (``prepared_mask``)
 
     def batch(self, rows: torch.Tensor, host_rows: list[int], pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
         """Rows ``rows`` (a device index tensor; ``host_rows`` the same indices) padded to their longest member,
-        rounded up to ``pad_to_multiple_of`` (GPU matmuls like multiples of 8; the CPU takes the exact width)."""
+        rounded up to ``pad_to_multiple_of`` (``GPU_WIDTH_MULTIPLE`` on GPUs; the CPU takes the exact width)."""
         longest = max(self.host_lengths[i] for i in host_rows)
         width = min(-(-longest // pad_to_multiple_of) * pad_to_multiple_of, self.input_ids.shape[1])
         lengths = self.lengths.index_select(0, rows)
-        positions = torch.arange(width, device=rows.device)
+        attend = torch.arange(width, device=rows.device) < lengths[:, None]
         return {
             "input_ids": self.input_ids[:, :width].index_select(0, rows),
             "token_type_ids": self.token_type_ids[:, :width].index_select(0, rows),
-            "attention_mask": (positions < lengths[:, None]).long(),
+            "attention_mask": prepared_mask(attend) if self.prepared_mask else attend.long(),
             "labels": self.labels.index_select(0, rows),
         }
 
 
-def to_device(data: Encoded, pad_id: int, device: torch.device) -> DeviceSplit:
+def prepared_mask(attend: torch.Tensor) -> torch.Tensor:
+    """A [batch, width] padding mask as the [batch, 1, 1, width] boolean one transformers' attention applies.
+
+    transformers passes a 4-D mask through untouched (``masking_utils``), where a 2-D one is expanded on every
+    forward with a Python-level ``padding_mask.all()``: a host sync per forward on a GPU. Only for models whose
+    mask handling tests/test_gpu_path.py checks (``modeling.takes_prepared_mask``)."""
+    return attend[:, None, None, :]
+
+
+def width_multiple(device: torch.device) -> int:
+    """What batch widths are rounded up to on ``device``: ``GPU_WIDTH_MULTIPLE`` on GPUs, exact (1) elsewhere."""
+    return GPU_WIDTH_MULTIPLE if device.type == "cuda" else 1
+
+
+def to_device(data: Encoded, pad_id: int, device: torch.device, with_prepared_mask: bool = False) -> DeviceSplit:
     """Pad every row of ``data`` to the longest once, and move the tensors to ``device`` in one copy each."""
     lengths = [len(ids) for ids in data.input_ids]
     input_ids = np.full((len(data), max(lengths, default=1)), pad_id, dtype=np.int64)
@@ -93,7 +111,9 @@ def to_device(data: Encoded, pad_id: int, device: torch.device) -> DeviceSplit:
         input_ids[row, : len(ids)] = ids
         token_type_ids[row, : len(types)] = types
     tensors = (input_ids, token_type_ids, np.array(lengths, dtype=np.int64), np.array(data.labels, dtype=np.int64))
-    return DeviceSplit(*(move(torch.from_numpy(t), device) for t in tensors), host_lengths=lengths)
+    return DeviceSplit(
+        *(move(torch.from_numpy(t), device) for t in tensors), host_lengths=lengths, prepared_mask=with_prepared_mask
+    )
 
 
 def move(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

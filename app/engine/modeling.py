@@ -29,13 +29,24 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 
 def load_classifier(name: str) -> PreTrainedModel:
-    """A two-label sequence classifier on top of the checkpoint, with SDPA attention."""
+    """A two-label sequence classifier on top of the checkpoint, with SDPA attention, in fp32 whatever dtype the
+    checkpoint stores: training keeps fp32 master weights (autocast computes in bf16 where that pays), since AdamW's
+    small updates round away in half precision and autocast rejects fp16 weights on the CPU."""
     model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model(name), num_labels=2, attn_implementation="sdpa"
+        resolve_model(name), num_labels=2, attn_implementation="sdpa", dtype=torch.float32
     )
     model.config.id2label = {0: "false", 1: "true"}
     model.config.label2id = {"false": 0, "true": 1}
     return model
+
+
+def takes_prepared_mask(model: PreTrainedModel) -> bool:
+    """Whether the model gets ``encoding.prepared_mask``'s 4-D boolean mask (no host sync per forward): BERT
+    encoders on SDPA, whose mask handling tests/test_gpu_path.py checks against the 2-D mask. Eager attention
+    adds the mask to the scores (it wants 0/-inf floats) and other architectures are unchecked: the 2-D mask."""
+    if type(model) is not BertForSequenceClassification or model.config.is_decoder:
+        return False
+    return model.config._attn_implementation == "sdpa"
 
 
 def compute_last_layer_for_first_token_only(model: PreTrainedModel) -> bool:

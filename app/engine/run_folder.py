@@ -36,7 +36,10 @@ TRAINING_STATE = "training_state.pt"
 
 @dataclass(frozen=True)
 class Progress:
-    """What a progress callback receives after each optimisation step and after each dev evaluation."""
+    """What a progress callback receives after each read-back of the losses and after each dev evaluation.
+
+    ``step`` and ``loss`` are the latest; ``recent_losses`` holds every (step, loss) since the last report
+    (one per report on the CPU, where each step is read back; a second's worth on a GPU)."""
 
     epoch: int
     epochs: int
@@ -45,6 +48,7 @@ class Progress:
     loss: float
     dev_accuracy: float | None
     examples_per_s: float
+    recent_losses: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass

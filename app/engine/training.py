@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import pickle
 import random
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ from transformers import get_linear_schedule_with_warmup
 from app.engine import distributed, run_folder
 from app.engine.attention import use_cheap_cpu_attention
 from app.engine.data import digest, load_boolq, split_train_dev
-from app.engine.encoding import Encoded, device_batches, encode, length_grouped_batches, to_device
+from app.engine.encoding import Encoded, device_batches, encode, length_grouped_batches, to_device, width_multiple
 from app.engine.evaluation import (
     accuracy,
     classification_metrics,
@@ -41,6 +43,7 @@ from app.engine.modeling import (
     load_classifier,
     load_tokenizer,
     resolve_device,
+    takes_prepared_mask,
     use_tf32,
 )
 from app.engine.run_folder import Progress, RunResult
@@ -53,8 +56,6 @@ ProgressCallback = Callable[[Progress], None]
 
 # On a GPU the loop reads the losses back (one host sync) this often; the CPU has nothing to wait for: every step.
 GPU_SYNC_EVERY_S = 1.0
-# GPU batches are padded to a multiple of this many tokens (tensor-core friendly shapes); the CPU pads exactly.
-GPU_PAD_MULTIPLE = 8
 
 
 def train_and_evaluate(
@@ -67,12 +68,13 @@ def train_and_evaluate(
     device: str = "auto",
     on_progress: ProgressCallback | None = None,
     tracker: Tracker | None = None,
-    checkpoint_every_s: float = 0,
+    checkpoint_every_s: float | None = None,
 ) -> RunResult | None:
     """Fine-tune ``params.model`` on BoolQ train, evaluate on val and write the run folder.
 
-    The training state is saved in the run folder after every epoch and every ``checkpoint_every_s``
-    seconds (0: at epoch ends only); a run folder holding one (a killed attempt) is resumed from it.
+    Where a run can resume (a service job retried), pass ``checkpoint_every_s``: the training state is then saved
+    in the run folder after every epoch and every ``checkpoint_every_s`` seconds (0: at epoch ends only), and a run
+    folder holding one (a killed attempt) is resumed from it. None (a CLI run, never resumed): no training state.
     With ``params.devices`` > 1 every rank calls this inside ``distributed.process_group``; rank 0 alone writes,
     tracks, reports and evaluates on val, and returns the result (the other ranks return None).
     """
@@ -83,7 +85,10 @@ def train_and_evaluate(
     tracker = tracker or NullTracker()
     if not distributed.is_rank_zero():  # DDP: rank 0 alone writes the run folder, tracks and reports
         tracker, on_progress = NullTracker(), None
-    checkpoints = Checkpoints(run_folder.training_state(run_dir), checkpoint_every_s, on_saved=tracker.log_checkpoint)
+    checkpoints = None  # a run that can resume saves its training state (and the tracker uploads it)
+    if checkpoint_every_s is not None:
+        state = run_folder.training_state(run_dir)
+        checkpoints = Checkpoints(state, checkpoint_every_s, on_saved=tracker.log_checkpoint)
     configure_torch(params.seed, num_threads)
     target = resolve_device(device)
     use_tf32(target)
@@ -147,6 +152,7 @@ def train_and_evaluate(
             "precision_mode": "bf16" if bf16_supported(target.type) else "fp32",
             "device": str(target),
             "train_examples_per_s": history["examples_trained"] / train_s,
+            "peak_rss_mb": peak_resident_mb(),  # this process's: a worker's job runs in its own work horse
             "timings_s": {
                 "tokenize_and_load": tokenize_s,
                 "train": train_s,
@@ -168,7 +174,8 @@ def train_and_evaluate(
             tags = version_tags(run_id, params.model_dump(), metrics)
             tracker.register_model(model_folder, final_metrics(metrics), tags)
         tracking = tracker.end_run("FINISHED")
-    checkpoints.remove()
+    if checkpoints is not None:
+        checkpoints.remove()
 
     return RunResult(
         run_id=run_id,
@@ -195,6 +202,18 @@ def configure_torch(seed: int, num_threads: int) -> None:
 # glibc mallopt parameters (malloc.h).
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 HEAP_KEEP_BYTES = 1 << 30
+# Freed memory ``heap_limit_for`` lets the heap keep resident above the model, its gradients and AdamW state.
+HEAP_SLACK_BYTES = 3 << 29  # 1.5 GiB
+
+
+@functools.cache
+def glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (it has ``mallopt`` and ``malloc_trim``); None elsewhere."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
 
 
 def keep_freed_memory_in_heap() -> bool:
@@ -202,15 +221,51 @@ def keep_freed_memory_in_heap() -> bool:
 
     By default every block over the (at most 32 MiB) mmap threshold is mmap'd and returned to the kernel
     on free, so each training step faults in, and the kernel zeroes, its large activations again.
-    Blocks up to 1 GiB now come from the heap and stay there: about 12 % faster CPU training steps
-    for about 6 % more peak RSS (bench/README.md). A no-op where libc is not glibc. Process-wide, so the
+    Blocks up to 1 GiB now come from the heap and stay there (faster CPU steps), but the heap then grows all run
+    long (bench/README.md "Memory": trimming it with ``trim_heap_above`` bounds that at a measured cost in speed,
+    so the loop does not). A no-op where libc is not glibc. Process-wide, so the
     process that exists to train calls it (CLI train, the worker's job), not a library function.
     """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, HEAP_KEEP_BYTES) and libc.mallopt(M_TRIM_THRESHOLD, HEAP_KEEP_BYTES))
-    except (OSError, AttributeError):
+    libc = glibc()
+    return libc is not None and bool(
+        libc.mallopt(M_MMAP_THRESHOLD, HEAP_KEEP_BYTES) and libc.mallopt(M_TRIM_THRESHOLD, HEAP_KEEP_BYTES)
+    )
+
+
+def trim_heap_above(limit_bytes: int) -> bool:
+    """Return the heap's free pages to the kernel (``malloc_trim``) if resident memory exceeds ``limit_bytes``;
+    True if it did.
+
+    With heap reuse every freed block stays resident, and batches of ever new widths leave holes that later
+    blocks do not fit, so the heap grows all run long (to several GB for minilm over BoolQ). Trimming past a
+    limit bounds that; bench/step_ablation.py's ``with heap_trim`` variant measures what it costs. Elsewhere than
+    Linux with glibc this does nothing."""
+    libc = glibc()
+    if libc is None or resident_bytes() <= limit_bytes:
         return False
+    libc.malloc_trim(0)
+    return True
+
+
+def heap_limit_for(model: torch.nn.Module) -> int:
+    """A limit for ``trim_heap_above`` in a training process: what it holds now, plus the model's gradients and AdamW
+    state still to come (3 × its weights), plus ``HEAP_SLACK_BYTES``."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return resident_bytes() + 3 * weights + HEAP_SLACK_BYTES
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return 0
+
+
+def peak_resident_mb() -> float:
+    """This process's peak resident memory so far (Linux reports ``ru_maxrss`` in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def fine_tune(
@@ -253,21 +308,23 @@ def fine_tune(
     history["resumed_from_step"] = state.step if resume else None
     seen, started = 0, time.perf_counter()
     device = device_of(model)
-    train_split = to_device(train_set, pad_id, device)
-    pad_multiple = GPU_PAD_MULTIPLE if device.type == "cuda" else 1
+    train_split = to_device(train_set, pad_id, device, with_prepared_mask=takes_prepared_mask(model))
+    pad_multiple = width_multiple(device)
     losses = PendingLosses(sync_every_s if sync_every_s is not None else (GPU_SYNC_EVERY_S * (device.type == "cuda")))
     trained = distributed.wrap(model)  # DDP on several ranks (steps only); the model itself on one device
 
-    def progress(epoch: int, step: int, dev_accuracy: float | None = None) -> Progress:
+    def progress(epoch: int, step: int, dev_accuracy: float | None = None, recent=()) -> Progress:
         speed = seen / (time.perf_counter() - started)
-        return Progress(epoch, params.epochs, step, total_steps, history["loss"][step - 1], dev_accuracy, speed)
+        loss = history["loss"][step - 1]
+        return Progress(epoch, params.epochs, step, total_steps, loss, dev_accuracy, speed, tuple(recent))
 
     def publish(epoch: int) -> None:
-        """Read the pending losses back (one host sync), then log and report each of their steps."""
-        for step, loss in losses.drain():
-            history["loss"].append(loss)
-            tracker.log_metrics({"train_loss": loss}, step=step)
-            report(on_progress, progress(epoch, step))
+        """Read the pending losses back (one host sync), then log and report all of their steps in one call each."""
+        drained = losses.drain()
+        if drained:
+            history["loss"] += [loss for _, loss in drained]
+            tracker.log_metric_history("train_loss", drained)
+            report(on_progress, progress(epoch, drained[-1][0], recent=drained))
 
     for epoch in range(state.epoch, params.epochs + 1):
         state.epoch, state.epoch_order = epoch, generator.get_state()  # the batch order is redrawn from here

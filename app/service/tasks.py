@@ -116,7 +116,8 @@ class ProgressReporter:
         epoch_end = progress.dev_accuracy is not None or progress.step == progress.total_steps
         if not epoch_end and now - self.last_write < PROGRESS_INTERVAL_S:
             return
-        self.job.meta["progress"] = asdict(progress)
+        latest = {key: value for key, value in asdict(progress).items() if key != "recent_losses"}  # in the curves
+        self.job.meta["progress"] = latest
         self.job.meta["curves"] = self.curves
         try:
             self.job.save_meta()
@@ -130,8 +131,8 @@ class ProgressReporter:
             self.curves["dev_accuracy"].append([progress.epoch, progress.dev_accuracy])
             return  # the epoch's last step was reported just before, with the same loss
         loss = self.curves["loss"]
-        loss.append([progress.step, progress.loss])
-        if len(loss) > CURVE_POINTS:
+        loss += [[step, value] for step, value in progress.recent_losses or [(progress.step, progress.loss)]]
+        while len(loss) > CURVE_POINTS:
             # Thin the older half, keep the newest point: the curve's shape survives long runs.
             loss[:] = loss[:-1:2] + loss[-1:]
 

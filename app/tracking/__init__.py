@@ -56,6 +56,10 @@ class Tracker(Protocol):
         ...
 
     def log_metrics(self, metrics: dict[str, float], step: int | None) -> None: ...
+    def log_metric_history(self, key: str, points: list[tuple[int, float]]) -> None:
+        """Several steps of one metric, ``(step, value)`` pairs, in one call (the losses of one read-back)."""
+        ...
+
     def log_artifact(self, path: Path) -> None: ...
     def log_dict(self, data: dict, name: str) -> None: ...
     def log_model(self, model_dir: Path) -> None:
@@ -97,6 +101,9 @@ class NullTracker:
         pass
 
     def log_metrics(self, metrics: dict[str, float], step: int | None) -> None:
+        pass
+
+    def log_metric_history(self, key: str, points: list[tuple[int, float]]) -> None:
         pass
 
     def log_artifact(self, path: Path) -> None:
@@ -158,6 +165,11 @@ class CompositeTracker:
         for name, backend in self.working():
             with self.contained(name):
                 backend.log_metrics(metrics, step)
+
+    def log_metric_history(self, key: str, points: list[tuple[int, float]]) -> None:
+        for name, backend in self.working():
+            with self.contained(name):
+                backend.log_metric_history(key, points)
 
     def log_artifact(self, path: Path) -> None:
         for name, backend in self.working():

@@ -142,6 +142,14 @@ class MlflowTracker:
         if step is None or due:
             self.flush()
 
+    def log_metric_history(self, key: str, points: list[tuple[int, float]]) -> None:
+        timestamp = int(time.time() * 1000)
+        self.pending += [Metric(key, float(value), timestamp, step) for step, value in points]
+        # A read-back's whole history is one call: send when a request fills up or the interval passes, so a
+        # fast GPU loop does not wait on an HTTP round trip every 50 steps.
+        if len(self.pending) >= LOG_BATCH_LIMIT or time.monotonic() - self.flushed_at >= FLUSH_EVERY_SECONDS:
+            self.flush()
+
     def flush(self) -> None:
         """Send buffered metrics in as few requests as MLflow allows."""
         while self.pending:

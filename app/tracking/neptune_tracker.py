@@ -97,6 +97,10 @@ class NeptuneTracker:
             else:
                 self.run[f"metrics/{key}"].append(float(value), step=step)
 
+    def log_metric_history(self, key: str, points: list[tuple[int, float]]) -> None:
+        steps, values = zip(*points, strict=True) if points else ((), ())
+        self.run[f"metrics/{key}"].extend([float(v) for v in values], steps=list(steps))
+
     def log_artifact(self, path: Path) -> None:
         # Uploaded from content, so an offline run keeps its own copy and syncs even if the run folder is gone.
         path = Path(path)

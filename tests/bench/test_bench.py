@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,5 +161,90 @@ def test_peak_is_the_best_measurement_per_dtype():
 @pytest.mark.parametrize("variant", ["engine", "without first_token_only"])
 def test_step_ablation_times_real_training_steps(variant):
     args = argparse.Namespace(rows=100, steps=2, threads=0, data_dir=str(SAMPLE_DATA_DIR))
-    seconds = run_variant(variant, args)  # in its own process, as the script runs each variant
-    assert len(seconds) == 2 and all(s > 0 for s in seconds)
+    run = run_variant(variant, args)  # in its own process, as the script runs each variant
+    assert len(run["seconds"]) == 2 and all(s > 0 for s in run["seconds"]) and run["peak_rss_mb"] > 100
+
+
+# What the GPU machine has: these distributions and what they require, nothing else (no datasets, mlflow, redis,
+# accelerate, nor minilm's package: the model comes as a folder).
+GPU_MACHINE_PACKAGES = ("torch", "transformers", "numpy", "scikit-learn", "tqdm", "pydantic", "pydantic-settings")
+
+
+def requirement_closure(roots: tuple[str, ...]) -> list:
+    """The installed distributions ``roots`` need, transitively (extras left out)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen, todo = {}, [canonicalize_name(r) for r in roots]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        try:
+            seen[name] = dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue  # a platform-specific requirement this machine does not install
+        for text in dist.requires or []:
+            requirement = Requirement(text)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(canonicalize_name(requirement.name))
+    return list(seen.values())
+
+
+def python_with_only(roots: tuple[str, ...], folder) -> str:
+    """A venv whose site-packages links only the files of ``roots`` and their requirements; its python."""
+    import sysconfig
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
+    python = folder / "bin" / "python"
+    site = Path(
+        subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], capture_output=True, text=True
+        ).stdout.strip()
+    )
+    source = Path(sysconfig.get_path("purelib"))
+    for dist in requirement_closure(roots):
+        for top in {Path(str(f)).parts[0] for f in dist.files or []}:
+            if top != ".." and (source / top).exists() and not (site / top).exists():
+                (site / top).symlink_to(source / top)
+    return str(python)
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_section_where_only_the_gpu_machines_packages_are(tmp_path):
+    from tests.test_half_precision import save_tiny_checkpoint
+    from transformers import AutoTokenizer
+
+    from app.engine.model_names import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    model_folder = save_tiny_checkpoint(tmp_path / "tiny-minilm", torch.float16, len(tokenizer))  # like the fp16 copy
+    tokenizer.save_pretrained(model_folder)
+    python = python_with_only(GPU_MACHINE_PACKAGES, tmp_path / "venv")
+    command = [python, "bench/gpu_check.py", "--smoke", "--sweep", "--model", str(model_folder)]
+    command += ["--data-dir", str(SAMPLE_DATA_DIR)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["peak"]["tflops"] > 0
+    assert 0 <= report["full_run"]["val_accuracy"] <= 1 and report["full_run"]["wall_s"] > 0
+    assert report["full_run"]["train_examples_per_s"] > 0
+    for side in ("tracking_off", "tracking_on"):
+        assert len(report["probe"][side]["step_ms_per_epoch"]) == 2  # first and steady epoch
+    assert report["probe"]["tracking_on"]["tracker"].startswith("recording")  # no mlflow there
+    assert report["probe"]["syncs_per_step"] is None  # a GPU figure
+    runs = report["sides"]["minilm"]["runs"]
+    assert runs["engine"]["examples_per_s"] > 0 and runs["baseline"]["examples_per_s"] > 0
+    assert "accelerate" in runs["trainer"]["error"]  # the Trainer needs it; the check says so and goes on
+    assert len(report["sweep"]["leaderboard"]) == 2
+    assert set(report["goals"]) >= {"minilm_examples_per_s_ge_5000", "cli_wall_le_20_s"}
+
+
+def test_gpu_idle_share_counts_the_gaps_between_kernels():
+    from bench.gpu_check import idle_share
+
+    assert idle_share([]) is None
+    assert idle_share([(0, 10)]) == 0.0
+    assert idle_share([(0, 4), (2, 5), (8, 10)]) == pytest.approx(0.3)  # busy 0-5 and 8-10 of 0-10

@@ -40,6 +40,14 @@ def test_the_reporter_keeps_every_step_loss_and_each_epochs_dev_accuracy_in_the_
     assert job.saves <= 3  # throttled: the first step, the last step, the dev evaluation
 
 
+def test_a_report_of_several_read_back_steps_puts_each_in_the_curve_and_only_the_latest_in_the_progress():
+    job = FakeJob()
+    report = ProgressReporter(job)
+    report(Progress(1, 1, 3, 3, 0.3, None, 10.0, recent_losses=((1, 0.5), (2, 0.4), (3, 0.3))))  # a GPU read-back
+    assert job.meta["curves"]["loss"] == [[1, 0.5], [2, 0.4], [3, 0.3]]
+    assert job.meta["progress"]["step"] == 3 and "recent_losses" not in job.meta["progress"]
+
+
 def test_a_long_run_keeps_a_bounded_curve_with_its_first_and_last_steps():
     job = FakeJob()
     report = ProgressReporter(job)
