@@ -300,15 +300,16 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
         settings = settings.model_copy(update=dict(tracker=args.tracker))
     if args.output_dir:  # the local MLflow store and Neptune offline folder go with the run folders
         settings = settings.model_copy(update=dict(artifacts_dir=Path(args.output_dir)))
+    if args.data_dir:
+        settings = settings.model_copy(update=dict(data_dir=args.data_dir))
     try:
         tracker = make_tracker(settings)
     except ValueError as exc:
         return usage_error(str(exc))
-    data_dir = args.data_dir or settings.data_dir
-    output_dir = settings.artifacts_dir
     quiet_libraries()
     from app.engine import distributed
-    from app.engine.training import keep_freed_memory_in_heap, train_and_evaluate  # torch loads here, options valid
+    from app.engine.run import run_training  # torch loads here, once the options are valid
+    from app.engine.training import keep_freed_memory_in_heap
 
     if distributed.launched_by_torchrun():
         return train_as_rank(args, params, settings, tracker)
@@ -317,26 +318,12 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
     keep_freed_memory_in_heap()
 
     with ProgressBar() as bar:
-        result = train_and_evaluate(
-            params,
-            data_dir,
-            output_dir,
-            num_threads=settings.num_threads,
-            device=settings.device,
-            on_progress=bar.update,
-            tracker=tracker,
-            checkpoint_every_s=checkpoint_interval(settings),
-        )
+        result = run_training(params, settings, on_progress=bar.update, tracker=tracker, resumable=False)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
         print(summary(result))
     return 0
-
-
-def checkpoint_interval(settings: Settings) -> float | None:
-    """A CLI run never resumes, so it saves no training state unless CHECKPOINT_EVERY_S is set explicitly."""
-    return settings.checkpoint_every_s if "checkpoint_every_s" in settings.model_fields_set else None
 
 
 def launch_ranks(args: argparse.Namespace, params, settings: Settings) -> int:
@@ -356,22 +343,21 @@ def launch_ranks(args: argparse.Namespace, params, settings: Settings) -> int:
 def train_as_rank(args: argparse.Namespace, params, settings: Settings, tracker) -> int:
     """One of torchrun's ranks: train in its process group; rank 0 prints the results as a one-process run does."""
     from app.engine import distributed
-    from app.engine.training import keep_freed_memory_in_heap, train_and_evaluate
+    from app.engine.run import run_training
+    from app.engine.training import keep_freed_memory_in_heap
 
     keep_freed_memory_in_heap()
     with distributed.process_group(settings.device) as device, ProgressBar() as bar:
         ranks = distributed.world_size()
         if args.devices is not None and params.devices != ranks:
             return usage_error(f"--devices: {params.devices}, but torchrun started {ranks} processes")
-        result = train_and_evaluate(
+        result = run_training(
             params.model_copy(update={"devices": ranks}),
-            args.data_dir or settings.data_dir,
-            settings.artifacts_dir,
-            num_threads=distributed.threads_per_rank(settings.local_world_size, settings.num_threads),
-            device=str(device),
+            settings,
             on_progress=bar.update,
             tracker=tracker,
-            checkpoint_every_s=checkpoint_interval(settings),
+            rank_device=device,
+            resumable=False,
         )
     if result is not None:  # rank 0
         print(json.dumps(result.to_dict()) if args.json else summary(result))

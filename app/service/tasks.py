@@ -20,12 +20,12 @@ from rq.serializers import JSONSerializer
 
 from app.config import Settings, environment_with
 from app.engine import distributed, run_folder
-from app.engine.training import keep_freed_memory_in_heap, train_and_evaluate
+from app.engine.run import run_training
+from app.engine.training import keep_freed_memory_in_heap
 from app.params import TrainParams
 from app.service.model_access import resolve_for_training
 from app.service.model_store import resume_or_start_over
 from app.service.redis_connection import connect_redis
-from app.tracking import make_tracker
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +45,7 @@ def train_job(params_dict: dict) -> dict:
     resume_or_start_over(job.id, settings)
     if params.devices > 1:
         return train_on_ranks(job, params, settings)
-    result = train_and_evaluate(
-        params,
-        settings.data_dir,
-        settings.artifacts_dir,
-        run_id=job.id,
-        num_threads=settings.num_threads,
-        device=settings.device,
-        on_progress=ProgressReporter(job),
-        tracker=make_tracker(settings),
-        checkpoint_every_s=settings.checkpoint_every_s,
-    )
+    result = run_training(params, settings, run_id=job.id, on_progress=ProgressReporter(job))
     return result.to_dict()
 
 
@@ -85,17 +75,8 @@ def run_rank(job_id: str, result_file: str) -> None:
     params = TrainParams(**job.args[0])
     params = resolve_for_training(params, settings)
     with distributed.process_group(settings.device) as device:
-        result = train_and_evaluate(
-            params,
-            settings.data_dir,
-            settings.artifacts_dir,
-            run_id=job.id,
-            num_threads=distributed.threads_per_rank(settings.local_world_size, settings.num_threads),
-            device=str(device),
-            on_progress=ProgressReporter(job) if distributed.is_rank_zero() else None,
-            tracker=make_tracker(settings),
-            checkpoint_every_s=settings.checkpoint_every_s,
-        )
+        reporter = ProgressReporter(job) if distributed.is_rank_zero() else None
+        result = run_training(params, settings, run_id=job.id, on_progress=reporter, rank_device=device)
     if result is not None:  # rank 0
         text = json.dumps(result.to_dict())
         run_folder.write_atomically(Path(result_file), lambda tmp: tmp.write_text(text))

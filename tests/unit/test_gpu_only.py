@@ -4,7 +4,6 @@ tests/test_gpu_path.py); bench/gpu_check.py measures the speed."""
 
 import pytest
 import torch
-from tests.test_gpu_path import random_split, seeded_tiny_bert
 
 from app.engine.encoding import device_batches, length_grouped_batches, to_device, width_multiple
 from app.engine.evaluation import predict_probabilities
@@ -12,6 +11,7 @@ from app.engine.modeling import compute_last_layer_for_first_token_only, takes_p
 from app.engine.training import fine_tune, make_optimizer, train_step
 from app.params import TrainParams
 from app.tracking import NullTracker
+from tests.unit.test_gpu_path import random_split, seeded_tiny_bert
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from tests.test_gpu_path import random_split
 
 from app.config import SAMPLE_DATA_DIR
 from app.engine.modeling import load_classifier, load_tokenizer
@@ -13,6 +12,7 @@ from app.engine.training import fine_tune, train_and_evaluate
 from app.params import TrainParams
 from app.tracking import NullTracker
 from tests.helpers import tiny_bert
+from tests.unit.test_gpu_path import random_split
 
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -13,15 +13,14 @@ from rq import get_current_job
 
 from app.config import Settings
 from app.engine import run_folder
+from app.engine.run import run_training
 from app.engine.run_folder import RunResult
-from app.engine.training import train_and_evaluate
 from app.params import TrainParams
 from app.service import sweeps
 from app.service.jobs import training_queue
 from app.service.model_access import resolve_for_training
 from app.service.model_store import resume_or_start_over
 from app.service.tasks import ProgressReporter
-from app.tracking import make_tracker
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +48,7 @@ def run_trial(trial: optuna.Trial, params: TrainParams, settings: Settings, run_
 
     params = resolve_for_training(params, settings)
     try:
-        return train_and_evaluate(
-            params,
-            settings.data_dir,
-            settings.artifacts_dir,
-            run_id=run_id,
-            num_threads=settings.num_threads,
-            device=settings.device,
-            on_progress=report,
-            tracker=make_tracker(settings),
-            checkpoint_every_s=settings.checkpoint_every_s,
-        )
+        return run_training(params, settings, run_id=run_id, on_progress=report)
     except Pruned:
         run_folder.remove_training_state(settings.artifacts_dir / run_id)
         run_folder.remove_unfinished(settings.artifacts_dir / run_id)  # a pruned trial leaves no model
