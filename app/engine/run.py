@@ -31,7 +31,6 @@ def run_training(
     threads = settings.num_threads
     if in_group:
         threads = distributed.threads_per_rank(settings.local_world_size, settings.num_threads)
-    checkpointing = resumable or "checkpoint_every_s" in settings.model_fields_set
     return train_and_evaluate(
         params,
         settings.data_dir,
@@ -41,5 +40,13 @@ def run_training(
         device=str(rank_device) if in_group else settings.device,
         on_progress=on_progress,
         tracker=tracker if tracker is not None else make_tracker(settings),
-        checkpoint_every_s=settings.checkpoint_every_s if checkpointing else None,
+        checkpoint_every_s=checkpoint_interval(settings, resumable),
     )
+
+
+def checkpoint_interval(settings: Settings, resumable: bool) -> float | None:
+    """Seconds between training-state saves, or None for none: a run that is never resumed (the CLI) saves none
+    unless CHECKPOINT_EVERY_S is set explicitly."""
+    if resumable or "checkpoint_every_s" in settings.model_fields_set:
+        return settings.checkpoint_every_s
+    return None

@@ -173,9 +173,10 @@ def test_a_run_that_cannot_resume_saves_no_training_state(tmp_path):
 
 
 def test_the_cli_checkpoints_only_when_checkpoint_every_s_is_set(monkeypatch):
-    from app.cli import checkpoint_interval
+    from app.engine.run import checkpoint_interval
 
     monkeypatch.delenv("CHECKPOINT_EVERY_S", raising=False)
-    assert checkpoint_interval(Settings()) is None
+    assert checkpoint_interval(Settings(), resumable=False) is None
+    assert checkpoint_interval(Settings(), resumable=True) == Settings().checkpoint_every_s  # a job always saves
     monkeypatch.setenv("CHECKPOINT_EVERY_S", "30")
-    assert checkpoint_interval(Settings()) == 30
+    assert checkpoint_interval(Settings(), resumable=False) == 30
