@@ -81,7 +81,8 @@ def test_a_tampered_checkpoint_runs_no_code_and_the_run_starts_over(tmp_path):
     state = run_folder.training_state(tmp_path / "runs" / "r")
     state.parent.mkdir(parents=True)
     torch.save({"loop": WritesFile(marker)}, state)  # a killed attempt's checkpoint, rewritten by an attacker
-    result = train_and_evaluate(TrainParams(**RESUMABLE), SAMPLE_DATA_DIR, tmp_path / "runs", run_id="r")
+    runs = tmp_path / "runs"
+    result = train_and_evaluate(TrainParams(**RESUMABLE), SAMPLE_DATA_DIR, runs, run_id="r", checkpoint_every_s=0)
     assert not marker.exists()
     assert result.metrics["resumed_from_step"] is None  # refused: trained from the start
     assert not state.exists()
