@@ -238,6 +238,26 @@ def wait_for_state(process, state_file: Path, log_path: Path, timeout_s: float =
     return json.loads(state_file.read_text())
 
 
+@contextlib.contextmanager
+def running_stack(argv: list[str], folder: Path, env: dict):
+    """The native stack started by ``argv`` (``python -m app stack …``) with its state and log in ``folder``;
+    yields (process, the state from stack.json) once everything answers, and stops it (SIGTERM) at the end."""
+    import signal
+    import subprocess
+
+    log_path = folder / "stack.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [*argv, "--state-dir", str(folder / "state")], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        yield process, wait_for_state(process, folder / "state" / "stack.json", log_path)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+
+
 def stack_redis_url(state: dict) -> str:
     """The stack's Redis URL with its password (stack.json names the private file that holds it)."""
     return Path(state["redis_url_file"]).read_text().strip()

@@ -5,7 +5,6 @@ own included, must be JSON. No worker runs: accepted jobs stay queued, and `wait
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 import requests
 
 from app.ops.stack import free_ports
-from tests.helpers import REPO_ROOT, wait_for_state
+from tests.helpers import REPO_ROOT, running_stack
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 CONFIG = REPO_ROOT / "tests" / "service" / "schemathesis.toml"
@@ -26,17 +25,8 @@ def nginx_url(tmp_path_factory):
     (port,) = free_ports(1)
     env = os.environ | {"ARTIFACTS_DIR": str(folder / "runs"), "MAX_WAIT": "1"}
     argv = [sys.executable, "-m", "app", "stack", "--replicas", "1", "--workers", "0", "--port", str(port)]
-    log_path = folder / "stack.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [*argv, "--state-dir", str(folder / "state")], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    try:
-        wait_for_state(process, folder / "state" / "stack.json", log_path)
+    with running_stack(argv, folder, env):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
 
 
 def test_the_spec_asks_for_no_token_when_the_service_has_none(nginx_url):

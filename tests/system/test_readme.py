@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 
 import pytest
 
 from app.ops.stack import free_ports
-from tests.helpers import REPO_ROOT, service_settings, settings_env, wait_for_state
+from tests.helpers import REPO_ROOT, running_stack, service_settings, settings_env
 
 README = REPO_ROOT / "README.md"
 DOCS = REPO_ROOT / "docs"
@@ -77,17 +76,8 @@ def readme_stack(tmp_path_factory):
     argv[argv.index("--port") + 1] = str(port)
     argv[0] = sys.executable if argv[0].endswith("python") else argv[0]
     env = os.environ | {"ARTIFACTS_DIR": str(folder / "runs")}  # the defaults otherwise: MLflow, the hub mode
-    log_path = folder / "stack.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [*argv, "--state-dir", str(folder / "state")], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    try:
-        wait_for_state(process, folder / "state" / "stack.json", log_path)
+    with running_stack(argv, folder, env):
         yield port, env
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
 
 
 def run_block(block: str, port: int, env: dict) -> str:
