@@ -251,7 +251,7 @@ def run_engine(config: BenchConfig) -> dict:
         tokenize_s=tokenize_s,
         train_s=train_s,
         dev_eval_s=clock.dev_eval_s(),
-        dev_accuracy=history["dev_accuracy"][-1],
+        dev_accuracy=history.dev_accuracy[-1],
         real_tokens=sum(lengths) * config.epochs,
         padded_tokens=engine_padded_tokens(lengths, config.batch_size, config.seed, config.epochs),
         params=nonembedding_params(model),

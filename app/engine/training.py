@@ -8,6 +8,7 @@ position the classifier reads, and bf16 autocast where the CPU/GPU does bf16 nat
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -16,8 +17,8 @@ import pickle
 import random
 import resource
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -87,93 +88,36 @@ def train_and_evaluate(
         tracker, on_progress = NullTracker(), None
     checkpoints = None  # a run that can resume saves its training state (and the tracker uploads it)
     if checkpoint_every_s is not None:
-        state = run_folder.training_state(run_dir)
-        checkpoints = Checkpoints(state, checkpoint_every_s, on_saved=tracker.log_checkpoint)
+        checkpoints = Checkpoints(run_folder.training_state(run_dir), checkpoint_every_s, tracker.log_checkpoint)
     configure_torch(params.seed, num_threads)
     target = resolve_device(device)
     use_tf32(target)
-
-    boolq = load_boolq(data_dir)
-    train_rows = boolq.train[: params.train_limit] if params.train_limit else boolq.train
-    val_rows = boolq.val[: params.eval_limit] if params.eval_limit else boolq.val
-    train_rows, dev_rows = split_train_dev(train_rows, params.dev_size, params.seed)
-
-    tracker.start_run(run_id, params.model_dump())
-    tracker.log_inputs(
-        [
-            {
-                "name": f"boolq-{context}",
-                "context": context,
-                "source": str(data_dir),
-                "digest": digest(rows),
-                "rows": len(rows),
-            }
-            for context, rows in (("train", train_rows), ("dev", dev_rows), ("validation", val_rows))
-        ]
-    )
+    splits = load_splits(params, data_dir)
+    start_tracking(tracker, run_id, params, data_dir, splits)
 
     # A crash still closes the tracker run, as FAILED, and leaves no finished-looking run folder behind.
+    timings: dict[str, float] = {}
     with ended_on_error(tracker), run_folder.finished_only_if_completed(run_dir):
-        t0 = time.perf_counter()
-        tokenizer = load_tokenizer(params.model)
-        model = load_classifier(params.model).to(target)
-        max_length = min(params.max_length, model.config.max_position_embeddings)
-        train_set, dev_set, val_set = (encode(tokenizer, rows, max_length) for rows in (train_rows, dev_rows, val_rows))
-        tokenize_s = time.perf_counter() - t0
+        with timed(timings, "tokenize_and_load"):
+            prepared = load_and_encode(params, splits, target)
         if distributed.is_rank_zero():  # only now: a run that fails to load its model or data leaves no folder
             run_dir.mkdir(parents=True, exist_ok=resuming)
             run_folder.write_params(run_dir, params.model_dump())
-
-        t0 = time.perf_counter()
-        history = fine_tune(
-            model, tokenizer.pad_token_id, train_set, dev_set, params, on_progress, tracker, checkpoints, resuming
-        )
-        train_s = time.perf_counter() - t0
+        with timed(timings, "train"):
+            history = fine_tune(
+                prepared.model, prepared.pad_id, prepared.train, prepared.dev, params, on_progress, tracker,
+                checkpoints, resuming,
+            )  # fmt: skip
         if not distributed.is_rank_zero():  # DDP: the other ranks' work ends with training
             return None
-
-        t0 = time.perf_counter()
-        probabilities = predict_probabilities(model, tokenizer.pad_token_id, val_set)
-        eval_s = time.perf_counter() - t0
-
+        with timed(timings, "eval"):
+            probabilities = predict_probabilities(prepared.model, prepared.pad_id, prepared.val)
         predictions = [int(p >= 0.5) for p in probabilities]
-        metrics = classification_metrics(val_set.labels, predictions)
-        metrics |= {
-            "dev_accuracy_per_epoch": history["dev_accuracy"],
-            "kept_epoch": history["kept_epoch"],
-            "stopped_epoch": history["stopped_epoch"],
-            "early_stopped": history["stopped_epoch"] < params.epochs,
-            "resumed_from_step": history["resumed_from_step"],
-            "loss_curve": history["loss"],
-            "n_train": len(train_set),
-            "n_dev": len(dev_set),
-            "n_eval": len(val_set),
-            "max_length": max_length,
-            "precision_mode": "bf16" if bf16_supported(target.type) else "fp32",
-            "device": str(target),
-            "train_examples_per_s": history["examples_trained"] / train_s,
-            "peak_rss_mb": peak_resident_mb(),  # this process's: a worker's job runs in its own work horse
-            "timings_s": {
-                "tokenize_and_load": tokenize_s,
-                "train": train_s,
-                "eval": eval_s,
-            },
-        }
-        predictions_file = run_folder.write_predictions(run_dir, val_rows, predictions, probabilities)
-        model_folder = run_folder.save_model(run_dir, model, tokenizer)
+        metrics = collect_metrics(prepared, history, predictions, target, timings)
+        model_folder = write_outputs(run_dir, prepared, splits.val, predictions, probabilities)
         metrics["timings_s"]["total"] = time.perf_counter() - started
         run_folder.write_metrics(run_dir, metrics)
-
-        tracker.log_metrics(final_metrics(metrics), step=None)
-        tracker.log_artifact(predictions_file)
-        tracker.log_artifact(run_dir / run_folder.PARAMS)
-        tracker.log_artifact(run_dir / run_folder.METRICS)
-        tracker.log_model(model_folder)
-        tracker.log_dict(confusion_matrix_report(metrics), "confusion_matrix.json")
-        if params.register:
-            tags = version_tags(run_id, params.model_dump(), metrics)
-            tracker.register_model(model_folder, final_metrics(metrics), tags)
-        tracking = tracker.end_run("FINISHED")
+        tracking = track_outputs(tracker, run_dir, model_folder, run_id, params, metrics)
     if checkpoints is not None:
         checkpoints.remove()
 
@@ -182,12 +126,124 @@ def train_and_evaluate(
         run_dir=str(run_dir),
         params=params.model_dump(),
         accuracy=metrics["accuracy"],
-        n_eval=len(val_set),
-        dev_accuracy=history["dev_accuracy"][history["kept_epoch"] - 1],
+        n_eval=len(prepared.val),
+        dev_accuracy=history.kept_dev_accuracy,
         predictions=predictions,
         metrics=metrics,
         tracking=tracking,
     )
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The rows a run uses: train (less the dev rows), dev (held out of train, for per-epoch accuracy) and val."""
+
+    train: list[dict]
+    dev: list[dict]
+    val: list[dict]
+
+
+def load_splits(params: TrainParams, data_dir: str | Path) -> Splits:
+    """BoolQ's train and val, cut to ``train_limit``/``eval_limit``, with ``dev_size`` of train held out as dev."""
+    boolq = load_boolq(data_dir)
+    train_rows = boolq.train[: params.train_limit] if params.train_limit else boolq.train
+    val_rows = boolq.val[: params.eval_limit] if params.eval_limit else boolq.val
+    train_rows, dev_rows = split_train_dev(train_rows, params.dev_size, params.seed)
+    return Splits(train_rows, dev_rows, val_rows)
+
+
+def start_tracking(tracker: Tracker, run_id: str, params: TrainParams, data_dir: str | Path, splits: Splits) -> None:
+    """Open the tracker's run with the parameters and each split as a dataset input (source, digest, rows)."""
+    tracker.start_run(run_id, params.model_dump())
+    tracker.log_inputs(
+        [
+            {"name": f"boolq-{context}", "context": context, "source": str(data_dir), "digest": digest(rows),
+             "rows": len(rows)}
+            for context, rows in (("train", splits.train), ("dev", splits.dev), ("validation", splits.val))
+        ]
+    )  # fmt: skip
+
+
+@dataclass
+class Prepared:
+    """The model on its device, its tokenizer, and the three splits tokenized at ``max_length``."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    train: Encoded
+    dev: Encoded
+    val: Encoded
+    max_length: int
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+
+def load_and_encode(params: TrainParams, splits: Splits, target: torch.device) -> Prepared:
+    """Load the tokenizer and the classifier (onto ``target``) and tokenize every split, at most as long as the
+    model's position embeddings allow."""
+    tokenizer = load_tokenizer(params.model)
+    model = load_classifier(params.model).to(target)
+    max_length = min(params.max_length, model.config.max_position_embeddings)
+    train, dev, val = (encode(tokenizer, rows, max_length) for rows in (splits.train, splits.dev, splits.val))
+    return Prepared(model, tokenizer, train, dev, val, max_length)
+
+
+def collect_metrics(
+    prepared: Prepared, history: TrainHistory, predictions: list[int], target: torch.device, timings: dict
+) -> dict:
+    """metrics.json's content: val classification metrics, the training history, sizes, precision and timings."""
+    return classification_metrics(prepared.val.labels, predictions) | {
+        "dev_accuracy_per_epoch": history.dev_accuracy,
+        "kept_epoch": history.kept_epoch,
+        "stopped_epoch": history.stopped_epoch,
+        "early_stopped": history.early_stopped,
+        "resumed_from_step": history.resumed_from_step,
+        "loss_curve": history.loss,
+        "n_train": len(prepared.train),
+        "n_dev": len(prepared.dev),
+        "n_eval": len(prepared.val),
+        "max_length": prepared.max_length,
+        "precision_mode": "bf16" if bf16_supported(target.type) else "fp32",
+        "device": str(target),
+        "train_examples_per_s": history.examples_trained / timings["train"],
+        "peak_rss_mb": peak_resident_mb(),  # this process's: a worker's job runs in its own work horse
+        "timings_s": dict(timings),
+    }
+
+
+def write_outputs(
+    run_dir: Path, prepared: Prepared, val_rows: list[dict], predictions: list[int], probabilities: list[float]
+) -> Path:
+    """Write the val predictions and the fine-tuned model (with its tokenizer) into the run folder; the model's
+    folder."""
+    run_folder.write_predictions(run_dir, val_rows, predictions, probabilities)
+    return run_folder.save_model(run_dir, prepared.model, prepared.tokenizer)
+
+
+def track_outputs(
+    tracker: Tracker, run_dir: Path, model_folder: Path, run_id: str, params: TrainParams, metrics: dict
+) -> dict:
+    """Log the final metrics, the run folder's files and the model (registered if ``params.register``) and close
+    the tracker's run; what the tracker says about it (run id, URL...)."""
+    tracker.log_metrics(final_metrics(metrics), step=None)
+    for name in (run_folder.PREDICTIONS, run_folder.PARAMS, run_folder.METRICS):
+        tracker.log_artifact(run_dir / name)
+    tracker.log_model(model_folder)
+    tracker.log_dict(confusion_matrix_report(metrics), "confusion_matrix.json")
+    if params.register:
+        tags = version_tags(run_id, params.model_dump(), metrics)
+        tracker.register_model(model_folder, final_metrics(metrics), tags)
+    return tracker.end_run("FINISHED")
+
+
+@contextlib.contextmanager
+def timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Record the block's wall time in ``timings[name]``."""
+    started = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - started
 
 
 def configure_torch(seed: int, num_threads: int) -> None:
@@ -268,6 +324,36 @@ def peak_resident_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@dataclass
+class TrainHistory:
+    """What ``fine_tune`` did: the per-step loss curve, dev accuracy after each epoch, the epoch whose weights the
+    model ends with, the epoch it stopped at, where it resumed (None: from the start) and how it went."""
+
+    epochs: int
+    loss: list[float] = field(default_factory=list)
+    dev_accuracy: list[float] = field(default_factory=list)
+    kept_epoch: int = 0
+    stopped_epoch: int = 0
+    resumed_from_step: int | None = None
+    examples_trained: int = 0
+    loss_syncs: int = 0
+
+    def __post_init__(self):
+        self.kept_epoch = self.kept_epoch or self.epochs  # without keep-best: the last epoch's weights
+
+    @property
+    def kept_dev_accuracy(self) -> float:
+        return self.dev_accuracy[self.kept_epoch - 1]
+
+    @property
+    def early_stopped(self) -> bool:
+        return self.stopped_epoch < self.epochs
+
+    def is_best_so_far(self) -> bool:
+        """True when the latest dev accuracy beats every earlier one (a tie keeps the earlier epoch)."""
+        return self.dev_accuracy[-1] > max(self.dev_accuracy[:-1], default=-1.0)
+
+
 def fine_tune(
     model: torch.nn.Module,
     pad_id: int,
@@ -279,93 +365,169 @@ def fine_tune(
     checkpoints: Checkpoints | None = None,
     resume: bool = False,
     sync_every_s: float | None = None,
-) -> dict:
-    """The training loop; returns the per-step loss curve, per-epoch dev accuracy, the epoch whose weights the
-    model ends with (the last, or with ``keep_best_epoch``/early stopping the first with the best dev accuracy)
-    and the epoch it stopped at. With ``resume`` it continues from the state ``checkpoints`` holds.
+) -> TrainHistory:
+    """The training loop: epochs of length-grouped batches, dev accuracy after each, the best epoch's weights kept
+    with ``keep_best_epoch``/early stopping. With ``resume`` it continues from the state ``checkpoints`` holds.
 
     Losses stay on the device and are read back, logged and reported every ``sync_every_s`` seconds (default:
     every step on the CPU, ``GPU_SYNC_EVERY_S`` on a GPU), at checkpoints and at each epoch's end."""
     generator = torch.Generator().manual_seed(params.seed)
-    lengths = [len(ids) for ids in train_set.input_ids]
-    steps_per_epoch = -(-len(train_set) // params.batch_size)
-    total_steps = steps_per_epoch * params.epochs
-    if device_of(model).type == "cpu":
-        use_cheap_cpu_attention(model)  # before the [CLS]-only layer, which reads it
-    compute_last_layer_for_first_token_only(model)
+    total_steps = -(-len(train_set) // params.batch_size) * params.epochs
+    prepare_for_training(model)
     optimizer = make_optimizer(model, params)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(params.warmup_ratio * total_steps), total_steps)
-    keep_best = params.keep_best_epoch or params.early_stopping_patience is not None
-    state = TrainingState(history={"loss": [], "dev_accuracy": [], "kept_epoch": params.epochs})
-    restored = None
-    if resume and checkpoints is not None:
-        restored = checkpoints.restore(model, optimizer, scheduler, generator)
-    resume = restored is not None
-    if resume:
-        state = restored
-        log.info("resuming at epoch %d, step %d of %d", state.epoch, state.step, total_steps)
+    state = resume_or_start(params, checkpoints if resume else None, model, optimizer, scheduler, generator)
     history = state.history
-    history["resumed_from_step"] = state.step if resume else None
-    seen, started = 0, time.perf_counter()
     device = device_of(model)
-    train_split = to_device(train_set, pad_id, device, with_prepared_mask=takes_prepared_mask(model))
-    pad_multiple = width_multiple(device)
-    losses = PendingLosses(sync_every_s if sync_every_s is not None else (GPU_SYNC_EVERY_S * (device.type == "cuda")))
-    trained = distributed.wrap(model)  # DDP on several ranks (steps only); the model itself on one device
-
-    def progress(epoch: int, step: int, dev_accuracy: float | None = None, recent=()) -> Progress:
-        speed = seen / (time.perf_counter() - started)
-        loss = history["loss"][step - 1]
-        return Progress(epoch, params.epochs, step, total_steps, loss, dev_accuracy, speed, tuple(recent))
-
-    def publish(epoch: int) -> None:
-        """Read the pending losses back (one host sync), then log and report all of their steps in one call each."""
-        drained = losses.drain()
-        if drained:
-            history["loss"] += [loss for _, loss in drained]
-            tracker.log_metric_history("train_loss", drained)
-            report(on_progress, progress(epoch, drained[-1][0], recent=drained))
-
-    for epoch in range(state.epoch, params.epochs + 1):
-        state.epoch, state.epoch_order = epoch, generator.get_state()  # the batch order is redrawn from here
-        batches = length_grouped_batches(lengths, params.batch_size, generator)[state.batches_done :]
-        shares = [distributed.share_of_batch(indices) for indices in batches]  # DDP: this rank's slices (all on one)
-        trained.train()
-        steps = device_batches(train_split, [share for share, _ in shares], pad_multiple)
-        for indices, (_, weight), batch in zip(batches, shares, steps, strict=True):
-            losses.add(state.step + 1, train_step(trained, batch, optimizer, scheduler, weight))
-            state.step, state.batches_done, seen = state.step + 1, state.batches_done + 1, seen + len(indices)
-            checkpoint_due = checkpoints is not None and checkpoints.due()
-            if losses.due() or checkpoint_due:
-                publish(epoch)
-            if checkpoint_due:
-                checkpoints.save(state, model, optimizer, scheduler)
-        publish(epoch)
-
+    if sync_every_s is None:
+        sync_every_s = GPU_SYNC_EVERY_S if device.type == "cuda" else 0.0
+    reports = LossReports(sync_every_s, history, tracker, on_progress, total_steps)
+    epoch = TrainEpoch(
+        model,
+        to_device(train_set, pad_id, device, with_prepared_mask=takes_prepared_mask(model)),
+        [len(ids) for ids in train_set.input_ids],
+        params.batch_size,
+        optimizer,
+        scheduler,
+        generator,
+    )
+    keep_best = params.keep_best_epoch or params.early_stopping_patience is not None
+    for number in range(state.epoch, params.epochs + 1):
+        state.epoch, state.epoch_order = number, generator.get_state()  # the batch order is redrawn from here
+        epoch.run(state, reports, checkpoints)
         dev_accuracy = distributed.computed_on_rank_zero(  # DDP: one figure on every rank, so they decide alike
             lambda: accuracy(dev_set.labels, predict_probabilities(model, pad_id, dev_set))
         )
-        history["dev_accuracy"].append(dev_accuracy)
+        history.dev_accuracy.append(dev_accuracy)
         tracker.log_metrics({"dev_accuracy": dev_accuracy}, step=state.step)
-        log.info("epoch %d/%d: dev accuracy %.4f", epoch, params.epochs, dev_accuracy)
-        if keep_best and dev_accuracy > max(history["dev_accuracy"][:-1], default=-1.0):
+        log.info("epoch %d/%d: dev accuracy %.4f", number, params.epochs, dev_accuracy)
+        if keep_best and history.is_best_so_far():
             state.best_weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-            history["kept_epoch"] = epoch
-        report(on_progress, progress(epoch, state.step, dev_accuracy))
-        patience = params.early_stopping_patience
-        if patience is not None and epoch - history["kept_epoch"] >= patience and epoch < params.epochs:
-            log.info("early stop after epoch %d: no better dev accuracy for %d epochs", epoch, patience)
+            history.kept_epoch = number
+        reports.report(number, state.step, dev_accuracy)
+        history.stopped_epoch = number
+        if stops_early(params, history):
+            log.info(
+                "early stop after epoch %d: no better dev accuracy for %d epochs",
+                number,
+                params.early_stopping_patience,
+            )
             break
-        state.epoch, state.batches_done, state.epoch_order = epoch + 1, 0, generator.get_state()
-        if checkpoints is not None and epoch < params.epochs:
+        state.epoch, state.batches_done, state.epoch_order = number + 1, 0, generator.get_state()
+        if checkpoints is not None and number < params.epochs:
             checkpoints.save(state, model, optimizer, scheduler)
-    history["stopped_epoch"] = epoch
-    history["examples_trained"] = seen
-    history["loss_syncs"] = losses.syncs
+    history.loss_syncs = reports.losses.syncs
     if state.best_weights is not None:
         model.load_state_dict(state.best_weights)
-        log.info("kept the weights of epoch %d (best dev accuracy)", history["kept_epoch"])
+        log.info("kept the weights of epoch %d (best dev accuracy)", history.kept_epoch)
     return history
+
+
+def prepare_for_training(model: torch.nn.Module) -> None:
+    """The engine's speed-ups that change no result: the cheap CPU attention, and a last layer computing only the
+    [CLS] position the classifier reads."""
+    if device_of(model).type == "cpu":
+        use_cheap_cpu_attention(model)  # before the [CLS]-only layer, which reads it
+    compute_last_layer_for_first_token_only(model)
+
+
+def resume_or_start(
+    params: TrainParams, checkpoints: Checkpoints | None, model, optimizer, scheduler, generator: torch.Generator
+) -> TrainingState:
+    """The saved training state loaded into the model, optimizer, scheduler and generators, or a fresh start when
+    there is none (or it was refused)."""
+    restored = checkpoints.restore(model, optimizer, scheduler, generator) if checkpoints is not None else None
+    if restored is None:
+        return TrainingState(history=TrainHistory(epochs=params.epochs))
+    log.info("resuming at epoch %d, step %d", restored.epoch, restored.step)
+    restored.history.resumed_from_step = restored.step
+    return restored
+
+
+def stops_early(params: TrainParams, history: TrainHistory) -> bool:
+    """True when early stopping is on and dev accuracy has not improved for ``early_stopping_patience`` epochs
+    (never after the last epoch: there is nothing left to stop)."""
+    patience, epoch = params.early_stopping_patience, history.stopped_epoch
+    return patience is not None and epoch - history.kept_epoch >= patience and epoch < params.epochs
+
+
+@dataclass
+class TrainEpoch:
+    """One pass over the train split: the model, the split on its device, the batch size and what each step
+    updates."""
+
+    model: torch.nn.Module
+    train_split: dict
+    lengths: list[int]
+    batch_size: int
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    generator: torch.Generator
+
+    def __post_init__(self):
+        self.trained = distributed.wrap(self.model)  # DDP on several ranks (steps only); the model itself on one
+
+    def run(self, state: TrainingState, reports: LossReports, checkpoints: Checkpoints | None) -> None:
+        """Train on the epoch's batches not yet done, saving the training state whenever ``checkpoints`` is due."""
+        batches = length_grouped_batches(self.lengths, self.batch_size, self.generator)[state.batches_done :]
+        shares = [distributed.share_of_batch(indices) for indices in batches]  # DDP: this rank's slices (all on one)
+        pad_multiple = width_multiple(device_of(self.model))
+        steps = device_batches(self.train_split, [share for share, _ in shares], pad_multiple)
+        self.trained.train()
+        for indices, (_, weight), batch in zip(batches, shares, steps, strict=True):
+            loss = train_step(self.trained, batch, self.optimizer, self.scheduler, weight)
+            state.step, state.batches_done = state.step + 1, state.batches_done + 1
+            reports.add(state.step, loss, len(indices))
+            checkpoint_due = checkpoints is not None and checkpoints.due()
+            if reports.due() or checkpoint_due:
+                reports.publish(state.epoch)
+            if checkpoint_due:
+                checkpoints.save(state, self.model, self.optimizer, self.scheduler)
+        reports.publish(state.epoch)
+
+
+class LossReports:
+    """The loop's losses on their way out: kept on the device until due, then read back in one sync, appended to
+    the history, logged to the tracker in one call and reported to the progress callback once."""
+
+    def __init__(
+        self,
+        sync_every_s: float,
+        history: TrainHistory,
+        tracker: Tracker,
+        on_progress: ProgressCallback | None,
+        total_steps: int,
+    ):
+        self.losses = PendingLosses(sync_every_s)
+        self.history, self.tracker, self.on_progress = history, tracker, on_progress
+        self.total_steps = total_steps
+        self.seen, self.started = 0, time.perf_counter()  # this process's examples, for its speed
+
+    def add(self, step: int, loss: torch.Tensor, examples: int) -> None:
+        self.losses.add(step, loss)
+        self.seen += examples
+        self.history.examples_trained += examples
+
+    def due(self) -> bool:
+        return self.losses.due()
+
+    def publish(self, epoch: int) -> None:
+        """Read the pending losses back (one host sync), then log and report all of their steps in one call each."""
+        drained = self.losses.drain()
+        if drained:
+            self.history.loss += [loss for _, loss in drained]
+            self.tracker.log_metric_history("train_loss", drained)
+            self.report(epoch, drained[-1][0], recent=drained)
+
+    def report(self, epoch: int, step: int, dev_accuracy: float | None = None, recent=()) -> None:
+        if self.on_progress is None:
+            return
+        speed = self.seen / (time.perf_counter() - self.started)
+        loss = self.history.loss[step - 1]
+        progress = Progress(
+            epoch, self.history.epochs, step, self.total_steps, loss, dev_accuracy, speed, tuple(recent)
+        )
+        self.on_progress(progress)
 
 
 class PendingLosses:
@@ -405,7 +567,7 @@ class TrainingState:
     """Where the loop is: the epoch under way, its batches done, total steps, and the generator state its
     batch order was drawn from (so a resumed epoch redraws the same order and skips the batches done)."""
 
-    history: dict
+    history: TrainHistory
     epoch: int = 1
     batches_done: int = 0
     step: int = 0
@@ -430,7 +592,7 @@ class Checkpoints:
         if not distributed.is_rank_zero():  # DDP: every rank holds the same state; rank 0 keeps the one copy
             return
         snapshot = {
-            "loop": dict(vars(state)),  # not asdict: that would deep-copy the best weights
+            "loop": dict(vars(state)) | {"history": asdict(state.history)},  # not asdict(state): no copy of weights
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -453,6 +615,12 @@ class Checkpoints:
         except pickle.UnpicklingError as exc:
             log.warning("checkpoint %s refused (not tensors and plain data), starting over: %s", self.path, exc)
             return None
+        loop = snapshot["loop"]
+        try:
+            state = TrainingState(**loop | {"history": TrainHistory(**loop["history"])})
+        except TypeError as exc:  # written by a version whose loop state had other fields
+            log.warning("checkpoint %s is of another version, starting over: %s", self.path, exc)
+            return None
         model.load_state_dict(snapshot["model"])
         optimizer.load_state_dict(snapshot["optimizer"])
         scheduler.load_state_dict(snapshot["scheduler"])
@@ -462,7 +630,6 @@ class Checkpoints:
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        state = TrainingState(**snapshot["loop"])
         generator.set_state(state.epoch_order)
         return state
 

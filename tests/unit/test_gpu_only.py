@@ -63,4 +63,4 @@ def test_evaluation_on_the_device_resident_split_matches_the_collated_one_on_the
 def test_training_on_the_gpu_reads_losses_back_once_per_interval():
     params = TrainParams(batch_size=8, epochs=2, lr=1e-3)
     history = fine_tune(tiny_on_gpu(), 0, random_split(40, 1), random_split(8, 2), params, None, NullTracker())
-    assert len(history["loss"]) == 10 and history["loss_syncs"] <= 4  # epoch ends, plus at most a timed one each
+    assert len(history.loss) == 10 and history.loss_syncs <= 4  # epoch ends, plus at most a timed one each

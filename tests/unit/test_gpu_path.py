@@ -132,17 +132,17 @@ def test_reading_losses_once_per_interval_trains_and_reports_exactly_as_every_st
         history = fine_tune(model, 0, train, dev, params, progress.append, NullTracker(), sync_every_s=every_s)
         runs[every_s] = history, progress
     (every_step, reports_a), (per_interval, reports_b) = runs[0.0], runs[3600.0]
-    assert per_interval["loss"] == every_step["loss"] and len(every_step["loss"]) == 10  # 2 epochs of 5 steps
-    assert per_interval["dev_accuracy"] == every_step["dev_accuracy"]
+    assert per_interval.loss == every_step.loss and len(every_step.loss) == 10  # 2 epochs of 5 steps
+    assert per_interval.dev_accuracy == every_step.dev_accuracy
     replayed = [[pair for p in reports for pair in p.recent_losses] for reports in (reports_a, reports_b)]
-    assert replayed[1] == replayed[0] == list(enumerate(every_step["loss"], start=1))
+    assert replayed[1] == replayed[0] == list(enumerate(every_step.loss, start=1))
     assert [p.step for p in reports_a if p.dev_accuracy is None] == list(range(1, 11))  # one report per read-back
     assert [p.step for p in reports_b if p.dev_accuracy is None] == [5, 10]
     dev = [
         [(p.step, p.dev_accuracy) for p in reports if p.dev_accuracy is not None] for reports in (reports_a, reports_b)
     ]
     assert dev[0] == dev[1]
-    assert every_step["loss_syncs"] == 10 and per_interval["loss_syncs"] == 2  # one per epoch end
+    assert every_step.loss_syncs == 10 and per_interval.loss_syncs == 2  # one per epoch end
 
 
 class TrackerOfHistories(NullTracker):
@@ -160,7 +160,7 @@ def test_the_loss_history_is_tracked_in_one_call_per_read_back():
         seeded_tiny_bert(), 0, random_split(40, 1), random_split(8, 2), params, None, tracker, sync_every_s=3600
     )
     assert [(key, len(points)) for key, points in tracker.calls] == [("train_loss", 5), ("train_loss", 5)]
-    assert [loss for _, points in tracker.calls for _, loss in points] == history["loss"]
+    assert [loss for _, points in tracker.calls for _, loss in points] == history.loss
 
 
 @pytest.mark.slow

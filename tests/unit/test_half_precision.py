@@ -38,7 +38,7 @@ def loss_curve(folder) -> list[float]:
     params = TrainParams(batch_size=8, epochs=2, lr=1e-3)
     history = fine_tune(model, 0, random_split(40, seed=1), random_split(8, seed=2), params, None, NullTracker())
     assert {p.dtype for p in model.parameters()} == {torch.float32}  # master weights stayed fp32
-    return history["loss"]
+    return history.loss
 
 
 @pytest.mark.parametrize("half", HALF)
