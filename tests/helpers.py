@@ -284,3 +284,26 @@ def tiny_bert(attn_implementation: str = "sdpa", dropout: float = 0.0):
         attention_probs_dropout_prob=dropout,
     )
     return BertForSequenceClassification._from_config(config, attn_implementation=attn_implementation)
+
+
+def random_split(rows: int, seed: int = 0):
+    """An encoded split of ``rows`` random token sequences (3 to 40 tokens, vocabulary of 100) with random labels."""
+    import random
+
+    from app.engine.encoding import Encoded
+
+    rng = random.Random(seed)
+    lengths = [rng.randint(3, 40) for _ in range(rows)]
+    return Encoded(
+        input_ids=[[rng.randint(1, 99) for _ in range(n)] for n in lengths],
+        token_type_ids=[[int(i > n // 2) for i in range(n)] for n in lengths],
+        labels=[rng.randint(0, 1) for _ in range(rows)],
+    )
+
+
+def seeded_tiny_bert(seed: int = 0):
+    """``tiny_bert`` with dropout, its weights drawn from ``seed``."""
+    import torch
+
+    torch.manual_seed(seed)
+    return tiny_bert(dropout=0.1)

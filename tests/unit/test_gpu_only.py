@@ -11,7 +11,7 @@ from app.engine.modeling import compute_last_layer_for_first_token_only, takes_p
 from app.engine.training import fine_tune, make_optimizer, train_step
 from app.params import TrainParams
 from app.tracking import NullTracker
-from tests.unit.test_gpu_path import random_split, seeded_tiny_bert
+from tests.helpers import random_split, seeded_tiny_bert
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")

@@ -2,35 +2,18 @@
 the device, the prepared 4-D mask, widths rounded to GPU buckets, evaluation on the device-resident split, losses
 read back once per interval, and no training state where a run cannot resume."""
 
-import random
-
 import pytest
 import torch
 
 from app.config import SAMPLE_DATA_DIR, Settings
 from app.engine.attention import use_cheap_cpu_attention
-from app.engine.encoding import GPU_WIDTH_MULTIPLE, Encoded, collate, device_batches, to_device, width_multiple
+from app.engine.encoding import GPU_WIDTH_MULTIPLE, collate, device_batches, to_device, width_multiple
 from app.engine.evaluation import predict_probabilities
 from app.engine.modeling import compute_last_layer_for_first_token_only, takes_prepared_mask
 from app.engine.training import PendingLosses, fine_tune, train_and_evaluate
 from app.params import TrainParams
 from app.tracking import NullTracker
-from tests.helpers import tiny_bert
-
-
-def random_split(rows: int, seed: int = 0) -> Encoded:
-    rng = random.Random(seed)
-    lengths = [rng.randint(3, 40) for _ in range(rows)]
-    return Encoded(
-        input_ids=[[rng.randint(1, 99) for _ in range(n)] for n in lengths],
-        token_type_ids=[[int(i > n // 2) for i in range(n)] for n in lengths],
-        labels=[rng.randint(0, 1) for _ in range(rows)],
-    )
-
-
-def seeded_tiny_bert(seed: int = 0):
-    torch.manual_seed(seed)
-    return tiny_bert(dropout=0.1)
+from tests.helpers import random_split, seeded_tiny_bert, tiny_bert
 
 
 def test_a_batch_gathered_on_the_device_equals_the_python_collated_one():

@@ -11,8 +11,7 @@ from app.engine.modeling import load_classifier, load_tokenizer
 from app.engine.training import fine_tune, train_and_evaluate
 from app.params import TrainParams
 from app.tracking import NullTracker
-from tests.helpers import tiny_bert
-from tests.unit.test_gpu_path import random_split
+from tests.helpers import random_split, tiny_bert
 
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -13,12 +13,14 @@ from transformers import (
 )
 
 from app.engine.encoding import Encoded, collate, length_grouped_batches
+from app.engine.evaluation import predict_probabilities
 from app.engine.model_names import ModelNotAvailable, resolve_model
 from app.engine.modeling import DeviceNotAvailable, compute_last_layer_for_first_token_only, resolve_device
-from app.engine.training import train_and_evaluate
+from app.engine.training import fine_tune, train_and_evaluate
 from app.params import TrainParams
 from app.service.predict import Predictor
-from tests.helpers import RESUMABLE, TINY_PARAMS, tiny_bert
+from app.tracking import NullTracker
+from tests.helpers import RESUMABLE, TINY_PARAMS, random_split, seeded_tiny_bert, tiny_bert
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -110,6 +112,21 @@ def test_early_stopping_ends_training_and_keeps_the_best_epoch(tmp_path):
     assert m["kept_epoch"] == 1 and result.dev_accuracy == m["dev_accuracy_per_epoch"][0]
     assert len(m["loss_curve"]) == 2 * 4  # two epochs of 4 steps, not four
     assert json.loads((Path(result.run_dir) / "metrics.json").read_text())["stopped_epoch"] == 2
+
+
+def test_early_stopping_keeps_the_best_epoch_not_the_first_and_stops_patience_epochs_after_it():
+    # Dev is the train split itself: a tiny BERT memorises it, so dev accuracy climbs from chance and then stalls,
+    # and the kept epoch is not the first one by a tie.
+    data = random_split(32, seed=3)
+    params = TrainParams(lr=3e-3, epochs=10, batch_size=8, warmup_ratio=0.0, seed=0, early_stopping_patience=2)
+    model = seeded_tiny_bert()
+    history = fine_tune(model, 0, data, data, params, None, NullTracker())
+    per_epoch = history.dev_accuracy
+    assert history.kept_epoch == per_epoch.index(max(per_epoch)) + 1 > 1 and per_epoch[0] < max(per_epoch)
+    assert history.early_stopped and history.stopped_epoch == history.kept_epoch + 2 == len(per_epoch)
+    assert len(history.loss) == history.stopped_epoch * 4  # 4 steps an epoch, none after the stop
+    # The model ends with the kept epoch's weights: it scores that epoch's dev accuracy again.
+    assert accuracy_score(data.labels, [int(p >= 0.5) for p in predict_probabilities(model, 0, data)]) == max(per_epoch)
 
 
 class Crash(Exception):
