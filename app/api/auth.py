@@ -31,6 +31,7 @@ def require_token(view):
         check_token()
         return view(*args, **kwargs)
 
+    checked.token_rule = "always"  # read by /openapi.json
     return checked
 
 
@@ -43,6 +44,7 @@ def require_token_for_reads(view):
             check_token()
         return view(*args, **kwargs)
 
+    checked.token_rule = "reads"  # read by /openapi.json
     return checked
 
 

@@ -5,27 +5,33 @@ from __future__ import annotations
 import os
 import tempfile
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
 from app.api.context import current_service
+from app.api.openapi import documented
+from app.api.schemas import Health, respond
 
 bp = Blueprint("health", __name__)
 
 
 @bp.get("/healthz")
+@documented("Process alive", {200: ("ok", Health)}, errors=False)
 def healthz():
-    return jsonify(status="ok")
+    return respond(Health, status="ok")
 
 
 @bp.get("/readyz")
+@documented(
+    "Redis reachable and ARTIFACTS_DIR writable", {200: ("ready", Health), 503: ("not ready", Health)}, errors=False
+)
 def readyz():
     """Ready when Redis answers and ARTIFACTS_DIR is writable; 503 naming what is not."""
     service = current_service()
     checks = {"redis": redis_check(service.queue.connection), "artifacts": artifacts_check(service.settings)}
     ready = all(v == "ok" for v in checks.values())
-    return jsonify(status="ok" if ready else "unavailable", checks=checks), 200 if ready else 503
+    return respond(Health, 200 if ready else 503, None, status="ok" if ready else "unavailable", checks=checks)
 
 
 def redis_check(connection) -> str:
@@ -47,5 +53,6 @@ def artifacts_check(settings) -> str:
 
 
 @bp.get("/metrics")
+@documented("Prometheus text format", {200: ("metrics", "text/plain")}, errors=False)
 def metrics():
     return Response(generate_latest(current_service().metrics.registry), mimetype=CONTENT_TYPE_LATEST)

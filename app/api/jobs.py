@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import re
 
-from flask import Blueprint, jsonify, request, url_for
+from flask import Blueprint, request, url_for
 
 from app.api.auth import bearer_token, require_token, require_token_for_reads
 from app.api.body import json_object, parse
 from app.api.context import current_service
 from app.api.errors import ApiError
-from app.api.schemas import JobAccepted, JobsQuery, PredictionList, TrainQuery, respond
+from app.api.openapi import documented
+from app.api.schemas import (
+    JobAccepted,
+    JobList,
+    JobsQuery,
+    JobView,
+    PredictionList,
+    TrainQuery,
+    TrainResult,
+    respond,
+)
 from app.params import TrainParams
 from app.service import jobs, sweeps
 from app.service import predictions as predictions_of
@@ -25,6 +35,15 @@ JOB_ID_PATTERN = re.compile(jobs.JOB_ID_RULE)
 
 
 @bp.post("/train")
+@documented(
+    "Queue a fine-tuning job (wait=true: wait for its result)",
+    {
+        202: ("Queued (Location: /jobs/<id>)", JobAccepted),
+        200: ("wait=true: the job ended in time (its result, or its view if it failed)", (TrainResult, JobView)),
+    },
+    body=TrainParams,
+    query=TrainQuery,
+)
 @require_token
 def train():
     service = current_service()
@@ -35,7 +54,7 @@ def train():
     loadable_here(model_for_training(params.model, service.settings))
     check_cost(params, service.settings)
     if not query.wait:
-        return accepted(submit(params))
+        return respond_queued(submit(params))
     if not service.waiters.acquire(blocking=False):
         raise ApiError(
             429,
@@ -46,9 +65,9 @@ def train():
     try:
         job = submit(params)
         timeout = min(query.timeout or service.settings.max_wait, service.settings.max_wait)
-        if jobs.wait_until(lambda: jobs.public_status(refreshed(job)) in jobs.FINAL_STATUSES, timeout, 0.25):
-            return finished_training(job)
-        return accepted(job)
+        if jobs.wait_until(lambda: jobs.public_status(refresh_status(job)) in jobs.FINAL_STATUSES, timeout, 0.25):
+            return respond_finished(job)
+        return respond_queued(job)
     finally:
         service.waiters.release()
 
@@ -60,17 +79,17 @@ def submit(params: TrainParams):
     return service.admission.admit(client, lambda: jobs.enqueue_training(service.queue, params, service.settings))
 
 
-def accepted(job):
+def respond_queued(job):
     location = url_for("jobs.show", job_id=job.id)
     return respond(JobAccepted, 202, {"Location": location}, job_id=job.id, status=jobs.public_status(job))
 
 
-def refreshed(job):
+def refresh_status(job):
     job.get_status(refresh=True)
     return job
 
 
-def finished_training(job):
+def respond_finished(job):
     """The tutorial script's synchronous answer (accuracy, predictions); for a failed or cancelled job, its view.
 
     The request itself succeeded either way (200); the job's outcome is in ``status`` and ``error``,
@@ -79,32 +98,35 @@ def finished_training(job):
     job.refresh()  # the wait loop refreshed only the status; timestamps and result are read again here
     view = jobs.describe_job(job)
     if view["status"] != "succeeded":
-        return jsonify(view)
+        return respond(JobView, **view)
     value = job.return_value()
     keys = ("accuracy", "n_eval", "dev_accuracy", "predictions", "metrics", "tracking")
-    return jsonify(without_server_paths({"job_id": job.id, "status": "succeeded"} | {k: value.get(k) for k in keys}))
+    return respond(TrainResult, job_id=job.id, status="succeeded", **without_server_paths({k: value[k] for k in keys}))
 
 
 @bp.get("/jobs")
+@documented("Recent jobs, newest first", {200: ("A page", JobList)}, query=JobsQuery)
 @require_token_for_reads
 def index():
     query = parse(JobsQuery, request.args.to_dict(), where="query")
     page, total = jobs.recent_jobs(current_service().queue, query.page, query.per_page)
-    return jsonify(
-        jobs=[jobs.describe_job(j) for j in page],
-        page=query.page,
-        per_page=query.per_page,
-        total=total,
+    return respond(
+        JobList, jobs=[jobs.describe_job(j) for j in page], page=query.page, per_page=query.per_page, total=total
     )
 
 
 @bp.get(f"/jobs/{JOB_ID}")
+@documented("Status, progress, result or error", {200: ("The job", JobView)})
 @require_token_for_reads
 def show(job_id: str):
-    return jsonify(jobs.describe_job(find_job(job_id)))
+    return respond(JobView, **jobs.describe_job(find_job(job_id)))
 
 
 @bp.post(f"/jobs/{JOB_ID}/cancel")
+@documented(
+    "Cancel a queued job or stop a running one",
+    {200: ("Cancelled", JobView), 202: ("Stop requested, not yet confirmed", JobView)},
+)
 @require_token
 def cancel(job_id: str):
     service = current_service()
@@ -113,10 +135,11 @@ def cancel(job_id: str):
     if sweep_id:  # a sweep's trial: the sweep marks it cancelled and starts the next one now
         sweeps.advance(service.settings, service.queue, sweep_id)
     view = jobs.describe_job(job)
-    return jsonify(view), 200 if view["status"] == "cancelled" else 202
+    return respond(JobView, 200 if view["status"] == "cancelled" else 202, None, **view)
 
 
 @bp.get(f"/jobs/{JOB_ID}/predictions")
+@documented("Per-example val predictions", {200: ("Predictions", PredictionList)})
 @require_token_for_reads
 def predictions(job_id: str):
     return respond(PredictionList, job_id=job_id, predictions=succeeded_job_predictions(job_id))

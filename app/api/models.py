@@ -9,6 +9,7 @@ from flask import Blueprint
 from app.api.auth import require_token, require_token_for_reads
 from app.api.body import json_object, parse
 from app.api.context import current_service
+from app.api.openapi import documented
 from app.api.schemas import ChampionView, ModelList, PromoteRequest, respond
 from app.config import Settings
 from app.service import registry
@@ -18,6 +19,10 @@ bp = Blueprint("models", __name__)
 
 
 @bp.get("/models")
+@documented(
+    "Registered model versions (job id, params, dev/val accuracy), newest first, and the champion",
+    {200: ("The versions", ModelList)},
+)
 @require_token_for_reads
 def index():
     service = current_service()
@@ -34,6 +39,11 @@ def index():
 
 
 @bp.post("/models/champion")
+@documented(
+    "Promote a version (by job_id or version) to champion; lower val accuracy needs force",
+    {200: ("The new champion", ChampionView)},
+    body=PromoteRequest,
+)
 @require_token
 def promote():
     service = current_service()

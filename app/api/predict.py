@@ -16,6 +16,7 @@ from app.api.auth import require_token
 from app.api.body import json_object, parse
 from app.api.context import current_service
 from app.api.errors import ApiError
+from app.api.openapi import documented
 from app.api.schemas import PredictBatch, PredictBatchResponse, PredictOne, PredictOneResponse, respond
 from app.service import jobs
 from app.service.batching import MicroBatcher
@@ -100,6 +101,11 @@ class PredictorCache:
 
 
 @bp.post("/predict")
+@documented(
+    "Answer yes/no questions with a fine-tuned model (default: the champion, else the latest job)",
+    {200: ("One answer, or one per item", (PredictOneResponse, PredictBatchResponse))},
+    body=(PredictOne, PredictBatch),
+)
 @require_token
 def predict():
     body = json_object()

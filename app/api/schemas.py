@@ -51,7 +51,14 @@ class PredictBatch(StrictModel):
     model: ModelName | None = None
 
 
-class Answer(BaseModel):
+class ResponseModel(BaseModel):
+    """A response body: ``respond`` builds every one through its model, and a key the model does not declare is an
+    error (a test's 500), not a field silently sent or dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Answer(ResponseModel):
     answer: bool
     probability: float
 
@@ -60,7 +67,7 @@ class PredictOneResponse(Answer):
     model: str
 
 
-class PredictBatchResponse(BaseModel):
+class PredictBatchResponse(ResponseModel):
     answers: list[Answer]
     model: str
 
@@ -68,12 +75,12 @@ class PredictBatchResponse(BaseModel):
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled", "pruned"]
 
 
-class JobAccepted(BaseModel):
+class JobAccepted(ResponseModel):
     job_id: str
     status: Status
 
 
-class JobResult(BaseModel):
+class JobResult(ResponseModel):
     accuracy: float
     n_eval: int
     dev_accuracy: float
@@ -83,12 +90,12 @@ class JobResult(BaseModel):
     warning: str | None = Field(None, description="Set when the model learned nothing (accuracy ≈ majority class).")
 
 
-class JobError(BaseModel):
+class JobError(ResponseModel):
     type: str
     message: str
 
 
-class JobView(BaseModel):
+class JobView(ResponseModel):
     job_id: str
     status: Status
     params: dict
@@ -104,14 +111,14 @@ class JobView(BaseModel):
     error: JobError | None
 
 
-class JobList(BaseModel):
+class JobList(ResponseModel):
     jobs: list[JobView]
     page: int
     per_page: int
     total: int
 
 
-class TrainResult(BaseModel):
+class TrainResult(ResponseModel):
     """``POST /train?wait=true`` when the job succeeded in time (the original tutorial script's contract)."""
 
     job_id: str
@@ -121,31 +128,32 @@ class TrainResult(BaseModel):
     dev_accuracy: float
     predictions: list[int]
     metrics: dict
+    tracking: dict | None = Field(None, description="Where the run was tracked (MLflow run id and URL), if it was.")
 
 
-class Prediction(BaseModel):
+class Prediction(ResponseModel):
     idx: int | str
     label: int
     prediction: int
     probability: float
 
 
-class PredictionList(BaseModel):
+class PredictionList(ResponseModel):
     job_id: str
     predictions: list[Prediction]
 
 
-class ErrorDetail(BaseModel):
+class ErrorDetail(ResponseModel):
     code: str
     message: str
     fields: dict[str, str]
 
 
-class ErrorBody(BaseModel):
+class ErrorBody(ResponseModel):
     error: ErrorDetail
 
 
-class Health(BaseModel):
+class Health(ResponseModel):
     status: str
     checks: dict[str, str] | None = None
 
@@ -180,20 +188,20 @@ class PromoteRequest(StrictModel):
         return self
 
 
-class ModelList(BaseModel):
+class ModelList(ResponseModel):
     registered_model: str
     champion: ModelVersion | None
     models: list[ModelVersion]
 
 
-class ChampionView(BaseModel):
+class ChampionView(ResponseModel):
     champion: ModelVersion
 
 
 TrialStatus = Literal["queued", "running", "succeeded", "pruned", "failed", "cancelled"]
 
 
-class TrialRow(BaseModel):
+class TrialRow(ResponseModel):
     """One trial of a sweep's leaderboard."""
 
     trial: int
@@ -206,12 +214,12 @@ class TrialRow(BaseModel):
     pruned_at_epoch: int | None
 
 
-class SweepAccepted(BaseModel):
+class SweepAccepted(ResponseModel):
     sweep_id: str
     status: Literal["running"]
 
 
-class SweepView(BaseModel):
+class SweepView(ResponseModel):
     sweep_id: str
     status: Literal["running", "finished", "cancelled"]
     created_at: str | None
@@ -229,7 +237,7 @@ class SweepView(BaseModel):
     leaderboard: list[TrialRow] | None = Field(None, description="Best dev accuracy first (absent in GET /sweeps).")
 
 
-class SweepList(BaseModel):
+class SweepList(ResponseModel):
     sweeps: list[SweepView]
     page: int
     per_page: int

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify, request, url_for
+from flask import Blueprint, request, url_for
 
 from app.api.auth import bearer_token, require_token, require_token_for_reads
 from app.api.body import json_object, parse
 from app.api.context import current_service
 from app.api.errors import ApiError
 from app.api.jobs import JOB_ID_PATTERN
-from app.api.schemas import JobsQuery, SweepAccepted, respond
+from app.api.openapi import documented
+from app.api.schemas import JobsQuery, SweepAccepted, SweepList, SweepView, respond
 from app.service import sweeps
 from app.service.admission import client_key
 
@@ -17,6 +18,11 @@ bp = Blueprint("sweeps", __name__)
 
 
 @bp.post("/sweeps")
+@documented(
+    "Start a hyperparameter sweep: its trials run as jobs, at most `parallel` at once",
+    {202: ("Started (Location: /sweeps/<id>)", SweepAccepted)},
+    body=sweeps.SweepRequest,
+)
 @require_token
 def create():
     service = current_service()
@@ -29,6 +35,7 @@ def create():
 
 
 @bp.get("/sweeps")
+@documented("Sweeps, newest first (without leaderboards)", {200: ("A page", SweepList)}, query=JobsQuery)
 @require_token_for_reads
 def index():
     service = current_service()
@@ -39,24 +46,29 @@ def index():
         sweeps.describe_sweep(service.settings, service.queue, i, leaderboard_rows=False)
         for i in ids[start : start + query.per_page]
     ]
-    return jsonify(sweeps=page, page=query.page, per_page=query.per_page, total=len(ids))
+    return respond(SweepList, sweeps=page, page=query.page, per_page=query.per_page, total=len(ids))
 
 
 @bp.get("/sweeps/<sweep_id>")
+@documented("Status, space and leaderboard (best dev accuracy first)", {200: ("The sweep", SweepView)})
 @require_token_for_reads
 def show(sweep_id: str):
     service = current_service()
     find_sweep(sweep_id)  # a read changes nothing: trials whose worker died are noticed by the workers' check
-    return jsonify(sweeps.describe_sweep(service.settings, service.queue, sweep_id))
+    return respond(SweepView, **sweeps.describe_sweep(service.settings, service.queue, sweep_id))
 
 
 @bp.post("/sweeps/<sweep_id>/cancel")
+@documented(
+    "Cancel a sweep: its queued and running trials are cancelled, no new ones start",
+    {200: ("Cancelled", SweepView)},
+)
 @require_token
 def cancel(sweep_id: str):
     service = current_service()
     find_sweep(sweep_id)
     sweeps.cancel_sweep(service.settings, service.queue, sweep_id)
-    return jsonify(sweeps.describe_sweep(service.settings, service.queue, sweep_id))
+    return respond(SweepView, **sweeps.describe_sweep(service.settings, service.queue, sweep_id))
 
 
 def find_sweep(sweep_id: str) -> None:

@@ -242,6 +242,24 @@ def test_openapi_describes_every_route_with_generated_schemas(client):
     assert set(references(document)) <= {f"#/components/schemas/{name}" for name in schemas}
 
 
+@pytest.mark.parametrize("public_reads", [False, True])
+def test_openapi_asks_for_the_token_exactly_where_the_service_does(settings, public_reads):
+    configured = settings.model_copy(update={"api_token": "s3cret", "public_reads": public_reads})
+    client = create_app(configured).test_client()
+    document = client.get("/openapi.json", headers={"Authorization": "Bearer s3cret"}).get_json()
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            url = re.sub(r"\{\w+\}", "no-such-id", path)
+            answer = client.open(url, method=method.upper(), json={})
+            asks = answer.status_code == 401
+            assert ("security" in operation) == asks == ("401" in operation["responses"]), (method, path)
+    secured = {(m, p) for p, item in document["paths"].items() for m, op in item.items() if "security" in op}
+    assert ("post", "/train") in secured and (("get", "/models") in secured) is not public_reads
+    assert document["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
+
+
 def references(node):
     """Every ``$ref`` anywhere in a JSON document."""
     if isinstance(node, dict):
