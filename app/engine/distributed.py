@@ -9,8 +9,6 @@ reports progress. On one device nothing here does anything: no process group, no
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
 import signal
@@ -22,11 +20,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from app.engine.lifetime import die_with_parent
 from app.engine.modeling import resolve_device
 
 log = logging.getLogger(__name__)
-
-PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 
 def launched_by_torchrun() -> bool:
@@ -83,7 +80,7 @@ def process_group(device_name: str) -> Iterator[torch.device]:
     """Join torchrun's process group for the block (gloo on the CPU, NCCL on GPUs); yields this rank's device.
 
     On GPUs rank r of a node takes GPU ``LOCAL_RANK``. The group is left on the way out, also on error."""
-    die_with_parent()
+    die_with_torchrun()
     device = resolve_device(device_name)
     if device.type == "cuda":
         device = torch.device("cuda", dist.get_node_local_rank())
@@ -98,17 +95,12 @@ def process_group(device_name: str) -> Iterator[torch.device]:
         dist.destroy_process_group()
 
 
-def die_with_parent() -> None:
+def die_with_torchrun() -> None:
     """Have the kernel kill this rank when torchrun dies, even by SIGKILL (a cancelled job's process group).
 
     torchrun puts each rank in a session of its own, so killing torchrun's group would otherwise leave
     the ranks training as orphans. Linux only; elsewhere a no-op."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # torchrun died before prctl took effect
+    if die_with_parent(signal.SIGKILL) and os.getppid() == 1:  # torchrun died before prctl took effect
         os._exit(1)
 
 

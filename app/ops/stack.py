@@ -12,7 +12,6 @@ restarted with backoff (``app/ops/supervisor.py``); Redis on the same append-onl
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import json
 import logging
@@ -34,6 +33,7 @@ import requests
 from rq import Worker
 
 from app.config import PROJECT_ROOT, Settings, environment_with
+from app.engine.lifetime import die_with_parent
 from app.ops.mlflow_server import SERVER_ENV, mlflow_server_argv, server_answers
 from app.ops.nginx_config import native_layout, render_nginx_conf
 from app.ops.supervisor import Supervisor
@@ -48,7 +48,6 @@ STOP_TIMEOUT_S = 15.0
 POLL_INTERVAL_S = 0.25
 # Debian installs nginx in /usr/sbin, which is not on an ordinary user's PATH.
 SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
-PR_SET_PDEATHSIG = 1
 
 
 class StackError(Exception):
@@ -135,12 +134,6 @@ class Child:
             "exit_code": self.exit_code,
             "restarts": self.restarts,
         }
-
-
-def die_with_parent() -> None:
-    """In the child before exec: get SIGTERM if the stack itself dies (even by SIGKILL), so nothing is orphaned."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def find_binary(name: str) -> str:

@@ -53,7 +53,7 @@ def train_on_ranks(job: Job, params: TrainParams, settings: Settings) -> dict:
     """``devices`` N > 1: run the job as N torchrun ranks (``python -m app.service.tasks``); return rank 0's result.
 
     This work horse only launches and waits, so a cancel or timeout (RQ kills its process group) kills torchrun,
-    and the kernel then kills the ranks (``distributed.die_with_parent``)."""
+    and the kernel then kills the ranks (``distributed.die_with_torchrun``)."""
     distributed.check_devices(params.devices, settings.device)
     threads = distributed.threads_per_rank(params.devices, settings.num_threads)
     with tempfile.TemporaryDirectory(prefix="boolq-ranks-") as folder:
