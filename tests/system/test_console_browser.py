@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
 import threading
 from urllib.parse import urlparse
@@ -25,7 +23,7 @@ import requests
 from playwright.sync_api import expect  # a missing Playwright fails these tests, never skips them
 
 from app.ops.stack import free_ports
-from tests.helpers import LONG_JOB, REPO_ROOT, stack_redis_url, wait_for_state
+from tests.helpers import LONG_JOB, REPO_ROOT, running_stack, stack_redis_url
 
 SCREENSHOTS = REPO_ROOT / "test-artifacts" / "console"
 JOB_TIMEOUT_MS = 300_000
@@ -57,21 +55,8 @@ def console_stack(tmp_path_factory):
         "DEFAULT_MODEL": "minilm",
     }
     argv = [sys.executable, "-m", "app", "stack", "--replicas", "1", "--workers", "1", "--port", str(port)]
-    log_path = folder / "stack.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [*argv, "--state-dir", str(folder / "state")],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        yield wait_for_state(process, folder / "state" / "stack.json", log_path)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
+    with running_stack(argv, folder, env) as (_, state):
+        yield state
 
 
 @pytest.fixture(scope="module")

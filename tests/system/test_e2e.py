@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -19,7 +18,7 @@ import pytest
 import requests
 
 from app.ops.stack import free_ports
-from tests.helpers import wait_for_state
+from tests.helpers import running_stack
 
 ROOT = Path(__file__).resolve().parents[2]
 STACK_START_TIMEOUT_S = 240
@@ -45,7 +44,6 @@ class Client:
 def stack(tmp_path):
     """The stack as a user starts it; yields (process, state from stack.json). Stopped at the end in any case."""
     (port,) = free_ports(1)
-    state_dir = tmp_path / "state"
     env = {
         **os.environ,
         "TRACKER": "none",
@@ -54,17 +52,10 @@ def stack(tmp_path):
         "NUM_THREADS": "1",
     }
     argv = [sys.executable, "-m", "app", "stack", "--replicas", "2", "--workers", "1", "--port", str(port)]
-    with open(tmp_path / "stack.log", "wb") as log_file:
-        process = subprocess.Popen(
-            [*argv, "--state-dir", str(state_dir)], cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT
-        )
     try:
-        state = wait_for_state(process, state_dir / "stack.json", tmp_path / "stack.log")
-        yield process, state
+        with running_stack(argv, tmp_path, env) as (process, state):
+            yield process, state
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
         print((tmp_path / "stack.log").read_text())
 
 

@@ -91,22 +91,15 @@ def test_a_tampered_checkpoint_runs_no_code_and_the_run_starts_over(tmp_path):
 @pytest.mark.slow
 def test_the_native_stack_keeps_the_redis_password_out_of_shared_files_logs_and_command_lines(tmp_path):
     import os
-    import signal
     import stat
-    import subprocess
     import sys
 
-    from tests.helpers import REPO_ROOT, free_port, stack_redis_url, wait_for_state
+    from tests.helpers import free_port, running_stack, stack_redis_url
 
     state_dir, log_path = tmp_path / "state", tmp_path / "stack.log"
     env = os.environ | {"TRACKER": "none", "ARTIFACTS_DIR": str(tmp_path / "runs"), "HF_HUB_OFFLINE": "1"}
     argv = [sys.executable, "-m", "app", "stack", "--replicas", "1", "--workers", "1", "--port", str(free_port())]
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [*argv, "--state-dir", str(state_dir)], cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT
-        )
-    try:
-        state = wait_for_state(process, state_dir / "stack.json", log_path)
+    with running_stack(argv, tmp_path, env) as (_, state):
         password = stack_redis_url(state).split(":")[2].split("@")[0]
         assert len(password) >= 16 and Redis.from_url(stack_redis_url(state)).ping()
         assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
@@ -115,9 +108,6 @@ def test_the_native_stack_keeps_the_redis_password_out_of_shared_files_logs_and_
         assert password not in (state_dir / "stack.json").read_text()
         redis_pid = next(c["pid"] for c in state["children"] if c["role"] == "redis")
         assert password not in Path(f"/proc/{redis_pid}/cmdline").read_text()  # what ps shows every user
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
     logs = [log_path, *(state_dir / "logs").iterdir()]
     assert all(password not in path.read_text(errors="replace") for path in logs)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 
@@ -16,8 +15,7 @@ import pytest
 import requests
 
 from app.ops.stack import free_ports
-from tests.helpers import LONG_JOB, TINY_JOB, wait_for_state
-from tests.helpers import REPO_ROOT as ROOT
+from tests.helpers import LONG_JOB, TINY_JOB, running_stack
 
 RECOVERY_S = 30
 
@@ -34,16 +32,10 @@ def stack(tmp_path_factory):
         "WORKER_HEARTBEAT": "2",
     }
     argv = [sys.executable, "-m", "app", "stack", "--replicas", "2", "--workers", "1", "--port", str(port)]
-    argv += ["--state-dir", str(folder / "state")]
-    with open(folder / "stack.log", "wb") as log_file:
-        process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     try:
-        state = wait_for_state(process, folder / "state" / "stack.json", folder / "stack.log")
-        yield process, folder / "state" / "stack.json", state
+        with running_stack(argv, folder, env) as (process, state):
+            yield process, folder / "state" / "stack.json", state
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
         print((folder / "stack.log").read_text()[-5000:])
 
 
