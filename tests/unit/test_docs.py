@@ -56,3 +56,23 @@ def test_every_training_parameter_has_a_row_with_its_default():
             continue  # None and names: described in words ("all", "off", the model's name)
         shown = rows[option].split("|")[2].strip().strip("`")
         assert float(shown) == float(expected) if expected[0].isdigit() else shown == expected, option
+
+
+def test_the_readme_code_map_names_every_module_where_it_lives():
+    """Each module of a package under app/ is named in that package's row of the README's Code map (as ``name.py``
+    or ``name``), and each ``*.py`` the row names exists."""
+    rows = {
+        cells[1].strip().strip("`"): cells[2]
+        for line in (REPO_ROOT / "README.md").read_text().splitlines()
+        if line.startswith("| `app/") and (cells := line.split("|"))
+    }
+    missing, stale = [], []
+    for package in ("api", "engine", "ops", "service"):
+        row = rows[f"app/{package}/"]
+        folder = REPO_ROOT / "app" / package
+        for module in folder.rglob("*.py"):
+            name = module.stem
+            if name != "__init__" and f"`{name}.py`" not in row and f"`{name}`" not in row:
+                missing.append(str(module.relative_to(REPO_ROOT)))
+        stale += [f"app/{package}/{n}" for n in re.findall(r"`(\w+\.py)`", row) if not (folder / n).exists()]
+    assert missing == [] and stale == [], f"not in the Code map: {missing}; named but gone: {stale}"
