@@ -53,9 +53,12 @@ format: $(BIN)/.installed
 services:
 	@bash .ci/services
 
-# Everything: 337 tests in 13.4 min on 2 idle cores, the test process at 2.7 GB peak. Installs the system services first when it can (root + apt).
+# Everything, in TEST_WORKERS processes (whole files each: module fixtures stay together); most tests wait on
+# servers and subprocesses, so 2 processes on 2 cores take about two thirds of the time of one (bench/README.md has
+# no figure for this: docs/development.md does). Installs the system services first when it can (root + apt).
+TEST_WORKERS ?= 2
 test: services lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # tests/unit: no service, no process of its own (torch runs in the test process).
 test-fast: lint

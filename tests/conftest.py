@@ -99,9 +99,32 @@ def browser():
         browser.close()
 
 
-def pytest_terminal_summary(terminalreporter):
-    """Say what the suite cost the test process itself (the budget is < 3 GB; workers and servers are separate)."""
+WORKER_PEAKS = pytest.StashKey[list]()  # each xdist worker's peak memory, gathered by the controller
+
+
+def peak_resident_mb() -> int:
     import resource
 
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-    terminalreporter.write_line(f"peak memory of the test process: {peak_mb} MB")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
+
+def pytest_sessionfinish(session):
+    """Under pytest-xdist (``make test``), each worker hands its peak memory to the controller."""
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["peak_mb"] = peak_resident_mb()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    node.config.stash.setdefault(WORKER_PEAKS, []).append(node.workeroutput.get("peak_mb", 0))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say what the suite cost the test processes themselves (the budget is < 3 GB each; workers and servers are
+    separate)."""
+    peaks = terminalreporter.config.stash.get(WORKER_PEAKS, [])
+    if peaks:
+        listed = ", ".join(f"{mb} MB" for mb in peaks)
+        terminalreporter.write_line(f"peak memory of the test processes: {listed} (together {sum(peaks)} MB)")
+    else:
+        terminalreporter.write_line(f"peak memory of the test process: {peak_resident_mb()} MB")
