@@ -53,9 +53,9 @@ format: $(BIN)/.installed
 services:
 	@bash .ci/services
 
-# Everything, in TEST_WORKERS processes (whole files each: module fixtures stay together); most tests wait on
-# servers and subprocesses, so 2 processes on 2 cores take about two thirds of the time of one (bench/README.md has
-# no figure for this: docs/development.md does). Installs the system services first when it can (root + apt).
+# Everything, in TEST_WORKERS pytest processes (whole files each, so module fixtures stay together): most tests
+# wait on servers and subprocesses, so two processes on 2 cores finish sooner than one. Installs the system
+# services first when it can (root + apt).
 TEST_WORKERS ?= 2
 test: services lint
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
