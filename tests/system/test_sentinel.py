@@ -78,8 +78,9 @@ def answers(client: Redis) -> bool:
 
 
 @pytest.fixture
-def sentinel_redis(tmp_path):
-    """A master, a replica in sync with it, and one Sentinel (quorum 1) that has seen the replica."""
+def sentinel_redis(tmp_path, launcher):
+    """A master, a replica in sync with it, and one Sentinel (quorum 1) that has seen the replica. The service
+    processes the test launches stop first: a worker stopping without its Redis would retry it for ~30 s."""
     redis = RedisProcesses(tmp_path)
     try:
         no_disk = ("--save", "", "--appendonly", "no")
@@ -92,6 +93,7 @@ def sentinel_redis(tmp_path):
         wait_for(lambda: sentinel.sentinel_slaves(MASTER_NAME), 30, "the Sentinel to find the replica")
         yield redis, master_port, replica_port, sentinel_port
     finally:
+        launcher.stop_all()
         redis.stop_all()
 
 
