@@ -37,6 +37,9 @@ ENV ARTIFACTS_DIR=/data/artifacts \
 
 WORKDIR /srv
 
+# jemalloc for the training processes (ALLOCATOR, docs/configuration.md): a worker's memory stays near its working set.
+RUN apt-get update && apt-get install -y --no-install-recommends libjemalloc2 && rm -rf /var/lib/apt/lists/*
+
 # Non-root user; the data folders (artifacts, HF cache, mlflow) exist in the image so named volumes inherit their owner.
 RUN useradd --create-home --uid 10001 --user-group app \
     && mkdir -p /data/artifacts /data/hf-cache /data/mlflow \

@@ -308,8 +308,8 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
         return usage_error(str(exc))
     quiet_libraries()
     from app.engine import distributed
+    from app.engine.memory import keep_freed_memory_in_heap
     from app.engine.run import run_training  # torch loads here, once the options are valid
-    from app.engine.training import keep_freed_memory_in_heap
 
     if distributed.launched_by_torchrun():
         return train_as_rank(args, params, settings, tracker)
@@ -343,8 +343,8 @@ def launch_ranks(args: argparse.Namespace, params, settings: Settings) -> int:
 def train_as_rank(args: argparse.Namespace, params, settings: Settings, tracker) -> int:
     """One of torchrun's ranks: train in its process group; rank 0 prints the results as a one-process run does."""
     from app.engine import distributed
+    from app.engine.memory import keep_freed_memory_in_heap
     from app.engine.run import run_training
-    from app.engine.training import keep_freed_memory_in_heap
 
     keep_freed_memory_in_heap()
     with distributed.process_group(settings.device) as device, ProgressBar() as bar:
@@ -486,6 +486,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         first = exc.errors()[0]
         return usage_error(f"environment variable {str(first['loc'][0]).upper()}: {first['msg']}")
+    if argv is None and args.handler in (run_train, run_sweep, run_worker):  # a process of its own that trains
+        from app.ops.allocator import restart_with_allocator
+
+        restart_with_allocator(settings)
     try:
         return args.handler(args, settings)
     except Exception as exc:

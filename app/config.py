@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     num_threads: int = 0
     # Where training runs: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N.
     device: str = "auto"
+    # The memory allocator of training processes (train, sweep, worker): jemalloc (Debian's libjemalloc2, preloaded
+    # by restarting the process) keeps a CPU run's memory near its working set at full speed; glibc keeps freed
+    # blocks for reuse, as fast, but its heap grows all run long. Without libjemalloc2: glibc, with a warning.
+    allocator: Literal["jemalloc", "glibc"] = "jemalloc"
     # Redis holding the job queue and job state.
     redis_url: str = "redis://localhost:6379/0"
     # Redis Sentinels watching that Redis, comma-separated host:port; set, the service asks them for the master
@@ -159,6 +163,11 @@ class Settings(BaseSettings):
     @classmethod
     def expand_user(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
+
+
+def preloaded_libraries() -> list[str]:
+    """The libraries ``LD_PRELOAD`` asks the dynamic loader to load first (``app.ops.allocator`` sets it)."""
+    return os.environ.get("LD_PRELOAD", "").replace(":", " ").split()
 
 
 def environment_with(**overrides: str) -> dict[str, str]:

@@ -30,20 +30,14 @@ import torch  # noqa: E402
 from app.engine.attention import use_cheap_cpu_attention  # noqa: E402
 from app.engine.data import load_boolq  # noqa: E402
 from app.engine.encoding import device_batches, encode, length_grouped_batches, to_device  # noqa: E402
+from app.engine.memory import heap_limit_for, keep_freed_memory_in_heap, peak_resident_mb, trim_heap_above  # noqa: E402
 from app.engine.modeling import (  # noqa: E402
     compute_last_layer_for_first_token_only,
     load_classifier,
     load_tokenizer,
     takes_prepared_mask,
 )
-from app.engine.training import (  # noqa: E402
-    heap_limit_for,
-    keep_freed_memory_in_heap,
-    make_optimizer,
-    peak_resident_mb,
-    train_step,
-    trim_heap_above,
-)
+from app.engine.training import make_optimizer, train_step  # noqa: E402
 from app.params import TrainParams  # noqa: E402
 
 FULL_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "boolq"

@@ -35,8 +35,9 @@ from transformers import AutoModelForSequenceClassification, BertConfig  # noqa:
 
 from app.engine.data import load_boolq, split_train_dev  # noqa: E402
 from app.engine.encoding import encode, length_grouped_batches  # noqa: E402
+from app.engine.memory import keep_freed_memory_in_heap  # noqa: E402
 from app.engine.modeling import bf16_supported, load_classifier, load_tokenizer  # noqa: E402
-from app.engine.training import configure_torch, fine_tune, keep_freed_memory_in_heap  # noqa: E402
+from app.engine.training import configure_torch, fine_tune  # noqa: E402
 from app.params import TrainParams  # noqa: E402
 from app.tracking import NullTracker  # noqa: E402
 from bench.trainer_peer import train_with_trainer  # noqa: E402

@@ -9,13 +9,9 @@ position the classifier reads, and bf16 autocast where the CPU/GPU does bf16 nat
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import functools
 import logging
 import pickle
 import random
-import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -36,6 +32,7 @@ from app.engine.evaluation import (
     final_metrics,
     predict_probabilities,
 )
+from app.engine.memory import allocator_in_use, peak_resident_mb
 from app.engine.modeling import (
     autocast,
     bf16_supported,
@@ -209,6 +206,7 @@ def collect_metrics(
         "device": str(target),
         "train_examples_per_s": history.examples_trained / timings["train"],
         "peak_rss_mb": peak_resident_mb(),  # this process's: a worker's job runs in its own work horse
+        "allocator": allocator_in_use(),
         "timings_s": dict(timings),
     }
 
@@ -253,75 +251,6 @@ def configure_torch(seed: int, num_threads: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-# glibc mallopt parameters (malloc.h).
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-HEAP_KEEP_BYTES = 1 << 30
-# Freed memory ``heap_limit_for`` lets the heap keep resident above the model, its gradients and AdamW state.
-HEAP_SLACK_BYTES = 3 << 29  # 1.5 GiB
-
-
-@functools.cache
-def glibc() -> ctypes.CDLL | None:
-    """The C library when it is glibc (it has ``mallopt`` and ``malloc_trim``); None elsewhere."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-def keep_freed_memory_in_heap() -> bool:
-    """Let glibc keep freed activation buffers for reuse instead of unmapping them; True if applied.
-
-    By default every block over the (at most 32 MiB) mmap threshold is mmap'd and returned to the kernel
-    on free, so each training step faults in, and the kernel zeroes, its large activations again.
-    Blocks up to 1 GiB now come from the heap and stay there (faster CPU steps), but the heap then grows all run
-    long (bench/README.md "Memory": trimming it with ``trim_heap_above`` bounds that at a measured cost in speed,
-    so the loop does not). A no-op where libc is not glibc. Process-wide, so the
-    process that exists to train calls it (CLI train, the worker's job), not a library function.
-    """
-    libc = glibc()
-    return libc is not None and bool(
-        libc.mallopt(M_MMAP_THRESHOLD, HEAP_KEEP_BYTES) and libc.mallopt(M_TRIM_THRESHOLD, HEAP_KEEP_BYTES)
-    )
-
-
-def trim_heap_above(limit_bytes: int) -> bool:
-    """Return the heap's free pages to the kernel (``malloc_trim``) if resident memory exceeds ``limit_bytes``;
-    True if it did.
-
-    With heap reuse every freed block stays resident, and batches of ever new widths leave holes that later
-    blocks do not fit, so the heap grows all run long (to several GB for minilm over BoolQ). Trimming past a
-    limit bounds that; bench/step_ablation.py's ``with heap_trim`` variant measures what it costs. Elsewhere than
-    Linux with glibc this does nothing."""
-    libc = glibc()
-    if libc is None or resident_bytes() <= limit_bytes:
-        return False
-    libc.malloc_trim(0)
-    return True
-
-
-def heap_limit_for(model: torch.nn.Module) -> int:
-    """A limit for ``trim_heap_above`` in a training process: what it holds now, plus the model's gradients and AdamW
-    state still to come (3 × its weights), plus ``HEAP_SLACK_BYTES``."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return resident_bytes() + 3 * weights + HEAP_SLACK_BYTES
-
-
-def resident_bytes() -> int:
-    """This process's resident memory now (0 where /proc is missing)."""
-    try:
-        with open("/proc/self/statm", "rb") as statm:
-            return int(statm.read().split()[1]) * resource.getpagesize()
-    except OSError:
-        return 0
-
-
-def peak_resident_mb() -> float:
-    """This process's peak resident memory so far (Linux reports ``ru_maxrss`` in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @dataclass

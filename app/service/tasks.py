@@ -20,8 +20,8 @@ from rq.serializers import JSONSerializer
 
 from app.config import Settings, environment_with
 from app.engine import distributed, run_folder
+from app.engine.memory import keep_freed_memory_in_heap
 from app.engine.run import run_training
-from app.engine.training import keep_freed_memory_in_heap
 from app.params import TrainParams
 from app.service.model_access import resolve_for_training
 from app.service.model_store import resume_or_start_over

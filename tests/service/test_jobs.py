@@ -143,6 +143,7 @@ def test_wait_true_returns_accuracy_and_predictions(client):
     body = response.get_json()
     assert response.status_code == 200, body
     assert body["status"] == "succeeded"
+    assert body["metrics"]["allocator"] == "jemalloc"  # the worker restarted itself with it; its jobs fork from it
     written = client.get(f"/jobs/{body['job_id']}/predictions").get_json()["predictions"]
     assert body["predictions"] == [row["prediction"] for row in written]  # the same answers, in val order
     assert body["accuracy"] == sum(r["label"] == r["prediction"] for r in written) / TINY_JOB["eval_limit"]

@@ -98,6 +98,7 @@ def test_train_json_then_predict(tmp_path):
         assert key in out
     assert out["n_eval"] == len(out["predictions"]) == 6 and set(out["predictions"]) <= {0, 1}
     assert out["params"]["model"] == "minilm"
+    assert out["metrics"]["allocator"] == "jemalloc"  # the default: the command restarted itself with it preloaded
 
     proc = run_cli(
         "predict", "--model-dir", out["run_dir"], "--question", "is the sky blue", "--passage", "Sky -- blue"

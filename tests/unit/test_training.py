@@ -214,7 +214,7 @@ def test_first_token_only_leaves_other_architectures_alone():
 
 FAULTS_PER_STEP = """
 import resource, statistics, sys, torch
-from app.engine.training import keep_freed_memory_in_heap
+from app.engine.memory import keep_freed_memory_in_heap
 
 applied = keep_freed_memory_in_heap() if sys.argv[1] == "tuned" else None
 x, w = torch.randn(16, 512, 384), torch.randn(384, 1536)
