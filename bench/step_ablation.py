@@ -1,19 +1,21 @@
 """Where the engine's per-step speed comes from: its training step with one speed feature removed at a time.
 
 Every variant trains minilm on the same length-grouped batches (batch 32, max_length 256, real BoolQ rows)
-in a fresh subprocess, so glibc's allocator settings and peak RSS are each variant's own; variants alternate,
+in a fresh subprocess, so the allocator (jemalloc preloaded as training processes run, or glibc) and peak RSS are
+each variant's own; variants alternate,
 round after round, so background load hits all alike. Reported: median seconds per optimisation step, the
 slowdown against the full engine, and each variant's peak RSS (the highest over its rounds).
 
     python bench/step_ablation.py            # 6 variants x 2 rounds, ~12 min on 2 idle cores
     python bench/step_ablation.py --json
-    # memory: the first 40 steps of an epoch over all of BoolQ train, with and without the heap trim
-    python bench/step_ablation.py --rows 0 --steps 40 --variants engine "with heap_trim" "without heap_reuse"
+    # memory: the first 100 steps of an epoch over all of BoolQ train, jemalloc against glibc's heap reuse
+    python bench/step_ablation.py --rows 0 --steps 100 --threads 0 --variants engine "without jemalloc"
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes.util
 import json
 import statistics
 import subprocess
@@ -27,10 +29,17 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from app.config import environment_with  # noqa: E402
 from app.engine.attention import use_cheap_cpu_attention  # noqa: E402
 from app.engine.data import load_boolq  # noqa: E402
 from app.engine.encoding import device_batches, encode, length_grouped_batches, to_device  # noqa: E402
-from app.engine.memory import heap_limit_for, keep_freed_memory_in_heap, peak_resident_mb, trim_heap_above  # noqa: E402
+from app.engine.memory import (  # noqa: E402
+    allocator_in_use,
+    heap_limit_for,
+    keep_freed_memory_in_heap,
+    peak_resident_mb,
+    trim_heap_above,
+)
 from app.engine.modeling import (  # noqa: E402
     compute_last_layer_for_first_token_only,
     load_classifier,
@@ -38,20 +47,25 @@ from app.engine.modeling import (  # noqa: E402
     takes_prepared_mask,
 )
 from app.engine.training import make_optimizer, train_step  # noqa: E402
+from app.ops.allocator import JEMALLOC_CONF  # noqa: E402
 from app.params import TrainParams  # noqa: E402
 
 FULL_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "boolq"
-FEATURES = ("fused_adamw", "first_token_only", "heap_reuse", "cheap_cpu_attention")
+# jemalloc: what training processes run with (app/ops/allocator.py); without it, glibc keeps freed blocks for reuse.
+FEATURES = ("fused_adamw", "first_token_only", "jemalloc", "cheap_cpu_attention")
 VARIANTS = {"engine": set(FEATURES)} | {f"without {f}": set(FEATURES) - {f} for f in FEATURES}
-# Not an engine feature: the heap trim after each step (training.trim_heap_above), which bounds memory at a cost.
+# Not engine features, on glibc: its default (large blocks back to the kernel on free), and the heap trim after
+# each step (memory.trim_heap_above), which bounds the heap reuse's growth at a cost.
+VARIANTS["glibc default"] = set(FEATURES) - {"jemalloc"} | {"glibc_default"}
 VARIANTS["with heap_trim"] = set(FEATURES) | {"heap_trim"}
+VARIANTS["glibc with heap_trim"] = set(FEATURES) - {"jemalloc"} | {"heap_trim"}
 
 
 def prepare_steps(features: set[str], data_dir: str, rows: int, count: int, threads: int):
     """minilm with the given engine features, its optimizer, and ``count`` real BoolQ batches of 32 grouped by
     length, as the engine builds them (``bench/step_profile.py`` uses this too)."""
-    if "heap_reuse" in features:
-        keep_freed_memory_in_heap()
+    if "glibc_default" not in features:
+        keep_freed_memory_in_heap()  # a no-op under jemalloc
     if threads > 0:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -68,11 +82,13 @@ def prepare_steps(features: set[str], data_dir: str, rows: int, count: int, thre
     return model, optimizer, list(device_batches(split, batches[:count]))
 
 
-def time_steps(features: set[str], data_dir: str, rows: int, warmup: int, steps: int, threads: int) -> dict:
+def time_steps(
+    features: set[str], data_dir: str, rows: int, warmup: int, steps: int, threads: int, trim_above_mb: int = 0
+) -> dict:
     """Seconds per step of the engine's own ``train_step`` (forward, backward, clip, AdamW, and the heap trim the
     loop does after it) with the given features, and the process's peak RSS."""
     model, optimizer, batches = prepare_steps(features, data_dir, rows, warmup + steps, threads)
-    limit = heap_limit_for(model)
+    limit = trim_above_mb << 20 if trim_above_mb else heap_limit_for(model)
     seconds = []
     for batch in batches:
         started = time.perf_counter()
@@ -80,13 +96,17 @@ def time_steps(features: set[str], data_dir: str, rows: int, warmup: int, steps:
         if "heap_trim" in features:
             trim_heap_above(limit)
         seconds.append(time.perf_counter() - started)
-    return {"seconds": seconds[warmup:], "peak_rss_mb": peak_resident_mb()}
+    return {"seconds": seconds[warmup:], "peak_rss_mb": peak_resident_mb(), "allocator": allocator_in_use()}
 
 
 def run_variant(name: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--variant", name, "--rows", str(args.rows), "--steps", str(args.steps)]
-    command += ["--threads", str(args.threads), "--data-dir", args.data_dir]
-    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    command += ["--threads", str(args.threads), "--data-dir", args.data_dir, "--trim-above-mb", str(args.trim_above_mb)]
+    preload = {"LD_PRELOAD": "", "MALLOC_CONF": ""}
+    if "jemalloc" in VARIANTS[name]:
+        preload = {"LD_PRELOAD": ctypes.util.find_library("jemalloc") or "", "MALLOC_CONF": JEMALLOC_CONF}
+    env = environment_with(**preload)
+    out = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -99,10 +119,17 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", default=str(FULL_DATA_DIR))
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--trim-above-mb", type=int, default=0, help="heap_trim's limit (default: heap_limit_for)")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(time_steps(VARIANTS[args.variant], args.data_dir, args.rows, 2, args.steps, args.threads)))
+        print(
+            json.dumps(
+                time_steps(
+                    VARIANTS[args.variant], args.data_dir, args.rows, 2, args.steps, args.threads, args.trim_above_mb
+                )
+            )
+        )
         return 0
 
     seconds: dict[str, list[float]] = {name: [] for name in args.variants}

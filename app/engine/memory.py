@@ -12,6 +12,7 @@ import resource
 from pathlib import Path
 
 
+@functools.cache  # the allocator cannot change within a process
 def allocator_in_use() -> str:
     """``jemalloc`` when it serves this process's malloc (preloaded: ``app.ops.allocator``), else ``glibc``."""
     try:
@@ -24,7 +25,8 @@ def allocator_in_use() -> str:
 # glibc mallopt parameters (malloc.h).
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 HEAP_KEEP_BYTES = 1 << 30
-# Freed memory ``heap_limit_for`` lets the heap keep resident above the model, its gradients and AdamW state.
+# What ``heap_limit_for`` lets a training step hold above the model, its gradients and AdamW state: its activations
+# and the freed blocks kept for the next steps.
 HEAP_SLACK_BYTES = 3 << 29  # 1.5 GiB
 
 
@@ -55,15 +57,19 @@ def keep_freed_memory_in_heap() -> bool:
 
 
 def trim_heap_above(limit_bytes: int) -> bool:
-    """Return the heap's free pages to the kernel (``malloc_trim``) if resident memory exceeds ``limit_bytes``;
-    True if it did.
+    """Return freed pages to the kernel if resident memory exceeds ``limit_bytes``; True if it did: jemalloc purges
+    every arena, glibc trims its heap (``malloc_trim``).
 
-    With heap reuse every freed block stays resident, and batches of ever new widths leave holes that later
-    blocks do not fit, so the heap grows all run long (to several GB for minilm over BoolQ). Trimming past a
-    limit bounds that; bench/step_ablation.py's ``with heap_trim`` variant measures what it costs. Elsewhere than
-    Linux with glibc this does nothing."""
+    Freed blocks stay resident for reuse (jemalloc: no purging; glibc: heap reuse), and batches of ever new widths
+    leave some that later blocks do not fit, so memory creeps up over a run. Releasing past a limit bounds that;
+    the next step faults its buffers in again (bench/step_ablation.py's ``with heap_trim`` variants)."""
+    if resident_bytes() <= limit_bytes:
+        return False
+    if allocator_in_use() == "jemalloc":
+        purge = getattr(ctypes.CDLL(None), "mallctl", None)
+        return purge is not None and purge(b"arena.4096.purge", None, None, None, 0) == 0  # 4096: every arena
     libc = glibc()
-    if libc is None or resident_bytes() <= limit_bytes:
+    if libc is None:
         return False
     libc.malloc_trim(0)
     return True

@@ -158,11 +158,12 @@ def test_peak_is_the_best_measurement_per_dtype():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["engine", "without first_token_only"])
-def test_step_ablation_times_real_training_steps(variant):
-    args = argparse.Namespace(rows=100, steps=2, threads=0, data_dir=str(SAMPLE_DATA_DIR))
+@pytest.mark.parametrize(("variant", "allocator"), [("engine", "jemalloc"), ("without jemalloc", "glibc")])
+def test_step_ablation_times_real_training_steps_with_each_variants_allocator(variant, allocator):
+    args = argparse.Namespace(rows=100, steps=2, threads=0, data_dir=str(SAMPLE_DATA_DIR), trim_above_mb=0)
     run = run_variant(variant, args)  # in its own process, as the script runs each variant
     assert len(run["seconds"]) == 2 and all(s > 0 for s in run["seconds"]) and run["peak_rss_mb"] > 100
+    assert run["allocator"] == allocator
 
 
 # What the GPU machine has: these distributions and what they require, nothing else (no datasets, mlflow, redis,
