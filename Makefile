@@ -33,7 +33,7 @@ stack-services:
 # 2 epochs over the full train split. One epoch (half the time) measured only +1.6 points.
 demo-full: $(BIN)/.installed
 	@echo "== demo-full: minilm, 2 epochs over the full BoolQ train split ($(DATA_DIR))."
-	@echo "== Expect about 11 minutes of training on 2 idle cores with native bf16 (~25 examples/s), roughly"
+	@echo "== Expect about 7 minutes of training on 2 idle cores with native bf16 (~45 examples/s), roughly"
 	@echo "== twice that without bf16 or on busy cores; then ~68 % val accuracy against 62.2 % for the majority class."
 	HF_HUB_OFFLINE=$(if $(filter hub,$(DATA_DIR)),0,1) $(BIN)/python -m app train --model minilm \
 	    --data-dir $(DATA_DIR) --epochs 2 --lr 1e-4 --warmup-ratio 0.1 --batch-size 32 --max-length 256
