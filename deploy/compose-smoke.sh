@@ -161,7 +161,9 @@ job_id=$(json 'data["job_id"]' <<<"$result") || fail "no job_id in $result"
 accuracy=$(json 'data["accuracy"]' <<<"$result") || fail "no accuracy in $result"
 n_predictions=$(json 'len(data["predictions"])' <<<"$result") || fail "no predictions in $result"
 [ "$n_predictions" = 32 ] || fail "$n_predictions predictions for 32 eval examples"
-pass "job $job_id: accuracy $accuracy, $n_predictions predictions, $((SECONDS - t0)) s"
+allocator=$(json 'data["metrics"]["allocator"]' <<<"$result") || fail "no metrics.allocator in $result"
+[ "$allocator" = jemalloc ] || fail "the worker trained with $allocator, not jemalloc (the image's libjemalloc2)"
+pass "job $job_id: accuracy $accuracy, $n_predictions predictions, allocator $allocator, $((SECONDS - t0)) s"
 
 step "POST /predict with the job's model"
 answer=$(curl -fsS --max-time 120 -X POST "$URL/predict" -H "Authorization: Bearer $API_TOKEN" \
