@@ -48,10 +48,14 @@ class Operation:
     errors: bool = True  # the API's JSON errors (ERRORS) may answer it
 
     def models(self) -> set[type[BaseModel]]:
-        named = {*self.body, *([self.query] if self.query else [])}
+        """Every model the operation names: their schemas go into the document's components."""
+        named = set(self.body) | ({self.query} if self.query else set()) | ({ErrorBody} if self.errors else set())
         for _, content in self.responses.values():
-            named |= set(content) if isinstance(content, tuple) else {content} if isinstance(content, type) else set()
-        return named | ({ErrorBody} if self.errors else set())
+            if isinstance(content, tuple):
+                named |= set(content)
+            elif isinstance(content, type):
+                named.add(content)
+        return named
 
 
 def documented(
