@@ -345,7 +345,7 @@ def fine_tune(
         state.epoch, state.batches_done, state.epoch_order = number + 1, 0, generator.get_state()
         if checkpoints is not None and number < params.epochs:
             checkpoints.save(state, model, optimizer, scheduler)
-    history.loss_syncs = reports.losses.syncs
+    history.examples_trained, history.loss_syncs = reports.seen, reports.losses.syncs  # this process's, for its speed
     if state.best_weights is not None:
         model.load_state_dict(state.best_weights)
         log.info("kept the weights of epoch %d (best dev accuracy)", history.kept_epoch)
@@ -435,7 +435,6 @@ class LossReports:
     def add(self, step: int, loss: torch.Tensor, examples: int) -> None:
         self.losses.add(step, loss)
         self.seen += examples
-        self.history.examples_trained += examples
 
     def due(self) -> bool:
         return self.losses.due()
