@@ -9,7 +9,7 @@ import pytest
 
 from app.config import SAMPLE_DATA_DIR
 from app.params import TrainParams
-from tests.helpers import CHROMIUM_ARGS, TINY_PARAMS, Launcher, free_port, wait_for
+from tests.helpers import CHROMIUM_ARGS, TINY_PARAMS, Launcher, free_port, nginx_in_front, service_settings, wait_for
 
 
 @pytest.fixture(scope="session")
@@ -81,6 +81,29 @@ def launcher(tmp_path_factory):
     launcher = Launcher(tmp_path_factory.mktemp("processes"))
     yield launcher
     launcher.stop_all()
+
+
+@pytest.fixture
+def settings(redis_url, tmp_path):
+    """Settings of a service on the private Redis (modules needing others define their own)."""
+    return service_settings(redis_url, tmp_path)
+
+
+@pytest.fixture
+def client(settings):
+    """A test client of the app with ``settings``: the real Flask app and Redis, no HTTP server."""
+    from app.api import create_app
+
+    return create_app(settings).test_client()
+
+
+@pytest.fixture(scope="module")
+def behind_nginx(launcher, redis_url, tmp_path_factory):
+    """A real gunicorn replica behind the real nginx of the template (native layout); yields nginx's URL."""
+    folder = tmp_path_factory.mktemp("behind-nginx")
+    api_url = launcher.server(service_settings(redis_url, folder), workers=1)
+    with nginx_in_front(folder, api_url) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

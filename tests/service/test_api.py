@@ -17,16 +17,6 @@ from app.api.schemas import MAX_ITEMS
 from tests.helpers import TINY_JOB, free_port, service_settings
 
 
-@pytest.fixture
-def settings(redis_url, tmp_path):
-    return service_settings(redis_url, tmp_path)
-
-
-@pytest.fixture
-def client(settings):
-    return create_app(settings).test_client()
-
-
 def error_of(response) -> dict:
     body = response.get_json()
     assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "fields"}, body

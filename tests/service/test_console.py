@@ -10,7 +10,6 @@ from __future__ import annotations
 import statistics
 import time
 
-import pytest
 from markupsafe import escape as html_escape
 from rq.job import JobStatus
 from rq.results import Result
@@ -24,16 +23,6 @@ from tests.helpers import TINY_JOB, service_settings
 
 JOBS_STORED = 2000
 FEW_JOBS = 20
-
-
-@pytest.fixture
-def settings(redis_url, tmp_path):
-    return service_settings(redis_url, tmp_path)
-
-
-@pytest.fixture
-def client(settings):
-    return create_app(settings).test_client()
 
 
 def queue_of(client):

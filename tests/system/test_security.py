@@ -166,17 +166,6 @@ def test_a_spoofed_x_forwarded_for_straight_at_gunicorn_does_not_dodge_the_per_c
     assert answers == [202, 202, 429, 429]
 
 
-@pytest.fixture(scope="module")
-def behind_nginx(launcher, redis_url, tmp_path_factory):
-    """A real gunicorn replica behind the real nginx of the template; yields nginx's URL."""
-    from tests.helpers import nginx_in_front
-
-    folder = tmp_path_factory.mktemp("behind-nginx")
-    api_url = launcher.server(service_settings(redis_url, folder), workers=1)
-    with nginx_in_front(folder, api_url) as url:
-        yield url
-
-
 @pytest.mark.slow
 def test_nginx_rate_limits_sweeps_like_train(behind_nginx):
     import requests

@@ -12,20 +12,9 @@ import time
 import pytest
 import requests
 
-from tests.helpers import nginx_in_front, service_settings
 
-
-@pytest.fixture(scope="module")
-def shielded(launcher, redis_url, tmp_path_factory):
-    """nginx (native layout) in front of one gunicorn replica; yields nginx's URL."""
-    folder = tmp_path_factory.mktemp("shield")
-    api_url = launcher.server(service_settings(redis_url, folder), workers=1)
-    with nginx_in_front(folder, api_url) as url:
-        yield url
-
-
-def test_2600_idle_connections_leave_room_for_health_probes(shielded):
-    port = int(shielded.rsplit(":", 1)[1])
+def test_2600_idle_connections_leave_room_for_health_probes(behind_nginx):
+    port = int(behind_nginx.rsplit(":", 1)[1])
     idle = []
     try:
         for _ in range(2600):
@@ -34,15 +23,15 @@ def test_2600_idle_connections_leave_room_for_health_probes(shielded):
             idle.append(sock)
         for _ in range(8):
             started = time.monotonic()
-            assert requests.get(f"{shielded}/healthz", timeout=5).status_code == 200
+            assert requests.get(f"{behind_nginx}/healthz", timeout=5).status_code == 200
             assert time.monotonic() - started < 1.0
     finally:
         for sock in idle:
             sock.close()
 
 
-def test_a_client_that_never_finishes_its_headers_is_cut_off_after_10_s(shielded):
-    port = int(shielded.rsplit(":", 1)[1])
+def test_a_client_that_never_finishes_its_headers_is_cut_off_after_10_s(behind_nginx):
+    port = int(behind_nginx.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\n")
         started = time.monotonic()
@@ -53,10 +42,10 @@ def test_a_client_that_never_finishes_its_headers_is_cut_off_after_10_s(shielded
         assert closed and 8 < time.monotonic() - started < 15
 
 
-def test_a_burst_of_train_requests_from_one_address_gets_429_json_with_retry_after(shielded):
+def test_a_burst_of_train_requests_from_one_address_gets_429_json_with_retry_after(behind_nginx):
     with requests.Session() as session:
         answers = [
-            session.post(f"{shielded}/train", data="{bad", headers={"Content-Type": "application/json"}, timeout=10)
+            session.post(f"{behind_nginx}/train", data="{bad", headers={"Content-Type": "application/json"}, timeout=10)
             for _ in range(40)
         ]
     codes = [a.status_code for a in answers]
@@ -67,12 +56,12 @@ def test_a_burst_of_train_requests_from_one_address_gets_429_json_with_retry_aft
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
-def test_any_over_limit_body_is_413_json(shielded, chunked):
+def test_any_over_limit_body_is_413_json(behind_nginx, chunked):
     body = b"x" * (3 * 1024 * 1024)
     data = (body[i : i + 65536] for i in range(0, len(body), 65536)) if chunked else body
     try:
         response = requests.post(
-            f"{shielded}/predict", data=data, headers={"Content-Type": "application/json"}, timeout=20
+            f"{behind_nginx}/predict", data=data, headers={"Content-Type": "application/json"}, timeout=20
         )
     except requests.ConnectionError:
         pytest.fail("nginx reset the connection instead of answering 413")
