@@ -307,3 +307,15 @@ def seeded_tiny_bert(seed: int = 0):
 
     torch.manual_seed(seed)
     return tiny_bert(dropout=0.1)
+
+
+def save_tiny_checkpoint(folder, dtype, vocab_size: int = 100):
+    """The same random-init tiny BERT (seed 0) saved in ``folder`` with its weights in ``dtype``."""
+    import torch
+
+    torch.manual_seed(0)
+    model = tiny_bert(dropout=0.1)
+    if vocab_size != model.config.vocab_size:
+        model.resize_token_embeddings(vocab_size)
+    model.to(dtype).save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -218,7 +218,7 @@ def test_gpu_check_runs_every_section_where_only_the_gpu_machines_packages_are(t
     from transformers import AutoTokenizer
 
     from app.engine.model_names import resolve_model
-    from tests.unit.test_half_precision import save_tiny_checkpoint
+    from tests.helpers import save_tiny_checkpoint
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
     model_folder = save_tiny_checkpoint(tmp_path / "tiny-minilm", torch.float16, len(tokenizer))  # like the fp16 copy

@@ -11,19 +11,9 @@ from app.engine.modeling import load_classifier, load_tokenizer
 from app.engine.training import fine_tune, train_and_evaluate
 from app.params import TrainParams
 from app.tracking import NullTracker
-from tests.helpers import random_split, tiny_bert
+from tests.helpers import random_split, save_tiny_checkpoint
 
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def save_tiny_checkpoint(folder, dtype: torch.dtype, vocab_size: int = 100):
-    """The same random-init tiny BERT (seed 0) saved with its weights in ``dtype``."""
-    torch.manual_seed(0)
-    model = tiny_bert(dropout=0.1)
-    if vocab_size != model.config.vocab_size:
-        model.resize_token_embeddings(vocab_size)
-    model.to(dtype).save_pretrained(folder, safe_serialization=True)
-    return folder
 
 
 def stored_dtypes(folder) -> set[str]:
