@@ -45,9 +45,10 @@ HF_ALIASES = {
 def add_train_parser(commands) -> None:
     train = commands.add_parser(
         "train",
-        help="fine-tune on BoolQ and evaluate on val",
-        description="Fine-tune on BoolQ and evaluate on val. Each option is a field of TrainParams, the same "
-        "parameters POST /train takes; they are validated by it, with the same rules.",
+        help="fine-tune on a dataset (default: BoolQ) and evaluate on its val split",
+        description="Fine-tune on a dataset (default: the built-in BoolQ; --data for a file of your own, --dataset "
+        "for one uploaded to the service) and evaluate on its val split. Each option is a field of TrainParams, the "
+        "same parameters POST /train takes; they are validated by it, with the same rules.",
     )
     # Types are checked by TrainParams (one set of rules for CLI, API and jobs), so options stay strings.
     for name, info in TrainParams.model_fields.items():
@@ -58,8 +59,14 @@ def add_train_parser(commands) -> None:
             train.add_argument(*flags, dest=name, metavar=name.upper(), help=option_help(info))
     train.add_argument(
         "--data-dir",
-        help="folder with train.jsonl and val.jsonl, or 'hub' (default: DATA_DIR)",
+        help="BoolQ: folder with train.jsonl and val.jsonl, or 'hub' (default: DATA_DIR)",
     )
+    train.add_argument(
+        "--data",
+        help="your own dataset: a .csv, .tsv, .jsonl or .parquet file (map its columns with --text-column, "
+        "--text-pair-column, --label-column; default columns: text, label), or hub:<name>[:<config>]",
+    )
+    train.add_argument("--val-data", help="with --data: a file of val rows (default: 10%% of --data, stratified)")
     train.add_argument(
         "--output-dir",
         help="where run folders, the local MLflow store and Neptune offline runs go (default: ARTIFACTS_DIR)",
@@ -148,7 +155,7 @@ def leaderboard_table(view: dict) -> str:
 
 
 def add_predict_parser(commands) -> None:
-    predict = commands.add_parser("predict", help="answer a yes/no question with a fine-tuned run")
+    predict = commands.add_parser("predict", help="classify a text (or text pair) with a fine-tuned run")
     predict.add_argument(
         "--model",
         "--model-dir",
@@ -156,8 +163,10 @@ def add_predict_parser(commands) -> None:
         required=True,
         help="latest (the newest finished run under ARTIFACTS_DIR), a run or job id, or a run folder or its model/",
     )
-    predict.add_argument("--question", required=True)
-    predict.add_argument("--passage", required=True)
+    # --question/--passage: BoolQ's words for the text and its pair, kept for the commands users already have.
+    predict.add_argument("--text", "--question", dest="text", required=True)
+    predict.add_argument("--text-pair", "--passage", dest="text_pair")
+    predict.add_argument("--top-k", type=int, help="also print the k most probable labels' scores")
     predict.set_defaults(handler=run_predict)
 
 
@@ -303,6 +312,10 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
     if args.data_dir:
         settings = settings.model_copy(update=dict(data_dir=args.data_dir))
     try:
+        params, dataset = dataset_to_train_on(args, params, settings)
+    except ValueError as exc:  # DataError, DatasetNotFound: the data's problem, named
+        return usage_error(str(exc))
+    try:
         tracker = make_tracker(settings)
     except ValueError as exc:
         return usage_error(str(exc))
@@ -318,12 +331,29 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
     keep_freed_memory_in_heap()
 
     with ProgressBar() as bar:
-        result = run_training(params, settings, on_progress=bar.update, tracker=tracker, resumable=False)
+        result = run_training(
+            params, settings, on_progress=bar.update, tracker=tracker, resumable=False, dataset=dataset
+        )
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
         print(summary(result))
     return 0
+
+
+def dataset_to_train_on(args: argparse.Namespace, params: TrainParams, settings: Settings):
+    """``(params, spec)``: with ``--data``, the file checked now (exit 2 naming the problem) and ``params.dataset``
+    set to its id; with ``--dataset``, the service's stored dataset; else BoolQ (spec None)."""
+    from app.service import datasets
+
+    if args.data:
+        spec, dataset_id = datasets.local_file_spec(args.data, args.val_data, params, settings)
+        return params.model_copy(update={"dataset": dataset_id}), spec
+    if params.dataset != params.model_fields["dataset"].default:
+        from app.service.redis_connection import connect_redis
+
+        return params, datasets.spec_for_training(params, settings, connect_redis(settings))
+    return params, None
 
 
 def launch_ranks(args: argparse.Namespace, params, settings: Settings) -> int:
@@ -368,19 +398,22 @@ def summary(result) -> str:
     m = result.metrics
     lines = [
         f"val accuracy {result.accuracy:.4f} on {result.n_eval} examples "
-        f"(F1 {m['f1']:.4f}, majority baseline {m['majority_baseline']:.4f}); "
+        f"({'F1' if len(m['label_names']) == 2 else 'macro-F1'} {m['f1']:.4f}, "
+        f"majority baseline {m['majority_baseline']:.4f}); "
         f"dev accuracy per epoch {[round(a, 4) for a in m['dev_accuracy_per_epoch']]}; "
         f"{m['train_examples_per_s']:.1f} train examples/s",
     ]
     if not m["learned"]:
         lines.append(
             "WARNING: the model learned nothing: its accuracy is within 1 point of always answering the majority "
-            "class. Train on more rows (e.g. the full BoolQ train split) or for longer."
+            "class. Train on more rows or for longer."
         )
     lines.append(f"run folder: {result.run_dir}")
     lines += [f"tracking ({name}): {json.dumps(refs)}" for name, refs in result.tracking.items() if refs]
-    question = "--question 'is the sky blue' --passage 'The sky appears blue because of Rayleigh scattering.'"
-    lines.append(f"ask it: {as_pasted(sys.executable)} -m app predict --model {as_pasted(result.run_dir)} {question}")
+    example = "--text 'is the sky blue' --text-pair 'The sky appears blue because of Rayleigh scattering.'"
+    if result.params.get("dataset") != TrainParams.model_fields["dataset"].default:
+        example = "--text '<a text>'" + (" --text-pair '<its pair>'" if result.params.get("text_pair_column") else "")
+    lines.append(f"ask it: {as_pasted(sys.executable)} -m app predict --model {as_pasted(result.run_dir)} {example}")
     return "\n".join(lines)
 
 
@@ -437,8 +470,8 @@ def run_predict(args: argparse.Namespace, settings: Settings) -> int:
         import torch
 
         torch.set_num_threads(settings.num_threads)
-    (answer,) = predictor.predict([(args.question, args.passage)])
-    print(json.dumps(answer.to_dict()))
+    (answer,) = predictor.predict([(args.text, args.text_pair)])
+    print(json.dumps(answer.to_dict(top_k=args.top_k or 0)))
     return 0
 
 

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     api_token: str = Field(default="", repr=False)
     # Largest accepted request body in bytes.
     max_content_length: int = 1024 * 1024
+    # Uploaded datasets (POST /datasets): the largest file, in MB (nginx refuses larger bodies too), and the most rows.
+    max_dataset_mb: int = Field(default=100, ge=1, le=10_240)
+    max_dataset_rows: int = Field(default=1_000_000, ge=10)
     # Folders (besides ARTIFACTS_DIR) under which a request may name a local model folder, `:`-separated.
     model_roots: Annotated[tuple[Path, ...], NoDecode] = ()
     # Fine-tuned models kept in memory per API process.

@@ -18,6 +18,10 @@ warnings.filterwarnings("ignore", message='Field name "register" in "TrainParams
 # Strict types: JSON `true` is not an int and "32" is not an int; an int is accepted for a float (as a float).
 # One type, not a union, so bounds become JSON Schema's exclusiveMinimum/maximum in /openapi.json.
 PositiveCount = Annotated[StrictInt, Field(ge=1)]
+ColumnName = Annotated[str, Field(min_length=1, max_length=255)]
+# The built-in dataset, or an uploaded one's id (the first 16 hex digits of its content's sha256).
+BUILTIN_DATASET = "boolq"
+DATASET_ID_PATTERN = r"^(boolq|[0-9a-f]{16})$"
 Number = StrictFloat
 
 
@@ -44,7 +48,9 @@ class TrainParams(BaseModel):
             description="Hub name, local folder, or the alias 'minilm' (offline all-MiniLM-L6-v2).",
         ),
     ] = DEFAULT_MODEL
-    max_length: Annotated[StrictInt, Field(ge=16, le=512, description="Tokens per question+passage pair.")] = 256
+    max_length: Annotated[
+        StrictInt, Field(ge=16, le=512, description="Tokens per example (text, or text and text pair together).")
+    ] = 256
     dev_size: Annotated[Number, Field(gt=0, lt=0.5, description="Share of train held out as dev.")] = 0.1
     seed: Annotated[
         StrictInt,
@@ -83,6 +89,28 @@ class TrainParams(BaseModel):
         StrictBool,
         Field(description="Register the fine-tuned model as a version in the MLflow model registry."),
     ] = True
+    dataset: Annotated[
+        str,
+        Field(
+            pattern=DATASET_ID_PATTERN,
+            description="What to train on: 'boolq' (built in) or the id of an uploaded dataset (POST /datasets).",
+        ),
+    ] = BUILTIN_DATASET
+    text_column: Annotated[
+        ColumnName | None, Field(description="Column holding the text (default: the dataset's).")
+    ] = None
+    text_pair_column: Annotated[
+        ColumnName | None, Field(description="Column holding the second text of a pair (default: the dataset's).")
+    ] = None
+    label_column: Annotated[
+        ColumnName | None, Field(description="Column holding the label (default: the dataset's).")
+    ] = None
+
+    @property
+    def column_mapping(self) -> dict[str, str]:
+        """The columns this request maps itself (the dataset's own mapping fills in the rest)."""
+        given = {"text_column": self.text_column, "text_pair_column": self.text_pair_column}
+        return {k: v for k, v in (given | {"label_column": self.label_column}).items() if v is not None}
 
 
 @functools.cache

@@ -39,7 +39,8 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from app.config import Settings, environment_with  # noqa: E402
-from app.engine.data import load_boolq, split_train_dev  # noqa: E402
+from app.engine.boolq import load_boolq  # noqa: E402
+from app.engine.data import split_train_dev  # noqa: E402
 from app.engine.encoding import device_batches, encode, length_grouped_batches, to_device, width_multiple  # noqa: E402
 from app.engine.modeling import (  # noqa: E402
     compute_last_layer_for_first_token_only,

@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python bench/onnx_vs_torch.py` from anywhere
 
 from app.config import SAMPLE_DATA_DIR  # noqa: E402
-from app.engine.data import BoolQExample, load_boolq  # noqa: E402
+from app.engine.boolq import load_boolq  # noqa: E402
+from app.engine.data import Example  # noqa: E402
 
 INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
@@ -87,7 +88,7 @@ def batches_of(predictor, pairs):
     from app.engine.encoding import collate, encode, padding_bounded_batches
     from app.engine.evaluation import EVAL_BATCH_SIZE
 
-    rows = [BoolQExample(idx=i, question=q, passage=p, label=False) for i, (q, p) in enumerate(pairs)]
+    rows = [Example(idx=i, text=q, text_pair=p, label=0) for i, (q, p) in enumerate(pairs)]
     encoded = encode(predictor.tokenizer, rows, predictor.max_length)
     lengths = [len(ids) for ids in encoded.input_ids]
     for indices in padding_bounded_batches(lengths, predictor.max_padding, EVAL_BATCH_SIZE):
@@ -136,7 +137,7 @@ def run(options) -> dict:
 
     torch.set_num_threads(options.threads)
     predictor = Predictor(options.model_dir)
-    pairs = [(r.question, r.passage) for r in load_boolq(options.data_dir).val[: options.rows * 4]]
+    pairs = [(r.text, r.text_pair) for r in load_boolq(options.data_dir).val[: options.rows * 4]]
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
         export_onnx(predictor.model, path, predictor.max_length)

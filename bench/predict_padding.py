@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python bench/predict_padding.py` from anywhere
 
 from app.config import SAMPLE_DATA_DIR  # noqa: E402
-from app.engine.data import load_boolq  # noqa: E402
+from app.engine.boolq import load_boolq  # noqa: E402
 
 
 def padding_of_passes(predictor, pairs) -> tuple[float, int]:
@@ -53,7 +53,7 @@ def run(options) -> dict:
     from app.service.predict import Predictor
 
     torch.set_num_threads(options.threads)
-    pairs = [(r.question, r.passage) for r in load_boolq(options.data_dir).val[: options.rows]]
+    pairs = [(r.text, r.text_pair) for r in load_boolq(options.data_dir).val[: options.rows]]
     predictors = {limit: Predictor(options.model_dir, max_padding=limit) for limit in options.max_padding}
     rows = {}
     for limit, predictor in predictors.items():

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python bench/serve_load.py` from anywhere
 
 from app.config import SAMPLE_DATA_DIR  # noqa: E402
-from app.engine.data import load_boolq  # noqa: E402
+from app.engine.boolq import load_boolq  # noqa: E402
 from app.ops.stack import free_ports  # noqa: E402
 
 MAX_LENGTH = 64
@@ -66,7 +66,7 @@ def percentile(values: list[float], share: float) -> float:
 
 def sample_pairs(n: int) -> list[tuple[str, str]]:
     """Real BoolQ validation questions and passages from the bundled sample."""
-    return [(row.question, row.passage) for row in load_boolq(SAMPLE_DATA_DIR).val[:n]]
+    return [(row.text, row.text_pair) for row in load_boolq(SAMPLE_DATA_DIR).val[:n]]
 
 
 # --- the stack ----------------------------------------------------------------------------------------------

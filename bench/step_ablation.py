@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from app.config import environment_with  # noqa: E402
 from app.engine.attention import use_cheap_cpu_attention  # noqa: E402
-from app.engine.data import load_boolq  # noqa: E402
+from app.engine.boolq import load_boolq  # noqa: E402
 from app.engine.encoding import device_batches, encode, length_grouped_batches, to_device  # noqa: E402
 from app.engine.memory import (  # noqa: E402
     allocator_in_use,

@@ -33,7 +33,8 @@ if str(REPO_ROOT) not in sys.path:  # run as `python bench/train_speed.py`, impo
 import torch  # noqa: E402
 from transformers import AutoModelForSequenceClassification, BertConfig  # noqa: E402
 
-from app.engine.data import load_boolq, split_train_dev  # noqa: E402
+from app.engine.boolq import load_boolq  # noqa: E402
+from app.engine.data import split_train_dev  # noqa: E402
 from app.engine.encoding import encode, length_grouped_batches  # noqa: E402
 from app.engine.memory import keep_freed_memory_in_heap  # noqa: E402
 from app.engine.modeling import bf16_supported, load_classifier, load_tokenizer  # noqa: E402

@@ -30,7 +30,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from app.engine.data import BoolQExample
+from app.engine.data import Example
 
 
 @dataclass(frozen=True)
@@ -59,11 +59,11 @@ class Pairs(Dataset):
         return {name: values[i] for name, values in self.features.items()} | {"labels": self.labels[i]}
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, rows: list[BoolQExample], max_length: int) -> Pairs:
+def tokenize(tokenizer: PreTrainedTokenizerBase, rows: list[Example], max_length: int) -> Pairs:
     """Unpadded pairs, tokenized by one batched fast-tokenizer call."""
     encoded = tokenizer(
-        [r.question for r in rows],
-        [r.passage for r in rows],
+        [r.text for r in rows],
+        [r.text_pair for r in rows],
         truncation="longest_first",
         max_length=max_length,
     )
@@ -108,8 +108,8 @@ def dev_accuracy(prediction) -> dict[str, float]:
 def train_with_trainer(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    train_rows: list[BoolQExample],
-    dev_rows: list[BoolQExample],
+    train_rows: list[Example],
+    dev_rows: list[Example],
     *,
     max_length: int,
     batch_size: int,

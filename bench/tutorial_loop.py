@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, TensorDataset
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from app.engine.data import BoolQExample
+from app.engine.data import Example
 
 
 @dataclass(frozen=True)
@@ -43,13 +43,13 @@ def seed_everything(seed: int) -> None:
     torch.cuda.manual_seed_all(seed)
 
 
-def encode_padded(tokenizer: PreTrainedTokenizerBase, rows: list[BoolQExample], max_length: int) -> TensorDataset:
+def encode_padded(tokenizer: PreTrainedTokenizerBase, rows: list[Example], max_length: int) -> TensorDataset:
     """Tokenize one example at a time, each padded to ``max_length``, and stack the tensors."""
     input_ids, token_type_ids, attention_masks = [], [], []
     for row in rows:
         encoded = tokenizer(
-            row.question,
-            row.passage,
+            row.text,
+            row.text_pair,
             max_length=max_length,
             padding="max_length",
             truncation=True,

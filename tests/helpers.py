@@ -41,9 +41,9 @@ LONG_JOB = dict(model="minilm", train_limit=400, eval_limit=8, max_length=64, ep
 
 def mixed_length_pairs(n_long: int = 6) -> list[tuple[str, str]]:
     """BoolQ validation pairs (long passages) interleaved with one-line ones, so length order is not input order."""
-    from app.engine.data import load_boolq
+    from app.engine.boolq import load_boolq
 
-    long = [(row.question, row.passage) for row in load_boolq(SAMPLE_DATA_DIR).val[:n_long]]
+    long = [(row.text, row.text_pair) for row in load_boolq(SAMPLE_DATA_DIR).val[:n_long]]
     short = [("is it", "It is."), ("is water wet", "Water makes things wet."), ("is fire cold", "Fire is hot.")]
     return [pair for i, pair in enumerate(long) for pair in (pair, short[i % len(short)])]
 
@@ -319,3 +319,33 @@ def save_tiny_checkpoint(folder, dtype, vocab_size: int = 100):
         model.resize_token_embeddings(vocab_size)
     model.to(dtype).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def write_relation_pairs(path: Path, rows: int, seed: int = 0, source: Path | None = None) -> Path:
+    """A 3-class text-pair set built from BoolQ rows (no other text classification set installs here): a question
+    with its own passage is labelled by BoolQ's answer ("yes"/"no"), with an unrelated passage "unrelated". Own
+    column names (query, doc, relation); CSV or JSON Lines by ``path``'s suffix."""
+    import csv
+    import random
+
+    from app.engine.boolq import load_boolq
+
+    pool = load_boolq(source or SAMPLE_DATA_DIR).train
+    rng = random.Random(seed)
+    records = []
+    for i in range(rows):
+        row = pool[i % len(pool)]
+        if i % 3 == 2:
+            other = pool[(i * 7 + 11) % len(pool)]
+            records.append({"query": row.text, "doc": other.text_pair, "relation": "unrelated"})
+        else:
+            records.append({"query": row.text, "doc": row.text_pair, "relation": ("no", "yes")[row.label]})
+    rng.shuffle(records)
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    else:
+        with path.open("w", newline="") as out:
+            writer = csv.DictWriter(out, fieldnames=["query", "doc", "relation"])
+            writer.writeheader()
+            writer.writerows(records)
+    return path

@@ -17,9 +17,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.sentinel import MasterNotFoundError
 from werkzeug.exceptions import HTTPException
 
-from app.service import jobs, registry, sweeps
+from app.service import datasets, jobs, registry, sweeps
 from app.service.admission import RETRY_AFTER_S, NoRoom, OverLimit
-from app.service.model_access import ModelNotAllowed
+from app.service.model_access import ModelNotAllowed, NotYesNo
 from app.service.model_store import ModelStoreUnavailable
 from app.service.predictions import PredictionsMissing, PredictionsNotReady
 
@@ -90,10 +90,15 @@ DOMAIN_ERRORS = {
     NoRoom: lambda e: ApiError(429, e.message, e.fields, headers={"Retry-After": str(RETRY_AFTER_S)}),
     OverLimit: lambda e: ApiError(422, e.message, e.fields),
     ModelNotAllowed: lambda e: ApiError(422, str(e), {"model": str(e)}),
+    NotYesNo: lambda e: ApiError(422, str(e), {"question": str(e)}, code="not_yes_no"),
     jobs.JobNotFound: lambda e: ApiError(404, str(e), {"job_id": "unknown job id"}),
     jobs.JobAlreadyFinished: lambda e: ApiError(409, str(e)),
     PredictionsNotReady: lambda e: ApiError(409, str(e)),
     PredictionsMissing: lambda e: ApiError(404, str(e)),
+    datasets.DatasetInvalid: lambda e: ApiError(422, str(e), e.fields, code="invalid_dataset"),
+    datasets.DatasetNotFound: lambda e: ApiError(404, str(e), {"dataset_id": "unknown dataset id"}),
+    datasets.DatasetTooLarge: lambda e: ApiError(413, str(e), {"file": str(e)}),
+    datasets.DatasetInUse: lambda e: ApiError(409, str(e)),
     sweeps.SweepError: lambda e: ApiError(422, f"invalid sweep: {e}", e.fields),
     sweeps.SweepNotFound: lambda e: ApiError(404, str(e), {"sweep_id": "unknown sweep id"}),
     registry.RegistryError: lambda e: ApiError(404, str(e)),

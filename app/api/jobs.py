@@ -22,7 +22,7 @@ from app.api.schemas import (
     respond,
 )
 from app.params import TrainParams
-from app.service import jobs, sweeps
+from app.service import datasets, jobs, sweeps
 from app.service import predictions as predictions_of
 from app.service.admission import RETRY_AFTER_S, check_cost, client_key
 from app.service.model_access import loadable_here, model_for_training
@@ -52,7 +52,8 @@ def train():
     params = parse(TrainParams, body)
     # Checked here, resolved again by the worker: the job keeps the name as the client gave it.
     loadable_here(model_for_training(params.model, service.settings))
-    check_cost(params, service.settings)
+    dataset = datasets.check_mapping(params, service.queue.connection)
+    check_cost(params, service.settings, dataset.rows["train"] if dataset else None)
     if not query.wait:
         return respond_queued(submit(params))
     if not service.waiters.acquire(blocking=False):

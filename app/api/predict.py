@@ -17,7 +17,17 @@ from app.api.body import json_object, parse
 from app.api.context import current_service
 from app.api.errors import ApiError
 from app.api.openapi import documented
-from app.api.schemas import PredictBatch, PredictBatchResponse, PredictOne, PredictOneResponse, respond
+from app.api.schemas import (
+    PredictBatch,
+    PredictBatchResponse,
+    PredictOne,
+    PredictOneResponse,
+    PredictText,
+    PredictTextBatch,
+    PredictTextBatchResponse,
+    PredictTextResponse,
+    respond,
+)
 from app.service import jobs
 from app.service.batching import MicroBatcher
 from app.service.model_access import fine_tuned_model
@@ -100,25 +110,49 @@ class PredictorCache:
         return MicroBatcher(predictor.predict, self.max_batch, self.wait_s, on_batch=self.on_batch)
 
 
+# Request model → response model: {"text", "text_pair"} items get label names; BoolQ's {"question", "passage"}
+# (a yes/no model) keeps its {"answer", "probability"}.
+SHAPES = {
+    PredictText: PredictTextResponse,
+    PredictTextBatch: PredictTextBatchResponse,
+    PredictOne: PredictOneResponse,
+    PredictBatch: PredictBatchResponse,
+}
+
+
 @bp.post("/predict")
 @documented(
-    "Answer yes/no questions with a fine-tuned model (default: the champion, else the latest job)",
-    {200: ("One answer, or one per item", (PredictOneResponse, PredictBatchResponse))},
-    body=(PredictOne, PredictBatch),
+    "Classify texts or text pairs with a fine-tuned model (default: the champion, else the latest job)",
+    {200: ("One answer, or one per item", tuple(SHAPES.values()))},
+    body=tuple(SHAPES),
 )
 @require_token
 def predict():
     body = json_object()
-    request_ = parse(PredictBatch if "items" in body else PredictOne, body)
-    items = request_.items if isinstance(request_, PredictBatch) else [request_]
+    request_ = parse(request_shape(body), body)
+    batch = isinstance(request_, PredictTextBatch | PredictBatch)
+    items = request_.items if batch else [request_]
     name = served_model(request_.model)
-    answers = [a.to_dict() for a in bounded_answers(model_folder(name), [(i.question, i.passage) for i in items])]
-    if isinstance(request_, PredictBatch):
-        return respond(PredictBatchResponse, answers=answers, model=name)
-    return respond(PredictOneResponse, **answers[0], model=name)
+    answers = bounded_answers(model_folder(name), [item.as_pair() for item in items])
+    if isinstance(request_, PredictText | PredictTextBatch):
+        answers = [answer.to_dict(request_.top_k or 0) for answer in answers]
+    else:
+        answers = [answer.to_yes_no() for answer in answers]
+    if batch:
+        return respond(SHAPES[type(request_)], answers=answers, model=name)
+    return respond(SHAPES[type(request_)], **answers[0], model=name)
 
 
-def bounded_answers(folder: Path, pairs: list[tuple[str, str]]) -> list:
+def request_shape(body: dict) -> type:
+    """Which request model reads ``body``: texts unless it (or its first item) asks BoolQ's question."""
+    first = body["items"][0] if isinstance(body.get("items"), list) and body["items"] else body
+    yes_no_shape = isinstance(first, dict) and ("question" in first or "passage" in first)
+    if "items" in body:
+        return PredictBatch if yes_no_shape else PredictTextBatch
+    return PredictOne if yes_no_shape else PredictText
+
+
+def bounded_answers(folder: Path, pairs: list[tuple[str, str | None]]) -> list:
     """Answers within PREDICT_MAX_TOKENS (422 above) and PREDICT_TIMEOUT_S (503 after; the work stops too)."""
     from app.service.predict import PredictionStopped, TooManyTokens
 

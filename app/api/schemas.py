@@ -8,6 +8,7 @@ from flask import jsonify
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from app.params import StrictModel
+from app.service.datasets import ColumnMapping, DatasetRecord
 from app.service.jobs import JOB_ID_RULE, Progress
 from app.service.registry import ModelVersion
 
@@ -33,19 +34,50 @@ class JobsQuery(StrictModel):
     per_page: int = Field(20, ge=1, le=100)
 
 
+TopK = Annotated[int | None, Field(ge=1, le=1_000, description="Also answer the k most probable labels' scores.")]
+
+
+class TextItem(StrictModel):
+    text: Text
+    text_pair: Text | None = None
+
+    def as_pair(self) -> tuple[str, str | None]:
+        return self.text, self.text_pair
+
+
+class PredictText(TextItem):
+    """``POST /predict`` with one text (or text pair)."""
+
+    model: ModelName | None = None
+    top_k: TopK = None
+
+
+class PredictTextBatch(StrictModel):
+    """``POST /predict`` with up to 256 texts (or text pairs)."""
+
+    items: Annotated[list[TextItem], Field(min_length=1, max_length=MAX_ITEMS)]
+    model: ModelName | None = None
+    top_k: TopK = None
+
+
 class QuestionPassage(StrictModel):
+    """BoolQ's request shape, kept for yes/no models: question → text, passage → text pair."""
+
     question: Annotated[str, Field(min_length=1, max_length=2_000)]
     passage: Text
 
+    def as_pair(self) -> tuple[str, str | None]:
+        return self.question, self.passage
+
 
 class PredictOne(QuestionPassage):
-    """``POST /predict`` with one question."""
+    """``POST /predict`` with one question (a yes/no model)."""
 
     model: ModelName | None = None
 
 
 class PredictBatch(StrictModel):
-    """``POST /predict`` with up to 256 questions."""
+    """``POST /predict`` with up to 256 questions (a yes/no model)."""
 
     items: Annotated[list[QuestionPassage], Field(min_length=1, max_length=MAX_ITEMS)]
     model: ModelName | None = None
@@ -69,6 +101,24 @@ class PredictOneResponse(Answer):
 
 class PredictBatchResponse(ResponseModel):
     answers: list[Answer]
+    model: str
+
+
+class LabelScore(ResponseModel):
+    label: str
+    score: float
+
+
+class LabelAnswer(LabelScore):
+    scores: list[LabelScore] | None = Field(None, description="The top_k most probable labels, best first.")
+
+
+class PredictTextResponse(LabelAnswer):
+    model: str
+
+
+class PredictTextBatchResponse(ResponseModel):
+    answers: list[LabelAnswer]
     model: str
 
 
@@ -247,3 +297,23 @@ class SweepList(ResponseModel):
 def respond(model: type[BaseModel], http_status: int = 200, headers: dict | None = None, /, **fields):
     """A response built by its OpenAPI model, so what the spec says and what is sent cannot drift apart."""
     return jsonify(model(**fields).model_dump(mode="json", exclude_unset=True)), http_status, headers or {}
+
+
+class DatasetUploadQuery(StrictModel):
+    """Query string of ``POST /datasets``: the file's name (for a raw body) and its column mapping."""
+
+    filename: str | None = Field(None, min_length=1, max_length=255, description="Its suffix names the format.")
+    text_column: str = Field("text", min_length=1, max_length=255)
+    text_pair_column: str | None = Field(None, min_length=1, max_length=255)
+    label_column: str = Field("label", min_length=1, max_length=255)
+
+    def mapping(self) -> ColumnMapping:
+        return ColumnMapping(**self.model_dump(exclude={"filename"}))
+
+
+class DatasetView(ResponseModel, DatasetRecord):
+    """A stored dataset (``GET /datasets/<id>``)."""
+
+
+class DatasetList(ResponseModel):
+    datasets: list[DatasetView]

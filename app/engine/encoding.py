@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from app.engine.data import BoolQExample
+from app.engine.data import Example
 
 # Length-grouped sampling sorts within windows of this many batches (as HF's LengthGroupedSampler).
 MEGABATCH_FACTOR = 50
@@ -30,17 +30,20 @@ class Encoded:
         return len(self.labels)
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, rows: list[BoolQExample], max_length: int) -> Encoded:
-    """Tokenize question+passage pairs in one batched fast-tokenizer call, without padding."""
+def encode(tokenizer: PreTrainedTokenizerBase, rows: list[Example], max_length: int) -> Encoded:
+    """Tokenize texts (or text pairs) in one batched fast-tokenizer call, without padding."""
+    pairs = [r.text_pair for r in rows] if any(r.text_pair is not None for r in rows) else None
+    if pairs is not None:
+        pairs = [pair or "" for pair in pairs]
     enc = tokenizer(
-        [r.question for r in rows],
-        [r.passage for r in rows],
+        [r.text for r in rows],
+        pairs,
         truncation="longest_first",
         max_length=max_length,
         return_token_type_ids=True,
         return_attention_mask=False,
     )
-    return Encoded(enc["input_ids"], enc["token_type_ids"], [int(r.label) for r in rows])
+    return Encoded(enc["input_ids"], enc["token_type_ids"], [r.label for r in rows])
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
@@ -137,7 +140,7 @@ def device_batches(
 
 def padding_bounded_batches(lengths: list[int], max_padding: float, max_batch: int) -> list[list[int]]:
     """Indices sorted by length, cut into batches of at most ``max_batch`` whose padding share stays within
-    ``max_padding``: one padded batch of mixed BoolQ lengths computes about twice its real tokens, and on a CPU
+    ``max_padding``: one padded batch of mixed lengths (BoolQ's) computes about twice its real tokens, and on a CPU
     a few smaller batches cost less than that. ``max_padding`` 1 gives plain sorted slices of ``max_batch``."""
     batches: list[list[int]] = []
     current: list[int] = []

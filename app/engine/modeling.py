@@ -28,15 +28,20 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(resolve_model(name))
 
 
-def load_classifier(name: str) -> PreTrainedModel:
-    """A two-label sequence classifier on top of the checkpoint, with SDPA attention, in fp32 whatever dtype the
+def load_classifier(name: str, label_names: tuple[str, ...] = ("no", "yes")) -> PreTrainedModel:
+    """A sequence classifier with one output per label (named in its config, so the saved folder loads with names
+    in a ``pipeline``) on top of the checkpoint, with SDPA attention, in fp32 whatever dtype the
     checkpoint stores: training keeps fp32 master weights (autocast computes in bf16 where that pays), since AdamW's
     small updates round away in half precision and autocast rejects fp16 weights on the CPU."""
     model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model(name), num_labels=2, attn_implementation="sdpa", dtype=torch.float32
+        resolve_model(name),
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={label: i for i, label in enumerate(label_names)},
+        attn_implementation="sdpa",
+        dtype=torch.float32,
+        ignore_mismatched_sizes=True,  # a classifier checkpoint with another label count gets a fresh head
     )
-    model.config.id2label = {0: "false", 1: "true"}
-    model.config.label2id = {"false": 0, "true": 1}
     return model
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from app.config import Settings
 from app.engine import distributed
+from app.engine.data import DatasetSpec
 from app.engine.run_folder import RunResult
 from app.engine.training import ProgressCallback, train_and_evaluate
 from app.params import TrainParams
@@ -20,12 +21,14 @@ def run_training(
     tracker: Tracker | None = None,
     rank_device=None,
     resumable: bool = True,
+    dataset: DatasetSpec | None = None,
 ) -> RunResult | None:
     """Fine-tune and evaluate ``params`` as ``settings`` say; the result (None on DDP ranks other than 0).
 
     ``rank_device``: inside a DDP process group, the device it gave this rank (whose threads are then its share
     of the machine's cores). ``resumable``: a service job may be retried, so it saves its training state; a CLI
-    run never resumes and saves none unless CHECKPOINT_EVERY_S is set.
+    run never resumes and saves none unless CHECKPOINT_EVERY_S is set. ``dataset``: what to train on (default: the
+    built-in ``boolq`` from DATA_DIR).
     """
     in_group = rank_device is not None
     threads = settings.num_threads
@@ -33,7 +36,7 @@ def run_training(
         threads = distributed.threads_per_rank(settings.local_world_size, settings.num_threads)
     return train_and_evaluate(
         params,
-        settings.data_dir,
+        dataset or settings.data_dir,
         settings.artifacts_dir,
         run_id=run_id,
         num_threads=threads,

@@ -163,13 +163,16 @@ def write_metrics(run_dir: Path, metrics: dict) -> None:
     write_json(run_dir / METRICS, metrics)
 
 
-def write_predictions(run_dir: Path, rows: list, predictions: list[int], probabilities: list[float]) -> Path:
-    """One JSON line per val example (``rows`` are BoolQExample records), in val order."""
+def write_predictions(run_dir: Path, rows: list, predictions: list[int], probabilities: list[list[float]]) -> Path:
+    """One JSON line per val example (``rows`` are ``data.Example`` records), in val order: label and prediction
+    ids, every class's probability (``scores``) and ``probability``, that of label 1 for two labels (P(yes) on
+    BoolQ), else that of the prediction."""
     path = run_dir / PREDICTIONS
     tmp = path.with_suffix(".tmp")
     with tmp.open("w") as out:
-        for row, pred, prob in zip(rows, predictions, probabilities, strict=True):
-            line = {"idx": row.idx, "label": int(row.label), "prediction": pred, "probability": prob}
+        for row, pred, scores in zip(rows, predictions, probabilities, strict=True):
+            prob = scores[1] if len(scores) == 2 else scores[pred]
+            line = {"idx": row.idx, "label": row.label, "prediction": pred, "probability": prob, "scores": scores}
             out.write(json.dumps(line) + "\n")
     os.replace(tmp, path)
     return path

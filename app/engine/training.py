@@ -23,7 +23,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from app.engine import distributed, run_folder
 from app.engine.attention import use_cheap_cpu_attention
-from app.engine.data import digest, load_boolq, split_train_dev
+from app.engine.data import Dataset, DatasetSpec, Example, digest, load_dataset, split_train_dev
 from app.engine.encoding import Encoded, device_batches, encode, length_grouped_batches, to_device, width_multiple
 from app.engine.evaluation import (
     accuracy,
@@ -31,6 +31,7 @@ from app.engine.evaluation import (
     confusion_matrix_report,
     final_metrics,
     predict_probabilities,
+    predicted_labels,
 )
 from app.engine.memory import allocator_in_use, peak_resident_mb
 from app.engine.modeling import (
@@ -58,7 +59,7 @@ GPU_SYNC_EVERY_S = 1.0
 
 def train_and_evaluate(
     params: TrainParams,
-    data_dir: str | Path,
+    data: DatasetSpec | str | Path,
     output_dir: str | Path,
     *,
     run_id: str | None = None,
@@ -68,7 +69,9 @@ def train_and_evaluate(
     tracker: Tracker | None = None,
     checkpoint_every_s: float | None = None,
 ) -> RunResult | None:
-    """Fine-tune ``params.model`` on BoolQ train, evaluate on val and write the run folder.
+    """Fine-tune ``params.model`` on the dataset's train split, evaluate on val and write the run folder.
+
+    ``data``: a dataset spec, or a BoolQ folder (or ``hub``) for the built-in ``boolq`` dataset.
 
     Where a run can resume (a service job retried), pass ``checkpoint_every_s``: the training state is then saved
     in the run folder after every epoch and every ``checkpoint_every_s`` seconds (0: at epoch ends only), and a run
@@ -89,8 +92,8 @@ def train_and_evaluate(
     configure_torch(params.seed, num_threads)
     target = resolve_device(device)
     use_tf32(target)
-    splits = load_splits(params, data_dir)
-    start_tracking(tracker, run_id, params, data_dir, splits)
+    splits = load_splits(params, as_spec(data))
+    start_tracking(tracker, run_id, params, splits)
 
     # A crash still closes the tracker run, as FAILED, and leaves no finished-looking run folder behind.
     timings: dict[str, float] = {}
@@ -109,8 +112,8 @@ def train_and_evaluate(
             return None
         with timed(timings, "eval"):
             probabilities = predict_probabilities(prepared.model, prepared.pad_id, prepared.val)
-        predictions = [int(p >= 0.5) for p in probabilities]
-        metrics = collect_metrics(prepared, history, predictions, target, timings)
+        predictions = predicted_labels(probabilities)
+        metrics = collect_metrics(prepared, splits, history, predictions, target, timings)
         model_folder = write_outputs(run_dir, prepared, splits.val, predictions, probabilities)
         metrics["timings_s"]["total"] = time.perf_counter() - started
         run_folder.write_metrics(run_dir, metrics)
@@ -133,28 +136,43 @@ def train_and_evaluate(
 
 @dataclass(frozen=True)
 class Splits:
-    """The rows a run uses: train (less the dev rows), dev (held out of train, for per-epoch accuracy) and val."""
+    """The rows a run uses: train (less the dev rows), dev (held out of train, for per-epoch accuracy) and val,
+    and the dataset they come from."""
 
-    train: list[dict]
-    dev: list[dict]
-    val: list[dict]
+    dataset: Dataset
+    train: list[Example]
+    dev: list[Example]
+    val: list[Example]
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return self.dataset.label_names
 
 
-def load_splits(params: TrainParams, data_dir: str | Path) -> Splits:
-    """BoolQ's train and val, cut to ``train_limit``/``eval_limit``, with ``dev_size`` of train held out as dev."""
-    boolq = load_boolq(data_dir)
-    train_rows = boolq.train[: params.train_limit] if params.train_limit else boolq.train
-    val_rows = boolq.val[: params.eval_limit] if params.eval_limit else boolq.val
+def as_spec(data: DatasetSpec | str | Path) -> DatasetSpec:
+    """A dataset spec as it is, or a BoolQ folder (or ``hub``) as the built-in ``boolq`` entry."""
+    if isinstance(data, DatasetSpec):
+        return data
+    return DatasetSpec(name="boolq", source=str(data), format="boolq")
+
+
+def load_splits(params: TrainParams, spec: DatasetSpec) -> Splits:
+    """The dataset's train and val, cut to ``train_limit``/``eval_limit``, with ``dev_size`` of train held out as
+    dev."""
+    dataset = load_dataset(spec)
+    train_rows = dataset.train[: params.train_limit] if params.train_limit else dataset.train
+    val_rows = dataset.val[: params.eval_limit] if params.eval_limit else dataset.val
     train_rows, dev_rows = split_train_dev(train_rows, params.dev_size, params.seed)
-    return Splits(train_rows, dev_rows, val_rows)
+    return Splits(dataset, train_rows, dev_rows, val_rows)
 
 
-def start_tracking(tracker: Tracker, run_id: str, params: TrainParams, data_dir: str | Path, splits: Splits) -> None:
+def start_tracking(tracker: Tracker, run_id: str, params: TrainParams, splits: Splits) -> None:
     """Open the tracker's run with the parameters and each split as a dataset input (source, digest, rows)."""
     tracker.start_run(run_id, params.model_dump())
+    name, source = splits.dataset.name, splits.dataset.source
     tracker.log_inputs(
         [
-            {"name": f"boolq-{context}", "context": context, "source": str(data_dir), "digest": digest(rows),
+            {"name": f"{name}-{context}", "context": context, "source": source, "digest": digest(rows),
              "rows": len(rows)}
             for context, rows in (("train", splits.train), ("dev", splits.dev), ("validation", splits.val))
         ]
@@ -181,17 +199,24 @@ def load_and_encode(params: TrainParams, splits: Splits, target: torch.device) -
     """Load the tokenizer and the classifier (onto ``target``) and tokenize every split, at most as long as the
     model's position embeddings allow."""
     tokenizer = load_tokenizer(params.model)
-    model = load_classifier(params.model).to(target)
+    model = load_classifier(params.model, splits.label_names).to(target)
     max_length = min(params.max_length, model.config.max_position_embeddings)
     train, dev, val = (encode(tokenizer, rows, max_length) for rows in (splits.train, splits.dev, splits.val))
     return Prepared(model, tokenizer, train, dev, val, max_length)
 
 
 def collect_metrics(
-    prepared: Prepared, history: TrainHistory, predictions: list[int], target: torch.device, timings: dict
+    prepared: Prepared,
+    splits: Splits,
+    history: TrainHistory,
+    predictions: list[int],
+    target: torch.device,
+    timings: dict,
 ) -> dict:
-    """metrics.json's content: val classification metrics, the training history, sizes, precision and timings."""
-    return classification_metrics(prepared.val.labels, predictions) | {
+    """metrics.json's content: val classification metrics, the dataset, the training history, sizes, precision and
+    timings."""
+    return classification_metrics(prepared.val.labels, predictions, splits.label_names) | {
+        "dataset": {"name": splits.dataset.name, "source": splits.dataset.source, "val_digest": digest(splits.val)},
         "dev_accuracy_per_epoch": history.dev_accuracy,
         "kept_epoch": history.kept_epoch,
         "stopped_epoch": history.stopped_epoch,
@@ -212,7 +237,7 @@ def collect_metrics(
 
 
 def write_outputs(
-    run_dir: Path, prepared: Prepared, val_rows: list[dict], predictions: list[int], probabilities: list[float]
+    run_dir: Path, prepared: Prepared, val_rows: list[Example], predictions: list[int], probabilities: list[list[float]]
 ) -> Path:
     """Write the val predictions and the fine-tuned model (with its tokenizer) into the run folder; the model's
     folder."""

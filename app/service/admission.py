@@ -73,15 +73,16 @@ def available_train_rows(data_dir: Path) -> int | None:
         return None  # the worker will name the data problem; it is the operator's, not the client's
 
 
-def check_cost(params: TrainParams, settings: Settings) -> None:
+def check_cost(params: TrainParams, settings: Settings, dataset_rows: int | None = None) -> None:
     """422 when the job could never run as asked: more devices than a worker has, too few rows to split off a
-    dev set, or over the budget."""
+    dev set, or over the budget. ``dataset_rows``: an uploaded dataset's train rows, as its record says (default:
+    BoolQ's in DATA_DIR)."""
     if params.devices > settings.max_devices:
         reason = (
             f"{params.devices} devices asked, this service's workers give at most {settings.max_devices} (MAX_DEVICES)"
         )
         raise OverLimit(reason, {"devices": reason})
-    available = available_train_rows(settings.data_dir)
+    available = dataset_rows if dataset_rows is not None else available_train_rows(settings.data_dir)
     if available is None:
         return
     rows = min(params.train_limit, available) if params.train_limit else available

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # importing app.service.predict loads torch; the API imports this module before any model is needed
     from app.service.predict import Answer
 
-Pair = tuple[str, str]
+Pair = tuple[str, str | None]
 
 
 @dataclass

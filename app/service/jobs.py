@@ -391,3 +391,14 @@ def registry_page(registries: list, status: str, start: int, per_page: int) -> t
     found = [j for j in Job.fetch_many(ids, connection, serializer) if j is not None]
     found.sort(key=lambda j: (j.ended_at if status == "succeeded" else j.started_at) or j.created_at, reverse=True)
     return found[start : start + per_page], sum(r.count for r in registries)
+
+
+def uses_dataset(queue: Queue, dataset_id: str) -> bool:
+    """Whether a queued or running job trains on ``dataset_id``."""
+    for status in ("queued", "running"):
+        active, _ = recent_jobs_with_status(queue, status, 1, 100_000)
+        if any(
+            job.args and isinstance(job.args[0], dict) and job.args[0].get("dataset") == dataset_id for job in active
+        ):
+            return True
+    return False

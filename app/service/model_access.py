@@ -115,3 +115,7 @@ def fine_tuned_model(name: str, settings: Settings) -> Path:
             f"model '{name}' is not a succeeded job id nor a fine-tuned model folder under ARTIFACTS_DIR or MODEL_ROOTS"
         )
     return checkpoint
+
+
+class NotYesNo(ValueError):
+    """A yes/no answer (BoolQ's request shape) was asked of a model whose labels are not two."""

@@ -1,4 +1,4 @@
-"""Answering questions with a fine-tuned run folder (CLI ``predict`` and the API's ``/predict``)."""
+"""Classifying texts (or text pairs) with a fine-tuned run folder (CLI ``predict`` and the API's ``/predict``)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from app.config import Settings
 from app.engine import run_folder
-from app.engine.data import BoolQExample
+from app.engine.data import Example
 from app.engine.encoding import Encoded, encode
 from app.engine.evaluation import predict_probabilities
 from app.engine.modeling import compute_last_layer_for_first_token_only
 from app.params import TrainParams
+from app.service.model_access import NotYesNo
 
 # Tokens per chunk (a few forward passes) of a large request: the granularity at which a deadline or a gone
 # client stops it.
@@ -39,13 +40,37 @@ class PredictionStopped(RuntimeError):
     """Work stopped between chunks because ``should_stop`` said why (deadline passed, client gone)."""
 
 
+# A text and its optional second text (BoolQ: question and passage).
+Pair = tuple[str, str | None]
+
+
 @dataclass(frozen=True)
 class Answer:
-    answer: bool
-    probability: float
+    """One example's probability per label, in label id order."""
 
-    def to_dict(self) -> dict:
-        return {"answer": self.answer, "probability": self.probability}
+    scores: tuple[float, ...]
+    label_names: tuple[str, ...]
+
+    @property
+    def best(self) -> int:
+        return max(range(len(self.scores)), key=self.scores.__getitem__)
+
+    def to_dict(self, top_k: int = 0) -> dict:
+        """``{"label", "score"}`` of the most probable label; with ``top_k``, the ``top_k`` best as ``scores``."""
+        answer = {"label": self.label_names[self.best], "score": self.scores[self.best]}
+        if top_k:
+            ranked = sorted(range(len(self.scores)), key=lambda i: -self.scores[i])[:top_k]
+            answer["scores"] = [{"label": self.label_names[i], "score": self.scores[i]} for i in ranked]
+        return answer
+
+    def to_yes_no(self) -> dict:
+        """A two-label model's answer as BoolQ's ``{"answer", "probability"}``: the probability of label 1."""
+        if len(self.scores) != 2:
+            raise NotYesNo(
+                f"this model has {len(self.scores)} labels ({', '.join(self.label_names[:10])}), not a yes/no "
+                'answer: send {"text", "text_pair"} items'
+            )
+        return {"answer": self.scores[1] >= 0.5, "probability": self.scores[1]}
 
 
 def find_model_folder(path: str | Path) -> Path:
@@ -58,7 +83,7 @@ def find_model_folder(path: str | Path) -> Path:
 
 
 class Predictor:
-    """A fine-tuned classifier loaded once, answering batches of (question, passage) pairs."""
+    """A fine-tuned classifier loaded once, answering batches of (text, text pair) pairs."""
 
     def __init__(self, path: str | Path, max_padding: float = MAX_PADDING):
         folder = find_model_folder(path)
@@ -68,13 +93,15 @@ class Predictor:
         self.model.eval()
         compute_last_layer_for_first_token_only(self.model)
         self.max_length = min(trained_max_length(folder), self.model.config.max_position_embeddings)
+        id2label = self.model.config.id2label
+        self.label_names = tuple(str(id2label.get(i, id2label.get(str(i), i))) for i in range(len(id2label)))
 
-    def predict(self, pairs: list[tuple[str, str]], max_tokens: int = 0, should_stop=None) -> list[Answer]:
+    def predict(self, pairs: list[Pair], max_tokens: int = 0, should_stop=None) -> list[Answer]:
         """Answers in input order, computed in order of length (``padding_bounded_batches``). Refuses more than
         ``max_tokens`` tokens (0: no limit) before computing; between chunks of about CHUNK_TOKENS, stops with
         :class:`PredictionStopped` when ``should_stop()`` returns a reason."""
         encoded, lengths = self.encode_within(pairs, max_tokens)
-        probabilities = [0.0] * len(pairs)
+        probabilities: list[list[float]] = [[]] * len(pairs)
         for chunk in token_chunks(lengths, CHUNK_TOKENS):
             reason = should_stop() if should_stop is not None else None
             if reason:
@@ -85,14 +112,14 @@ class Predictor:
             chunk_probabilities = predict_probabilities(self.model, self.tokenizer.pad_token_id, part, self.max_padding)
             for i, p in zip(chunk, chunk_probabilities, strict=True):
                 probabilities[i] = p
-        return [Answer(answer=p >= 0.5, probability=p) for p in probabilities]
+        return [Answer(tuple(p), self.label_names) for p in probabilities]
 
-    def check_tokens(self, pairs: list[tuple[str, str]], max_tokens: int) -> None:
+    def check_tokens(self, pairs: list[Pair], max_tokens: int) -> None:
         """:class:`TooManyTokens` when ``pairs`` hold more than ``max_tokens`` tokens after truncation."""
         self.encode_within(pairs, max_tokens)
 
-    def encode_within(self, pairs: list[tuple[str, str]], max_tokens: int) -> tuple[Encoded, list[int]]:
-        rows = [BoolQExample(idx=i, question=q, passage=p, label=False) for i, (q, p) in enumerate(pairs)]
+    def encode_within(self, pairs: list[Pair], max_tokens: int) -> tuple[Encoded, list[int]]:
+        rows = [Example(idx=i, text=text, text_pair=pair, label=0) for i, (text, pair) in enumerate(pairs)]
         encoded = encode(self.tokenizer, rows, self.max_length)
         lengths = [len(ids) for ids in encoded.input_ids]
         if max_tokens and sum(lengths) > max_tokens:

@@ -20,9 +20,11 @@ from rq.serializers import JSONSerializer
 
 from app.config import Settings, environment_with
 from app.engine import distributed, run_folder
+from app.engine.data import DatasetSpec
 from app.engine.memory import keep_freed_memory_in_heap
 from app.engine.run import run_training
-from app.params import TrainParams
+from app.params import BUILTIN_DATASET, TrainParams
+from app.service import datasets
 from app.service.model_access import resolve_for_training
 from app.service.model_store import resume_or_start_over
 from app.service.redis_connection import connect_redis
@@ -45,7 +47,8 @@ def train_job(params_dict: dict) -> dict:
     resume_or_start_over(job.id, settings)
     if params.devices > 1:
         return train_on_ranks(job, params, settings)
-    result = run_training(params, settings, run_id=job.id, on_progress=ProgressReporter(job))
+    dataset = dataset_of(params, settings, job.connection)
+    result = run_training(params, settings, run_id=job.id, on_progress=ProgressReporter(job), dataset=dataset)
     return result.to_dict()
 
 
@@ -76,10 +79,20 @@ def run_rank(job_id: str, result_file: str) -> None:
     params = resolve_for_training(params, settings)
     with distributed.process_group(settings.device) as device:
         reporter = ProgressReporter(job) if distributed.is_rank_zero() else None
-        result = run_training(params, settings, run_id=job.id, on_progress=reporter, rank_device=device)
+        dataset = dataset_of(params, settings, job.connection)
+        result = run_training(
+            params, settings, run_id=job.id, on_progress=reporter, rank_device=device, dataset=dataset
+        )
     if result is not None:  # rank 0
         text = json.dumps(result.to_dict())
         run_folder.write_atomically(Path(result_file), lambda tmp: tmp.write_text(text))
+
+
+def dataset_of(params: TrainParams, settings: Settings, connection) -> DatasetSpec | None:
+    """The uploaded dataset the job trains on (its file checked against its digest); None for the built-in."""
+    if params.dataset == BUILTIN_DATASET:
+        return None
+    return datasets.spec_for_training(params, settings, connection)
 
 
 class ProgressReporter:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from app.api import create_app
-from app.engine.data import load_boolq
+from app.engine.boolq import load_boolq
 from app.service.batching import MicroBatcher
 from app.service.predict import Predictor
 from tests.helpers import mixed_length_pairs, padding_per_forward_pass, service_settings
@@ -25,7 +25,7 @@ def predictor(tiny_run) -> Predictor:
 
 @pytest.fixture(scope="module")
 def pairs(sample_data_dir) -> list[tuple[str, str]]:
-    return [(row.question, row.passage) for row in load_boolq(sample_data_dir).val[:CALLERS]]
+    return [(row.text, row.text_pair) for row in load_boolq(sample_data_dir).val[:CALLERS]]
 
 
 def call_together(batcher: MicroBatcher, requests: list[list[tuple[str, str]]]) -> list:
@@ -42,8 +42,8 @@ def call_together(batcher: MicroBatcher, requests: list[list[tuple[str, str]]]) 
 
 def assert_same_answers(batched, alone) -> None:
     """Padding next to longer inputs changes the float sums a little, never the answer."""
-    assert [a.answer for a in batched] == [a.answer for a in alone]
-    assert [a.probability for a in batched] == pytest.approx([a.probability for a in alone], abs=1e-4)
+    assert [a.best for a in batched] == [a.best for a in alone]
+    assert [s for a in batched for s in a.scores] == pytest.approx([s for a in alone for s in a.scores], abs=1e-4)
 
 
 def test_concurrent_calls_share_forward_passes_and_get_their_own_answers(predictor, pairs):
@@ -85,7 +85,7 @@ def test_a_micro_batch_of_mixed_lengths_runs_in_length_order_and_answers_each_ca
     assert max(padding) <= predictor.max_padding, padding  # the short questions were not padded to the long ones
     for pair, (answer,) in zip(mixed, answers, strict=True):
         (alone,) = predictor.predict([pair])
-        assert answer.answer == alone.answer
+        assert answer.best == alone.best
         assert answer.probability == pytest.approx(alone.probability, abs=1e-5)
 
 
@@ -136,7 +136,7 @@ def test_predict_endpoint_batches_concurrent_requests(tiny_run, redis_url, tmp_p
         responses = list(pool.map(ask, pairs))
     assert [r.status_code for r in responses] == [200] * CALLERS
     alone = Predictor(run_dir).predict(pairs)
-    assert [r.get_json()["answer"] for r in responses] == [a.answer for a in alone]
+    assert [r.get_json()["answer"] for r in responses] == [a.to_yes_no()["answer"] for a in alone]
     metrics = app.test_client().get("/metrics").get_data(as_text=True)
     passes = metric_value(metrics, "boolq_predict_batch_size_count")
     answered = metric_value(metrics, "boolq_predict_batch_size_sum")

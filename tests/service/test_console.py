@@ -16,7 +16,7 @@ from rq.results import Result
 
 from app.api import create_app
 from app.engine import run_folder
-from app.engine.data import read_jsonl
+from app.engine.boolq import read_jsonl
 from app.params import TrainParams
 from app.service import jobs
 from tests.helpers import TINY_JOB, service_settings

@@ -101,7 +101,7 @@ def test_predictions_endpoint_lists_each_val_example(client, succeeded):
     job_id = succeeded[1][-1]["job_id"]
     rows = client.get(f"/jobs/{job_id}/predictions").get_json()["predictions"]
     assert len(rows) == TINY_JOB["eval_limit"]
-    assert set(rows[0]) == {"idx", "label", "prediction", "probability"}
+    assert set(rows[0]) == {"idx", "label", "prediction", "probability", "scores"}
     assert all(r["prediction"] == int(r["probability"] >= 0.5) for r in rows)
 
 

@@ -105,7 +105,7 @@ def test_train_json_then_predict(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     answer = json.loads(proc.stdout)
-    assert isinstance(answer["answer"], bool) and 0 <= answer["probability"] <= 1
+    assert answer["label"] in ("no", "yes") and 0.5 <= answer["score"] <= 1
     run_id = Path(out["run_dir"]).name
     for model in ("latest", run_id):  # the newest run, by name, with the tracking store beside the run folders
         again = run_cli(

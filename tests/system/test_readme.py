@@ -133,9 +133,9 @@ def test_readme_training_block_runs_as_pasted(tmp_path):
     env = os.environ | {"ARTIFACTS_DIR": str(tmp_path / "runs")}
     proc = subprocess.run(["bash", "-e", "-c", block], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert '"answer"' in proc.stdout.splitlines()[-1]
+    assert '"label"' in proc.stdout.splitlines()[-1]
     (hint,) = [line for line in proc.stdout.splitlines() if line.startswith("ask it: ")]
     asked = subprocess.run(
         ["bash", "-e", "-c", hint.removeprefix("ask it: ")], cwd=REPO_ROOT, env=env, capture_output=True, text=True
     )
-    assert asked.returncode == 0 and '"answer"' in asked.stdout, asked.stderr[-3000:]  # the hint works as pasted
+    assert asked.returncode == 0 and '"label"' in asked.stdout, asked.stderr[-3000:]  # the hint works as pasted

@@ -3,14 +3,15 @@ from collections import Counter
 
 import pytest
 
-from app.engine.data import DataError, load_boolq, read_jsonl, split_train_dev
+from app.engine.boolq import load_boolq, read_jsonl
+from app.engine.data import DataError, split_train_dev
 from tests.helpers import FULL_DATA_DIR, write_jsonl
 
 
 def test_bundled_sample_loads(sample_data_dir):
     boolq = load_boolq(sample_data_dir)
     assert (len(boolq.train), len(boolq.val)) == (400, 200)
-    assert boolq.val[0].idx == 0 and isinstance(boolq.val[0].label, bool)
+    assert boolq.val[0].idx == 0 and boolq.val[0].label in (0, 1) and boolq.label_names == ("no", "yes")
 
 
 def test_sample_is_taken_from_the_full_data(sample_data_dir):
@@ -21,7 +22,7 @@ def test_sample_is_taken_from_the_full_data(sample_data_dir):
 def test_superglue_format(tmp_path):
     row = {"question": "is it", "passage": "T -- text", "idx": 7, "label": True}
     (example,) = read_jsonl(write_jsonl(tmp_path / "val.jsonl", [row]))
-    assert (example.idx, example.question, example.passage, example.label) == (7, "is it", "T -- text", True)
+    assert (example.idx, example.text, example.text_pair, example.label) == (7, "is it", "T -- text", 1)
 
 
 def test_original_boolq_format_joins_title_and_numbers_rows(tmp_path):
@@ -30,7 +31,7 @@ def test_original_boolq_format_joins_title_and_numbers_rows(tmp_path):
         {"question": "q1", "title": "Other", "passage": "more", "answer": True},
     ]
     examples = read_jsonl(write_jsonl(tmp_path / "train.jsonl", rows))
-    assert [(e.idx, e.passage, e.label) for e in examples] == [(0, "Title -- text", False), (1, "Other -- more", True)]
+    assert [(e.idx, e.text_pair, e.label) for e in examples] == [(0, "Title -- text", 0), (1, "Other -- more", 1)]
 
 
 @pytest.mark.parametrize(

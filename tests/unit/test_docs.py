@@ -18,7 +18,7 @@ LIBRARY_VARIABLES = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT",
 }
 # Command-line options that are not training parameters.
-CLI_ONLY_OPTIONS = {"--data-dir", "--output-dir", "--tracker", "--json"}
+CLI_ONLY_OPTIONS = {"--data-dir", "--data", "--val-data", "--output-dir", "--tracker", "--json"}
 
 
 def first_cells(path) -> list[str]:

@@ -57,7 +57,9 @@ def test_evaluation_on_the_device_resident_split_matches_the_collated_one_on_the
     data = random_split(70, seed=4)
     resident = predict_probabilities(model, 0, data)  # the GPU default
     collated = predict_probabilities(model, 0, data, on_device=False)
-    assert resident == pytest.approx(collated, abs=1e-2)  # bf16 autocast: batch shapes change the rounding
+    assert sum(resident, []) == pytest.approx(
+        sum(collated, []), abs=1e-2
+    )  # bf16 autocast: batch shapes change the rounding
 
 
 def test_training_on_the_gpu_reads_losses_back_once_per_interval():

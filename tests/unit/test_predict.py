@@ -24,13 +24,13 @@ def pairs() -> list[tuple[str, str]]:
 
 
 def probabilities(answers) -> list[float]:
-    return [a.probability for a in answers]
+    return [a.scores[1] for a in answers]
 
 
 def test_a_mixed_length_request_gets_each_pairs_own_answer_in_its_order(predictor, pairs):
     alone = [predictor.predict([pair])[0] for pair in pairs]
     answers = predictor.predict(pairs)
-    assert [a.answer for a in answers] == [a.answer for a in alone]
+    assert [a.best for a in answers] == [a.best for a in alone]
     assert probabilities(answers) == pytest.approx(probabilities(alone), abs=1e-5)
 
 
@@ -42,7 +42,7 @@ def test_sorted_and_padding_bounded_passes_answer_as_one_padded_batch_did(tiny_r
         bounded = predictor.predict(pairs)
     # One padded batch is itself up to ~3e-4 off each pair alone (float sums over padded rows); the bounded
     # passes are within 1e-5 of them (test above).
-    assert [a.answer for a in bounded] == [a.answer for a in unbounded]
+    assert [a.best for a in bounded] == [a.best for a in unbounded]
     assert probabilities(bounded) == pytest.approx(probabilities(unbounded), abs=1e-3)
     assert len(before) == 1 and before[0] > 0.3, before  # short pairs padded to the long ones' width
     assert len(after) > 1 and max(after) <= MAX_PADDING, after

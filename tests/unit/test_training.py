@@ -13,7 +13,7 @@ from transformers import (
 )
 
 from app.engine.encoding import Encoded, collate, length_grouped_batches
-from app.engine.evaluation import predict_probabilities
+from app.engine.evaluation import predict_probabilities, predicted_labels
 from app.engine.model_names import ModelNotAvailable, resolve_model
 from app.engine.modeling import DeviceNotAvailable, compute_last_layer_for_first_token_only, resolve_device
 from app.engine.training import fine_tune, train_and_evaluate
@@ -73,20 +73,21 @@ def test_save_and_predict_round_trip(tiny_run):
     predictor = Predictor(result.run_dir)
     rows = [json.loads(line) for line in (Path(result.run_dir) / "predictions.jsonl").read_text().splitlines()]
     from app.config import SAMPLE_DATA_DIR
-    from app.engine.data import load_boolq
+    from app.engine.boolq import load_boolq
 
     val = load_boolq(SAMPLE_DATA_DIR).val[:3]
-    answers = predictor.predict([(e.question, e.passage) for e in val])
+    answers = predictor.predict([(e.text, e.text_pair) for e in val])
     for answer, row in zip(answers, rows, strict=False):
-        assert answer.answer == bool(row["prediction"])
-        assert answer.probability == pytest.approx(row["probability"], abs=1e-4)
+        assert answer.best == row["prediction"] and answer.label_names == ("no", "yes")
+        assert answer.to_yes_no()["probability"] == pytest.approx(row["probability"], abs=1e-4)
 
 
 @pytest.mark.slow
 def test_keep_best_epoch_ends_with_the_weights_of_the_best_dev_epoch(tmp_path):
-    from app.engine.data import load_boolq, split_train_dev
+    from app.engine.boolq import load_boolq
+    from app.engine.data import split_train_dev
     from app.engine.encoding import encode
-    from app.engine.evaluation import predict_probabilities
+    from app.engine.evaluation import predict_probabilities, predicted_labels
     from app.engine.modeling import load_tokenizer
 
     params = TrainParams(**{**TINY_PARAMS, "epochs": 3, "dev_size": 0.25, "keep_best_epoch": True})
@@ -99,7 +100,7 @@ def test_keep_best_epoch_ends_with_the_weights_of_the_best_dev_epoch(tmp_path):
     predictor = Predictor(result.run_dir)
     dev = encode(load_tokenizer("minilm"), dev_rows, params.max_length)
     probabilities = predict_probabilities(predictor.model, predictor.tokenizer.pad_token_id, dev)
-    assert accuracy_score(dev.labels, [int(p >= 0.5) for p in probabilities]) == max(per_epoch)
+    assert accuracy_score(dev.labels, predicted_labels(probabilities)) == max(per_epoch)
 
 
 @pytest.mark.slow
@@ -126,7 +127,7 @@ def test_early_stopping_keeps_the_best_epoch_not_the_first_and_stops_patience_ep
     assert history.early_stopped and history.stopped_epoch == history.kept_epoch + 2 == len(per_epoch)
     assert len(history.loss) == history.stopped_epoch * 4  # 4 steps an epoch, none after the stop
     # The model ends with the kept epoch's weights: it scores that epoch's dev accuracy again.
-    assert accuracy_score(data.labels, [int(p >= 0.5) for p in predict_probabilities(model, 0, data)]) == max(per_epoch)
+    assert accuracy_score(data.labels, predicted_labels(predict_probabilities(model, 0, data))) == max(per_epoch)
 
 
 class Crash(Exception):

@@ -1,0 +1,77 @@
+"""Dataset endpoints: upload a file (multipart ``file`` or the raw body), list, show with a preview, delete."""
+
+from __future__ import annotations
+
+from flask import Blueprint, request, url_for
+
+from app.api.auth import require_token, require_token_for_reads
+from app.api.body import parse
+from app.api.context import current_service
+from app.api.errors import ApiError
+from app.api.openapi import documented
+from app.api.schemas import DatasetList, DatasetUploadQuery, DatasetView, respond
+from app.service import datasets, jobs
+
+bp = Blueprint("datasets", __name__)
+DATASET_ID = "<dataset_id>"
+
+
+@bp.post("/datasets")
+@documented(
+    "Upload a CSV, TSV, JSON Lines or Parquet file as a dataset (multipart field `file`, or the raw body with its "
+    "Content-Type); the same file with the same mapping is the same dataset",
+    {201: ("Stored (Location: /datasets/<id>)", DatasetView), 200: ("Already stored", DatasetView)},
+    query=DatasetUploadQuery,
+)
+@require_token
+def upload():
+    service = current_service()
+    query = parse(DatasetUploadQuery, request.args.to_dict(), where="query")
+    request.max_content_length = service.settings.max_dataset_mb * 1024 * 1024 + 64 * 1024  # + multipart framing
+    stream, filename, content_type = uploaded_file(query.filename)
+    record, created = datasets.store_upload(
+        stream, filename, content_type, query.mapping(), service.settings, service.queue.connection
+    )
+    headers = {"Location": url_for("datasets.show", dataset_id=record.id)}
+    return respond(DatasetView, 201 if created else 200, headers, **datasets.record_json(record))
+
+
+def uploaded_file(name: str | None):
+    """The upload's stream, file name and content type: the multipart ``file`` field, else the body itself."""
+    if request.mimetype == "multipart/form-data":
+        part = request.files.get("file")
+        if part is None:
+            raise ApiError(422, "send the file in the multipart field 'file'", {"file": "missing"})
+        return part.stream, name or part.filename or "", part.mimetype
+    if not request.content_length and request.content_length is not None:
+        raise ApiError(422, "the body is empty: send the file's bytes", {"file": "empty"})
+    return request.stream, name or "", request.mimetype
+
+
+@bp.get("/datasets")
+@documented("Uploaded datasets, newest first (without previews)", {200: ("The datasets", DatasetList)})
+@require_token_for_reads
+def index():
+    records = datasets.list_records(current_service().queue.connection)
+    return respond(DatasetList, datasets=[datasets.record_json(r) | {"preview": []} for r in records])
+
+
+@bp.get(f"/datasets/{DATASET_ID}")
+@documented(
+    "One dataset: columns, mapping, rows per split, label histogram, baseline, first rows",
+    {200: ("The dataset", DatasetView)},
+)
+@require_token_for_reads
+def show(dataset_id: str):
+    record = datasets.get_record(current_service().queue.connection, dataset_id)
+    return respond(DatasetView, **datasets.record_json(record))
+
+
+@bp.delete(f"/datasets/{DATASET_ID}")
+@documented("Delete a dataset (refused while a queued or running job trains on it)", {204: ("Deleted", None)})
+@require_token
+def delete(dataset_id: str):
+    service = current_service()
+    in_use = jobs.uses_dataset(service.queue, dataset_id)
+    datasets.delete(service.queue.connection, dataset_id, service.settings, in_use)
+    return "", 204
