@@ -347,12 +347,12 @@ def dataset_to_train_on(args: argparse.Namespace, params: TrainParams, settings:
     from app.service import datasets
 
     if args.data:
-        spec, dataset_id = datasets.local_file_spec(args.data, args.val_data, params, settings)
+        spec, dataset_id = datasets.local_file_spec(args.data, args.val_data, params)
         return params.model_copy(update={"dataset": dataset_id}), spec
     if params.dataset != params.model_fields["dataset"].default:
         from app.service.redis_connection import connect_redis
 
-        return params, datasets.spec_for_training(params, settings, connect_redis(settings))
+        return params, datasets.DatasetStore(settings, connect_redis(settings)).spec_for_training(params)
     return params, None
 
 

@@ -29,9 +29,7 @@ def upload():
     query = parse(DatasetUploadQuery, request.args.to_dict(), where="query")
     request.max_content_length = service.settings.max_dataset_mb * 1024 * 1024 + 64 * 1024  # + multipart framing
     stream, filename, content_type = uploaded_file(query.filename)
-    record, created = datasets.store_upload(
-        stream, filename, content_type, query.mapping(), service.settings, service.queue.connection
-    )
+    record, created = store().store_upload(stream, filename, content_type, query.mapping())
     headers = {"Location": url_for("datasets.show", dataset_id=record.id)}
     return respond(DatasetView, 201 if created else 200, headers, **datasets.record_json(record))
 
@@ -52,7 +50,7 @@ def uploaded_file(name: str | None):
 @documented("Uploaded datasets, newest first (without previews)", {200: ("The datasets", DatasetList)})
 @require_token_for_reads
 def index():
-    records = datasets.list_records(current_service().queue.connection)
+    records = store().records()
     return respond(DatasetList, datasets=[datasets.record_json(r) | {"preview": []} for r in records])
 
 
@@ -63,7 +61,7 @@ def index():
 )
 @require_token_for_reads
 def show(dataset_id: str):
-    record = datasets.get_record(current_service().queue.connection, dataset_id)
+    record = store().get(dataset_id)
     return respond(DatasetView, **datasets.record_json(record))
 
 
@@ -71,7 +69,10 @@ def show(dataset_id: str):
 @documented("Delete a dataset (refused while a queued or running job trains on it)", {204: ("Deleted", None)})
 @require_token
 def delete(dataset_id: str):
-    service = current_service()
-    in_use = jobs.uses_dataset(service.queue, dataset_id)
-    datasets.delete(service.queue.connection, dataset_id, service.settings, in_use)
+    store().delete(dataset_id, in_use=jobs.uses_dataset(current_service().queue, dataset_id))
     return "", 204
+
+
+def store() -> datasets.DatasetStore:
+    service = current_service()
+    return datasets.DatasetStore(service.settings, service.queue.connection)

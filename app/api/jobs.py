@@ -52,7 +52,7 @@ def train():
     params = parse(TrainParams, body)
     # Checked here, resolved again by the worker: the job keeps the name as the client gave it.
     loadable_here(model_for_training(params.model, service.settings))
-    dataset = datasets.check_mapping(params, service.queue.connection)
+    dataset = datasets.DatasetStore(service.settings, service.queue.connection).check_mapping(params)
     check_cost(params, service.settings, dataset.rows["train"] if dataset else None)
     if not query.wait:
         return respond_queued(submit(params))

@@ -24,12 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis import Redis
 
 from app.config import Settings
-from app.engine.data import DataError, Dataset, DatasetSpec, format_of, load_dataset
+from app.engine.data import DataError, Dataset, DatasetSpec, format_of, load_dataset, read_table
 from app.params import BUILTIN_DATASET, TrainParams
+from app.service.redis_connection import service_key
 
 log = logging.getLogger(__name__)
 
-INDEX_KEY = "boolq:datasets"
 CHUNK = 1 << 20
 PREVIEW_ROWS = 5
 CONTENT_TYPES = {
@@ -94,47 +94,113 @@ class DatasetRecord(BaseModel):
     owner: str | None = None
 
 
-def files_dir(settings: Settings) -> Path:
-    return Path(settings.artifacts_dir) / "datasets" / "files"
+class DatasetStore:
+    """The service's datasets: files under ``ARTIFACTS_DIR/datasets/files``, records in one Redis hash per
+    service (keyed by its queue name, as admission's keys are)."""
 
+    def __init__(self, settings: Settings, connection: Redis):
+        self.settings = settings
+        self.connection = connection
+        self.key = service_key(settings.queue_name) + ":datasets"
+        self.files = Path(settings.artifacts_dir) / "datasets" / "files"
 
-def file_path(settings: Settings, record: DatasetRecord) -> Path:
-    return files_dir(settings) / f"{record.sha256}.{record.format}"
+    def file_path(self, record: DatasetRecord) -> Path:
+        return self.files / f"{record.sha256}.{record.format}"
 
-
-def store_upload(
-    stream: IO[bytes],
-    filename: str,
-    content_type: str | None,
-    mapping: ColumnMapping,
-    settings: Settings,
-    connection: Redis,
-    owner: str | None = None,
-) -> tuple[DatasetRecord, bool]:
-    """Check the upload and keep it: ``(record, created)``. Nothing is left behind when it is refused."""
-    fmt = upload_format(filename, content_type)
-    folder = files_dir(settings)
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / f".partial-{uuid.uuid4().hex}.{fmt}"
-    try:
-        sha256, size = write_capped(stream, partial, settings.max_dataset_mb)
-        dataset_id = hashlib.sha256(f"{sha256}\n{mapping.model_dump_json()}".encode()).hexdigest()[:16]
-        existing = read_record(connection, dataset_id)
-        if existing is not None and file_path(settings, existing).is_file():
-            return existing, False
-        spec = DatasetSpec(name=dataset_id, source=str(partial), format=fmt, **mapping.model_dump())
+    def store_upload(
+        self,
+        stream: IO[bytes],
+        filename: str,
+        content_type: str | None,
+        mapping: ColumnMapping,
+        owner: str | None = None,
+    ) -> tuple[DatasetRecord, bool]:
+        """Check the upload and keep it: ``(record, created)``. Nothing is left behind when it is refused."""
+        fmt = upload_format(filename, content_type)
+        self.files.mkdir(parents=True, exist_ok=True)
+        partial = self.files / f".partial-{uuid.uuid4().hex}.{fmt}"
         try:
-            dataset = load_dataset(spec, max_rows=settings.max_dataset_rows)
-            columns, preview = peek(partial, fmt)
-        except DataError as exc:
-            raise DatasetInvalid(str(exc).replace(partial.name, filename)) from exc
-        record = describe(dataset_id, sha256, filename, fmt, size, columns, mapping, dataset, preview, owner)
-        os.replace(partial, file_path(settings, record))
-    finally:
-        partial.unlink(missing_ok=True)
-    connection.hset(INDEX_KEY, record.id, record.model_dump_json())
-    log.info("dataset %s stored: %s, %d rows", record.id, filename, sum(record.rows.values()))
-    return record, True
+            sha256, size = write_capped(stream, partial, self.settings.max_dataset_mb)
+            dataset_id = hashlib.sha256(f"{sha256}\n{mapping.model_dump_json()}".encode()).hexdigest()[:16]
+            existing = self.read(dataset_id)
+            if existing is not None and self.file_path(existing).is_file():
+                return existing, False
+            spec = DatasetSpec(name=dataset_id, source=str(partial), format=fmt, **mapping.model_dump())
+            try:
+                dataset = load_dataset(spec, max_rows=self.settings.max_dataset_rows)
+                columns, preview = peek(partial, fmt)
+            except DataError as exc:
+                raise DatasetInvalid(str(exc).replace(partial.name, filename or "the upload")) from exc
+            record = describe(dataset_id, sha256, filename, fmt, size, columns, mapping, dataset, preview, owner)
+            os.replace(partial, self.file_path(record))
+        finally:
+            partial.unlink(missing_ok=True)
+        self.connection.hset(self.key, record.id, record.model_dump_json())
+        log.info("dataset %s stored: %s, %d rows", record.id, filename, sum(record.rows.values()))
+        return record, True
+
+    def read(self, dataset_id: str) -> DatasetRecord | None:
+        """The stored record, checked against its model (a malformed one is logged and treated as absent)."""
+        raw = self.connection.hget(self.key, dataset_id)
+        if raw is None:
+            return None
+        try:
+            return DatasetRecord.model_validate_json(raw)
+        except ValidationError as exc:
+            log.warning("dataset record %s in Redis is malformed, ignored: %s", dataset_id, exc)
+            return None
+
+    def get(self, dataset_id: str) -> DatasetRecord:
+        record = self.read(dataset_id)
+        if record is None:
+            raise DatasetNotFound(f"no dataset {dataset_id!r}: GET /datasets lists them, POST /datasets uploads one")
+        return record
+
+    def records(self) -> list[DatasetRecord]:
+        """Every stored dataset, newest first."""
+        keys = (key.decode() if isinstance(key, bytes) else key for key in self.connection.hkeys(self.key))
+        return sorted((r for r in map(self.read, keys) if r is not None), key=lambda r: -r.created_at)
+
+    def delete(self, dataset_id: str, in_use: bool) -> None:
+        """Remove the record, and the file when no other dataset shares it; refused while ``in_use``."""
+        record = self.get(dataset_id)
+        if in_use:
+            raise DatasetInUse(f"dataset {dataset_id} is used by a queued or running job; cancel it or wait")
+        self.connection.hdel(self.key, dataset_id)
+        if not any(other.sha256 == record.sha256 for other in self.records()):
+            self.file_path(record).unlink(missing_ok=True)
+
+    def check_mapping(self, params: TrainParams) -> DatasetRecord | None:
+        """Before a job is queued: the dataset exists and the columns the request maps are in its file (422
+        naming them, with the columns there are). None for the built-in dataset."""
+        if params.dataset == BUILTIN_DATASET:
+            if params.column_mapping:
+                field = next(iter(params.column_mapping))
+                raise DatasetInvalid(f"{field}: the built-in boolq dataset has a fixed mapping", field)
+            return None
+        try:
+            record = self.get(params.dataset)
+        except DatasetNotFound as exc:
+            raise DatasetInvalid(str(exc), "dataset") from exc
+        for field, column in params.column_mapping.items():
+            if column not in record.columns:
+                raise DatasetInvalid(
+                    f"{field}: no column {column!r} in {record.filename}; its columns are: {', '.join(record.columns)}",
+                    field,
+                )
+        return record
+
+    def spec_for_training(self, params: TrainParams) -> DatasetSpec:
+        """The spec a worker trains ``params.dataset`` with: the stored file (its digest checked) and mapping,
+        with the request's own column choices over the stored ones."""
+        record = self.get(params.dataset)
+        path = self.file_path(record)
+        if not path.is_file():
+            raise DataError(f"dataset {record.id}: its file is not on this host ({path})")
+        if file_sha256(path) != record.sha256:
+            raise DataError(f"dataset {record.id}: the file's sha256 differs from the one recorded at upload; refused")
+        mapping = record.mapping.model_dump() | params.column_mapping
+        return DatasetSpec(name=record.id, source=str(path), format=record.format, **mapping)
 
 
 def upload_format(filename: str, content_type: str | None) -> str:
@@ -166,8 +232,6 @@ def write_capped(stream: IO[bytes], path: Path, max_mb: int) -> tuple[str, int]:
 
 def peek(path: Path, fmt: str) -> tuple[list[str], list[dict]]:
     """The file's columns and first rows (the reader has just read it; this reads its cache)."""
-    from app.engine.data import read_table
-
     table = read_table(path, fmt)
     preview = table.select(range(min(PREVIEW_ROWS, len(table)))).to_list()
     return list(table.column_names), [{k: clip(v) for k, v in row.items()} for row in preview]
@@ -213,77 +277,6 @@ def describe(
     )
 
 
-def read_record(connection: Redis, dataset_id: str) -> DatasetRecord | None:
-    """The stored record, checked against its model (a malformed one is logged and treated as absent)."""
-    raw = connection.hget(INDEX_KEY, dataset_id)
-    if raw is None:
-        return None
-    try:
-        return DatasetRecord.model_validate_json(raw)
-    except ValidationError as exc:
-        log.warning("dataset record %s in Redis is malformed, ignored: %s", dataset_id, exc)
-        return None
-
-
-def get_record(connection: Redis, dataset_id: str) -> DatasetRecord:
-    record = read_record(connection, dataset_id)
-    if record is None:
-        raise DatasetNotFound(f"no dataset {dataset_id!r}: GET /datasets lists them, POST /datasets uploads one")
-    return record
-
-
-def list_records(connection: Redis) -> list[DatasetRecord]:
-    """Every stored dataset, newest first."""
-    records = (
-        read_record(connection, key.decode() if isinstance(key, bytes) else key) for key in connection.hkeys(INDEX_KEY)
-    )
-    return sorted((r for r in records if r is not None), key=lambda r: -r.created_at)
-
-
-def delete(connection: Redis, dataset_id: str, settings: Settings, in_use: bool) -> None:
-    """Remove the record, and the file when no other dataset shares it; refused while ``in_use``."""
-    record = get_record(connection, dataset_id)
-    if in_use:
-        raise DatasetInUse(f"dataset {dataset_id} is used by a queued or running job; cancel it or wait")
-    connection.hdel(INDEX_KEY, dataset_id)
-    if not any(other.sha256 == record.sha256 for other in list_records(connection)):
-        file_path(settings, record).unlink(missing_ok=True)
-
-
-def check_mapping(params: TrainParams, connection: Redis) -> DatasetRecord | None:
-    """Before a job is queued: the dataset exists and the columns the request maps are in its file (422 naming
-    them, with the columns there are). None for the built-in dataset."""
-    if params.dataset == BUILTIN_DATASET:
-        if params.column_mapping:
-            field = next(iter(params.column_mapping))
-            raise DatasetInvalid(f"{field}: the built-in boolq dataset has a fixed mapping", field)
-        return None
-    try:
-        record = get_record(connection, params.dataset)
-    except DatasetNotFound as exc:
-        raise DatasetInvalid(str(exc), "dataset") from exc
-    for field, column in params.column_mapping.items():
-        if column not in record.columns:
-            raise DatasetInvalid(
-                f"{field}: no column {column!r} in {record.filename}; its columns are: {', '.join(record.columns)}",
-                field,
-            )
-    return record
-
-
-def spec_for_training(params: TrainParams, settings: Settings, connection: Redis) -> DatasetSpec:
-    """The spec a worker trains ``params.dataset`` with: the stored file (its digest checked) and mapping, with the
-    request's own column choices over the stored ones."""
-    record = get_record(connection, params.dataset)
-    path = file_path(settings, record)
-    if not path.is_file():
-        raise DataError(f"dataset {record.id}: its file is not on this host ({path})")
-    if file_sha256(path) != record.sha256:
-        raise DataError(f"dataset {record.id}: the file's sha256 differs from the one recorded at upload; refused")
-    mapping = record.mapping.model_dump() | params.column_mapping
-    return DatasetSpec(name=record.id, source=str(path), format=record.format, **mapping)
-
-
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as data:
@@ -292,12 +285,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def local_file_spec(
-    data: str, val_data: str | None, params: TrainParams, settings: Settings
-) -> tuple[DatasetSpec, str]:
+def local_file_spec(data: str, val_data: str | None, params: TrainParams) -> tuple[DatasetSpec, str]:
     """The CLI's ``--data FILE``: its spec (with the request's columns, default text/label) and its id, the
     file's content digest as the store would name it."""
-    del settings  # the file is read where it is
     if data.startswith("hub:"):
         mapping = ColumnMapping(**params.column_mapping)
         spec = DatasetSpec(name=data, source=data, format="hub", **mapping.model_dump())

@@ -92,7 +92,7 @@ def dataset_of(params: TrainParams, settings: Settings, connection) -> DatasetSp
     """The uploaded dataset the job trains on (its file checked against its digest); None for the built-in."""
     if params.dataset == BUILTIN_DATASET:
         return None
-    return datasets.spec_for_training(params, settings, connection)
+    return datasets.DatasetStore(settings, connection).spec_for_training(params)
 
 
 class ProgressReporter:
