@@ -41,11 +41,15 @@ class TrainingWorker(Worker):
         return super().get_heartbeat_ttl(job, working_time) - RQ_GRACE_S + self.grace_s
 
     def run_maintenance_tasks(self):
-        super().run_maintenance_tasks()
+        # A maintenance hiccup (a record planted in Redis, a gap) must not stop the worker taking jobs.
+        try:
+            super().run_maintenance_tasks()
+        except Exception:
+            log.exception("RQ's registry maintenance failed")
         if self.on_maintenance is not None:
             try:
                 self.on_maintenance()
-            except Exception:  # a maintenance hiccup must not stop the worker taking jobs
+            except Exception:
                 log.exception("periodic maintenance failed")
 
     def register_birth(self):
