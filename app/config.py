@@ -137,6 +137,10 @@ class Settings(BaseSettings):
     # Compute budget of one sweep, checked at submit: at most this many training examples (trials × epochs ×
     # train rows, counted at the largest values the space allows). Default: ~120 epochs of full BoolQ.
     sweep_max_examples: int = 1_000_000
+    # Most combinations a grid sweep's space may have (the grid sampler lists them all, on every trial's ask).
+    sweep_max_grid: int = Field(10_000, ge=1)
+    # Largest sweep spec (base, space and settings, JSON-encoded): every process reading the sweep replays it.
+    sweep_max_spec_bytes: int = Field(32_768, ge=1)
 
     @field_validator("model_roots", mode="before")
     @classmethod

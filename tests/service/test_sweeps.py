@@ -15,6 +15,7 @@ from tests.helpers import REPO_ROOT, service_settings, settings_env, wait_for
 # Two epochs of 4 steps over 40 rows at 32 tokens: a trial takes seconds.
 BASE = dict(model="minilm", train_limit=40, eval_limit=8, max_length=32, epochs=2, batch_size=8, dev_size=0.25)
 SPACE = {"lr": {"low": 1e-5, "high": 2e-4, "log": True}, "warmup_ratio": [0, 0.1]}
+HUNDRED_LRS = [round(1e-5 * (i + 1), 7) for i in range(100)]
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +192,15 @@ def test_sweeps_are_listed_newest_first_in_pages(client, tpe_sweep):
         ({"space": {"lr": [1e-4]}, "trials": 0}, "trials", "greater than or equal to 1"),
         ({"space": {"lr": [1e-4]}, "parallel": True}, "parallel", "valid integer"),
         ({"space": {"lr": [1e-4]}, "extra": 1}, "extra", "Extra inputs"),
+        # Issue 28: bounded before it is accepted (a grid is counted, never listed, to be refused).
+        (
+            {"space": {"lr": HUNDRED_LRS, "seed": list(range(100)), "warmup_ratio": [0, 0.1]}, "sampler": "grid"},
+            "space",
+            "20,000 combinations, over SWEEP_MAX_GRID",
+        ),
+        ({"space": {"model": [f"model-{i}-" + "x" * 400 for i in range(100)]}}, "space", "SWEEP_MAX_SPEC_BYTES"),
+        ({"space": {"lr": [1e-4]}, "seed": 2**32}, "seed", "less than or equal to 4294967295"),
+        ({"space": {"lr": [1e-4]}, "seed": 2**32 - 2, "trials": 3}, "seed", "seed + trials must not exceed 2**32"),
     ],
 )
 def test_a_bad_sweep_is_refused_with_422_naming_the_field_and_rule(client, body, field, rule):
