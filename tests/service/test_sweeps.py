@@ -167,6 +167,38 @@ def test_sweeps_are_listed_newest_first_in_pages(client, tpe_sweep):
     assert client.get("/sweeps/no-such-sweep").status_code == 404
 
 
+def test_a_sweep_whose_driver_fails_ends_failed_and_holds_up_neither_other_sweeps_nor_the_champion_sync(
+    client, settings, tpe_sweep
+):
+    """A sweep stored before the seed bound (seed 2**32: no sampler can be built for it) stays running and fails
+    every periodic check: it must end failed, and the check must still start the other sweeps' trials and copy
+    MLflow's champion into Redis. The check is the workers' own (``periodic_check``), on real Redis and MLflow."""
+    from redis import Redis
+
+    from app.service import registry, sweeps
+    from app.service.jobs import training_queue
+    from app.service.workers import periodic_check
+
+    queue = training_queue(settings, Redis.from_url(settings.redis_url))
+    request = sweeps.SweepRequest(base=BASE, space={"lr": [1e-4, 2e-4]}, trials=2, seed=1)
+    base = sweeps.validate_request(request, settings)
+    waiting = sweeps.create_sweep(request, base, settings, queue=None)  # stored; its trials start at the check
+    broken = sweeps.create_sweep(request, base, settings, queue=None)  # newer: the check reaches it first
+    study = sweeps.load_study(settings, broken, telling=True)
+    study.set_user_attr("spec", study.user_attrs["spec"] | {"seed": 2**32})
+    registry_champion = registry.read_champion_pointer(queue.connection, settings)
+    queue.connection.delete(registry.champion_key(settings))  # Redis lost the pointer; MLflow has the alias
+
+    periodic_check(settings, queue)
+
+    failed = client.get(f"/sweeps/{broken}").get_json()
+    assert failed["status"] == "failed" and "Seed must be between 0 and 2**32 - 1" in failed["failure"], failed
+    assert client.get(f"/sweeps/{waiting}").get_json()["leaderboard"]  # its first trials started
+    assert registry.read_champion_pointer(queue.connection, settings)["version"] == registry_champion["version"]
+    assert client.post(f"/sweeps/{broken}/cancel").status_code == 409  # it has ended
+    assert client.post(f"/sweeps/{waiting}/cancel").status_code == 200
+
+
 @pytest.mark.parametrize(
     ("body", "field", "rule"),
     [
