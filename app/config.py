@@ -111,6 +111,9 @@ class Settings(BaseSettings):
     max_jobs_per_client: int = 10
     # Compute budget of one job: epochs × training rows × max_length (default: 10 epochs of full BoolQ at 512).
     max_job_tokens: int = 50_000_000
+    # Tokens one training step holds in one process: batch_size (its share per device) × max_length. Peak
+    # activation memory grows with it; the default admits 64 × 512 or 128 × 256 (and the default 32 × 256).
+    max_step_tokens: int = Field(32_768, ge=16)
     # Tokens (items × tokens per item after truncation) one /predict may ask for; 422 above it.
     predict_max_tokens: int = 32_768
     # Seconds a /predict may compute; then it stops between chunks and answers 503 (below nginx's 90 s).

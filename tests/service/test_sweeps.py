@@ -231,6 +231,7 @@ def test_a_sweep_whose_driver_fails_ends_failed_and_holds_up_neither_other_sweep
             "20,000 combinations, over SWEEP_MAX_GRID",
         ),
         ({"space": {"model": [f"model-{i}-" + "x" * 400 for i in range(100)]}}, "space", "SWEEP_MAX_SPEC_BYTES"),
+        ({"space": {"batch_size": [8, 512]}, "base": {"max_length": 512}}, "space.batch_size", "MAX_STEP_TOKENS"),
         ({"space": {"lr": [1e-4]}, "seed": 2**32}, "seed", "less than or equal to 4294967295"),
         ({"space": {"lr": [1e-4]}, "seed": 2**32 - 2, "trials": 3}, "seed", "seed + trials must not exceed 2**32"),
     ],

@@ -25,7 +25,7 @@ from app.service.jobs import TRIAL_TASK as TRIAL_TASK  # the trial task's name, 
 from app.service.model_access import ModelNotAllowed, model_for_training
 
 # The TrainParams fields that set a trial's cost (check_cost).
-COST_FIELDS = ("epochs", "train_limit", "max_length")
+COST_FIELDS = ("epochs", "train_limit", "max_length", "batch_size")
 # Trial n's sampler is seeded with seed + n, and numpy takes seeds below 2**32.
 SEED_LIMIT = 2**32
 # The median pruner compares a trial with the trials before it only once this many have finished.
@@ -187,8 +187,8 @@ def grid_size(request: SweepRequest) -> int:
 
 
 def largest_trial_rule(request: SweepRequest, base: TrainParams, settings: Settings) -> dict[str, str]:
-    """The per-job rules (MAX_JOB_TOKENS, MAX_DEVICES: the same ``check_cost`` as ``POST /train``) for the
-    costliest trial the space allows; its errors name the base or space fields that set each value."""
+    """The per-job rules (MAX_JOB_TOKENS, MAX_STEP_TOKENS, MAX_DEVICES: the same ``check_cost`` as ``POST /train``)
+    for the costliest trial the space allows; its errors name the base or space fields that set each value."""
     largest = {name: largest_value(request, name, getattr(base, name)) for name in COST_FIELDS}
     try:
         check_cost(base.model_copy(update=largest), settings)
