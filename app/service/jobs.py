@@ -110,6 +110,7 @@ class ProjectJob(Job):
             raise ForbiddenTask(f"job {self.id} sets {', '.join(self.planted)}; none is allowed, it was not run")
         return super().func
 
+    # And none runs even on a job built in this process, not read from Redis.
     @property
     def success_callback(self):
         return None
