@@ -101,6 +101,16 @@ class ProjectJob(Job):
         self._success_callback_name = self._failure_callback_name = self._stopped_callback_name = None
         self.webhooks = []
 
+    @classmethod
+    def fetch_many(cls, job_ids, connection, serializer=None) -> list[Job | None]:
+        """RQ's bulk fetch, with a record it cannot read as a missing one (None): a listing or a registry's
+        maintenance passes over it."""
+        job_ids = list(job_ids)
+        try:
+            return super().fetch_many(job_ids, connection, serializer)
+        except UnreadableJob:  # rare: read them one at a time
+            return [fetched_or_none(cls, job_id, connection, serializer) for job_id in job_ids]
+
     @property
     def func(self):
         name = self.func_name
@@ -124,6 +134,13 @@ class ProjectJob(Job):
         return None
 
     def send_webhooks(self, status, *, exc_string=None) -> None:
+        return None
+
+
+def fetched_or_none(job_class: type[Job], job_id: str, connection: Redis, serializer) -> Job | None:
+    try:
+        return job_class.fetch(job_id, connection=connection, serializer=serializer)
+    except NoSuchJobError:
         return None
 
 

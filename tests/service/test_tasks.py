@@ -22,7 +22,7 @@ from app.engine.run_folder import Progress
 from app.engine.training import train_and_evaluate
 from app.params import TrainParams
 from app.service.tasks import CURVE_POINTS, ProgressReporter
-from tests.helpers import RESUMABLE, plant_job, service_settings, wait_for, webhook_listener, work_horse_pids
+from tests.helpers import RESUMABLE, TINY_JOB, plant_job, service_settings, wait_for, webhook_listener, work_horse_pids
 
 
 class FakeJob:
@@ -159,6 +159,19 @@ def test_the_api_never_runs_a_callback_or_calls_a_webhook_planted_on_a_job(setti
         assert client.get(f"/jobs/{job.id}").get_json()["status"] == "failed"
     assert not connection.exists(f"planted-ran:{job.id}")
     assert calls == []
+
+
+def test_a_job_record_rq_cannot_read_is_left_out_of_the_job_list_never_a_500(settings, client, redis_url):
+    from app.service.job_index import JobIndex
+    from app.service.jobs import training_queue
+
+    connection = Redis.from_url(redis_url)
+    listed = client.post("/train", json=TINY_JOB).get_json()["job_id"]
+    connection.hset("rq:job:planted-unreadable-api", mapping={"data": b"[]", "status": "no-such-status"})
+    connection.zadd(JobIndex(training_queue(settings, connection)).key, {"planted-unreadable-api": 2e9})
+    response = client.get("/jobs")
+    assert response.status_code == 200, response.get_json()
+    assert [job["job_id"] for job in response.get_json()["jobs"]] == [listed]
 
 
 def test_a_worker_refuses_planted_callbacks_webhooks_and_unreadable_records_and_goes_on(launcher, redis_url, tmp_path):
