@@ -202,19 +202,13 @@ def add_worker_parser(commands) -> None:
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     import app.service.tasks  # noqa: F401  (loaded once here, so each forked job starts without importing torch)
-    from app.service import registry, sweeps
     from app.service.jobs import training_queue
     from app.service.redis_connection import connect_redis
-    from app.service.workers import make_worker
+    from app.service.workers import make_worker, periodic_check
 
     quiet_libraries()
     queue = training_queue(settings, connect_redis(settings))
-
-    def periodic_check() -> None:
-        sweeps.advance_unfinished(settings, queue)
-        registry.sync_champion_pointer(queue.connection, settings)
-
-    worker = make_worker(settings, on_maintenance=periodic_check)
+    worker = make_worker(settings, on_maintenance=lambda: periodic_check(settings, queue))
     worker.work(burst=args.burst, logging_level="INFO")
     return 0
 

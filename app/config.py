@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     max_jobs_per_client: int = 10
     # Compute budget of one job: epochs × training rows × max_length (default: 10 epochs of full BoolQ at 512).
     max_job_tokens: int = 50_000_000
+    # Tokens one training step holds in one process: batch_size (its share per device) × max_length. Peak
+    # activation memory grows with it; the default admits 64 × 512 or 128 × 256 (and the default 32 × 256).
+    max_step_tokens: int = Field(32_768, ge=16)
     # Tokens (items × tokens per item after truncation) one /predict may ask for; 422 above it.
     predict_max_tokens: int = 32_768
     # Seconds a /predict may compute; then it stops between chunks and answers 503 (below nginx's 90 s).
@@ -140,6 +143,10 @@ class Settings(BaseSettings):
     # Compute budget of one sweep, checked at submit: at most this many training examples (trials × epochs ×
     # train rows, counted at the largest values the space allows). Default: ~120 epochs of full BoolQ.
     sweep_max_examples: int = 1_000_000
+    # Most combinations a grid sweep's space may have (the grid sampler lists them all, on every trial's ask).
+    sweep_max_grid: int = Field(10_000, ge=1)
+    # Largest sweep spec (base, space and settings, JSON-encoded): every process reading the sweep replays it.
+    sweep_max_spec_bytes: int = Field(32_768, ge=1)
 
     @field_validator("model_roots", mode="before")
     @classmethod

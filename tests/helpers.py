@@ -349,3 +349,70 @@ def write_relation_pairs(path: Path, rows: int, seed: int = 0, source: Path | No
             writer.writeheader()
             writer.writerows(records)
     return path
+
+
+def leave_a_mark(job, connection, *args) -> None:
+    """A function an attacker names as a job's callback in Redis: it only records that it ran."""
+    connection.set(f"planted-ran:{job.id}", "1")
+
+
+def end_the_process(*args) -> None:
+    """A callback named in Redis that ends the process calling it (RQ's handlers catch Exception, not this)."""
+    raise SystemExit("a callback planted in Redis ended this process")
+
+
+@contextlib.contextmanager
+def webhook_listener():
+    """A local HTTP server that records every request (the URL a planted webhook names); yields (url, paths)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    paths = []
+
+    class Record(BaseHTTPRequestHandler):
+        def do_POST(self):
+            paths.append(self.path)
+            self.send_response(204)
+            self.end_headers()
+
+        do_GET = do_POST
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Record)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", paths
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def plant_job(connection, queue_name: str, job_id: str, status: str = "queued", **behaviour):
+    """A job record written straight into Redis, as whoever can write there could: a real task of the service,
+    with ``behaviour`` (RQ's ``on_failure``, ``on_success``, ``webhooks``...) naming code or a URL. A started one is
+    put in the started registry already expired, as if its worker had died: maintenance will fail it."""
+    from rq import Queue
+    from rq.job import Job, JobStatus
+    from rq.serializers import JSONSerializer
+
+    from app.service.jobs import TRAIN_TASK
+
+    job = Job.create(
+        TRAIN_TASK,
+        args=[TINY_JOB],
+        connection=connection,
+        serializer=JSONSerializer,
+        id=job_id,
+        origin=queue_name,
+        status=JobStatus(status),
+        **behaviour,
+    )
+    job.save()
+    queue = Queue(queue_name, connection=connection, serializer=JSONSerializer)
+    if status == "started":
+        connection.zadd(queue.started_job_registry.key, {job_id: 1})
+    else:
+        connection.rpush(queue.key, job_id)
+    return job

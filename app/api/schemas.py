@@ -271,7 +271,7 @@ class SweepAccepted(ResponseModel):
 
 class SweepView(ResponseModel):
     sweep_id: str
-    status: Literal["running", "finished", "cancelled"]
+    status: Literal["running", "finished", "cancelled", "failed"]
     created_at: str | None
     ended_at: str | None
     base: dict
@@ -284,6 +284,7 @@ class SweepView(ResponseModel):
     counts: dict[str, int]
     best: TrialRow | None
     registration: dict | None = Field(description="The best trial's registered version, and whether it was promoted.")
+    failure: str | None = Field(None, description="Why the sweep failed (status failed): its driver's error.")
     leaderboard: list[TrialRow] | None = Field(None, description="Best dev accuracy first (absent in GET /sweeps).")
 
 

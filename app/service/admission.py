@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from pathlib import Path
 
 from redis import Redis
@@ -74,14 +75,28 @@ def available_train_rows(data_dir: Path) -> int | None:
 
 
 def check_cost(params: TrainParams, settings: Settings, dataset_rows: int | None = None) -> None:
-    """422 when the job could never run as asked: more devices than a worker has, too few rows to split off a
-    dev set, or over the budget. ``dataset_rows``: an uploaded dataset's train rows, as its record says (default:
-    BoolQ's in DATA_DIR)."""
+    """422 when the job could never run as asked: more devices than a worker has, a step too large for a worker's
+    memory, too few rows to split off a dev set, or over the budget. ``dataset_rows``: an uploaded dataset's train
+    rows, as its record says (default: BoolQ's in DATA_DIR)."""
     if params.devices > settings.max_devices:
         reason = (
             f"{params.devices} devices asked, this service's workers give at most {settings.max_devices} (MAX_DEVICES)"
         )
         raise OverLimit(reason, {"devices": reason})
+    # Peak activation memory follows the tokens one step holds in one process (each device takes its share of
+    # the batch), whatever the job's total.
+    per_device = math.ceil(params.batch_size / params.devices)
+    step_tokens = per_device * params.max_length
+    if step_tokens > settings.max_step_tokens:
+        share = (
+            f" (its share of batch_size {params.batch_size} on {params.devices} devices)" if params.devices > 1 else ""
+        )
+        reason = (
+            f"a training step of {per_device} examples{share} × max_length {params.max_length} = {step_tokens:,} "
+            f"tokens exceeds this service's cap of {settings.max_step_tokens:,} tokens per step (MAX_STEP_TOKENS, "
+            "peak activation memory); lower batch_size or max_length"
+        )
+        raise OverLimit(reason, {"batch_size": reason, "max_length": reason})
     available = dataset_rows if dataset_rows is not None else available_train_rows(settings.data_dir)
     if available is None:
         return

@@ -39,7 +39,7 @@ class JobIndex:
         start = (page - 1) * per_page
         while True:
             ids = [i.decode() for i in self.connection.zrevrange(self.key, start, start + per_page - 1)]
-            jobs = Job.fetch_many(ids, self.connection, self.queue.serializer)
+            jobs = self.queue.job_class.fetch_many(ids, self.connection, self.queue.serializer)
             expired = [job_id for job_id, job in zip(ids, jobs, strict=True) if job is None]
             if not expired:
                 return jobs, self.connection.zcard(self.key)
@@ -62,7 +62,7 @@ class JobIndex:
             return
         ids = sorted(all_job_ids(self.queue))
         for start in range(0, len(ids), 500):
-            jobs = Job.fetch_many(ids[start : start + 500], self.connection, self.queue.serializer)
+            jobs = self.queue.job_class.fetch_many(ids[start : start + 500], self.connection, self.queue.serializer)
             found = {job.id: job.created_at.timestamp() for job in jobs if job is not None and job.created_at}
             if found:
                 self.connection.zadd(self.key, found)

@@ -17,6 +17,7 @@ from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
+from rq.utils import decode_redis_hash
 from rq.worker_registration import get_keys
 
 from app.config import Settings
@@ -36,6 +37,8 @@ TRIAL_TASK = "app.service.sweeps.trials.trial_job"
 PROJECT_TASKS = frozenset({TRAIN_TASK, TRIAL_TASK})
 # What a job id (and a run folder's name) may be: what the API accepts in a path, and in an MLflow filter.
 JOB_ID_RULE = r"[A-Za-z0-9_-]{1,64}"
+# The fields of RQ's job record that name code to import or a URL to call (callbacks, webhooks).
+BEHAVIOUR_FIELDS = ("success_callback_name", "failure_callback_name", "stopped_callback_name", "webhooks")
 # How often a worker runs RQ's registry cleanup and the sweeps' check (trials whose worker died, trials to start).
 MAINTENANCE_INTERVAL_S = 60
 # RQ's failure_ttl when a job sets none (one year).
@@ -68,25 +71,56 @@ class JobAlreadyFinished(RuntimeError):
 
 
 class ForbiddenTask(RuntimeError):
-    """A job names a function that is not one of the project's tasks (or asks for a callback); it is never imported."""
+    """A job names a function that is not one of the project's tasks, or a callback or webhook; it is never run."""
+
+
+class UnreadableJob(NoSuchJobError):
+    """A job record RQ cannot read (a field planted or mangled in Redis): treated as no job, so a worker skips it
+    and its maintenance drops it instead of quitting on the error."""
 
 
 class ProjectJob(Job):
     """An RQ job that resolves only the project's tasks: RQ would import any ``module.function`` named in Redis.
 
-    The check runs before any import; callbacks (which RQ also imports by name) are refused, the project uses none.
+    Redis carries data, never behaviour: RQ also imports the callbacks and calls the webhooks a job's record
+    names, when the job runs and when maintenance fails it. The project sets none, so those fields are dropped
+    as the record is read (nothing can run them, in a worker or the API) and a job that names any is refused.
     """
+
+    planted: tuple[str, ...] = ()
+
+    def restore(self, raw_data) -> None:
+        record = decode_redis_hash(raw_data)
+        self.planted = tuple(name for name in BEHAVIOUR_FIELDS if record.get(name))
+        try:
+            super().restore(raw_data)
+        except NoSuchJobError:
+            raise
+        except Exception as exc:
+            raise UnreadableJob(f"job {self.id}: its record in Redis cannot be read ({exc})") from exc
+        self._success_callback_name = self._failure_callback_name = self._stopped_callback_name = None
+        self.webhooks = []
+
+    @classmethod
+    def fetch_many(cls, job_ids, connection, serializer=None) -> list[Job | None]:
+        """RQ's bulk fetch, with a record it cannot read as a missing one (None): a listing or a registry's
+        maintenance passes over it."""
+        job_ids = list(job_ids)
+        try:
+            return super().fetch_many(job_ids, connection, serializer)
+        except UnreadableJob:  # rare: read them one at a time
+            return [fetched_or_none(cls, job_id, connection, serializer) for job_id in job_ids]
 
     @property
     def func(self):
         name = self.func_name
         if self.instance is not None or name not in PROJECT_TASKS:
             raise ForbiddenTask(f"job {self.id} names {name!r}, not one of this service's tasks; it was not run")
-        callbacks = [self._success_callback_name, self._failure_callback_name, self._stopped_callback_name]
-        if any(callbacks):
-            raise ForbiddenTask(f"job {self.id} asks for callbacks {[c for c in callbacks if c]}; none is allowed")
+        if self.planted:
+            raise ForbiddenTask(f"job {self.id} sets {', '.join(self.planted)}; none is allowed, it was not run")
         return super().func
 
+    # And none runs even on a job built in this process, not read from Redis.
     @property
     def success_callback(self):
         return None
@@ -99,17 +133,30 @@ class ProjectJob(Job):
     def stopped_callback(self):
         return None
 
+    def send_webhooks(self, status, *, exc_string=None) -> None:
+        return None
+
+
+def fetched_or_none(job_class: type[Job], job_id: str, connection: Redis, serializer) -> Job | None:
+    try:
+        return job_class.fetch(job_id, connection=connection, serializer=serializer)
+    except NoSuchJobError:
+        return None
+
 
 def training_queue(settings: Settings, connection: Redis) -> Queue:
-    """The RQ queue of training jobs; JSON-serialized so job data is plain and readable (no pickle)."""
-    return Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
+    """The RQ queue of training jobs; JSON-serialized so job data is plain and readable (no pickle). Every queue is
+    built with ``ProjectJob``: its registries' maintenance (in a worker and in the API) reads jobs through it."""
+    return Queue(settings.queue_name, connection=connection, serializer=JSONSerializer, job_class=ProjectJob)
 
 
 def class_queue(queue: Queue, accelerator: str) -> Queue:
     """The queue of jobs asking for ``accelerator``: ``queue`` itself for "any", else ``<queue>:gpu`` or ``:cpu``."""
     if accelerator == "any":
         return queue
-    return Queue(f"{queue.name}:{accelerator}", connection=queue.connection, serializer=queue.serializer)
+    return Queue(
+        f"{queue.name}:{accelerator}", connection=queue.connection, serializer=queue.serializer, job_class=ProjectJob
+    )
 
 
 def class_queues(queue: Queue) -> list[Queue]:
@@ -118,7 +165,7 @@ def class_queues(queue: Queue) -> list[Queue]:
 
 
 def origin_queue(queue: Queue, job: Job) -> Queue:
-    return Queue(job.origin, connection=queue.connection, serializer=queue.serializer)
+    return Queue(job.origin, connection=queue.connection, serializer=queue.serializer, job_class=ProjectJob)
 
 
 def live_workers(queue: Queue) -> int:
@@ -183,7 +230,7 @@ def enqueue_job(
 def fetch_job(queue: Queue, job_id: str) -> Job:
     """The job, after letting RQ fail jobs whose worker died (so none stays 'running' forever)."""
     try:
-        job = Job.fetch(job_id, connection=queue.connection, serializer=queue.serializer)
+        job = ProjectJob.fetch(job_id, connection=queue.connection, serializer=queue.serializer)
     except NoSuchJobError as exc:
         raise JobNotFound(f"no job {job_id}") from exc
     if job.get_status(refresh=False) == JobStatus.STARTED:
@@ -212,7 +259,7 @@ def latest_succeeded_job(queue: Queue) -> Job | None:
     """The queue's most recently finished job (FinishedJobRegistry scores are expiry times, later = newer)."""
     for start in range(0, queue.finished_job_registry.count, 20):
         ids = queue.finished_job_registry.get_job_ids(start, start + 19, desc=True)
-        for job in Job.fetch_many(ids, queue.connection, queue.serializer):
+        for job in ProjectJob.fetch_many(ids, queue.connection, queue.serializer):
             if job is not None and public_status(job) == "succeeded":  # a pruned sweep trial has no model
                 return job
     return None
@@ -266,7 +313,7 @@ def describe_job(job: Job) -> dict:
 
 def waiting_reason(job: Job) -> str | None:
     """Why a queued job cannot start whatever its turn: no live worker listens on its class's queue."""
-    if live_workers(Queue(job.origin, connection=job.connection, serializer=job.serializer)):
+    if live_workers(Queue(job.origin, connection=job.connection, serializer=job.serializer, job_class=ProjectJob)):
         return None
     accelerator = (job.args[0] if job.args else {}).get("accelerator", "any")
     return "waiting for a worker" if accelerator == "any" else f"waiting for a {accelerator} worker"
@@ -370,7 +417,7 @@ def recent_jobs_with_status(queue: Queue, status: str, page: int, per_page: int)
         ids.update(q.get_job_ids() if status == "queued" else ())
         for name in STATUS_REGISTRIES[status]:
             ids.update(getattr(q, name).get_job_ids())
-    found = Job.fetch_many(list(ids), queue.connection, queue.serializer)
+    found = ProjectJob.fetch_many(list(ids), queue.connection, queue.serializer)
     matching = [j for j in found if j is not None and public_status(j) == status]
     matching.sort(key=lambda j: j.created_at, reverse=True)
     return matching[start : start + per_page], len(matching)
@@ -385,10 +432,10 @@ def registry_page(registries: list, status: str, start: int, per_page: int) -> t
     connection, serializer = registries[0].connection, registries[0].serializer
     if len(registries) == 1:
         ids = registries[0].get_job_ids(start, start + per_page - 1, desc=True)
-        found = Job.fetch_many(ids, connection, serializer)
+        found = ProjectJob.fetch_many(ids, connection, serializer)
         return [j for j in found if j is not None], registries[0].count
     ids = [i for r in registries for i in r.get_job_ids(0, start + per_page - 1, desc=True)]
-    found = [j for j in Job.fetch_many(ids, connection, serializer) if j is not None]
+    found = [j for j in ProjectJob.fetch_many(ids, connection, serializer) if j is not None]
     found.sort(key=lambda j: (j.ended_at if status == "succeeded" else j.started_at) or j.created_at, reverse=True)
     return found[start : start + per_page], sum(r.count for r in registries)
 

@@ -25,6 +25,7 @@ from app.engine.memory import keep_freed_memory_in_heap
 from app.engine.run import run_training
 from app.params import BUILTIN_DATASET, TrainParams
 from app.service import datasets
+from app.service.jobs import ProjectJob
 from app.service.model_access import resolve_for_training
 from app.service.model_store import resume_or_start_over
 from app.service.redis_connection import connect_redis
@@ -74,7 +75,7 @@ def run_rank(job_id: str, result_file: str) -> None:
     """One rank of a multi-device job (``train_on_ranks``): rank 0 reports progress to the job and writes the result."""
     keep_freed_memory_in_heap()
     settings = Settings()
-    job = Job.fetch(job_id, connection=connect_redis(settings, for_worker=True), serializer=JSONSerializer)
+    job = ProjectJob.fetch(job_id, connection=connect_redis(settings, for_worker=True), serializer=JSONSerializer)
     params = TrainParams(**job.args[0])
     params = resolve_for_training(params, settings)
     with distributed.process_group(settings.device) as device:

@@ -12,7 +12,7 @@ import logging
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from rq import Worker
+from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 
 from app.config import Settings
@@ -41,11 +41,15 @@ class TrainingWorker(Worker):
         return super().get_heartbeat_ttl(job, working_time) - RQ_GRACE_S + self.grace_s
 
     def run_maintenance_tasks(self):
-        super().run_maintenance_tasks()
+        # A maintenance hiccup (a record planted in Redis, a gap) must not stop the worker taking jobs.
+        try:
+            super().run_maintenance_tasks()
+        except Exception:
+            log.exception("RQ's registry maintenance failed")
         if self.on_maintenance is not None:
             try:
                 self.on_maintenance()
-            except Exception:  # a maintenance hiccup must not stop the worker taking jobs
+            except Exception:
                 log.exception("periodic maintenance failed")
 
     def register_birth(self):
@@ -69,6 +73,18 @@ def worker_capabilities(settings: Settings) -> dict:
     # NVML's count: CUDA stays uninitialised in this process, so the jobs it forks can still use it.
     gpus = 0 if settings.device == "cpu" else torch.cuda.device_count()
     return {"accelerator": "gpu" if gpus else "cpu", "gpus": gpus, "cpu_cores": cpu_cores()}
+
+
+def periodic_check(settings: Settings, queue: Queue) -> None:
+    """What a worker runs with RQ's maintenance: advance unfinished sweeps, copy MLflow's champion into Redis.
+    A failure advancing the sweeps never skips the champion's sync."""
+    from app.service import registry, sweeps
+
+    try:
+        sweeps.advance_unfinished(settings, queue)
+    except Exception:
+        log.exception("periodic check: advancing the sweeps failed")
+    registry.sync_champion_pointer(queue.connection, settings)
 
 
 def make_worker(settings: Settings, on_maintenance=None) -> Worker:

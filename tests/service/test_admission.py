@@ -12,6 +12,7 @@ import huggingface_hub.constants
 import pytest
 
 from app.api import create_app
+from app.params import TrainParams
 from tests.helpers import TINY_JOB, service_settings
 
 
@@ -80,6 +81,25 @@ def test_the_default_budget_admits_ten_epochs_of_full_boolq_at_512(redis_url, tm
     assert submit(client, epochs=10, max_length=512, train_limit=None).status_code == 202
     assert submit(client, epochs=11, max_length=512, train_limit=None).status_code == 422
     assert HUB_TRAIN_ROWS == 9427
+
+
+def test_a_step_over_the_step_token_cap_is_422_naming_batch_size_and_max_length(redis_url, tmp_path):
+    """512 × 512 is far within the total budget, yet one step of it asks a worker for gigabytes of activations."""
+    response = submit(client_for(redis_url, tmp_path), batch_size=512, max_length=512)
+    error = error_of(response)
+    assert response.status_code == 422
+    assert set(error["fields"]) == {"batch_size", "max_length"}
+    assert "262,144 tokens" in error["message"] and "MAX_STEP_TOKENS" in error["message"]
+
+
+def test_the_default_step_cap_admits_the_defaults_and_the_documented_examples(redis_url, tmp_path):
+    client = client_for(redis_url, tmp_path, data_dir="hub", max_jobs_per_client=100)
+    defaults = {name: TrainParams.model_fields[name].default for name in ("batch_size", "max_length", "epochs")}
+    assert defaults == {"batch_size": 32, "max_length": 256, "epochs": 2}
+    examples = [defaults, dict(batch_size=64, max_length=256), dict(epochs=10, max_length=512, batch_size=32)]
+    for fields in examples + [dict(batch_size=64, max_length=512), dict(batch_size=128, max_length=256)]:
+        assert submit(client, **fields | {"train_limit": None}).status_code == 202, fields
+    assert submit(client, batch_size=65, max_length=512).status_code == 422
 
 
 def test_too_few_rows_to_split_off_a_dev_set_is_422(redis_url, tmp_path):

@@ -15,6 +15,7 @@ from tests.helpers import REPO_ROOT, service_settings, settings_env, wait_for
 # Two epochs of 4 steps over 40 rows at 32 tokens: a trial takes seconds.
 BASE = dict(model="minilm", train_limit=40, eval_limit=8, max_length=32, epochs=2, batch_size=8, dev_size=0.25)
 SPACE = {"lr": {"low": 1e-5, "high": 2e-4, "log": True}, "warmup_ratio": [0, 0.1]}
+HUNDRED_LRS = [round(1e-5 * (i + 1), 7) for i in range(100)]
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +167,38 @@ def test_sweeps_are_listed_newest_first_in_pages(client, tpe_sweep):
     assert client.get("/sweeps/no-such-sweep").status_code == 404
 
 
+def test_a_sweep_whose_driver_fails_ends_failed_and_holds_up_neither_other_sweeps_nor_the_champion_sync(
+    client, settings, tpe_sweep
+):
+    """A sweep stored before the seed bound (seed 2**32: no sampler can be built for it) stays running and fails
+    every periodic check: it must end failed, and the check must still start the other sweeps' trials and copy
+    MLflow's champion into Redis. The check is the workers' own (``periodic_check``), on real Redis and MLflow."""
+    from redis import Redis
+
+    from app.service import registry, sweeps
+    from app.service.jobs import training_queue
+    from app.service.workers import periodic_check
+
+    queue = training_queue(settings, Redis.from_url(settings.redis_url))
+    request = sweeps.SweepRequest(base=BASE, space={"lr": [1e-4, 2e-4]}, trials=2, seed=1)
+    base = sweeps.validate_request(request, settings)
+    waiting = sweeps.create_sweep(request, base, settings, queue=None)  # stored; its trials start at the check
+    broken = sweeps.create_sweep(request, base, settings, queue=None)  # newer: the check reaches it first
+    study = sweeps.load_study(settings, broken, telling=True)
+    study.set_user_attr("spec", study.user_attrs["spec"] | {"seed": 2**32})
+    registry_champion = registry.read_champion_pointer(queue.connection, settings)
+    queue.connection.delete(registry.champion_key(settings))  # Redis lost the pointer; MLflow has the alias
+
+    periodic_check(settings, queue)
+
+    failed = client.get(f"/sweeps/{broken}").get_json()
+    assert failed["status"] == "failed" and "Seed must be between 0 and 2**32 - 1" in failed["failure"], failed
+    assert client.get(f"/sweeps/{waiting}").get_json()["leaderboard"]  # its first trials started
+    assert registry.read_champion_pointer(queue.connection, settings)["version"] == registry_champion["version"]
+    assert client.post(f"/sweeps/{broken}/cancel").status_code == 409  # it has ended
+    assert client.post(f"/sweeps/{waiting}/cancel").status_code == 200
+
+
 @pytest.mark.parametrize(
     ("body", "field", "rule"),
     [
@@ -191,6 +224,16 @@ def test_sweeps_are_listed_newest_first_in_pages(client, tpe_sweep):
         ({"space": {"lr": [1e-4]}, "trials": 0}, "trials", "greater than or equal to 1"),
         ({"space": {"lr": [1e-4]}, "parallel": True}, "parallel", "valid integer"),
         ({"space": {"lr": [1e-4]}, "extra": 1}, "extra", "Extra inputs"),
+        # Issue 28: bounded before it is accepted (a grid is counted, never listed, to be refused).
+        (
+            {"space": {"lr": HUNDRED_LRS, "seed": list(range(100)), "warmup_ratio": [0, 0.1]}, "sampler": "grid"},
+            "space",
+            "20,000 combinations, over SWEEP_MAX_GRID",
+        ),
+        ({"space": {"model": [f"model-{i}-" + "x" * 400 for i in range(100)]}}, "space", "SWEEP_MAX_SPEC_BYTES"),
+        ({"space": {"batch_size": [8, 512]}, "base": {"max_length": 512}}, "space.batch_size", "MAX_STEP_TOKENS"),
+        ({"space": {"lr": [1e-4]}, "seed": 2**32}, "seed", "less than or equal to 4294967295"),
+        ({"space": {"lr": [1e-4]}, "seed": 2**32 - 2, "trials": 3}, "seed", "seed + trials must not exceed 2**32"),
     ],
 )
 def test_a_bad_sweep_is_refused_with_422_naming_the_field_and_rule(client, body, field, rule):

@@ -1,6 +1,7 @@
-"""The worker's task: its progress reporter's live curves, and a job whose worker is killed mid-training
+"""The worker's task: its progress reporter's live curves, a job whose worker is killed mid-training
 being re-run by RQ (JOB_RETRIES) and resuming from its last checkpoint, ending as an uninterrupted run of the
-same seed does."""
+same seed does, and job records planted in Redis that name code or a URL, which neither the API nor a worker
+ever runs or calls."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ import signal
 
 import pytest
 import torch
+from redis import Redis
+from rq import Callback, Queue
+from rq.job import JobStatus
+from rq.serializers import JSONSerializer
+from rq.webhook import Webhook
 
 from app.api import create_app
 from app.config import SAMPLE_DATA_DIR
@@ -16,7 +22,7 @@ from app.engine.run_folder import Progress
 from app.engine.training import train_and_evaluate
 from app.params import TrainParams
 from app.service.tasks import CURVE_POINTS, ProgressReporter
-from tests.helpers import RESUMABLE, service_settings, wait_for, work_horse_pids
+from tests.helpers import RESUMABLE, TINY_JOB, plant_job, service_settings, wait_for, webhook_listener, work_horse_pids
 
 
 class FakeJob:
@@ -129,3 +135,74 @@ def test_a_job_whose_whole_worker_died_is_retried_by_another_worker_and_resumes(
     view = wait_for(ended, 300, f"job {job_id} to end on the second worker")
     assert view["status"] == "succeeded", view
     assert view["result"]["metrics"]["resumed_from_step"] == killed_at > 0
+
+
+def planted_behaviour(hook_url: str, callback: str = "tests.helpers.leave_a_mark") -> dict:
+    """What a record planted in Redis may ask RQ for: callbacks of every kind, and webhooks with chosen headers."""
+    return dict(
+        on_success=Callback(callback),
+        on_failure=Callback(callback),
+        on_stopped=Callback(callback),
+        webhooks=[
+            Webhook(f"{hook_url}/{status}", status, method="POST", headers={"X-Stolen": "1"})
+            for status in ("finished", "failed")
+        ],
+    )
+
+
+def test_the_api_never_runs_a_callback_or_calls_a_webhook_planted_on_a_job(settings, client, redis_url):
+    """Counting jobs for /metrics lets RQ fail a started job whose worker is gone; that must not run what it names."""
+    connection = Redis.from_url(redis_url)
+    with webhook_listener() as (hook_url, calls):
+        job = plant_job(connection, settings.queue_name, "planted-api", "started", **planted_behaviour(hook_url))
+        assert client.get("/metrics").status_code == 200
+        assert client.get(f"/jobs/{job.id}").get_json()["status"] == "failed"
+    assert not connection.exists(f"planted-ran:{job.id}")
+    assert calls == []
+
+
+def test_a_job_record_rq_cannot_read_is_left_out_of_the_job_list_never_a_500(settings, client, redis_url):
+    from app.service.job_index import JobIndex
+    from app.service.jobs import training_queue
+
+    connection = Redis.from_url(redis_url)
+    listed = client.post("/train", json=TINY_JOB).get_json()["job_id"]
+    connection.hset("rq:job:planted-unreadable-api", mapping={"data": b"[]", "status": "no-such-status"})
+    connection.zadd(JobIndex(training_queue(settings, connection)).key, {"planted-unreadable-api": 2e9})
+    response = client.get("/jobs")
+    assert response.status_code == 200, response.get_json()
+    assert [job["job_id"] for job in response.get_json()["jobs"]] == [listed]
+
+
+def test_a_worker_refuses_planted_callbacks_webhooks_and_unreadable_records_and_goes_on(launcher, redis_url, tmp_path):
+    """Its maintenance fails two abandoned records (one whose callback would end the process), its dequeue skips
+    a record RQ cannot read and refuses a job asking for callbacks and webhooks; none runs, the worker lives on."""
+    settings = service_settings(redis_url, tmp_path)
+    connection = Redis.from_url(redis_url)
+    queue = Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
+    with webhook_listener() as (hook_url, calls):
+        abandoned = [
+            plant_job(connection, settings.queue_name, "planted-abandoned", "started", **planted_behaviour(hook_url)),
+            plant_job(
+                connection,
+                settings.queue_name,
+                "planted-exit",
+                "started",
+                **planted_behaviour(hook_url, "tests.helpers.end_the_process"),
+            ),
+        ]
+        connection.hset("rq:job:planted-unreadable", mapping={"data": b"[]", "status": "no-such-status"})
+        connection.rpush(queue.key, "planted-unreadable")
+        queued = plant_job(connection, settings.queue_name, "planted-queued", **planted_behaviour(hook_url))
+        worker = launcher.worker(settings)
+        wait_for(
+            lambda: worker.poll() is not None or queued.get_status() == JobStatus.FAILED,
+            120,
+            "the worker to refuse the planted job",
+        )
+        assert worker.poll() is None, worker.log_path.read_text()[-3000:]
+        assert [job.get_status() for job in abandoned] == [JobStatus.FAILED] * 2
+        refusal = queued.latest_result().exc_string
+        assert "ForbiddenTask" in refusal and "webhooks" in refusal and "failure_callback_name" in refusal
+    assert not any(connection.exists(f"planted-ran:{job_id}") for job_id in ("planted-abandoned", "planted-queued"))
+    assert calls == []

@@ -7,6 +7,8 @@ import logging
 import time
 import uuid
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue
 from rq.job import Job
 
@@ -15,6 +17,7 @@ from app.engine import run_folder
 from app.params import TrainParams
 from app.service import jobs, model_store, registry
 from app.service.admission import Admission, NoRoom
+from app.service.redaction import without_server_paths
 from app.service.redis_connection import service_key
 from app.service.sweeps.spec import TRIAL_TASK, SweepRequest
 from app.service.sweeps.study import distributions, load_study, storage, trial_params
@@ -48,42 +51,68 @@ def create_sweep(
 
 def advance_unfinished(settings: Settings, queue: Queue) -> None:
     """Advance every sweep that has not ended: the workers' periodic check (a trial whose worker died, a trial
-    the full queue kept from starting)."""
+    the full queue kept from starting). One sweep's error is logged and never keeps the check from the others."""
     from app.service.sweeps.views import sweep_ids
 
     for sweep_id in sweep_ids(settings):
-        if not load_study(settings, sweep_id, telling=True).user_attrs.get("ended_at"):
-            advance(settings, queue, sweep_id)
+        try:
+            if not load_study(settings, sweep_id, telling=True).user_attrs.get("ended_at"):
+                advance(settings, queue, sweep_id)
+        except (RedisConnectionError, RedisTimeoutError):
+            raise  # Redis is away for every sweep: the next check tries again
+        except Exception:
+            log.exception("sweep %s: the periodic check failed on it", sweep_id)
 
 
 def advance(settings: Settings, queue: Queue, sweep_id: str, ending: str | None = None) -> None:
     """Reconcile trials whose job died, start trials up to ``parallel`` as admission allows, finish the sweep
-    when all have ended. ``ending``: the trial job calling this as it ends (not counted against the client)."""
-    from optuna.trial import TrialState
-
+    when all have ended. ``ending``: the trial job calling this as it ends (not counted against the client).
+    A sweep whose driving fails (not for a Redis gap) ends ``failed``, never stays running."""
     with queue.connection.lock(service_key(settings.queue_name, "sweep-lock", sweep_id), timeout=120):
         study = load_study(settings, sweep_id, telling=True)
-        spec, attrs = study.user_attrs["spec"], study.user_attrs
-        if attrs.get("ended_at"):
+        if study.user_attrs.get("ended_at"):
             return
-        trials = study.get_trials(deepcopy=False)
-        for trial in trials:
-            if trial.state == TrialState.RUNNING:
-                status = trial_job_status(queue, trial.user_attrs.get("job_id"))
-                if status in ("failed", "cancelled"):
-                    end_trial(study, trial.number, TrialState.FAIL, outcome=status)
-        trials = study.get_trials(deepcopy=False)
-        running = sum(t.state == TrialState.RUNNING for t in trials)
-        asked = len(trials)
-        while not attrs.get("cancelled") and running < spec["parallel"] and asked < spec["trials"]:
-            try:
-                start_trial(settings, queue, sweep_id, asked, attrs.get("client") or f"sweep:{sweep_id}", ending)
-            except NoRoom as exc:  # the next trial end, a POST or the workers' periodic check tries again
-                log.info("sweep %s: trial %d waits: %s", sweep_id, asked, exc.message)
-                break
-            running, asked = running + 1, asked + 1
-        if running == 0 and (asked >= spec["trials"] or attrs.get("cancelled")):
-            finish(settings, queue, sweep_id)
+        try:
+            top_up(settings, queue, study, ending)
+        except (RedisConnectionError, RedisTimeoutError):
+            raise  # a gap (a failover): the next trial end or periodic check tries again
+        except Exception as exc:
+            log.exception("sweep %s: driving it failed; it ends failed", sweep_id)
+            fail(study, queue, f"{type(exc).__name__}: {exc}")
+
+
+def top_up(settings: Settings, queue: Queue, study, ending: str | None) -> None:
+    from optuna.trial import TrialState
+
+    sweep_id = study.study_name
+    spec, attrs = study.user_attrs["spec"], study.user_attrs
+    trials = study.get_trials(deepcopy=False)
+    for trial in trials:
+        if trial.state == TrialState.RUNNING:
+            status = trial_job_status(queue, trial.user_attrs.get("job_id"))
+            if status in ("failed", "cancelled"):
+                end_trial(study, trial.number, TrialState.FAIL, outcome=status)
+    trials = study.get_trials(deepcopy=False)
+    running = sum(t.state == TrialState.RUNNING for t in trials)
+    asked = len(trials)
+    while not attrs.get("cancelled") and running < spec["parallel"] and asked < spec["trials"]:
+        try:
+            start_trial(settings, queue, sweep_id, asked, attrs.get("client") or f"sweep:{sweep_id}", ending)
+        except NoRoom as exc:  # the next trial end, a POST or the workers' periodic check tries again
+            log.info("sweep %s: trial %d waits: %s", sweep_id, asked, exc.message)
+            break
+        running, asked = running + 1, asked + 1
+    if running == 0 and (asked >= spec["trials"] or attrs.get("cancelled")):
+        finish(settings, queue, sweep_id)
+
+
+def fail(study, queue: Queue, reason: str) -> None:
+    """End a sweep its driver cannot go on with: record why, stop its trials; nothing is registered."""
+    study.set_user_attr("failure", without_server_paths(reason)[:500])
+    try:
+        stop_trials(study, queue)
+    finally:
+        study.set_user_attr("ended_at", time.time())
 
 
 def start_trial(
@@ -189,16 +218,23 @@ def best_trial(study):
 
 def cancel_sweep(settings: Settings, queue: Queue, sweep_id: str) -> None:
     """Stop starting trials, cancel the queued and running ones, and end the sweep (nothing is registered)."""
-    from optuna.trial import TrialState
-
     with queue.connection.lock(service_key(settings.queue_name, "sweep-lock", sweep_id), timeout=120):
         study = load_study(settings, sweep_id, telling=True)
         if study.user_attrs.get("ended_at"):
             raise jobs.JobAlreadyFinished(f"sweep {sweep_id} has already ended")
         study.set_user_attr("cancelled", True)
-        for trial in study.get_trials(deepcopy=False):
-            if trial.state == TrialState.RUNNING:
-                with contextlib.suppress(jobs.JobNotFound, jobs.JobAlreadyFinished):
-                    jobs.cancel_training(queue, jobs.fetch_job(queue, trial.user_attrs["job_id"]))
-                end_trial(study, trial.number, TrialState.FAIL, outcome="cancelled")
+        stop_trials(study, queue)
         finish(settings, queue, sweep_id)
+
+
+def stop_trials(study, queue: Queue) -> None:
+    """Cancel the sweep's queued and running trials, their jobs too."""
+    from optuna.trial import TrialState
+
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state == TrialState.RUNNING:
+            job_id = trial.user_attrs.get("job_id")
+            with contextlib.suppress(jobs.JobNotFound, jobs.JobAlreadyFinished):
+                if job_id:
+                    jobs.cancel_training(queue, jobs.fetch_job(queue, job_id))
+            end_trial(study, trial.number, TrialState.FAIL, outcome="cancelled")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
 from typing import Annotated, Any, Literal
 
@@ -24,7 +25,9 @@ from app.service.jobs import TRIAL_TASK as TRIAL_TASK  # the trial task's name, 
 from app.service.model_access import ModelNotAllowed, model_for_training
 
 # The TrainParams fields that set a trial's cost (check_cost).
-COST_FIELDS = ("epochs", "train_limit", "max_length")
+COST_FIELDS = ("epochs", "train_limit", "max_length", "batch_size")
+# Trial n's sampler is seeded with seed + n, and numpy takes seeds below 2**32.
+SEED_LIMIT = 2**32
 # The median pruner compares a trial with the trials before it only once this many have finished.
 MEDIAN_STARTUP_TRIALS = 2
 # A searched value keeps its type: an int range (epochs) stays int, a float one (lr) float.
@@ -95,13 +98,19 @@ class SweepRequest(StrictModel):
     sampler: Literal["tpe", "random", "grid"] = "tpe"
     pruner: Literal["median", "none"] | Threshold = "median"
     promote: StrictBool = Field(False, description="Promote the best trial to champion when the sweep ends.")
-    seed: Annotated[StrictInt | None, Field(ge=0, description="Seed of the sampler (default: random).")] = None
+    seed: Annotated[
+        StrictInt | None,
+        Field(ge=0, le=SEED_LIMIT - 1, description="Seed of the sampler (default: random); seed + trials ≤ 2³²."),
+    ] = None
 
 
 def validate_request(request: SweepRequest, settings: Settings) -> TrainParams:
     """The rules beyond the shapes: each field searchable, each bound and choice a valid value of its field,
-    grid on lists only, the compute budget. Returns the base params; raises SweepError naming each field."""
-    errors: dict[str, str] = {}
+    grid on lists only, the size of the spec and of the grid, the seed, the compute budget. Returns the base params;
+    raises SweepError naming each field."""
+    errors = size_rules(request, settings)
+    if errors:  # the rules below read every value: not for a spec over its size
+        raise SweepError(errors)
     try:
         base = TrainParams(**({"model": settings.default_model} | request.base))
         model_for_training(base.model, settings)
@@ -131,7 +140,7 @@ def validate_request(request: SweepRequest, settings: Settings) -> TrainParams:
         if rule:
             errors[where] = rule
     if request.sampler == "grid" and not errors:
-        combinations = math.prod(len(entry) for entry in request.space.values())
+        combinations = grid_size(request)
         if request.trials > combinations:
             errors["trials"] = f"the grid has {combinations} combinations; ask for at most that many trials"
     if not errors:
@@ -148,9 +157,38 @@ def validate_request(request: SweepRequest, settings: Settings) -> TrainParams:
     return base
 
 
+def size_rules(request: SweepRequest, settings: Settings) -> dict[str, str]:
+    """What bounds a sweep's footprint in every process that reads it: the spec is stored and replayed whole,
+    the grid sampler lists every combination of its space (on each trial's ask), and each trial's sampler is
+    seeded with seed + its number."""
+    errors = {}
+    size = len(json.dumps(request.model_dump(mode="json", exclude_none=True)).encode())
+    if size > settings.sweep_max_spec_bytes:
+        errors["space"] = (
+            f"the sweep's spec takes {size:,} bytes JSON-encoded, "
+            f"over SWEEP_MAX_SPEC_BYTES={settings.sweep_max_spec_bytes:,}"
+        )
+    elif request.sampler == "grid" and (combinations := grid_size(request)) > settings.sweep_max_grid:
+        errors["space"] = (
+            f"the grid has {combinations:,} combinations, over SWEEP_MAX_GRID={settings.sweep_max_grid:,}; "
+            "search fewer choices, or use the tpe or random sampler"
+        )
+    if request.seed is not None and request.seed + request.trials > SEED_LIMIT:
+        errors["seed"] = (
+            f"seed + trials must not exceed 2**32 (trial n is seeded with seed + n): "
+            f"seed at most {SEED_LIMIT - request.trials} for {request.trials} trials"
+        )
+    return errors
+
+
+def grid_size(request: SweepRequest) -> int:
+    """The grid's combinations, counted without listing them (a range counts as one entry: it is refused on a grid)."""
+    return math.prod(len(entry) if isinstance(entry, list) else 1 for entry in request.space.values())
+
+
 def largest_trial_rule(request: SweepRequest, base: TrainParams, settings: Settings) -> dict[str, str]:
-    """The per-job rules (MAX_JOB_TOKENS, MAX_DEVICES: the same ``check_cost`` as ``POST /train``) for the
-    costliest trial the space allows; its errors name the base or space fields that set each value."""
+    """The per-job rules (MAX_JOB_TOKENS, MAX_STEP_TOKENS, MAX_DEVICES: the same ``check_cost`` as ``POST /train``)
+    for the costliest trial the space allows; its errors name the base or space fields that set each value."""
     largest = {name: largest_value(request, name, getattr(base, name)) for name in COST_FIELDS}
     try:
         check_cost(base.model_copy(update=largest), settings)

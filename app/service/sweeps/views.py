@@ -24,7 +24,7 @@ def view_of(study, queue: Queue | None, leaderboard_rows: bool = True) -> dict:
         counts[row["status"]] += 1
     status = "running"
     if attrs.get("ended_at"):
-        status = "cancelled" if attrs.get("cancelled") else "finished"
+        status = "failed" if attrs.get("failure") else "cancelled" if attrs.get("cancelled") else "finished"
     view = {
         "sweep_id": study.study_name,
         "status": status,
@@ -40,6 +40,7 @@ def view_of(study, queue: Queue | None, leaderboard_rows: bool = True) -> dict:
         "counts": counts,
         "best": board[0] if board and board[0]["status"] == "succeeded" else None,
         "registration": attrs.get("registration"),
+        "failure": attrs.get("failure"),
     }
     if leaderboard_rows:
         view["leaderboard"] = board

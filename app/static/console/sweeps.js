@@ -5,7 +5,7 @@
 (function () {
   const { api, el, percent, when, errorMessage, statusBadge, url, every } = window.Console;
   const LOG_SCALE = new Set(["lr", "eps"]);
-  const ENDED = new Set(["finished", "cancelled"]);  // a sweep's final states
+  const ENDED = new Set(["finished", "cancelled", "failed"]);  // a sweep's final states
   const POLL_MS = 2000;
   let current = null;   // id of the sweep shown
   let stopPolling = null;
