@@ -330,7 +330,8 @@ def write_relation_pairs(path: Path, rows: int, seed: int = 0, source: Path | No
 
     from app.engine.boolq import load_boolq
 
-    pool = load_boolq(source or SAMPLE_DATA_DIR).train
+    boolq = load_boolq(source or SAMPLE_DATA_DIR)
+    pool = boolq.train + boolq.val
     rng = random.Random(seed)
     records = []
     for i in range(rows):

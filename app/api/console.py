@@ -249,8 +249,8 @@ def job_predictions(job_id: str):
         page.append(
             row
             | {
-                "question": example.question if example else None,
-                "passage": excerpt(example.passage) if example else None,
+                "question": example.text if example else None,
+                "passage": excerpt(example.text_pair) if example and example.text_pair else None,
             }
         )
     return jsonify(

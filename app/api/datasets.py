@@ -27,7 +27,10 @@ DATASET_ID = "<dataset_id>"
 def upload():
     service = current_service()
     query = parse(DatasetUploadQuery, request.args.to_dict(), where="query")
-    request.max_content_length = service.settings.max_dataset_mb * 1024 * 1024 + 64 * 1024  # + multipart framing
+    limit = service.settings.max_dataset_mb * 1024 * 1024 + 64 * 1024  # the file and its multipart framing
+    if request.content_length is not None and request.content_length > limit:
+        raise datasets.DatasetTooLarge(f"the file is larger than MAX_DATASET_MB ({service.settings.max_dataset_mb} MB)")
+    request.max_content_length = limit  # a chunked body: the store stops copying at MAX_DATASET_MB
     stream, filename, content_type = uploaded_file(query.filename)
     record, created = store().store_upload(stream, filename, content_type, query.mapping())
     headers = {"Location": url_for("datasets.show", dataset_id=record.id)}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import jinja2
 
-from app.config import PROJECT_ROOT
+from app.config import PROJECT_ROOT, Settings
 
 NGINX_DIR = PROJECT_ROOT / "nginx"
 TEMPLATE_NAME = "nginx.conf.template"
@@ -45,6 +45,9 @@ class NginxLayout:
     temp_dir: str = ""
     # Account for nginx's worker processes; only meaningful when the master runs as root.
     user: str = ""
+    # Largest dataset upload nginx passes on (MB): MAX_DATASET_MB and a little for the multipart framing, so the
+    # app answers 413 with its own message up to it and nginx (413, JSON) above it.
+    dataset_body_mb: int = Settings.model_fields["max_dataset_mb"].default + 1
 
 
 def compose_layout() -> NginxLayout:
@@ -64,7 +67,9 @@ def compose_layout() -> NginxLayout:
     )
 
 
-def native_layout(listen: str, api_addresses: list[str], state_dir: Path) -> NginxLayout:
+def native_layout(
+    listen: str, api_addresses: list[str], state_dir: Path, max_dataset_mb: int | None = None
+) -> NginxLayout:
     """nginx run by ``python -m app stack``: local replicas, and pid, logs and temp files under state_dir."""
     state_dir = state_dir.resolve()
     return NginxLayout(
@@ -77,6 +82,7 @@ def native_layout(listen: str, api_addresses: list[str], state_dir: Path) -> Ngi
         temp_dir=str(state_dir / "nginx-temp"),
         # As root, nginx would hand its workers to `nobody`, who cannot enter the stack's private folders.
         user=pwd.getpwuid(0).pw_name if os.geteuid() == 0 else "",
+        dataset_body_mb=(max_dataset_mb or Settings.model_fields["max_dataset_mb"].default) + 1,
     )
 
 

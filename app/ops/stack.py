@@ -252,7 +252,9 @@ class Stack:
         self.children.append(Child("nginx", "nginx", nginx_argv, self.logs_dir / "nginx.log", url=self.url))
 
     def write_nginx_conf(self, api_addresses: list[str]) -> Path:
-        layout = native_layout(f"{self.options.host}:{self.options.port}", api_addresses, self.state_dir)
+        layout = native_layout(
+            f"{self.options.host}:{self.options.port}", api_addresses, self.state_dir, self.settings.max_dataset_mb
+        )
         conf_path = self.state_dir / "nginx.conf"
         conf_path.write_text(render_nginx_conf(layout))
         return conf_path

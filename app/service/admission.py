@@ -18,7 +18,7 @@ from rq import Queue
 from rq.job import Job
 
 from app.config import Settings
-from app.engine.data import HUB_SOURCE
+from app.engine.boolq import HUB_SOURCE
 from app.params import TrainParams
 from app.service.jobs import class_queues, queued_in
 from app.service.redis_connection import service_key

@@ -440,12 +440,14 @@ def registry_page(registries: list, status: str, start: int, per_page: int) -> t
     return found[start : start + per_page], sum(r.count for r in registries)
 
 
-def uses_dataset(queue: Queue, dataset_id: str) -> bool:
-    """Whether a queued or running job trains on ``dataset_id``."""
-    for status in ("queued", "running"):
-        active, _ = recent_jobs_with_status(queue, status, 1, 100_000)
-        if any(
-            job.args and isinstance(job.args[0], dict) and job.args[0].get("dataset") == dataset_id for job in active
-        ):
-            return True
-    return False
+def uses_dataset(queue: Queue, dataset_id: str, newest: int = 10_000) -> bool:
+    """Whether a queued or running job (of the ``newest`` in the job index) trains on ``dataset_id``. The index,
+    not the registries: a job a worker has just taken is in neither the queue nor the started registry yet."""
+    found, _ = recent_jobs(queue, 1, newest)
+    return any(
+        public_status(job) in ("queued", "running")
+        and job.args
+        and isinstance(job.args[0], dict)
+        and job.args[0].get("dataset") == dataset_id
+        for job in found
+    )

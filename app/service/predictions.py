@@ -8,7 +8,7 @@ from pathlib import Path
 from rq.job import Job
 
 from app.config import Settings
-from app.engine import data, run_folder
+from app.engine import boolq, data, run_folder
 from app.service.jobs import public_status
 from app.service.model_store import fetched_run_folder
 
@@ -36,7 +36,7 @@ def read_job_predictions(job: Job, settings: Settings) -> list[dict]:
     return list(rows)
 
 
-def val_examples_by_idx(settings: Settings) -> dict[int, data.BoolQExample]:
+def val_examples_by_idx(settings: Settings) -> dict[int, data.Example]:
     """The val examples by idx from ``DATA_DIR`` (as the workers read it); empty for the hub or a missing folder."""
     path = Path(settings.data_dir) / "val.jsonl"
     try:
@@ -46,5 +46,5 @@ def val_examples_by_idx(settings: Settings) -> dict[int, data.BoolQExample]:
 
 
 @functools.lru_cache(maxsize=2)
-def read_val_examples(path: Path, _mtime: float) -> dict[int, data.BoolQExample]:
-    return {example.idx: example for example in data.read_jsonl(path)}
+def read_val_examples(path: Path, _mtime: float) -> dict[int, data.Example]:
+    return {example.idx: example for example in boolq.read_jsonl(path)}
