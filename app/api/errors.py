@@ -90,7 +90,7 @@ DOMAIN_ERRORS = {
     NoRoom: lambda e: ApiError(429, e.message, e.fields, headers={"Retry-After": str(RETRY_AFTER_S)}),
     OverLimit: lambda e: ApiError(422, e.message, e.fields),
     ModelNotAllowed: lambda e: ApiError(422, str(e), {"model": str(e)}),
-    NotYesNo: lambda e: ApiError(422, str(e), {"question": str(e)}, code="not_yes_no"),
+    NotYesNo: lambda e: ApiError(422, str(e), {"model": str(e)}, code="not_yes_no"),
     jobs.JobNotFound: lambda e: ApiError(404, str(e), {"job_id": "unknown job id"}),
     jobs.JobAlreadyFinished: lambda e: ApiError(409, str(e)),
     PredictionsNotReady: lambda e: ApiError(409, str(e)),

@@ -11,7 +11,7 @@ from app.api.errors import ApiError
 from app.api.jobs import JOB_ID_PATTERN
 from app.api.openapi import documented
 from app.api.schemas import JobsQuery, SweepAccepted, SweepList, SweepView, respond
-from app.service import sweeps
+from app.service import datasets, sweeps
 from app.service.admission import client_key
 
 bp = Blueprint("sweeps", __name__)
@@ -28,6 +28,7 @@ def create():
     service = current_service()
     request_ = parse(sweeps.SweepRequest, json_object())
     base = sweeps.validate_request(request_, service.settings)
+    datasets.DatasetStore(service.settings, service.queue.connection).check_mapping(base)
     client = client_key(service.settings, bearer_token(), request.remote_addr)
     sweep_id = sweeps.create_sweep(request_, base, service.settings, service.queue, client)
     location = url_for("sweeps.show", sweep_id=sweep_id)

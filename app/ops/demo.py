@@ -2,7 +2,7 @@
 
 The native stack (Redis, API replicas, a worker, nginx) comes up on the given port, one training job goes in
 through nginx as ``POST /train?wait=true``, its val accuracy is printed beside the majority baseline, one
-question goes to ``/predict``, and the stack stops. Everything a user would type is printed as it happens.
+text pair goes to ``/predict``, and the stack stops. Everything a user would type is printed as it happens.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from app.config import Settings
 
 log = logging.getLogger(__name__)
 
-QUESTION = "is the sky blue"
-PASSAGE = "Sky -- The sky appears blue because of Rayleigh scattering of sunlight by the atmosphere."
+TEXT = "is the sky blue"
+TEXT_PAIR = "Sky -- The sky appears blue because of Rayleigh scattering of sunlight by the atmosphere."
 STACK_START_TIMEOUT_S = 240
 STACK_STOP_TIMEOUT_S = 60
 
@@ -45,7 +45,7 @@ class DemoOptions:
 
 
 def run_demo(options: DemoOptions, settings: Settings) -> int:
-    """Start the stack, train through it, ask it one question, stop it; exit code 0 when every step worked."""
+    """Start the stack, train through it, ask it about one text pair, stop it; exit code 0 when every step worked."""
     log_path = Path(settings.artifacts_dir) / ".demo-stack.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     base = f"http://127.0.0.1:{options.port}"
@@ -54,7 +54,7 @@ def run_demo(options: DemoOptions, settings: Settings) -> int:
         wait_for_stack(stack, base, log_path)
         result = train_through_service(base, options)
         print(describe_result(result))
-        print(describe_answer(ask_one_question(base)))
+        print(describe_answer(ask_one_pair(base)))
         return 0
     finally:
         stop_stack(stack)
@@ -132,17 +132,16 @@ def describe_result(result: dict) -> str:
     return line
 
 
-def ask_one_question(base: str) -> dict:
-    print(f'== curl -X POST {base}/predict -d \'{{"question": "{QUESTION}", "passage": "..."}}\'')
-    response = requests.post(f"{base}/predict", json={"question": QUESTION, "passage": PASSAGE}, timeout=60)
+def ask_one_pair(base: str) -> dict:
+    print(f'== curl -X POST {base}/predict -d \'{{"text": "{TEXT}", "text_pair": "..."}}\'')
+    response = requests.post(f"{base}/predict", json={"text": TEXT, "text_pair": TEXT_PAIR}, timeout=60)
     if response.status_code != 200:
         raise DemoError(f"/predict answered HTTP {response.status_code}: {response.text[:300]}")
     return response.json()
 
 
 def describe_answer(answer: dict) -> str:
-    word = "yes" if answer["answer"] else "no"
-    return f"== {QUESTION}? {word} (P(yes) = {answer['probability']:.2f}, model {answer['model']})"
+    return f"== {TEXT}? {answer['label']} (score {answer['score']:.2f}, model {answer['model']})"
 
 
 def stop_stack(stack: subprocess.Popen) -> None:

@@ -7,7 +7,7 @@ the oldest call, waits up to ``wait_s`` for more (until ``max_batch`` pairs), ru
 every call its own answers. With no concurrent calls a request waits at most ``wait_s`` extra.
 
 The combined batch is one ``predict_fn`` call, and ``Predictor.predict`` computes it in order of length with
-bounded padding (``PREDICT_MAX_PADDING``), so a short question batched with long ones is not padded to them.
+bounded padding (``PREDICT_MAX_PADDING``), so a short pair batched with long ones is not padded to them.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ class PredictionStopped(RuntimeError):
     """Work stopped between chunks because ``should_stop`` said why (deadline passed, client gone)."""
 
 
-# A text and its optional second text (BoolQ: question and passage).
+# A text and its optional second text.
 Pair = tuple[str, str | None]
 
 

@@ -1,4 +1,4 @@
-"""A succeeded job's val predictions, and the val questions and passages they answer (for the console)."""
+"""A succeeded job's val predictions, and the val examples they answer (for the console)."""
 
 from __future__ import annotations
 

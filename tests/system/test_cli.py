@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +157,51 @@ def test_a_run_that_cannot_load_its_model_leaves_no_run_folder(tmp_path):
     proc = run_cli("train", "--model", str(broken), "--train-limit", "8", "--tracker", "none", env=env)
     assert proc.returncode != 0
     assert list((tmp_path / "runs").glob("*/params.json")) == []
+
+
+def test_train_on_a_json_lines_file_with_integer_labels_from_the_cli(tmp_path):
+    """A single-text set of our own (BoolQ's questions, label = the answer as an integer): --data and the mapping."""
+    from app.config import SAMPLE_DATA_DIR
+    from app.engine.boolq import load_boolq
+
+    rows = load_boolq(SAMPLE_DATA_DIR).train[:80]
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps({"q": r.text, "answer": r.label}) + "\n" for r in rows))
+    proc = run_cli(
+        "train", "--model", "minilm", "--data", str(path), "--text-column", "q", "--label-column", "answer",
+        "--epochs", "1", "--max-length", "32", "--tracker", "none", "--output-dir", str(tmp_path / "runs"), "--json",
+        env=os.environ | {"HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["metrics"]["label_names"] == ["0", "1"] and out["n_eval"] == 8  # 10 % held out as val
+    assert len(out["params"]["dataset"]) == 16 and out["params"]["text_column"] == "q"
+    config = json.loads((Path(out["run_dir"]) / "model" / "config.json").read_text())
+    assert config["id2label"] == {"0": "0", "1": "1"}
+    asked = run_cli(
+        "predict", "--model", out["run_dir"], "--text", "is the sky blue", env=os.environ | {"HF_HUB_OFFLINE": "1"}
+    )
+    assert asked.returncode == 0 and json.loads(asked.stdout)["label"] in ("0", "1"), asked.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "train, val, args, words",
+    [
+        ("text,label\na,x\nb,y\n", None, ["--label-column", "lable"], ["'lable'", "text, label"]),
+        ("text,label\na,x\nb,y\nc,x\nd,y\n", "text,label\ne,z\n", [], ["val.csv: row 1 (line 2)", "'z'", "train"]),
+        ("text,label\na,x\n,y\n", None, [], ["row 2 (line 3)", "empty text"]),
+    ],
+    ids=["misspelled column", "val label unseen in train", "empty text"],
+)
+def test_bad_data_from_the_cli_is_exit_2_naming_file_and_line_before_a_model_loads(tmp_path, train, val, args, words):
+    (tmp_path / "train.csv").write_text(train)
+    extra = ["--val-data", str(tmp_path / "val.csv")] if val else []
+    if val:
+        (tmp_path / "val.csv").write_text(val)
+    proc = run_cli(
+        "train", "--model", "bert-base-uncased", "--data", str(tmp_path / "train.csv"), *extra, *args,
+        env=os.environ | {"HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    for word in words:
+        assert word in proc.stderr, proc.stderr[-2000:]

@@ -30,7 +30,7 @@ def test_the_demo_trains_through_nginx_answers_one_question_and_stops_the_stack(
     assert accuracy == round(sum(r["label"] == r["prediction"] for r in rows) / len(rows), 4)
     labels = [r["label"] for r in rows]
     assert majority == round(max(labels.count(0), labels.count(1)) / len(labels), 4)
-    assert re.search(r"is the sky blue\? (yes|no) \(P\(yes\) = [\d.]+, model \S+\)", log), log[-3000:]
+    assert re.search(r"is the sky blue\? (yes|no) \(score [\d.]+, model \S+\)", log), log[-3000:]
     assert "stack stopped" in log
 
     with socket.socket() as probe:  # nginx is gone: nothing answers on the demo's port
