@@ -170,6 +170,46 @@ def add_predict_parser(commands) -> None:
     predict.set_defaults(handler=run_predict)
 
 
+def add_datasets_parser(commands) -> None:
+    datasets = commands.add_parser(
+        "datasets",
+        help="upload a dataset to the service's store, or list the stored ones",
+        description="The service's dataset store (ARTIFACTS_DIR and REDIS_URL, as its replicas use them): the same "
+        "checks and the same ids as POST /datasets.",
+    )
+    actions = datasets.add_subparsers(dest="action", required=True)
+    upload = actions.add_parser("upload", help="check a .csv, .tsv, .jsonl or .parquet file and store it")
+    upload.add_argument("file", type=Path)
+    upload.add_argument("--text-column", default="text")
+    upload.add_argument("--text-pair-column")
+    upload.add_argument("--label-column", default="label")
+    actions.add_parser("list", help="the stored datasets, newest first")
+    datasets.set_defaults(handler=run_datasets)
+
+
+def run_datasets(args: argparse.Namespace, settings: Settings) -> int:
+    from app.service import datasets
+    from app.service.redis_connection import connect_redis
+
+    store = datasets.DatasetStore(settings, connect_redis(settings))
+    if args.action == "list":
+        for record in store.records():
+            print(f"{record.id}  {record.filename}  rows {record.rows}  labels {', '.join(record.label_names[:10])}")
+        return 0
+    mapping = datasets.ColumnMapping(
+        text_column=args.text_column, text_pair_column=args.text_pair_column, label_column=args.label_column
+    )
+    try:
+        with args.file.open("rb") as stream:
+            record, created = store.store_upload(stream, args.file.name, None, mapping)
+    except OSError as exc:
+        return usage_error(f"file: {exc}")
+    except (datasets.DatasetInvalid, datasets.DatasetTooLarge) as exc:
+        return usage_error(str(exc))
+    print(json.dumps(datasets.record_json(record) | {"created": created}))
+    return 0
+
+
 def add_serve_parser(commands) -> None:
     serve = commands.add_parser("serve", help="serve the REST API with gunicorn (app/ops/gunicorn_conf.py)")
     serve.add_argument(
@@ -265,6 +305,7 @@ def build_parser() -> ArgumentParser:
     add_train_parser(commands)
     add_sweep_parser(commands)
     add_predict_parser(commands)
+    add_datasets_parser(commands)
     add_serve_parser(commands)
     add_worker_parser(commands)
     add_stack_parser(commands)

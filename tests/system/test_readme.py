@@ -23,6 +23,7 @@ DOCS = REPO_ROOT / "docs"
 # (file, heading prefix or None for the whole file): what runs against the native stack, in this order.
 STACK_BLOCKS = (
     (README, "## Quick start"),
+    (README, "## Your own data"),
     (DOCS / "service.md", None),
     (DOCS / "deploy.md", "### Without Docker"),
 )
