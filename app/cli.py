@@ -379,12 +379,13 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
 def dataset_to_train_on(args: argparse.Namespace, params: TrainParams, settings: Settings):
     """``(params, spec)``: with ``--data``, the file checked now (exit 2 naming the problem) and ``params.dataset``
     set to its id; with ``--dataset``, the service's stored dataset; else BoolQ (spec None)."""
-    from app.service import datasets
-
     if args.data:
+        from app.service import datasets  # here, not above: a BoolQ run needs no redis (the GPU image has none)
+
         spec, dataset_id = datasets.local_file_spec(args.data, args.val_data, params)
         return params.model_copy(update={"dataset": dataset_id}), spec
     if params.dataset != params.model_fields["dataset"].default:
+        from app.service import datasets
         from app.service.redis_connection import connect_redis
 
         return params, datasets.DatasetStore(settings, connect_redis(settings)).spec_for_training(params)
