@@ -12,9 +12,9 @@ Sections, each timed and skipped (with the reason) once ``--budget-s`` is spent:
 - ``full_run``: the CLI run a user makes (``python -m app train`` on the full data, minilm, 3 epochs, batch 32,
   max_length 256): val accuracy, training examples/s, the whole command's wall time;
 - ``probe``: the engine's steps on minilm: step time per epoch (first vs steady), tracking on vs off, the whole
-  run's examples/s beside the steady state's (every (batch, width) shape warmed before the clock starts), CPU-ms
-  vs GPU-ms per step (CUDA events), host syncs per step (``torch.cuda.set_sync_debug_mode``), and the profiler's
-  share of GPU idle time;
+  run's examples/s beside the steady state's (every (batch, width) shape warmed before the clock starts), per step
+  CPU-ms vs GPU ms (CUDA events around it; the profiler's busy ms), host syncs per step
+  (``torch.cuda.set_sync_debug_mode``), and the profiler's share of GPU idle time;
 - ``sides``: engine vs the fair Trainer peer vs the tutorial loop (bench/train_speed.py's sides, each in a fresh
   process) on minilm and on a random-init bert-base; ``--full-train-sides`` trains them on the whole train split;
 - ``sweep`` (``--sweep``): 12 trials over lr, warm-up, epochs and max_length on the full data, ranked by dev accuracy.
@@ -241,7 +241,7 @@ def probe(model_path: str, data_dir: str, sizes: Sizes) -> dict:
     model.train()
     result["shapes_warmed"] = warm_every_shape(model, batches, optimizer)
     result["steady_state"] = steady_state(model, batches, optimizer)
-    result["syncs_per_step"], result["gpu_idle_share"] = step_syncs_and_idle(model, batches, optimizer, sizes)
+    result |= step_syncs_and_idle(model, batches, optimizer, sizes)
     return result
 
 
@@ -268,8 +268,9 @@ def warm_every_shape(model, batches: list[dict], optimizer) -> int:
 
 
 def steady_state(model, batches: list[dict], optimizer) -> dict:
-    """A warm epoch of training steps: examples/s, and per step the CPU's ms (issuing it) against the GPU's ms
-    (CUDA events around its work; None on the CPU, where issuing is doing). CPU-ms near GPU-ms: launch-bound."""
+    """A warm epoch of training steps: examples/s, and per step the CPU's ms (issuing it) against the ms from the
+    GPU starting the step's work to ending it (CUDA events; None on the CPU, where issuing is doing). Beside the
+    profiler's GPU-busy ms: a span near the CPU's ms and well over the busy ms means launch-bound."""
     on_cuda = next(model.parameters()).device.type == "cuda"
     events = (
         [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in batches]
@@ -293,7 +294,7 @@ def steady_state(model, batches: list[dict], optimizer) -> dict:
         "steps": len(batches),
         "examples_per_s": rows / wall_s,
         "cpu_ms_per_step": cpu_s * 1000 / len(batches),
-        "gpu_ms_per_step": sum(start.elapsed_time(end) for start, end in events) / len(batches) if on_cuda else None,
+        "gpu_span_ms_per_step": sum(a.elapsed_time(b) for a, b in events) / len(batches) if on_cuda else None,
     }
 
 
@@ -302,11 +303,11 @@ def synchronize(model) -> None:
         torch.cuda.synchronize()
 
 
-def step_syncs_and_idle(model, batches: list[dict], optimizer, sizes: Sizes) -> tuple[float | None, float | None]:
-    """Host syncs per warm training step and the share of the profiled window the GPU had no kernel running (None
-    on the CPU, which has neither)."""
+def step_syncs_and_idle(model, batches: list[dict], optimizer, sizes: Sizes) -> dict:
+    """Host syncs per warm training step, and from the profiler the GPU's busy ms per step (kernels running) and the
+    share of the profiled window it had none running (None on the CPU, which has neither)."""
     if sizes.device != "cuda":
-        return None, None
+        return {"syncs_per_step": None, "gpu_busy_ms_per_step": None, "gpu_idle_share": None}
     counted = batches[: sizes.profile_steps]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -318,28 +319,34 @@ def step_syncs_and_idle(model, batches: list[dict], optimizer, sizes: Sizes) -> 
             torch.cuda.set_sync_debug_mode("default")
     syncs = sum("synchroniz" in str(w.message) for w in caught) / len(counted)
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    profiled = batches[sizes.profile_steps : 2 * sizes.profile_steps]
     with torch.profiler.profile(activities=activities) as profile:
-        for batch in batches[sizes.profile_steps : 2 * sizes.profile_steps]:
+        for batch in profiled:
             train_step(model, batch, optimizer)
         torch.cuda.synchronize()
     kernels = [(e.time_range.start, e.time_range.end) for e in profile.events() if e.device_type.name == "CUDA"]
-    return syncs, idle_share(kernels)
+    return {
+        "syncs_per_step": syncs,
+        "gpu_busy_ms_per_step": busy_time(kernels) / 1000 / len(profiled),  # the profiler's times are in µs
+        "gpu_idle_share": idle_share(kernels),
+    }
+
+
+def busy_time(intervals: list[tuple[float, float]]) -> float:
+    """How long at least one of the intervals was running (overlaps counted once)."""
+    busy, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        busy += max(0.0, e - max(s, end))
+        end = max(end, e)
+    return busy
 
 
 def idle_share(intervals: list[tuple[float, float]]) -> float | None:
     """The share of the span from the first kernel's start to the last one's end when no kernel ran."""
     if not intervals:
         return None
-    intervals = sorted(intervals)
-    busy, (start, end) = 0.0, intervals[0]
-    for s, e in intervals[1:]:
-        if s > end:
-            busy, start, end = busy + end - start, s, e
-        else:
-            end = max(end, e)
-    busy += end - start
-    span = max(e for _, e in intervals) - intervals[0][0]
-    return 1 - busy / span if span > 0 else 0.0
+    span = max(e for _, e in intervals) - min(s for s, _ in intervals)
+    return 1 - busy_time(intervals) / span if span > 0 else 0.0
 
 
 # ---------------------------------------------------------------- the three sides

@@ -243,7 +243,7 @@ def test_gpu_check_runs_every_section_where_only_the_gpu_machines_packages_are(t
     steady = report["probe"]["steady_state"]
     assert report["probe"]["shapes_warmed"] >= 1 and steady["steps"] == report["probe"]["steps_per_epoch"]
     assert steady["examples_per_s"] > 0 and steady["cpu_ms_per_step"] > 0
-    assert steady["gpu_ms_per_step"] is None  # CUDA events: a GPU figure
+    assert steady["gpu_span_ms_per_step"] is None and report["probe"]["gpu_busy_ms_per_step"] is None  # GPU figures
     assert report["probe"]["tracking_on"]["tracker"].startswith("recording")  # no mlflow there
     assert report["probe"]["syncs_per_step"] is None  # a GPU figure
     runs = report["sides"]["minilm"]["runs"]
@@ -265,8 +265,9 @@ def test_the_trainer_gets_the_engines_eval_batch_and_on_a_gpu_two_loader_workers
 
 
 def test_gpu_idle_share_counts_the_gaps_between_kernels():
-    from bench.gpu_check import idle_share
+    from bench.gpu_check import busy_time, idle_share
 
+    assert busy_time([(0, 4), (2, 5), (8, 10), (8.5, 9)]) == 7  # overlaps and nested kernels counted once
     assert idle_share([]) is None
     assert idle_share([(0, 10)]) == 0.0
     assert idle_share([(0, 4), (2, 5), (8, 10)]) == pytest.approx(0.3)  # busy 0-5 and 8-10 of 0-10
