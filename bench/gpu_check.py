@@ -1,21 +1,27 @@
-"""Everything a GPU run should show (issue 20), in one command that prints one JSON object on stdout.
+"""Everything a GPU run should show (issues 20 and 30), in one command; each section is written the moment it ends.
 
     python bench/gpu_check.py --model /path/to/minilm-folder --data-dir /path/to/boolq            # ~6 min, one H200
     python bench/gpu_check.py --model /path/to/minilm-folder --data-dir /path/to/boolq --sweep    # + 12 trials
+
+Each finished section goes out at once, flushed, so a run killed at its time limit keeps what it measured: a line
+``{"section": NAME, "value": ...}`` on stdout and ``gpu-check-NAME.json`` under ``--out`` (default ``$OUT``). The
+last line, section ``report``, holds them all (also ``gpu-check-report.json``).
 
 Sections, each timed and skipped (with the reason) once ``--budget-s`` is spent:
 - ``peak``: bf16 matmul TFLOP/s, CUDA events around many repetitions of one 8192³ product (no sync between them);
 - ``full_run``: the CLI run a user makes (``python -m app train`` on the full data, minilm, 3 epochs, batch 32,
   max_length 256): val accuracy, training examples/s, the whole command's wall time;
-- ``probe``: the engine's steps on minilm: step time per epoch (first vs steady), host syncs per step
-  (``torch.cuda.set_sync_debug_mode``), the profiler's share of GPU idle time, and tracking on vs off;
+- ``probe``: the engine's steps on minilm: step time per epoch (first vs steady), tracking on vs off, the whole
+  run's examples/s beside the steady state's (every (batch, width) shape warmed before the clock starts), per step
+  CPU-ms vs GPU ms (CUDA events around it; the profiler's busy ms), host syncs per step
+  (``torch.cuda.set_sync_debug_mode``), and the profiler's share of GPU idle time;
 - ``sides``: engine vs the fair Trainer peer vs the tutorial loop (bench/train_speed.py's sides, each in a fresh
-  process) on minilm and on a random-init bert-base;
+  process) on minilm and on a random-init bert-base; ``--full-train-sides`` trains them on the whole train split;
 - ``sweep`` (``--sweep``): 12 trials over lr, warm-up, epochs and max_length on the full data, ranked by dev accuracy.
 
 Runs where only torch, transformers, numpy, scikit-learn, tqdm, pydantic and pydantic-settings are installed
 (no network; minilm as a folder, bench/make_fp16_minilm.py). Without ``accelerate`` the Trainer side reports why
-it did not run. ``--smoke`` does every section on the CPU at toy sizes (tests/test_bench.py runs it).
+it did not run. ``--smoke`` does every section on the CPU at toy sizes (tests/bench/test_bench.py runs it).
 """
 
 from __future__ import annotations
@@ -24,11 +30,13 @@ import argparse
 import importlib.util
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -221,31 +229,86 @@ def probe(model_path: str, data_dir: str, sizes: Sizes) -> dict:
             tracker.start_run(label, params.model_dump())
             fine_tune(model, tokenizer.pad_token_id, train_set, dev_set, params, clock, tracker)
             tracker.end_run("FINISHED")
-            result[label] = {"tracker": name, "step_ms_per_epoch": clock.step_ms_per_epoch()}
-    result["syncs_per_step"], result["gpu_idle_share"] = step_syncs_and_idle(
-        model, tokenizer.pad_token_id, train_set, sizes
-    )
+            whole_run_s = time.perf_counter() - clock.started  # dev evaluations included, as a user's run has them
+            result[label] = {
+                "tracker": name,
+                "step_ms_per_epoch": clock.step_ms_per_epoch(),
+                "whole_run_examples_per_s": len(train_set) * params.epochs / whole_run_s,
+            }
+    compute_last_layer_for_first_token_only(model)
+    optimizer = make_optimizer(model, TrainParams(lr=1e-5))
+    batches = one_epoch_on_device(model, tokenizer.pad_token_id, train_set, sizes)
+    model.train()
+    result["shapes_warmed"] = warm_every_shape(model, batches, optimizer)
+    result["steady_state"] = steady_state(model, batches, optimizer)
+    result |= step_syncs_and_idle(model, batches, optimizer, sizes)
     return result
 
 
-def step_syncs_and_idle(model, pad_id: int, train_set, sizes: Sizes) -> tuple[float | None, float | None]:
-    """Host syncs per training step and the share of the profiled window the GPU had no kernel running (None on the
-    CPU, which has neither)."""
+def one_epoch_on_device(model, pad_id: int, train_set, sizes: Sizes) -> list[dict]:
+    """One epoch's batches as the engine builds them (length-grouped, widths in the device's buckets), on the device."""
     device = torch.device(sizes.device)
-    if device.type != "cuda":
-        return None, None
-    compute_last_layer_for_first_token_only(model)
-    optimizer = make_optimizer(model, TrainParams(lr=1e-5))
     split = to_device(train_set, pad_id, device, with_prepared_mask=takes_prepared_mask(model))
     order = length_grouped_batches(
         [len(i) for i in train_set.input_ids], sizes.batch_size, torch.Generator().manual_seed(0)
     )
-    batches = list(device_batches(split, order[: 2 * sizes.profile_steps + 3], width_multiple(device)))
-    model.train()
-    for batch in batches[:3]:  # warm-up
+    return list(device_batches(split, order, width_multiple(device)))
+
+
+def warm_every_shape(model, batches: list[dict], optimizer) -> int:
+    """One step on each (batch, width) shape the epoch has, so no clock after this times a kernel's first use
+    (cuBLAS's choice, the allocator's first blocks, autotuning); the number of shapes."""
+    shapes = {}
+    for batch in batches:
+        shapes.setdefault(tuple(batch["input_ids"].shape), batch)
+    for batch in shapes.values():
         train_step(model, batch, optimizer)
-    torch.cuda.synchronize()
-    counted = batches[3 : 3 + sizes.profile_steps]
+    synchronize(model)
+    return len(shapes)
+
+
+def steady_state(model, batches: list[dict], optimizer) -> dict:
+    """A warm epoch of training steps: examples/s, and per step the CPU's ms (issuing it) against the ms from the
+    GPU starting the step's work to ending it (CUDA events; None on the CPU, where issuing is doing). Beside the
+    profiler's GPU-busy ms: a span near the CPU's ms and well over the busy ms means launch-bound."""
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    events = (
+        [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in batches]
+        if on_cuda
+        else []
+    )
+    cpu_s = 0.0
+    started = time.perf_counter()
+    for i, batch in enumerate(batches):
+        issued = time.perf_counter()
+        if on_cuda:
+            events[i][0].record()
+        train_step(model, batch, optimizer)
+        if on_cuda:
+            events[i][1].record()
+        cpu_s += time.perf_counter() - issued
+    synchronize(model)
+    wall_s = time.perf_counter() - started
+    rows = sum(len(batch["labels"]) for batch in batches)
+    return {
+        "steps": len(batches),
+        "examples_per_s": rows / wall_s,
+        "cpu_ms_per_step": cpu_s * 1000 / len(batches),
+        "gpu_span_ms_per_step": sum(a.elapsed_time(b) for a, b in events) / len(batches) if on_cuda else None,
+    }
+
+
+def synchronize(model) -> None:
+    if next(model.parameters()).device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_syncs_and_idle(model, batches: list[dict], optimizer, sizes: Sizes) -> dict:
+    """Host syncs per warm training step, and from the profiler the GPU's busy ms per step (kernels running) and the
+    share of the profiled window it had none running (None on the CPU, which has neither)."""
+    if sizes.device != "cuda":
+        return {"syncs_per_step": None, "gpu_busy_ms_per_step": None, "gpu_idle_share": None}
+    counted = batches[: sizes.profile_steps]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -256,41 +319,48 @@ def step_syncs_and_idle(model, pad_id: int, train_set, sizes: Sizes) -> tuple[fl
             torch.cuda.set_sync_debug_mode("default")
     syncs = sum("synchroniz" in str(w.message) for w in caught) / len(counted)
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    profiled = batches[sizes.profile_steps : 2 * sizes.profile_steps]
     with torch.profiler.profile(activities=activities) as profile:
-        for batch in batches[3 + sizes.profile_steps :]:
+        for batch in profiled:
             train_step(model, batch, optimizer)
         torch.cuda.synchronize()
     kernels = [(e.time_range.start, e.time_range.end) for e in profile.events() if e.device_type.name == "CUDA"]
-    return syncs, idle_share(kernels)
+    return {
+        "syncs_per_step": syncs,
+        "gpu_busy_ms_per_step": busy_time(kernels) / 1000 / len(profiled),  # the profiler's times are in µs
+        "gpu_idle_share": idle_share(kernels),
+    }
+
+
+def busy_time(intervals: list[tuple[float, float]]) -> float:
+    """How long at least one of the intervals was running (overlaps counted once)."""
+    busy, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        busy += max(0.0, e - max(s, end))
+        end = max(end, e)
+    return busy
 
 
 def idle_share(intervals: list[tuple[float, float]]) -> float | None:
     """The share of the span from the first kernel's start to the last one's end when no kernel ran."""
     if not intervals:
         return None
-    intervals = sorted(intervals)
-    busy, (start, end) = 0.0, intervals[0]
-    for s, e in intervals[1:]:
-        if s > end:
-            busy, start, end = busy + end - start, s, e
-        else:
-            end = max(end, e)
-    busy += end - start
-    span = max(e for _, e in intervals) - intervals[0][0]
-    return 1 - busy / span if span > 0 else 0.0
+    span = max(e for _, e in intervals) - min(s for s, _ in intervals)
+    return 1 - busy_time(intervals) / span if span > 0 else 0.0
 
 
 # ---------------------------------------------------------------- the three sides
 
 
-def sides(model_path: str, data_dir: str, sizes: Sizes) -> dict:
-    """Engine vs fair Trainer vs tutorial loop per model, each side in a fresh process; a side that cannot run
-    (the Trainer without ``accelerate``) says why."""
+def sides(model_path: str, data_dir: str, sizes: Sizes, full_train: bool) -> dict:
+    """Engine vs fair Trainer vs tutorial loop per model, each side in a fresh process, on ``sizes.side_rows`` rows
+    or the whole train split; a side that cannot run (the Trainer without ``accelerate``) says why."""
+    rows = len(load_boolq(data_dir).train) if full_train else sizes.side_rows
     report = {}
     for model_size in sizes.side_models:
         config = BenchConfig(
             data_dir=data_dir,
-            train_rows=sizes.side_rows,
+            train_rows=rows,
             dev_size=0.2,
             max_length=sizes.max_length,
             batch_size=sizes.batch_size,
@@ -385,7 +455,24 @@ def goals(report: dict) -> dict:
     }
 
 
-def run_sections(args: argparse.Namespace, sizes: Sizes) -> dict:
+class SectionWriter:
+    """Sends each section out the moment it ends: a flushed stdout line, and a file under ``folder`` when given."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def write(self, name: str, value) -> None:
+        print(json.dumps({"section": name, "value": value}), flush=True)
+        if self.folder is not None:
+            with (self.folder / f"gpu-check-{name}.json").open("w") as file:
+                json.dump(value, file)
+                file.flush()
+                os.fsync(file.fileno())  # the machine may be taken back right after a kill
+
+
+def run_sections(args: argparse.Namespace, sizes: Sizes, writer: SectionWriter) -> dict:
     started = time.perf_counter()
     report: dict = {
         "device": torch.cuda.get_device_name() if sizes.device == "cuda" else "cpu",
@@ -394,28 +481,31 @@ def run_sections(args: argparse.Namespace, sizes: Sizes) -> dict:
         "smoke": args.smoke,
         "before": BEFORE,
     }
-    sections = [
+    writer.write("machine", report)
+    sections: list[tuple[str, Callable[[], dict]]] = [
         ("peak", lambda: matmul_peak(torch.device(sizes.device), sizes.matmul_n, sizes.matmul_repeats)),
         ("full_run", lambda: cli_run(args.model, args.data_dir, sizes)),
         ("probe", lambda: probe(args.model, args.data_dir, sizes)),
-        ("sides", lambda: sides(args.model, args.data_dir, sizes)),
+        ("sides", lambda: sides(args.model, args.data_dir, sizes, args.full_train_sides)),
     ]
     if args.sweep:
         sections.append(("sweep", lambda: sweep(args.model, args.data_dir, sizes)))
     for name, section in sections:
-        if time.perf_counter() - started > args.budget_s:
-            report[name] = {"skipped": f"time budget of {args.budget_s:.0f} s spent"}
-            continue
         section_started = time.perf_counter()
-        try:
-            report[name] = section()
-        except Exception as exc:  # one failing section must not cost the others' figures
-            log.exception("section %s failed", name)
-            report[name] = {"error": f"{type(exc).__name__}: {str(exc)[-500:]}"}
-        log.info("%s done in %.0f s", name, time.perf_counter() - section_started)
-        report.setdefault("section_s", {})[name] = time.perf_counter() - section_started
+        if section_started - started > args.budget_s:
+            report[name] = {"skipped": f"time budget of {args.budget_s:.0f} s spent"}
+        else:
+            try:
+                report[name] = section()
+            except Exception as exc:  # one failing section must not cost the others' figures
+                log.exception("section %s failed", name)
+                report[name] = {"error": f"{type(exc).__name__}: {str(exc)[-500:]}"}
+            log.info("%s done in %.0f s", name, time.perf_counter() - section_started)
+            report.setdefault("section_s", {})[name] = time.perf_counter() - section_started
+        writer.write(name, report[name])
     report["goals"] = goals(report)
     report["wall_s"] = time.perf_counter() - started
+    writer.write("report", report)
     return report
 
 
@@ -424,13 +514,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="minilm as a folder (or the alias where its package is)")
     parser.add_argument("--data-dir", required=True, help="BoolQ folder with train.jsonl and val.jsonl")
     parser.add_argument("--sweep", action="store_true", help="also the 12-trial sweep on the full data")
+    parser.add_argument("--full-train-sides", action="store_true", help="the sides train on the whole train split")
     parser.add_argument("--budget-s", type=float, default=420, help="start no section after this many seconds")
     parser.add_argument("--smoke", action="store_true", help="every section on the CPU at toy sizes (the test)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=os.environ.get("OUT") or None,  # the device machine's folder that comes back
+        help="also write each section to gpu-check-SECTION.json here (default: $OUT; stdout only without either)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     if not args.smoke and not torch.cuda.is_available():
         parser.error("torch sees no CUDA GPU here; --smoke runs the check on the CPU at toy sizes")
-    print(json.dumps(run_sections(args, SMOKE if args.smoke else GPU)))
+    run_sections(args, SMOKE if args.smoke else GPU, SectionWriter(args.out))
     return 0
 
 

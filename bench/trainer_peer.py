@@ -9,8 +9,9 @@ thread count and hyperparameters: AdamW(lr, eps), linear schedule without warm-u
 
 On a GPU it gets what a careful user would add there, and no host sync of the benchmark's own: tokens are
 counted on the device (read once at the end), ``logging_nan_inf_filter=False`` (its check reads every loss back),
-widths padded to a multiple of 8 and batches copied from pinned memory. The CPU keeps exact widths (padding
-costs it compute, so the CPU ratios do not move).
+widths padded to a multiple of 8, batches copied from pinned memory by 2 loader workers, and the engine's GPU
+evaluation batch. The CPU keeps exact widths (padding costs it compute) and loads in the main process, so the CPU
+ratios do not move.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from transformers import (
 )
 
 from app.engine.data import Example
+from app.engine.evaluation import DEVICE_EVAL_BATCH_SIZE, EVAL_BATCH_SIZE
 
 
 @dataclass(frozen=True)
@@ -129,31 +131,8 @@ def train_with_trainer(
     counter, clock = TokenCounter(), EvalClock()
     model.register_forward_pre_hook(counter, with_kwargs=True)
     with tempfile.TemporaryDirectory() as output_dir:
-        args = TrainingArguments(
-            output_dir=output_dir,
-            per_device_train_batch_size=batch_size,
-            per_device_eval_batch_size=64,
-            learning_rate=lr,
-            adam_epsilon=eps,
-            weight_decay=0.01,  # torch AdamW's default, which the other two sides use
-            num_train_epochs=epochs,
-            lr_scheduler_type="linear",
-            warmup_steps=0,
-            max_grad_norm=1.0,
-            optim="adamw_torch_fused",
-            train_sampling_strategy="group_by_length",
-            eval_strategy="epoch",
-            save_strategy="no",
-            logging_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            seed=seed,
-            data_seed=seed,
-            bf16=bf16,
-            use_cpu=device == "cpu",
-            dataloader_num_workers=0,
-            dataloader_pin_memory=device != "cpu",
-            logging_nan_inf_filter=False,  # on: a host sync every step, for logs this run does not write
+        args = training_arguments(
+            output_dir, batch_size=batch_size, lr=lr, eps=eps, epochs=epochs, seed=seed, bf16=bf16, device=device
         )
         trainer = Trainer(
             model=model,
@@ -168,3 +147,37 @@ def train_with_trainer(
         trainer.train()
         train_s = time.perf_counter() - started
     return TrainerResult(tokenize_s, train_s, clock.seconds, clock.accuracy, counter.real, counter.padded)
+
+
+def training_arguments(
+    output_dir: str, *, batch_size: int, lr: float, eps: float, epochs: int, seed: int, bf16: bool, device: str
+) -> TrainingArguments:
+    """The Trainer's settings: the bench's recipe, and on a GPU what a careful user adds there."""
+    on_cpu = device == "cpu"
+    return TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=EVAL_BATCH_SIZE if on_cpu else DEVICE_EVAL_BATCH_SIZE,  # the engine's
+        learning_rate=lr,
+        adam_epsilon=eps,
+        weight_decay=0.01,  # torch AdamW's default, which the other two sides use
+        num_train_epochs=epochs,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        optim="adamw_torch_fused",
+        train_sampling_strategy="group_by_length",
+        eval_strategy="epoch",
+        save_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=seed,
+        data_seed=seed,
+        bf16=bf16,
+        use_cpu=on_cpu,
+        dataloader_num_workers=0 if on_cpu else 2,
+        dataloader_persistent_workers=not on_cpu,  # not re-forked for each epoch's evaluation
+        dataloader_pin_memory=not on_cpu,
+        logging_nan_inf_filter=False,  # on: a host sync every step, for logs this run does not write
+    )

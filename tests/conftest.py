@@ -1,8 +1,11 @@
-"""Fixtures only (helpers live in tests/helpers.py): the bundled sample, one real tiny fine-tuning run of
-minilm, a private redis-server, and a launcher of real service processes."""
+"""Fixtures (helpers live in tests/helpers.py): the bundled sample, one real tiny fine-tuning run of minilm, a
+private redis-server, and a launcher of real service processes; and the run's hooks: the peak memory of the test
+processes, and skips only where ALLOWED_SKIPS says."""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -122,6 +125,50 @@ def browser():
         browser.close()
 
 
+pytest_plugins = ("pytester",)  # tests/unit/test_skips.py runs these hooks on planted tests
+
+
+def no_cuda_device() -> bool:
+    import torch  # here, not at the top: only a run that skips something pays for it
+
+    return not torch.cuda.is_available()
+
+
+# The skips a run may have, and when: (test file, reason) -> whether it is allowed now. Any other skip fails its
+# test, so a test that quietly stops running is seen (issue 29).
+ALLOWED_SKIPS: dict[tuple[str, str], Callable[[], bool]] = {
+    ("tests/unit/test_gpu_only.py", "needs a CUDA GPU"): no_cuda_device,
+}
+
+
+def skipped_where_and_why(report: pytest.TestReport | pytest.CollectReport) -> tuple[str, str]:
+    """The test file of a skip's report and its reason (a skip's longrepr is ``(path, line, "Skipped: reason")``)."""
+    return report.nodeid.split("::")[0], str(report.longrepr[2]).removeprefix("Skipped: ")
+
+
+def fail_if_not_allowed(report: pytest.TestReport | pytest.CollectReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        where, why = skipped_where_and_why(report)
+        allowed = ALLOWED_SKIPS.get((where, why))
+        if allowed is None or not allowed():
+            report.outcome = "failed"
+            report.longrepr = f"skipped ({why}), and this skip is not allowed by ALLOWED_SKIPS in tests/conftest.py"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    fail_if_not_allowed(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    report = yield  # a module that skips itself (pytest.skip(allow_module_level=True), importorskip)
+    fail_if_not_allowed(report)
+    return report
+
+
 WORKER_PEAKS = pytest.StashKey[list]()  # each xdist worker's peak memory, gathered by the controller
 
 
@@ -143,8 +190,17 @@ def pytest_testnodedown(node, error):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Say what the suite cost the test processes themselves (the budget is < 3 GB each; workers and servers are
-    separate)."""
+    """Say what the run skipped and why, and what the suite cost the test processes themselves (the budget is
+    < 3 GB each; workers and servers are separate)."""
+    skips = Counter(
+        skipped_where_and_why(report)
+        for report in terminalreporter.stats.get("skipped", [])
+        if not hasattr(report, "wasxfail")
+    )
+    for (where, why), count in sorted(skips.items()):
+        terminalreporter.write_line(f"skipped, as ALLOWED_SKIPS allows: {count} in {where}: {why}")
+    if not skips:
+        terminalreporter.write_line("skipped: nothing")
     peaks = terminalreporter.config.stash.get(WORKER_PEAKS, [])
     if peaks:
         listed = ", ".join(f"{mb} MB" for mb in peaks)

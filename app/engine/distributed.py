@@ -9,6 +9,8 @@ reports progress. On one device nothing here does anything: no process group, no
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import os
 import signal
@@ -105,15 +107,25 @@ def die_with_torchrun() -> None:
 
 
 def wrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model DDP-wrapped for the training steps when there are several ranks; the model itself otherwise.
-
-    Buffers (BERT's position ids) are constants: synced once at start, not again before every step."""
+    """The model DDP-wrapped for the training steps when there are several ranks; the model itself otherwise."""
     if world_size() == 1:
         return model
     device = next(model.parameters()).device
     return DistributedDataParallel(
-        model, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False
+        model, device_ids=[device] if device.type == "cuda" else None, **buffer_sync_off(DistributedDataParallel)
     )
+
+
+@functools.cache
+def buffer_sync_off(ddp: type) -> dict[str, bool]:
+    """The keyword that stops ``ddp`` broadcasting buffers before every forward, in the spelling it accepts.
+
+    Buffers (BERT's position and token type ids) are constants every rank builds alike. torch 2.13 spells it
+    ``forward_sync_buffers`` and deprecates ``broadcast_buffers``; older torch (2.11, the GPU image's) has only
+    ``broadcast_buffers``, whose False also skips the broadcast at start, which constants do not need."""
+    if "forward_sync_buffers" in inspect.signature(ddp).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def share_of_batch(indices: list[int]) -> tuple[list[int], float]:

@@ -225,15 +225,25 @@ def test_gpu_check_runs_every_section_where_only_the_gpu_machines_packages_are(t
     tokenizer.save_pretrained(model_folder)
     python = python_with_only(GPU_MACHINE_PACKAGES, tmp_path / "venv")
     command = [python, "bench/gpu_check.py", "--smoke", "--sweep", "--model", str(model_folder)]
-    command += ["--data-dir", str(SAMPLE_DATA_DIR)]
+    command += ["--data-dir", str(SAMPLE_DATA_DIR), "--out", str(tmp_path / "out")]
     done = subprocess.run(command, capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout)
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    sections = ["machine", "peak", "full_run", "probe", "sides", "sweep", "report"]
+    assert [line["section"] for line in lines] == sections  # each on its own line, as it ended
+    for line in lines:  # and in its own file, so a run killed at its time limit keeps what it measured
+        assert json.loads((tmp_path / "out" / f"gpu-check-{line['section']}.json").read_text()) == line["value"]
+    report = lines[-1]["value"]
     assert report["peak"]["tflops"] > 0
     assert 0 <= report["full_run"]["val_accuracy"] <= 1 and report["full_run"]["wall_s"] > 0
     assert report["full_run"]["train_examples_per_s"] > 0
     for side in ("tracking_off", "tracking_on"):
         assert len(report["probe"][side]["step_ms_per_epoch"]) == 2  # first and steady epoch
+        assert report["probe"][side]["whole_run_examples_per_s"] > 0
+    steady = report["probe"]["steady_state"]
+    assert report["probe"]["shapes_warmed"] >= 1 and steady["steps"] == report["probe"]["steps_per_epoch"]
+    assert steady["examples_per_s"] > 0 and steady["cpu_ms_per_step"] > 0
+    assert steady["gpu_span_ms_per_step"] is None and report["probe"]["gpu_busy_ms_per_step"] is None  # GPU figures
     assert report["probe"]["tracking_on"]["tracker"].startswith("recording")  # no mlflow there
     assert report["probe"]["syncs_per_step"] is None  # a GPU figure
     runs = report["sides"]["minilm"]["runs"]
@@ -243,9 +253,21 @@ def test_gpu_check_runs_every_section_where_only_the_gpu_machines_packages_are(t
     assert set(report["goals"]) >= {"minilm_examples_per_s_ge_5000", "cli_wall_le_20_s"}
 
 
-def test_gpu_idle_share_counts_the_gaps_between_kernels():
-    from bench.gpu_check import idle_share
+def test_the_trainer_gets_the_engines_eval_batch_and_on_a_gpu_two_loader_workers(tmp_path):
+    from app.engine.evaluation import DEVICE_EVAL_BATCH_SIZE, EVAL_BATCH_SIZE
+    from bench.trainer_peer import training_arguments
 
+    recipe = dict(batch_size=32, lr=1e-4, eps=1e-8, epochs=1, seed=42, bf16=False)
+    on_gpu = training_arguments(str(tmp_path), **recipe, device="cuda")
+    assert on_gpu.per_device_eval_batch_size == DEVICE_EVAL_BATCH_SIZE and on_gpu.dataloader_num_workers == 2
+    on_cpu = training_arguments(str(tmp_path), **recipe, device="cpu")
+    assert on_cpu.per_device_eval_batch_size == EVAL_BATCH_SIZE and on_cpu.dataloader_num_workers == 0
+
+
+def test_gpu_idle_share_counts_the_gaps_between_kernels():
+    from bench.gpu_check import busy_time, idle_share
+
+    assert busy_time([(0, 4), (2, 5), (8, 10), (8.5, 9)]) == 7  # overlaps and nested kernels counted once
     assert idle_share([]) is None
     assert idle_share([(0, 10)]) == 0.0
     assert idle_share([(0, 4), (2, 5), (8, 10)]) == pytest.approx(0.3)  # busy 0-5 and 8-10 of 0-10
