@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -26,7 +27,9 @@ from redis import Redis
 from app.config import Settings
 from app.engine.data import DataError, Dataset, DatasetSpec, format_of, load_dataset, read_table
 from app.params import BUILTIN_DATASET, TrainParams
+from app.service.model_store import ModelStoreUnavailable, mlflow_runs
 from app.service.redis_connection import service_key
+from app.tracking import models_travel_through_mlflow
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +95,11 @@ class DatasetRecord(BaseModel):
     preview: list[dict] = Field(description="The first rows of the file, as read.")
     created_at: float
     owner: str | None = None
+    mlflow_run_id: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{32}$",
+        description="The MLflow run holding the file, where files travel through MLflow.",
+    )
 
 
 class DatasetStore:
@@ -123,7 +131,7 @@ class DatasetStore:
             sha256, size = write_capped(stream, partial, self.settings.max_dataset_mb)
             dataset_id = hashlib.sha256(f"{sha256}\n{mapping.model_dump_json()}".encode()).hexdigest()[:16]
             existing = self.read(dataset_id)
-            if existing is not None and self.file_path(existing).is_file():
+            if existing is not None and (self.file_path(existing).is_file() or existing.mlflow_run_id):
                 return existing, False
             spec = DatasetSpec(name=dataset_id, source=str(partial), format=fmt, **mapping.model_dump())
             try:
@@ -133,11 +141,40 @@ class DatasetStore:
                 raise DatasetInvalid(str(exc).replace(partial.name, filename or "the upload")) from exc
             record = describe(dataset_id, sha256, filename, fmt, size, columns, mapping, dataset, preview, owner)
             os.replace(partial, self.file_path(record))
+            record = self.published(record)
         finally:
             partial.unlink(missing_ok=True)
         self.connection.hset(self.key, record.id, record.model_dump_json())
         log.info("dataset %s stored: %s, %d rows", record.id, filename, sum(record.rows.values()))
         return record, True
+
+    def published(self, record: DatasetRecord) -> DatasetRecord:
+        """With an MLflow tracking server (as models travel), the file uploaded there too, its run in the record,
+        so workers on other hosts can fetch it; the record unchanged otherwise."""
+        if not models_travel_through_mlflow(self.settings):
+            return record
+        try:
+            run_id = mlflow_runs(self.settings).publish_dataset(self.file_path(record), record.sha256)
+        except Exception as exc:  # any client or server failure means the same: the file cannot travel now
+            self.file_path(record).unlink(missing_ok=True)
+            raise ModelStoreUnavailable(f"the MLflow server could not take the dataset ({type(exc).__name__})") from exc
+        return record.model_copy(update={"mlflow_run_id": run_id})
+
+    def local_file(self, record: DatasetRecord) -> Path:
+        """The record's file on this host, fetched from the MLflow server when it is not here, its sha256 checked:
+        a record from Redis names a file, it does not vouch for it."""
+        path = self.file_path(record)
+        if not path.is_file() and record.mlflow_run_id and models_travel_through_mlflow(self.settings):
+            self.files.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix=".fetch-", dir=self.files) as tmp:
+                fetched = mlflow_runs(self.settings).download_dataset(record.mlflow_run_id, path.name, Path(tmp))
+                if file_sha256(fetched) == record.sha256:
+                    os.replace(fetched, path)
+        if not path.is_file():
+            raise DataError(f"dataset {record.id}: its file is neither on this host ({path}) nor on the MLflow server")
+        if file_sha256(path) != record.sha256:
+            raise DataError(f"dataset {record.id}: the file's sha256 differs from the one recorded at upload; refused")
+        return path
 
     def read(self, dataset_id: str) -> DatasetRecord | None:
         """The stored record, checked against its model (a malformed one is logged and treated as absent)."""
@@ -194,11 +231,7 @@ class DatasetStore:
         """The spec a worker trains ``params.dataset`` with: the stored file (its digest checked) and mapping,
         with the request's own column choices over the stored ones."""
         record = self.get(params.dataset)
-        path = self.file_path(record)
-        if not path.is_file():
-            raise DataError(f"dataset {record.id}: its file is not on this host ({path})")
-        if file_sha256(path) != record.sha256:
-            raise DataError(f"dataset {record.id}: the file's sha256 differs from the one recorded at upload; refused")
+        path = self.local_file(record)
         mapping = record.mapping.model_dump() | params.column_mapping
         return DatasetSpec(name=record.id, source=str(path), format=record.format, **mapping)
 

@@ -19,6 +19,10 @@ from app.tracking.mlflow_tracker import (
     MlflowClient,
 )
 
+# Where an uploaded dataset's file sits in its run, and the tag naming the file's content.
+DATASET_ARTIFACT_PATH = "dataset"
+DATASET_SHA256_TAG = "dataset_sha256"
+
 
 class MlflowRuns:
     """The runs of one experiment on a tracking server, by job id."""
@@ -73,3 +77,19 @@ class MlflowRuns:
         """The job id tagged on the registered version that ``alias`` (the champion) points at."""
         version = self.client.get_model_version_by_alias(model_name, alias)
         return (version.tags or {}).get("job_id")
+
+    def publish_dataset(self, path: Path, sha256: str) -> str:
+        """Upload a dataset file into a finished run of its own (experiment ``<experiment>-datasets``, tagged with
+        the file's sha256), so workers on other hosts can fetch it; the run's id."""
+        name = f"{self.experiment_name}-datasets"
+        experiment = self.client.get_experiment_by_name(name)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+        run = self.client.create_run(experiment_id, tags={DATASET_SHA256_TAG: sha256}, run_name=path.name)
+        self.client.log_artifact(run.info.run_id, str(path), DATASET_ARTIFACT_PATH)
+        self.client.set_terminated(run.info.run_id, "FINISHED")
+        return run.info.run_id
+
+    def download_dataset(self, run_id: str, file_name: str, destination: Path) -> Path:
+        """A dataset file published by :meth:`publish_dataset`, downloaded into the folder ``destination``."""
+        path = f"{DATASET_ARTIFACT_PATH}/{file_name}"
+        return Path(self.client.download_artifacts(run_id, path, str(destination)))

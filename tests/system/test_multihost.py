@@ -167,7 +167,7 @@ def test_a_job_trained_on_a_is_served_by_c_as_a_itself_predicts(cluster, tiny_jo
     assert served.status_code == 200, served.text
     local = subprocess.run(
         [sys.executable, "-m", "app", "predict", "--model-dir", str(a.runs / tiny_job)]
-        + ["--question", QUESTION, "--passage", PASSAGE],
+        + ["--text", QUESTION, "--text-pair", PASSAGE, "--top-k", "2"],
         cwd=REPO_ROOT,
         env=os.environ | {"HF_HUB_OFFLINE": "1", "NUM_THREADS": "1"} | a.env,
         capture_output=True,
@@ -175,9 +175,9 @@ def test_a_job_trained_on_a_is_served_by_c_as_a_itself_predicts(cluster, tiny_jo
         timeout=300,
         check=True,
     )
-    on_a = json.loads(local.stdout.splitlines()[-1])
-    assert served.json()["probability"] == pytest.approx(on_a["probability"], abs=1e-6)
-    assert served.json()["answer"] == on_a["answer"]
+    on_a = {s["label"]: s["score"] for s in json.loads(local.stdout.splitlines()[-1])["scores"]}
+    assert served.json()["probability"] == pytest.approx(on_a["yes"], abs=1e-6)
+    assert served.json()["answer"] == (on_a["yes"] >= 0.5)
     assert (c.settings.model_cache_dir / tiny_job / "model" / "config.json").is_file()  # fetched from MLflow
 
 
@@ -187,6 +187,32 @@ def test_c_returns_the_predictions_a_wrote(cluster, tiny_job):
     assert answer.status_code == 200, answer.text
     written = [json.loads(line) for line in (a.runs / tiny_job / "predictions.jsonl").read_text().splitlines()]
     assert answer.json()["predictions"] == written and len(written) == TINY_JOB["eval_limit"]
+
+
+def test_a_dataset_uploaded_at_c_is_trained_on_a_and_served_by_c_with_its_label_names(cluster, tmp_path):
+    """The file travels through the MLflow server only: A's ARTIFACTS_DIR is not C's."""
+    from tests.helpers import write_relation_pairs
+
+    path = write_relation_pairs(tmp_path / "relations.csv", 150, seed=3)
+    query = {"text_column": "query", "text_pair_column": "doc", "label_column": "relation"}
+    with path.open("rb") as data:
+        uploaded = requests.post(f"{cluster.url}/datasets", params=query, files={"file": data}, timeout=120)
+    assert uploaded.status_code == 201, uploaded.text
+    record = uploaded.json()
+    assert record["mlflow_run_id"], record
+    job_id = cluster.train(
+        {"model": "minilm", "dataset": record["id"], "epochs": 1, "max_length": 32, "batch_size": 16, "eval_limit": 8}
+    )
+    view = cluster.ended(job_id)
+    assert view["status"] == "succeeded", view["error"]
+    a, c = cluster.hosts["A"], cluster.hosts["C"]
+    assert (a.runs / "datasets" / "files" / f"{record['sha256']}.csv").is_file()  # fetched by A from MLflow
+    assert view["result"]["metrics"]["label_names"] == ["no", "unrelated", "yes"]
+    served = requests.post(
+        f"{cluster.url}/predict", json={"text": QUESTION, "text_pair": PASSAGE, "model": job_id}, timeout=120
+    )
+    assert served.status_code == 200 and served.json()["label"] in ("no", "unrelated", "yes"), served.text
+    assert not (c.runs / job_id).exists()
 
 
 def test_a_sweep_whose_best_trial_ran_on_a_and_that_b_finishes_registers_and_promotes_that_trial(cluster):
