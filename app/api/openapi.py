@@ -157,7 +157,11 @@ def openapi_document(app: Flask, settings: Settings) -> dict:
     components = {"schemas": top["$defs"]}
     if settings.api_token:
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-    info = {"title": "boolq-service", "version": "0.1.0", "description": "Fine-tune BERT on BoolQ, serve answers."}
+    info = {
+        "title": "boolq-service",
+        "version": "0.1.0",
+        "description": "Fine-tune BERT on your text classification data (or BoolQ), serve answers.",
+    }
     return {"openapi": "3.1.0", "info": info, "paths": paths, "components": components}
 
 

@@ -183,9 +183,10 @@ class TrainResult(ResponseModel):
 
 class Prediction(ResponseModel):
     idx: int | str
-    label: int
+    label: int = Field(description="The label id (the job's metrics name it: label_names).")
     prediction: int
-    probability: float
+    probability: float = Field(description="Two labels: of label 1 (P(yes) on BoolQ); more: of the prediction.")
+    scores: list[float] | None = Field(None, description="Every label's probability, in label id order.")
 
 
 class PredictionList(ResponseModel):

@@ -61,6 +61,7 @@ class Dataset:
     label_names: tuple[str, ...]
     train: list[Example]
     val: list[Example]
+    file_sha256: str | None = None  # of the file read (an uploaded dataset's content address); None for BoolQ
 
 
 class DatasetSpec(BaseModel):
@@ -81,6 +82,7 @@ class DatasetSpec(BaseModel):
     label_names: tuple[str, ...] | None = Field(
         default=None, description="The labels in id order; default: the train split's values, sorted."
     )
+    file_sha256: str | None = Field(default=None, description="The file's sha256, where the caller knows it.")
     train_split: str = "train"
     val_split: str = "validation"
     task: Literal["single_label_classification"] = "single_label_classification"
@@ -129,7 +131,7 @@ def dataset_from_tables(spec: DatasetSpec, train_table, val_table) -> Dataset:
     else:
         val_where = Path(spec.val_source).name if spec.val_source else f"{spec.source} ({spec.val_split})"
         val = examples_of(rows_of(val_table, spec, val_where), names, spec, val_where, unseen_hint=True)
-    return Dataset(name=spec.name, source=spec.source, label_names=tuple(names), train=train, val=val)
+    return Dataset(spec.name, spec.source, tuple(names), train, val, file_sha256=spec.file_sha256)
 
 
 def rows_of(table, spec: DatasetSpec, where: str) -> list[tuple]:

@@ -173,7 +173,7 @@ def start_tracking(tracker: Tracker, run_id: str, params: TrainParams, splits: S
     tracker.log_inputs(
         [
             {"name": f"{name}-{context}", "context": context, "source": source, "digest": digest(rows),
-             "rows": len(rows)}
+             "rows": len(rows), "file_sha256": splits.dataset.file_sha256}
             for context, rows in (("train", splits.train), ("dev", splits.dev), ("validation", splits.val))
         ]
     )  # fmt: skip
@@ -216,7 +216,12 @@ def collect_metrics(
     """metrics.json's content: val classification metrics, the dataset, the training history, sizes, precision and
     timings."""
     return classification_metrics(prepared.val.labels, predictions, splits.label_names) | {
-        "dataset": {"name": splits.dataset.name, "source": splits.dataset.source, "val_digest": digest(splits.val)},
+        "dataset": {
+            "name": splits.dataset.name,
+            "source": splits.dataset.source,
+            "file_sha256": splits.dataset.file_sha256,
+            "val_digest": digest(splits.val),
+        },
         "dev_accuracy_per_epoch": history.dev_accuracy,
         "kept_epoch": history.kept_epoch,
         "stopped_epoch": history.stopped_epoch,
@@ -255,6 +260,7 @@ def track_outputs(
         tracker.log_artifact(run_dir / name)
     tracker.log_model(model_folder)
     tracker.log_dict(confusion_matrix_report(metrics), "confusion_matrix.json")
+    tracker.log_dict({"per_class": metrics["per_class"]}, "per_class_metrics.json")
     if params.register:
         tags = version_tags(run_id, params.model_dump(), metrics)
         tracker.register_model(model_folder, final_metrics(metrics), tags)

@@ -233,7 +233,7 @@ class DatasetStore:
         record = self.get(params.dataset)
         path = self.local_file(record)
         mapping = record.mapping.model_dump() | params.column_mapping
-        return DatasetSpec(name=record.id, source=str(path), format=record.format, **mapping)
+        return DatasetSpec(name=record.id, source=str(path), format=record.format, file_sha256=record.sha256, **mapping)
 
 
 def upload_format(filename: str, content_type: str | None) -> str:
@@ -329,11 +329,13 @@ def local_file_spec(data: str, val_data: str | None, params: TrainParams) -> tup
     if not path.is_file():
         raise DataError(f"--data: {path}: file not found")
     mapping = ColumnMapping(**params.column_mapping)
+    sha256 = file_sha256(path)
     spec = DatasetSpec(
-        name=path.name, source=str(path), format=format_of(path), val_source=val_data, **mapping.model_dump()
-    )
+        name=path.name, source=str(path), format=format_of(path), val_source=val_data, file_sha256=sha256,
+        **mapping.model_dump(),
+    )  # fmt: skip
     load_dataset(spec, max_rows=0)  # every data problem now, named, before a model loads
-    dataset_id = hashlib.sha256(f"{file_sha256(path)}\n{mapping.model_dump_json()}".encode()).hexdigest()[:16]
+    dataset_id = hashlib.sha256(f"{sha256}\n{mapping.model_dump_json()}".encode()).hexdigest()[:16]
     return spec, dataset_id
 
 

@@ -126,7 +126,9 @@ class MlflowTracker:
                     name=d["name"],
                     digest=d["digest"],
                     source_type="local" if d["source"] != "hub" else "hugging_face",
-                    source=json.dumps({"uri": d["source"]}),
+                    source=json.dumps(
+                        {"uri": d["source"]} | ({"sha256": d["file_sha256"]} if d.get("file_sha256") else {})
+                    ),
                     profile=json.dumps({"num_rows": d["rows"]}),
                 ),
                 tags=[InputTag("mlflow.data.context", d["context"])],
