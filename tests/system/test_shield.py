@@ -66,3 +66,21 @@ def test_any_over_limit_body_is_413_json(behind_nginx, chunked):
     except requests.ConnectionError:
         pytest.fail("nginx reset the connection instead of answering 413")
     assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
+
+
+def test_a_dataset_uploads_through_nginx_above_the_json_limit_and_a_larger_one_is_413_json(behind_nginx):
+    from tests.helpers import REPO_ROOT
+
+    path = REPO_ROOT / "app" / "sample_data" / "relations" / "relations.csv"
+    query = {"text_column": "query", "text_pair_column": "doc", "label_column": "relation"}
+    padded = path.read_bytes() + b"".join(b'"pad %d","pad","unrelated"\n' % i for i in range(40_000))  # > 2 MB
+    uploaded = requests.post(
+        f"{behind_nginx}/datasets", params=query, files={"file": ("relations.csv", padded)}, timeout=120
+    )
+    assert uploaded.status_code == 201 and uploaded.json()["rows"]["train"] > 36_000, uploaded.text[:500]
+    with socket.create_connection(("127.0.0.1", int(behind_nginx.rsplit(":", 1)[1])), timeout=20) as sock:
+        sock.sendall(  # announces 200 MB (MAX_DATASET_MB is 100): nginx answers before reading a byte
+            b"POST /datasets HTTP/1.1\r\nHost: x\r\nContent-Type: text/csv\r\nContent-Length: 200000000\r\n\r\n"
+        )
+        head = sock.recv(4096).decode()
+    assert head.startswith("HTTP/1.1 413") and '"payload_too_large"' in head, head
