@@ -12,6 +12,7 @@
   const PER_PAGE = 20;
   let predictionsPage = 1;
   let predictionsShown = false;
+  let labels = [];  // label names by id, from the job's metrics
 
   const INTEGER_STEPS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000];
   const epochs = Number(document.getElementById("job").dataset.epochs) || 1;
@@ -89,6 +90,8 @@
     ];
     document.getElementById("metrics-body").replaceChildren(...rows.map(([k, v]) =>
       el("tr", {}, el("th", { scope: "row", text: k }), el("td", { text: v === undefined || v === null ? "–" : v }))));
+    // Runs from before label names were recorded are all BoolQ's.
+    labels = m.label_names || ["no", "yes"];
     const matrix = m.confusion_matrix;
     if (matrix) {
       document.getElementById("confusion-body").replaceChildren(...["no", "yes"].map((label, i) =>
@@ -109,17 +112,18 @@
     const count = document.getElementById("predictions-count");
     if (!result.ok) { count.textContent = errorMessage(result); return; }
     const data = result.body;
-    const yesNo = (v) => (v ? "yes" : "no");
+    const name = (id) => (labels[id] === undefined ? String(id) : labels[id]);
+    const score = (p) => (p.scores ? p.scores[p.prediction] : p.probability);
     document.getElementById("predictions-body").replaceChildren(...data.predictions.map((p) =>
       el("tr", { class: p.label === p.prediction ? "" : "wrong-row", "data-correct": p.label === p.prediction ? "yes" : "no" },
         el("td", { class: "mono", text: p.idx }),
-        el("td", { text: p.question === null ? "–" : p.question }),
-        el("td", { class: "passage", text: p.passage === null ? "–" : p.passage }),
-        el("td", { text: yesNo(p.label) }),
-        el("td", { text: yesNo(p.prediction) + (p.label === p.prediction ? "" : " ✗") }),
-        el("td", { text: p.probability.toFixed(3) }))));
+        el("td", { text: p.text === null ? "–" : p.text }),
+        el("td", { class: "passage", text: p.text_pair === null ? "–" : p.text_pair }),
+        el("td", { text: name(p.label) }),
+        el("td", { text: name(p.prediction) + (p.label === p.prediction ? "" : " ✗") }),
+        el("td", { text: score(p).toFixed(3) }))));
     count.textContent = data.total + (wrongOnly ? " wrong predictions" : " predictions") +
-      (data.texts ? "" : " (question texts unavailable: DATA_DIR is not a local folder)");
+      (data.texts ? "" : " (texts unavailable: the dataset's rows are not on this server)");
     document.getElementById("predictions-page").textContent = "page " + data.page + " of " + data.pages;
     document.getElementById("predictions-prev").disabled = data.page <= 1;
     document.getElementById("predictions-next").disabled = data.page >= data.pages;
