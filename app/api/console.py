@@ -265,6 +265,11 @@ def excerpt(text: str, limit: int = TEXT_EXCERPT) -> str:
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
+@bp.get("/console/datasets")
+def datasets_page():
+    return render_template("console/datasets.html")
+
+
 @bp.get("/console/sweeps")
 def sweeps_page():
     return render_template("console/sweeps.html")

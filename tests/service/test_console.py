@@ -26,6 +26,7 @@ from tests.helpers import TINY_JOB, service_settings
 
 JOBS_STORED = 2000
 FEW_JOBS = 20
+PAGES = ("/", "/console/new", "/console/ask", "/console/models", "/console/sweeps", "/console/datasets", "/docs")
 # A 3-class text-pair set with its own column names: 20 rows per class, so val (a stratified tenth) has each.
 TEAM_WORDS = {"billing": "invoice", "accounts": "password", "engineering": "crash"}
 TICKETS_CSV = "subject,body,team\n" + "".join(
@@ -107,7 +108,7 @@ def test_user_strings_are_escaped(client, settings):
 
 
 def test_pages_carry_a_content_security_policy(client):
-    for path in ("/", "/console/new", "/console/ask", "/console/models", "/console/sweeps", "/docs"):
+    for path in PAGES:
         response = client.get(path)
         assert response.status_code == 200, path
         assert "default-src 'self'" in response.headers["Content-Security-Policy"], path
@@ -166,6 +167,16 @@ def test_predictions_of_a_job_on_an_uploaded_dataset_carry_its_val_rows_texts(cl
     rows = client.get(f"/console/jobs/{job.id}/predictions?per_page=200").get_json()["predictions"]
     assert [(r["idx"], r["text"], r["text_pair"]) for r in rows] == [(e.idx, e.text, e.text_pair) for e in val]
     assert rows[0]["text"].startswith("ticket ") and "problem number" in rows[0]["text_pair"]
+
+
+def test_the_datasets_page_is_in_the_navigation_with_an_upload_form(client):
+    nav = client.get("/").get_data(as_text=True)
+    assert '<a href="/console/datasets">Datasets</a>' in nav
+    page = client.get("/console/datasets").get_data(as_text=True)
+    assert 'aria-current="page">Datasets</a>' in page
+    for field in ("upload-file", "upload-text_column", "upload-text_pair_column", "upload-label_column"):
+        assert f'id="{field}"' in page and f'id="error-{field.removeprefix("upload-")}"' in page, field
+    assert "console/datasets.js" in page
 
 
 def test_predictions_of_an_unfinished_job_are_409(client):
