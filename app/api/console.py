@@ -163,7 +163,7 @@ def form_fields(default_model: str) -> list[dict]:
     schema = TrainParams.model_json_schema()
     fields = []
     for name, prop in schema["properties"].items():
-        kind = field_kinds()[name]
+        kind = picked_from_datasets(name) or field_kinds()[name]
         default = default_model if name == "model" else prop.get("default")
         fields.append(
             {
@@ -177,6 +177,14 @@ def form_fields(default_model: str) -> list[dict]:
             }
         )
     return fields
+
+
+def picked_from_datasets(name: str) -> str | None:
+    """``dataset`` is picked from the datasets, a ``*_column`` field from the chosen dataset's columns (the form's
+    script fills both lists from ``GET /datasets``); None for any other field."""
+    if name == "dataset":
+        return "dataset"
+    return "column" if name.endswith("_column") else None
 
 
 def bounds_text(prop: dict) -> str:

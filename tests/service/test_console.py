@@ -169,6 +169,18 @@ def test_predictions_of_a_job_on_an_uploaded_dataset_carry_its_val_rows_texts(cl
     assert rows[0]["text"].startswith("ticket ") and "problem number" in rows[0]["text_pair"]
 
 
+def test_the_new_job_and_sweep_forms_pick_the_dataset_and_its_columns_from_dropdowns(client):
+    form = client.get("/console/new").get_data(as_text=True)
+    assert '<select id="f-dataset" name="dataset" data-picks="dataset"' in form
+    assert '<option value="boolq">boolq (built in)</option>' in form
+    for name in ("text_column", "text_pair_column", "label_column"):
+        assert f'<select id="f-{name}" name="{name}" data-picks="column"' in form, name
+    sweeps = client.get("/console/sweeps").get_data(as_text=True)
+    assert '<select id="sweep-dataset" name="dataset">' in sweeps
+    assert '<select id="sweep-label_column" name="label_column" data-picks="column">' in sweeps
+    assert sweeps.count("console/dataset_picker.js") == form.count("console/dataset_picker.js") == 1
+
+
 def test_the_datasets_page_is_in_the_navigation_with_an_upload_form(client):
     nav = client.get("/").get_data(as_text=True)
     assert '<a href="/console/datasets">Datasets</a>' in nav

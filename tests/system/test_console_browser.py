@@ -5,8 +5,8 @@ Fills the new-job form with a tiny job and follows it to `succeeded` with a loss
 predictions to the wrong ones; asks the trained model; cancels a running job; shows the server's field
 error; opens /docs; promotes the job's version; launches a two-trial sweep and follows its leaderboard and
 plot to the end; shows a rejected sweep's field errors; uploads a CSV on the Datasets page (its histogram, and a
-wrong column's error); shows a page whose API answers 404; checks every page at 390 px; and sends the API token
-kept in sessionStorage.
+wrong column's error) and trains on it from the form's dropdowns; shows a page whose API answers 404; checks every
+page at 390 px; and sends the API token kept in sessionStorage.
 A screenshot of each page goes to test-artifacts/console/. The tests run in file order and share the stack.
 """
 
@@ -275,6 +275,26 @@ def test_an_upload_naming_a_missing_column_shows_the_servers_message_next_to_the
     assert page.locator("#dataset-detail").is_hidden()
 
 
+def test_a_job_on_the_uploaded_dataset_from_the_forms_dropdowns_shows_its_rows_texts(page, shared):
+    dataset_id = shared["dataset_id"]
+    page.goto(f"/console/datasets#{dataset_id}")
+    page.get_by_role("link", name="Train a model on it").click()
+    page.wait_for_url(f"**/console/new?dataset={dataset_id}")
+    expect(page.locator("#f-dataset")).to_have_value(dataset_id)
+    expect(page.locator("#f-label_column option")).to_have_text(["the dataset's own: team", "id", "message", "team"])
+    page.locator("#f-text_column").select_option("message")
+    for name, value in FORM_JOB.items():
+        page.locator(f"#f-{name}").fill(value)
+    page.get_by_role("button", name="Start training").click()
+    page.wait_for_url("**/console/jobs/*")
+    expect(page.locator("#job-status")).to_have_text(re.compile("succeeded|failed|cancelled"), timeout=JOB_TIMEOUT_MS)
+    assert page.locator("#job-status").inner_text() == "succeeded"
+    names = ["accounts", "billing", "engineering"]
+    expect(page.locator("#predictions-body tr")).to_have_count(6)
+    first = page.locator("#predictions-body tr").first.locator("td")
+    assert "problem number" in first.nth(1).inner_text() and first.nth(3).inner_text() in names
+
+
 @pytest.mark.parametrize("api, path", [("/models", "/console/models"), ("/sweeps", "/console/sweeps")])
 def test_a_page_says_when_the_server_lacks_its_api(page, api, path):
     """As where the console is served beside an API without it: the page's calls go to a path that 404s."""
@@ -315,10 +335,10 @@ def test_the_token_is_asked_once_kept_in_session_storage_and_sent_as_a_bearer_he
     try:
         tab = context.new_page()
         tab.goto("/console/new")
+        tab.get_by_label("Token", exact=True).fill("s3cret-token")  # asked on the first 401: the form's datasets
+        tab.get_by_role("button", name="Save").click()
         tab.locator("#f-train_limit").fill("16")
         tab.get_by_role("button", name="Start training").click()
-        tab.get_by_label("Token", exact=True).fill("s3cret-token")  # asked on the first 401
-        tab.get_by_role("button", name="Save").click()
         tab.wait_for_url("**/console/jobs/*")
         assert tab.evaluate("sessionStorage.getItem('boolq-api-token')") == "s3cret-token"
         assert context.cookies() == []
