@@ -5,8 +5,8 @@ Fills the new-job form with a tiny job and follows it to `succeeded` with a loss
 predictions to the wrong ones; asks the trained model; cancels a running job; shows the server's field
 error; opens /docs; promotes the job's version; launches a two-trial sweep and follows its leaderboard and
 plot to the end; shows a rejected sweep's field errors; uploads a CSV on the Datasets page (its histogram, and a
-wrong column's error) and trains on it from the form's dropdowns; shows a page whose API answers 404; checks every
-page at 390 px; and sends the API token kept in sessionStorage.
+wrong column's error), trains on it from the form's dropdowns and shows its 3×3 confusion matrix; shows a page
+whose API answers 404; checks every page at 390 px; and sends the API token kept in sessionStorage.
 A screenshot of each page goes to test-artifacts/console/. The tests run in file order and share the stack.
 """
 
@@ -275,7 +275,7 @@ def test_an_upload_naming_a_missing_column_shows_the_servers_message_next_to_the
     assert page.locator("#dataset-detail").is_hidden()
 
 
-def test_a_job_on_the_uploaded_dataset_from_the_forms_dropdowns_shows_its_rows_texts(page, shared):
+def test_a_job_on_the_uploaded_dataset_shows_a_confusion_matrix_with_its_label_names(page, shared):
     dataset_id = shared["dataset_id"]
     page.goto(f"/console/datasets#{dataset_id}")
     page.get_by_role("link", name="Train a model on it").click()
@@ -290,9 +290,15 @@ def test_a_job_on_the_uploaded_dataset_from_the_forms_dropdowns_shows_its_rows_t
     expect(page.locator("#job-status")).to_have_text(re.compile("succeeded|failed|cancelled"), timeout=JOB_TIMEOUT_MS)
     assert page.locator("#job-status").inner_text() == "succeeded"
     names = ["accounts", "billing", "engineering"]
+    assert page.locator("#confusion-head th").all_inner_texts() == [f"predicted {n}" for n in names]
+    assert page.locator("#confusion-body th").all_inner_texts() == [f"label {n}" for n in names]
+    cells = [int(n) for n in page.locator("#confusion-body td").all_inner_texts()]
+    assert len(cells) == 9 and sum(cells) == 6  # every val row, once
+    assert page.locator("#per-class-body th").all_inner_texts() == names
     expect(page.locator("#predictions-body tr")).to_have_count(6)
     first = page.locator("#predictions-body tr").first.locator("td")
     assert "problem number" in first.nth(1).inner_text() and first.nth(3).inner_text() in names
+    screenshot(page, "job-3-classes")
 
 
 @pytest.mark.parametrize("api, path", [("/models", "/console/models"), ("/sweeps", "/console/sweeps")])

@@ -81,9 +81,7 @@
       ["majority baseline", percent(m.majority_baseline)],
       ["learned", m.learned === false ? "nothing: not 1 point above the majority baseline" : "yes"],
       ["dev accuracy (kept epoch)", percent(result.dev_accuracy)],
-      ["precision (yes)", percent(m.precision)],
-      ["recall (yes)", percent(m.recall)],
-      ["F1 (yes)", percent(m.f1)],
+      ["macro-F1", percent(m.macro_f1)],
       ["val examples", result.n_eval],
       ["kept epoch", m.kept_epoch],
       ["train examples/s", m.train_examples_per_s === undefined ? "–" : Number(m.train_examples_per_s).toFixed(1)],
@@ -92,17 +90,26 @@
       el("tr", {}, el("th", { scope: "row", text: k }), el("td", { text: v === undefined || v === null ? "–" : v }))));
     // Runs from before label names were recorded are all BoolQ's.
     labels = m.label_names || ["no", "yes"];
-    const matrix = m.confusion_matrix;
-    if (matrix) {
-      document.getElementById("confusion-body").replaceChildren(...["no", "yes"].map((label, i) =>
-        el("tr", {}, el("th", { scope: "row", text: "label " + label }),
-          ...matrix[i].map((n, j) => el("td", { class: i === j ? "right" : "wrong", text: n })))));
+    if (m.confusion_matrix) drawConfusion(m.confusion_matrix, labels);
+    if (m.per_class) {
+      document.getElementById("per-class-body").replaceChildren(...m.per_class.map((c) => el("tr", {},
+        el("th", { scope: "row", text: c.label }), el("td", { text: percent(c.precision) }),
+        el("td", { text: percent(c.recall) }), el("td", { text: percent(c.f1) }), el("td", { text: c.support }))));
     }
     if (!predictionsShown) {
       predictionsShown = true;
       document.getElementById("predictions").hidden = false;
       loadPredictions();
     }
+  }
+
+  // Rows are the true labels, columns the predictions; the diagonal is right.
+  function drawConfusion(matrix, names) {
+    document.getElementById("confusion-head").replaceChildren(el("tr", {}, el("td", {}),
+      ...names.map((name) => el("th", { scope: "col", text: "predicted " + name }))));
+    document.getElementById("confusion-body").replaceChildren(...matrix.map((counts, i) =>
+      el("tr", {}, el("th", { scope: "row", text: "label " + names[i] }),
+        ...counts.map((n, j) => el("td", { class: i === j ? "right" : "wrong", text: n })))));
   }
 
   async function loadPredictions() {
