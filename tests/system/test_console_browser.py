@@ -140,14 +140,15 @@ def test_wrong_only_leaves_exactly_the_wrong_predictions(page, console_stack, sh
 
 def test_ask_answers_with_the_trained_model(page, shared):
     page.goto("/console/ask")
-    page.get_by_label("Question").fill(QUESTION[0])
-    page.get_by_label("Passage").fill(QUESTION[1])
+    page.get_by_label("Text", exact=True).fill(QUESTION[0])
+    page.get_by_label("Text pair").fill(QUESTION[1])
     expect(page.locator(f"#ask-model option[value='{shared['job_id']}']")).to_have_count(1, timeout=30_000)
     page.get_by_label("Model").select_option(shared["job_id"])
     page.get_by_role("button", name="Ask").click()
     page.locator("#answer").wait_for(state="visible")
-    assert page.locator("#answer-text").inner_text() in ("Yes", "No")
-    assert page.locator("#answer-probability").inner_text().startswith("P(yes) = 0.")
+    assert page.locator("#answer-label").inner_text() in ("yes", "no")
+    assert page.locator("#answer-score").inner_text().startswith("score 0.")
+    assert page.locator("#answer-scores-body th").all_inner_texts() in (["yes", "no"], ["no", "yes"])  # top_k: all
     assert page.locator("#answer-model").inner_text() == shared["job_id"]
     screenshot(page, "ask")
 
