@@ -125,7 +125,7 @@
       el("tr", { class: p.label === p.prediction ? "" : "wrong-row", "data-correct": p.label === p.prediction ? "yes" : "no" },
         el("td", { class: "mono", text: p.idx }),
         el("td", { text: p.text === null ? "–" : p.text }),
-        el("td", { class: "passage", text: p.text_pair === null ? "–" : p.text_pair }),
+        el("td", { class: "excerpt", text: p.text_pair === null ? "–" : p.text_pair }),
         el("td", { text: name(p.label) }),
         el("td", { text: name(p.prediction) + (p.label === p.prediction ? "" : " ✗") }),
         el("td", { text: score(p).toFixed(3) }))));
