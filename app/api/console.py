@@ -1,5 +1,5 @@
 """The web console: server-rendered pages (Jinja) over the JSON API, plus the two views the pages need that
-the API does not offer: a job's live curves and its predictions joined with the val questions.
+the API does not offer: a job's live curves and its predictions joined with the val rows' texts.
 
 Every URL the pages use is built from ``request.script_root``, so the console works on gunicorn's port and
 behind nginx alike. Templates autoescape; the scripts write user strings with ``textContent`` only.
@@ -18,10 +18,10 @@ from pydantic import Field, field_validator
 from app.api.auth import require_token
 from app.api.body import parse
 from app.api.context import current_service
-from app.api.jobs import find_job, succeeded_job_predictions
+from app.api.jobs import find_job
 from app.params import StrictModel, TrainParams, field_kinds
 from app.service import jobs
-from app.service.predictions import val_examples_by_idx
+from app.service.predictions import read_job_predictions, val_examples_by_idx
 
 APP_DIR = Path(__file__).resolve().parent.parent
 bp = Blueprint(
@@ -38,7 +38,7 @@ CONTENT_SECURITY_POLICY = (
     "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
 )
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")  # the filter's options
-PASSAGE_EXCERPT = 240
+TEXT_EXCERPT = 240
 BOUND_KEYWORDS = {
     "ge": ("minimum", "ge"),
     "gt": ("exclusiveMinimum", "gt"),
@@ -163,7 +163,7 @@ def form_fields(default_model: str) -> list[dict]:
     schema = TrainParams.model_json_schema()
     fields = []
     for name, prop in schema["properties"].items():
-        kind = field_kinds()[name]
+        kind = picked_from_datasets(name) or field_kinds()[name]
         default = default_model if name == "model" else prop.get("default")
         fields.append(
             {
@@ -177,6 +177,14 @@ def form_fields(default_model: str) -> list[dict]:
             }
         )
     return fields
+
+
+def picked_from_datasets(name: str) -> str | None:
+    """``dataset`` is picked from the datasets, a ``*_column`` field from the chosen dataset's columns (the form's
+    script fills both lists from ``GET /datasets``); None for any other field."""
+    if name == "dataset":
+        return "dataset"
+    return "column" if name.endswith("_column") else None
 
 
 def bounds_text(prop: dict) -> str:
@@ -237,22 +245,20 @@ def job_live(job_id: str):
 @bp.get("/console/jobs/<job_id>/predictions")
 @token_for_reads
 def job_predictions(job_id: str):
-    """A page of the job's val predictions with each question and a passage excerpt; optionally wrong only."""
+    """A page of the job's val predictions with each row's text and a text pair excerpt; optionally wrong only."""
     query = parse(ConsolePredictionsQuery, request.args.to_dict(), where="query")
-    rows = succeeded_job_predictions(job_id)
+    service = current_service()
+    job = find_job(job_id)
+    rows = read_job_predictions(job, service.settings)
     rows = [r for r in rows if not query.wrong_only or r["label"] != r["prediction"]]
     start = (query.page - 1) * query.per_page
-    texts = val_texts()
+    params = jobs.describe_job(job)["params"]
+    texts = val_examples_by_idx(params, service.settings, service.queue.connection)
     page = []
     for row in rows[start : start + query.per_page]:
         example = texts.get(row["idx"])
-        page.append(
-            row
-            | {
-                "question": example.text if example else None,
-                "passage": excerpt(example.text_pair) if example and example.text_pair else None,
-            }
-        )
+        pair = example.text_pair if example else None
+        page.append(row | {"text": example.text if example else None, "text_pair": excerpt(pair) if pair else None})
     return jsonify(
         predictions=page,
         page=query.page,
@@ -263,12 +269,13 @@ def job_predictions(job_id: str):
     )
 
 
-def excerpt(text: str, limit: int = PASSAGE_EXCERPT) -> str:
+def excerpt(text: str, limit: int = TEXT_EXCERPT) -> str:
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
-def val_texts() -> dict:
-    return val_examples_by_idx(current_service().settings)
+@bp.get("/console/datasets")
+def datasets_page():
+    return render_template("console/datasets.html")
 
 
 @bp.get("/console/sweeps")

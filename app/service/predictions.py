@@ -1,16 +1,24 @@
-"""A succeeded job's val predictions, and the val examples they answer (for the console)."""
+"""A succeeded job's val predictions, and the val rows (text, text pair) they answer (for the console)."""
 
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 
+from pydantic import ValidationError
+from redis import Redis
 from rq.job import Job
 
 from app.config import Settings
-from app.engine import boolq, data, run_folder
+from app.engine import boolq, run_folder
+from app.engine.data import DataError, DatasetSpec, Example, load_dataset
+from app.params import BUILTIN_DATASET, TrainParams
+from app.service.datasets import DatasetNotFound, DatasetStore
 from app.service.jobs import public_status
 from app.service.model_store import fetched_run_folder
+
+log = logging.getLogger(__name__)
 
 
 class PredictionsNotReady(RuntimeError):
@@ -36,15 +44,29 @@ def read_job_predictions(job: Job, settings: Settings) -> list[dict]:
     return list(rows)
 
 
-def val_examples_by_idx(settings: Settings) -> dict[int, data.Example]:
-    """The val examples by idx from ``DATA_DIR`` (as the workers read it); empty for the hub or a missing folder."""
-    path = Path(settings.data_dir) / "val.jsonl"
+def val_examples_by_idx(params: dict, settings: Settings, connection: Redis) -> dict[int, Example]:
+    """The val rows a job with ``params`` was scored on, by idx: BoolQ's from ``DATA_DIR``, an uploaded dataset's
+    from the store's file (fetched from the MLflow server where files travel that way) with the job's column
+    mapping. Empty where the rows cannot be had (DATA_DIR=hub, a missing folder, a dataset deleted since)."""
     try:
-        return read_val_examples(path, path.stat().st_mtime)
-    except (OSError, data.DataError):
+        train_params = TrainParams(**params)
+        if train_params.dataset == BUILTIN_DATASET:
+            path = Path(settings.data_dir) / "val.jsonl"
+            return read_boolq_val(path, path.stat().st_mtime)
+        return read_val(DatasetStore(settings, connection).spec_for_training(train_params))
+    except (OSError, DataError, DatasetNotFound, ValidationError):
+        return {}
+    except Exception as exc:  # the MLflow client failing to fetch the file: the rows show without their texts
+        log.warning("val rows of dataset %s unavailable: %s", params.get("dataset"), exc)
         return {}
 
 
 @functools.lru_cache(maxsize=2)
-def read_val_examples(path: Path, _mtime: float) -> dict[int, data.Example]:
+def read_boolq_val(path: Path, _mtime: float) -> dict[int, Example]:
     return {example.idx: example for example in boolq.read_jsonl(path)}
+
+
+# An uploaded file is stored under its sha256, so its spec names its content and the rows can be kept.
+@functools.lru_cache(maxsize=2)
+def read_val(spec: DatasetSpec) -> dict[int, Example]:
+    return {example.idx: example for example in load_dataset(spec).val}

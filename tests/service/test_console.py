@@ -7,6 +7,7 @@ test_console_browser.py.
 
 from __future__ import annotations
 
+import io
 import statistics
 import time
 
@@ -17,12 +18,20 @@ from rq.results import Result
 from app.api import create_app
 from app.engine import run_folder
 from app.engine.boolq import read_jsonl
+from app.engine.data import load_dataset
 from app.params import TrainParams
 from app.service import jobs
+from app.service.datasets import DatasetStore
 from tests.helpers import TINY_JOB, service_settings
 
 JOBS_STORED = 2000
 FEW_JOBS = 20
+PAGES = ("/", "/console/new", "/console/ask", "/console/models", "/console/sweeps", "/console/datasets", "/docs")
+# A 3-class text-pair set with its own column names: 20 rows per class, so val (a stratified tenth) has each.
+TEAM_WORDS = {"billing": "invoice", "accounts": "password", "engineering": "crash"}
+TICKETS_CSV = "subject,body,team\n" + "".join(
+    f"ticket {i} for {team},{word} problem number {i},{team}\n" for i in range(20) for team, word in TEAM_WORDS.items()
+)
 
 
 def queue_of(client):
@@ -99,7 +108,7 @@ def test_user_strings_are_escaped(client, settings):
 
 
 def test_pages_carry_a_content_security_policy(client):
-    for path in ("/", "/console/new", "/console/ask", "/console/models", "/console/sweeps", "/docs"):
+    for path in PAGES:
         response = client.get(path)
         assert response.status_code == 200, path
         assert "default-src 'self'" in response.headers["Content-Security-Policy"], path
@@ -118,7 +127,7 @@ def test_live_curves_come_from_the_worker_while_running_and_from_the_metrics_aft
     assert live["curves"] == {"loss": [[1, 0.71], [2, 0.69], [3, 0.68]], "dev_accuracy": [[1, 0.5]]}
 
 
-def test_predictions_carry_the_question_and_a_passage_excerpt_and_filter_to_the_wrong_ones(
+def test_predictions_carry_the_text_and_a_text_pair_excerpt_and_filter_to_the_wrong_ones(
     client, settings, sample_data_dir
 ):
     job = finished_job(queue_of(client), settings, TINY_JOB, run_value())
@@ -126,16 +135,60 @@ def test_predictions_carry_the_question_and_a_passage_excerpt_and_filter_to_the_
     run_dir = settings.artifacts_dir / job.id
     run_dir.mkdir(parents=True)
     predictions = [1, 1, 0, 1, 1, 1, 1, 1]
-    run_folder.write_predictions(run_dir, val, predictions, [0.6] * 8)
-    wrong = [row.idx for row, p in zip(val, predictions, strict=True) if int(row.label) != p]
+    run_folder.write_predictions(run_dir, val, predictions, [[0.4, 0.6]] * 8)
+    wrong = [row.idx for row, p in zip(val, predictions, strict=True) if row.label != p]
 
     page = client.get(f"/console/jobs/{job.id}/predictions?per_page=5").get_json()
     assert page["total"] == 8 and page["pages"] == 2 and len(page["predictions"]) == 5
     first = page["predictions"][0]
-    assert first["question"] == val[0].question and val[0].passage.startswith(first["passage"].rstrip("…"))
-    assert len(first["passage"]) <= 240
+    assert first["text"] == val[0].text and val[0].text_pair.startswith(first["text_pair"].rstrip("…"))
+    assert len(first["text_pair"]) <= 240
     only_wrong = client.get(f"/console/jobs/{job.id}/predictions?wrong_only=true&per_page=200").get_json()
     assert [r["idx"] for r in only_wrong["predictions"]] == wrong
+
+
+def upload_tickets(client) -> dict:
+    query = "text_column=subject&text_pair_column=body&label_column=team"
+    response = client.post(f"/datasets?{query}", data={"file": (io.BytesIO(TICKETS_CSV.encode()), "tickets.csv")})
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()
+
+
+def test_predictions_of_a_job_on_an_uploaded_dataset_carry_its_val_rows_texts(client, settings):
+    dataset = upload_tickets(client)
+    params = TINY_JOB | {"dataset": dataset["id"]}
+    job = finished_job(queue_of(client), settings, params, run_value())
+    spec = DatasetStore(settings, queue_of(client).connection).spec_for_training(TrainParams(**params))
+    val = load_dataset(spec).val
+    run_dir = settings.artifacts_dir / job.id
+    run_dir.mkdir(parents=True)
+    run_folder.write_predictions(run_dir, val, [0] * len(val), [[0.5, 0.3, 0.2]] * len(val))
+
+    rows = client.get(f"/console/jobs/{job.id}/predictions?per_page=200").get_json()["predictions"]
+    assert [(r["idx"], r["text"], r["text_pair"]) for r in rows] == [(e.idx, e.text, e.text_pair) for e in val]
+    assert rows[0]["text"].startswith("ticket ") and "problem number" in rows[0]["text_pair"]
+
+
+def test_the_new_job_and_sweep_forms_pick_the_dataset_and_its_columns_from_dropdowns(client):
+    form = client.get("/console/new").get_data(as_text=True)
+    assert '<select id="f-dataset" name="dataset" data-picks="dataset"' in form
+    assert '<option value="boolq">boolq (built in)</option>' in form
+    for name in ("text_column", "text_pair_column", "label_column"):
+        assert f'<select id="f-{name}" name="{name}" data-picks="column"' in form, name
+    sweeps = client.get("/console/sweeps").get_data(as_text=True)
+    assert '<select id="sweep-dataset" name="dataset">' in sweeps
+    assert '<select id="sweep-label_column" name="label_column" data-picks="column">' in sweeps
+    assert sweeps.count("console/dataset_picker.js") == form.count("console/dataset_picker.js") == 1
+
+
+def test_the_datasets_page_is_in_the_navigation_with_an_upload_form(client):
+    nav = client.get("/").get_data(as_text=True)
+    assert '<a href="/console/datasets">Datasets</a>' in nav
+    page = client.get("/console/datasets").get_data(as_text=True)
+    assert 'aria-current="page">Datasets</a>' in page
+    for field in ("upload-file", "upload-text_column", "upload-text_pair_column", "upload-label_column"):
+        assert f'id="{field}"' in page and f'id="error-{field.removeprefix("upload-")}"' in page, field
+    assert "console/datasets.js" in page
 
 
 def test_predictions_of_an_unfinished_job_are_409(client):

@@ -4,8 +4,9 @@
 Fills the new-job form with a tiny job and follows it to `succeeded` with a loss curve; filters its
 predictions to the wrong ones; asks the trained model; cancels a running job; shows the server's field
 error; opens /docs; promotes the job's version; launches a two-trial sweep and follows its leaderboard and
-plot to the end; shows a rejected sweep's field errors and a page whose API answers 404; checks every page
-at 390 px; and sends the API token kept in sessionStorage.
+plot to the end; shows a rejected sweep's field errors; uploads a CSV on the Datasets page (its histogram, and a
+wrong column's error), trains on it from the form's dropdowns and shows its 3×3 confusion matrix; shows a page
+whose API answers 404; checks every page at 390 px; and sends the API token kept in sessionStorage.
 A screenshot of each page goes to test-artifacts/console/. The tests run in file order and share the stack.
 """
 
@@ -39,7 +40,14 @@ FORM_SWEEP = {
     "pruner": "none",
 }
 SWEEP_TIMEOUT_MS = 180_000
+UPLOAD_TIMEOUT_MS = 60_000
 QUESTION = ("is the sky blue", "The sky appears blue because of Rayleigh scattering of sunlight.")
+# A 3-class single-text set with its own column names: 20 rows per class (val, a stratified tenth, has 2 each).
+TEAM_WORDS = {"billing": "invoice", "accounts": "password", "engineering": "crash"}
+TICKETS_CSV = "id,message,team\n" + "".join(
+    f"{i}-{team},{word} problem number {i},{team}\n" for i in range(20) for team, word in TEAM_WORDS.items()
+)
+TICKETS_FILE = {"name": "tickets.csv", "mimeType": "text/csv", "buffer": TICKETS_CSV.encode()}
 
 
 @pytest.fixture(scope="module")
@@ -132,14 +140,15 @@ def test_wrong_only_leaves_exactly_the_wrong_predictions(page, console_stack, sh
 
 def test_ask_answers_with_the_trained_model(page, shared):
     page.goto("/console/ask")
-    page.get_by_label("Question").fill(QUESTION[0])
-    page.get_by_label("Passage").fill(QUESTION[1])
+    page.get_by_label("Text", exact=True).fill(QUESTION[0])
+    page.get_by_label("Text pair").fill(QUESTION[1])
     expect(page.locator(f"#ask-model option[value='{shared['job_id']}']")).to_have_count(1, timeout=30_000)
     page.get_by_label("Model").select_option(shared["job_id"])
     page.get_by_role("button", name="Ask").click()
     page.locator("#answer").wait_for(state="visible")
-    assert page.locator("#answer-text").inner_text() in ("Yes", "No")
-    assert page.locator("#answer-probability").inner_text().startswith("P(yes) = 0.")
+    assert page.locator("#answer-label").inner_text() in ("yes", "no")
+    assert page.locator("#answer-score").inner_text().startswith("score 0.")
+    assert page.locator("#answer-scores-body th").all_inner_texts() in (["yes", "no"], ["no", "yes"])  # top_k: all
     assert page.locator("#answer-model").inner_text() == shared["job_id"]
     screenshot(page, "ask")
 
@@ -231,6 +240,68 @@ def test_a_rejected_sweep_shows_the_servers_field_errors(page):
     expect(page.locator("#sweep-error")).to_contain_text("trials: Input should be greater than or equal to 1")
 
 
+def test_a_csv_uploaded_on_the_datasets_page_shows_its_label_histogram_and_preview(page, shared):
+    page.goto("/console/datasets")
+    expect(page.locator("#datasets-body")).to_contain_text("No datasets yet")
+    page.get_by_label("File", exact=True).set_input_files(TICKETS_FILE)
+    page.get_by_label("Text column").fill("message")
+    page.get_by_label("Label column").fill("team")
+    page.get_by_role("button", name="Upload").click()
+    # The first upload a replica checks imports Hugging Face datasets and pyarrow: seconds on a busy machine.
+    expect(page.locator("#upload-status")).to_contain_text("Stored as ", timeout=UPLOAD_TIMEOUT_MS)
+    histogram = page.locator("#histogram-body tr")
+    expect(histogram).to_have_count(3)
+    assert histogram.evaluate_all("rows => rows.map(r => r.dataset.label)") == ["accounts", "billing", "engineering"]
+    for label in TEAM_WORDS:  # 18 train and 2 val rows of each team: the split is stratified
+        row = page.locator(f"#histogram-body tr[data-label='{label}']")
+        assert row.locator("td[data-split='train']").inner_text().startswith("18 (33.3 %)")
+        assert row.locator("td[data-split='val']").inner_text().startswith("2 (33.3 %)")
+    expect(page.locator("#dataset-summary")).to_contain_text("54 / 6")
+    expect(page.locator("#dataset-summary")).to_contain_text("33.3 %")  # the majority baseline
+    assert page.locator("#preview-head th").all_inner_texts() == ["id", "message", "team"]
+    first_row = page.locator("#preview-body tr").first.locator("td").all_inner_texts()
+    assert first_row == ["0-billing", "invoice problem number 0", "billing"]
+    shared["dataset_id"] = page.locator("#dataset-summary td").first.inner_text()
+    expect(page.locator(f"#datasets-body tr[data-dataset-id='{shared['dataset_id']}']")).to_have_count(1)
+    screenshot(page, "datasets")
+
+
+def test_an_upload_naming_a_missing_column_shows_the_servers_message_next_to_the_form(page):
+    page.goto("/console/datasets")
+    page.get_by_label("File", exact=True).set_input_files(TICKETS_FILE)
+    page.get_by_label("Text column").fill("mesage")
+    page.get_by_role("button", name="Upload").click()
+    expect(page.locator("#upload-error")).to_contain_text("no column 'mesage'", timeout=UPLOAD_TIMEOUT_MS)
+    assert "id, message, team" in page.locator("#error-file").inner_text()  # the columns there are
+    assert page.locator("#dataset-detail").is_hidden()
+
+
+def test_a_job_on_the_uploaded_dataset_shows_a_confusion_matrix_with_its_label_names(page, shared):
+    dataset_id = shared["dataset_id"]
+    page.goto(f"/console/datasets#{dataset_id}")
+    page.get_by_role("link", name="Train a model on it").click()
+    page.wait_for_url(f"**/console/new?dataset={dataset_id}")
+    expect(page.locator("#f-dataset")).to_have_value(dataset_id)
+    expect(page.locator("#f-label_column option")).to_have_text(["the dataset's own: team", "id", "message", "team"])
+    page.locator("#f-text_column").select_option("message")
+    for name, value in FORM_JOB.items():
+        page.locator(f"#f-{name}").fill(value)
+    page.get_by_role("button", name="Start training").click()
+    page.wait_for_url("**/console/jobs/*")
+    expect(page.locator("#job-status")).to_have_text(re.compile("succeeded|failed|cancelled"), timeout=JOB_TIMEOUT_MS)
+    assert page.locator("#job-status").inner_text() == "succeeded"
+    names = ["accounts", "billing", "engineering"]
+    assert page.locator("#confusion-head th").all_inner_texts() == [f"predicted {n}" for n in names]
+    assert page.locator("#confusion-body th").all_inner_texts() == [f"label {n}" for n in names]
+    cells = [int(n) for n in page.locator("#confusion-body td").all_inner_texts()]
+    assert len(cells) == 9 and sum(cells) == 6  # every val row, once
+    assert page.locator("#per-class-body th").all_inner_texts() == names
+    expect(page.locator("#predictions-body tr")).to_have_count(6)
+    first = page.locator("#predictions-body tr").first.locator("td")
+    assert "problem number" in first.nth(1).inner_text() and first.nth(3).inner_text() in names
+    screenshot(page, "job-3-classes")
+
+
 @pytest.mark.parametrize("api, path", [("/models", "/console/models"), ("/sweeps", "/console/sweeps")])
 def test_a_page_says_when_the_server_lacks_its_api(page, api, path):
     """As where the console is served beside an API without it: the page's calls go to a path that 404s."""
@@ -244,7 +315,9 @@ def test_a_page_says_when_the_server_lacks_its_api(page, api, path):
     assert "not available on this server" in notice.inner_text()
 
 
-@pytest.mark.parametrize("path", ["/", "/console/new", "job", "/console/ask", "/console/models", "/console/sweeps"])
+@pytest.mark.parametrize(
+    "path", ["/", "/console/new", "job", "/console/ask", "/console/models", "/console/sweeps", "/console/datasets"]
+)
 def test_every_page_fits_a_390_px_screen(browser, console_stack, path, shared):
     context = browser.new_context(viewport={"width": 390, "height": 844}, base_url=console_stack["url"])
     tab = context.new_page()
@@ -269,10 +342,10 @@ def test_the_token_is_asked_once_kept_in_session_storage_and_sent_as_a_bearer_he
     try:
         tab = context.new_page()
         tab.goto("/console/new")
+        tab.get_by_label("Token", exact=True).fill("s3cret-token")  # asked on the first 401: the form's datasets
+        tab.get_by_role("button", name="Save").click()
         tab.locator("#f-train_limit").fill("16")
         tab.get_by_role("button", name="Start training").click()
-        tab.get_by_label("Token", exact=True).fill("s3cret-token")  # asked on the first 401
-        tab.get_by_role("button", name="Save").click()
         tab.wait_for_url("**/console/jobs/*")
         assert tab.evaluate("sessionStorage.getItem('boolq-api-token')") == "s3cret-token"
         assert context.cookies() == []

@@ -1,10 +1,12 @@
-// Ask: question + passage → POST /predict, with a model picker (registered versions when the server has a
-// registry, recent succeeded jobs always; the default is the server's own choice).
+// Ask: a text (and optional text pair) → POST /predict, answered with the best label and every label's score
+// (top_k), with a model picker (registered versions when the server has a registry, recent succeeded jobs
+// always; the default is the server's own choice).
 "use strict";
 (function () {
   const { api, el, errorMessage, percent } = window.Console;
   const form = document.getElementById("ask-form");
   const picker = document.getElementById("ask-model");
+  const ALL_LABELS = 1000;  // /predict's top_k limit, the most labels a model has
 
   // Both lists load at once (the registry can be slow to open); a job that is a registered version is listed
   // once, under the versions.
@@ -35,11 +37,10 @@
 
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
-    for (const id of ["ask-error", "error-question", "error-passage"]) document.getElementById(id).textContent = "";
-    const body = {
-      question: document.getElementById("ask-question").value,
-      passage: document.getElementById("ask-passage").value,
-    };
+    for (const id of ["ask-error", "error-text", "error-text_pair"]) document.getElementById(id).textContent = "";
+    const body = { text: document.getElementById("ask-text").value, top_k: ALL_LABELS };
+    const pair = document.getElementById("ask-text_pair").value;
+    if (pair.trim()) body.text_pair = pair;
     if (picker.value) body.model = picker.value;
     const button = document.getElementById("ask-submit");
     button.disabled = true;
@@ -55,8 +56,10 @@
       return;
     }
     document.getElementById("answer").hidden = false;
-    document.getElementById("answer-text").textContent = result.body.answer ? "Yes" : "No";
-    document.getElementById("answer-probability").textContent = "P(yes) = " + result.body.probability.toFixed(3);
+    document.getElementById("answer-label").textContent = result.body.label;
+    document.getElementById("answer-score").textContent = "score " + result.body.score.toFixed(3);
+    document.getElementById("answer-scores-body").replaceChildren(...result.body.scores.map((s) =>
+      el("tr", {}, el("th", { scope: "row", text: s.label }), el("td", { text: s.score.toFixed(3) }))));
     document.getElementById("answer-model").textContent = result.body.model;
   });
 

@@ -61,6 +61,26 @@
     return { status: response.status, ok: response.ok, body };
   }
 
+  // POST a FormData with XMLHttpRequest, which reports upload progress (fetch does not): onProgress(sent, total).
+  // Resolves like api(); a 401 asks for the token once and sends the file again.
+  function upload(path, form, onProgress, retried = false) {
+    return new Promise((resolve) => {
+      const xhr = new XMLHttpRequest();
+      xhr.open("POST", url(path));
+      xhr.setRequestHeader("Accept", "application/json");
+      if (token()) xhr.setRequestHeader("Authorization", "Bearer " + token());
+      xhr.upload.addEventListener("progress", (event) => onProgress(event.loaded, event.lengthComputable ? event.total : 0));
+      xhr.addEventListener("error", () => resolve({ status: 0, ok: false, body: { error: { message: "the upload did not reach the server", fields: {} } } }));
+      xhr.addEventListener("load", async () => {
+        let body = null;
+        try { body = JSON.parse(xhr.responseText); } catch (_) { body = null; }
+        if (xhr.status === 401 && !retried && (await askToken())) { resolve(upload(path, form, onProgress, true)); return; }
+        resolve({ status: xhr.status, ok: xhr.status >= 200 && xhr.status < 300, body });
+      });
+      xhr.send(form);
+    });
+  }
+
   function errorMessage(result) {
     const error = result.body && result.body.error;
     return error ? error.message : "request failed with HTTP " + result.status;
@@ -109,5 +129,5 @@
     return () => clearTimeout(timer);
   }
 
-  window.Console = { url, api, errorMessage, el, percent, when, statusBadge, FINAL, every, askToken };
+  window.Console = { url, api, upload, errorMessage, el, percent, when, statusBadge, FINAL, every, askToken };
 })();

@@ -12,6 +12,7 @@
   const PER_PAGE = 20;
   let predictionsPage = 1;
   let predictionsShown = false;
+  let labels = [];  // label names by id, from the job's metrics
 
   const INTEGER_STEPS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000];
   const epochs = Number(document.getElementById("job").dataset.epochs) || 1;
@@ -80,26 +81,35 @@
       ["majority baseline", percent(m.majority_baseline)],
       ["learned", m.learned === false ? "nothing: not 1 point above the majority baseline" : "yes"],
       ["dev accuracy (kept epoch)", percent(result.dev_accuracy)],
-      ["precision (yes)", percent(m.precision)],
-      ["recall (yes)", percent(m.recall)],
-      ["F1 (yes)", percent(m.f1)],
+      ["macro-F1", percent(m.macro_f1)],
       ["val examples", result.n_eval],
       ["kept epoch", m.kept_epoch],
       ["train examples/s", m.train_examples_per_s === undefined ? "–" : Number(m.train_examples_per_s).toFixed(1)],
     ];
     document.getElementById("metrics-body").replaceChildren(...rows.map(([k, v]) =>
       el("tr", {}, el("th", { scope: "row", text: k }), el("td", { text: v === undefined || v === null ? "–" : v }))));
-    const matrix = m.confusion_matrix;
-    if (matrix) {
-      document.getElementById("confusion-body").replaceChildren(...["no", "yes"].map((label, i) =>
-        el("tr", {}, el("th", { scope: "row", text: "label " + label }),
-          ...matrix[i].map((n, j) => el("td", { class: i === j ? "right" : "wrong", text: n })))));
+    // Runs from before label names were recorded are all BoolQ's.
+    labels = m.label_names || ["no", "yes"];
+    if (m.confusion_matrix) drawConfusion(m.confusion_matrix, labels);
+    if (m.per_class) {
+      document.getElementById("per-class-body").replaceChildren(...m.per_class.map((c) => el("tr", {},
+        el("th", { scope: "row", text: c.label }), el("td", { text: percent(c.precision) }),
+        el("td", { text: percent(c.recall) }), el("td", { text: percent(c.f1) }), el("td", { text: c.support }))));
     }
     if (!predictionsShown) {
       predictionsShown = true;
       document.getElementById("predictions").hidden = false;
       loadPredictions();
     }
+  }
+
+  // Rows are the true labels, columns the predictions; the diagonal is right.
+  function drawConfusion(matrix, names) {
+    document.getElementById("confusion-head").replaceChildren(el("tr", {}, el("td", {}),
+      ...names.map((name) => el("th", { scope: "col", text: "predicted " + name }))));
+    document.getElementById("confusion-body").replaceChildren(...matrix.map((counts, i) =>
+      el("tr", {}, el("th", { scope: "row", text: "label " + names[i] }),
+        ...counts.map((n, j) => el("td", { class: i === j ? "right" : "wrong", text: n })))));
   }
 
   async function loadPredictions() {
@@ -109,17 +119,18 @@
     const count = document.getElementById("predictions-count");
     if (!result.ok) { count.textContent = errorMessage(result); return; }
     const data = result.body;
-    const yesNo = (v) => (v ? "yes" : "no");
+    const name = (id) => (labels[id] === undefined ? String(id) : labels[id]);
+    const score = (p) => (p.scores ? p.scores[p.prediction] : p.probability);
     document.getElementById("predictions-body").replaceChildren(...data.predictions.map((p) =>
       el("tr", { class: p.label === p.prediction ? "" : "wrong-row", "data-correct": p.label === p.prediction ? "yes" : "no" },
         el("td", { class: "mono", text: p.idx }),
-        el("td", { text: p.question === null ? "–" : p.question }),
-        el("td", { class: "passage", text: p.passage === null ? "–" : p.passage }),
-        el("td", { text: yesNo(p.label) }),
-        el("td", { text: yesNo(p.prediction) + (p.label === p.prediction ? "" : " ✗") }),
-        el("td", { text: p.probability.toFixed(3) }))));
+        el("td", { text: p.text === null ? "–" : p.text }),
+        el("td", { class: "excerpt", text: p.text_pair === null ? "–" : p.text_pair }),
+        el("td", { text: name(p.label) }),
+        el("td", { text: name(p.prediction) + (p.label === p.prediction ? "" : " ✗") }),
+        el("td", { text: score(p).toFixed(3) }))));
     count.textContent = data.total + (wrongOnly ? " wrong predictions" : " predictions") +
-      (data.texts ? "" : " (question texts unavailable: DATA_DIR is not a local folder)");
+      (data.texts ? "" : " (texts unavailable: the dataset's rows are not on this server)");
     document.getElementById("predictions-page").textContent = "page " + data.page + " of " + data.pages;
     document.getElementById("predictions-prev").disabled = data.page <= 1;
     document.getElementById("predictions-next").disabled = data.page >= data.pages;

@@ -1,7 +1,7 @@
 // New job: turn the generated form into a TrainParams JSON body, POST /train, show 422s beside their fields.
 "use strict";
 (function () {
-  const { api, errorMessage, url } = window.Console;
+  const { api, errorMessage, url, pickDataset } = window.Console;
   const form = document.getElementById("new-job");
   const formError = document.getElementById("form-error");
   const submit = document.getElementById("submit-job");
@@ -29,7 +29,7 @@
     formError.textContent = "";
     form.querySelectorAll(".field").forEach((field) => {
       document.getElementById("error-" + field.dataset.field).textContent = "";
-      field.querySelector("input").removeAttribute("aria-invalid");
+      document.getElementById("f-" + field.dataset.field).removeAttribute("aria-invalid");
     });
   }
 
@@ -56,4 +56,6 @@
     formError.textContent = errorMessage(result);
     if (first) first.focus();
   });
+
+  pickDataset(form.querySelector("[data-picks=dataset]"), [...form.querySelectorAll("[data-picks=column]")]);
 })();

@@ -3,7 +3,7 @@
 // searched parameter (log axis for lr/eps), the best trial highlighted. A server without sweeps answers 404: say so.
 "use strict";
 (function () {
-  const { api, el, percent, when, errorMessage, statusBadge, url, every } = window.Console;
+  const { api, el, percent, when, errorMessage, statusBadge, url, every, pickDataset } = window.Console;
   const LOG_SCALE = new Set(["lr", "eps"]);
   const ENDED = new Set(["finished", "cancelled", "failed"]);  // a sweep's final states
   const POLL_MS = 2000;
@@ -126,6 +126,7 @@
     error.textContent = "";
     let json;
     try { json = JSON.parse(document.getElementById("sweep-body").value); } catch (e) { error.textContent = "not valid JSON: " + e.message; return; }
+    json.base = Object.assign({}, json.base, picks());
     const result = await api("/sweeps", { method: "POST", json });
     if (!result.ok) {
       const fields = (result.body && result.body.error && result.body.error.fields) || {};
@@ -135,6 +136,17 @@
     await loadList();
     show(result.body.sweep_id);
   });
+
+  const datasetSelect = document.getElementById("sweep-dataset");
+  const columnSelects = [...document.querySelectorAll("#sweep-form [data-picks=column]")];
+  pickDataset(datasetSelect, columnSelects);
+
+  // The dataset always, a column where one is picked (empty: the dataset's own).
+  function picks() {
+    const chosen = { dataset: datasetSelect.value };
+    for (const select of columnSelects) if (select.value) chosen[select.name] = select.value;
+    return chosen;
+  }
 
   loadList().then((available) => {
     if (!available) return;
