@@ -22,7 +22,7 @@ def test_only_run_folder_knows_the_run_folders_file_names():
 # BoolQ's field names live in its dataset entry, in /predict's old request shape (and its choice of shape), and in
 # the CLI's --question/--passage aliases; everywhere else a dataset is text, text pair and label.
 BOOLQ_WORDS = re.compile(r"\b(question|passage)s?\b", re.IGNORECASE)
-KNOWS_BOOLQ = {"app/engine/boolq.py", "app/api/schemas.py", "app/api/predict.py", "app/cli.py", "app/api/console.py"}
+KNOWS_BOOLQ = {"app/engine/boolq.py", "app/api/schemas.py", "app/api/predict.py", "app/cli.py"}
 
 
 def test_no_module_but_the_boolq_entry_and_the_predict_compatibility_layer_names_question_or_passage():
