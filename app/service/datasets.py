@@ -271,6 +271,9 @@ def peek(path: Path, fmt: str) -> tuple[list[str], list[dict]]:
 
 
 def clip(value):
+    """A preview cell as JSON can hold it: long texts cut, other types (dates, bytes, lists) as text."""
+    if value is not None and not isinstance(value, str | int | float | bool):
+        value = str(value)
     return value[:300] + "…" if isinstance(value, str) and len(value) > 300 else value
 
 
