@@ -28,7 +28,9 @@ def create():
     service = current_service()
     request_ = parse(sweeps.SweepRequest, json_object())
     base = sweeps.validate_request(request_, service.settings)
-    datasets.DatasetStore(service.settings, service.queue.connection).check_mapping(base)
+    dataset = datasets.DatasetStore(service.settings, service.queue.connection).check_mapping(base)
+    if dataset is not None:  # the budget over the uploaded dataset's rows, not BoolQ's
+        base = sweeps.validate_request(request_, service.settings, dataset.rows["train"])
     client = client_key(service.settings, bearer_token(), request.remote_addr)
     sweep_id = sweeps.create_sweep(request_, base, service.settings, service.queue, client)
     location = url_for("sweeps.show", sweep_id=sweep_id)

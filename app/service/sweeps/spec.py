@@ -104,10 +104,11 @@ class SweepRequest(StrictModel):
     ] = None
 
 
-def validate_request(request: SweepRequest, settings: Settings) -> TrainParams:
+def validate_request(request: SweepRequest, settings: Settings, dataset_rows: int | None = None) -> TrainParams:
     """The rules beyond the shapes: each field searchable, each bound and choice a valid value of its field,
-    grid on lists only, the size of the spec and of the grid, the seed, the compute budget. Returns the base params;
-    raises SweepError naming each field."""
+    grid on lists only, the size of the spec and of the grid, the seed, the compute budget (over ``dataset_rows``
+    train rows: an uploaded dataset's, as its record says; default BoolQ's). Returns the base params; raises
+    SweepError naming each field."""
     errors = size_rules(request, settings)
     if errors:  # the rules below read every value: not for a spec over its size
         raise SweepError(errors)
@@ -144,14 +145,14 @@ def validate_request(request: SweepRequest, settings: Settings) -> TrainParams:
         if request.trials > combinations:
             errors["trials"] = f"the grid has {combinations} combinations; ask for at most that many trials"
     if not errors:
-        cost, limit = examples_to_train(request, base, settings), settings.sweep_max_examples
+        cost, limit = examples_to_train(request, base, settings, dataset_rows), settings.sweep_max_examples
         if cost > limit:
             errors["trials"] = (
                 f"the sweep may train up to {cost} examples (trials × epochs × train rows), "
                 f"over the budget SWEEP_MAX_EXAMPLES={limit}"
             )
     if not errors:
-        errors |= largest_trial_rule(request, base, settings)
+        errors |= largest_trial_rule(request, base, settings, dataset_rows)
     if errors:
         raise SweepError(errors)
     return base
@@ -186,12 +187,14 @@ def grid_size(request: SweepRequest) -> int:
     return math.prod(len(entry) if isinstance(entry, list) else 1 for entry in request.space.values())
 
 
-def largest_trial_rule(request: SweepRequest, base: TrainParams, settings: Settings) -> dict[str, str]:
+def largest_trial_rule(
+    request: SweepRequest, base: TrainParams, settings: Settings, dataset_rows: int | None = None
+) -> dict[str, str]:
     """The per-job rules (MAX_JOB_TOKENS, MAX_STEP_TOKENS, MAX_DEVICES: the same ``check_cost`` as ``POST /train``)
     for the costliest trial the space allows; its errors name the base or space fields that set each value."""
     largest = {name: largest_value(request, name, getattr(base, name)) for name in COST_FIELDS}
     try:
-        check_cost(base.model_copy(update=largest), settings)
+        check_cost(base.model_copy(update=largest), settings, dataset_rows)
     except OverLimit as exc:
         where = {name: f"space.{name}" if name in request.space else f"base.{name}" for name in COST_FIELDS}
         return {where.get(name, name): rule for name, rule in exc.fields.items()}
@@ -236,7 +239,9 @@ def value_rule(base: TrainParams, name: str, value: Any, settings: Settings) -> 
     return None
 
 
-def examples_to_train(request: SweepRequest, base: TrainParams, settings: Settings) -> int:
+def examples_to_train(
+    request: SweepRequest, base: TrainParams, settings: Settings, dataset_rows: int | None = None
+) -> int:
     """The most training examples the sweep can take: trials × the largest epochs × the largest train rows."""
 
     def largest(name: str, default):
@@ -247,7 +252,7 @@ def examples_to_train(request: SweepRequest, base: TrainParams, settings: Settin
         return max(default if v is None else v for v in values)
 
     # Unreadable here (the workers will say why): budget for the whole of BoolQ's train split.
-    rows = available_train_rows(settings.data_dir) or HUB_TRAIN_ROWS
+    rows = dataset_rows or available_train_rows(settings.data_dir) or HUB_TRAIN_ROWS
     return int(
         request.trials * largest("epochs", base.epochs) * min(largest("train_limit", base.train_limit or rows), rows)
     )
