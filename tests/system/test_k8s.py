@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -22,20 +23,36 @@ OVERLAYS = ("cpu", "gpu")
 KUBERNETES_VERSION = "1.30.0"
 # Volumes private to a pod: nothing read-write is shared between pods but Redis and MLflow.
 POD_LOCAL_VOLUMES = {"emptyDir", "configMap", "secret", "downwardAPI", "projected"}
+# Objects that live in no namespace.
+CLUSTER_SCOPED = {"Namespace"}
+RELEASE = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
 
 
-def render(overlay: str, folder: Path) -> str:
-    """``kubectl kustomize`` of an overlay, with the Secret's example values standing in for the user's."""
+# What a deployment fills into base/secret.env (the committed example leaves both empty).
+SECRETS = {"API_TOKEN": "t0ken", "REDIS_PASSWORD": "s3cret-pw"}
+
+
+def copy_tree(folder: Path, secrets: dict[str, str] = SECRETS) -> Path:
+    """A copy of deploy/k8s under ``folder`` with base/secret.env holding ``secrets``, as a deployment fills it."""
+    tree = folder / "k8s"
+    if not tree.exists():
+        shutil.copytree(K8S, tree, ignore=shutil.ignore_patterns("secret.env"))
+        (tree / "base" / "secret.env").write_text("".join(f"{k}={v}\n" for k, v in secrets.items()))
+    return tree
+
+
+def kustomize(path: Path) -> subprocess.CompletedProcess:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.fail(
             "kubectl is not installed; the Kubernetes manifests' tests need it (>= 1.27: its built-in kustomize v5)"
         )
-    tree = folder / "k8s"
-    if not tree.exists():
-        shutil.copytree(K8S, tree)
-        shutil.copy(tree / "base" / "secret.env.example", tree / "base" / "secret.env")
-    done = subprocess.run([kubectl, "kustomize", str(tree / "overlays" / overlay)], capture_output=True, text=True)
+    return subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True)
+
+
+def render(overlay: str, folder: Path) -> str:
+    """``kubectl kustomize`` of an overlay, with SECRETS in the Secret."""
+    done = kustomize(copy_tree(folder) / "overlays" / overlay)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -83,6 +100,53 @@ def test_strict_validation_rejects_a_misspelt_field(rendered, tmp_path):
 
 def pod_specs(documents: list[dict]) -> dict[str, dict]:
     return {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in documents if d["kind"] == "Deployment"}
+
+
+def images(documents: list[dict]) -> dict[str, str]:
+    """Each Deployment's image (one per pod: init containers run the same one)."""
+    named = {}
+    for name, pod in pod_specs(documents).items():
+        [image] = {c["image"] for c in pod["containers"] + pod.get("initContainers", [])}
+        named[name] = image
+    return named
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_overlay_creates_its_namespace_and_puts_every_object_in_it(rendered, overlay):
+    [namespace] = [d["metadata"]["name"] for d in rendered[overlay] if d["kind"] == "Namespace"]
+    # kustomize orders the Namespace first, so a fresh `kubectl apply -k` creates it before what lives in it.
+    assert rendered[overlay][0]["kind"] == "Namespace"
+    placed = {(d["kind"], d["metadata"]["name"]): d["metadata"].get("namespace") for d in rendered[overlay]}
+    assert {key: ns for key, ns in placed.items() if key[0] not in CLUSTER_SCOPED and ns != namespace} == {}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_images_are_qualified_and_pinned_to_the_release(rendered, overlay):
+    for name, image in images(rendered[overlay]).items():
+        registry, _, rest = image.partition("/")
+        assert "." in registry or ":" in registry or registry == "localhost", f"{name}: {image} names no registry"
+        assert rest.rpartition(":")[2] == RELEASE, f"{name}: {image} is not pinned to version {RELEASE}"
+
+
+def test_overriding_the_cpu_image_keeps_the_gpu_workers_own_image(rendered, tmp_path):
+    cpu_image = images(rendered["gpu"])["boolq-worker"].rpartition(":")[0]
+    gpu_image = images(rendered["gpu"])["boolq-gpu-worker"]
+    # An overlay of a user's own over ours, as docs/cluster.md shows it for the CPU image.
+    mine = copy_tree(tmp_path) / "overlays" / "mine"
+    mine.mkdir()
+    (mine / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "resources": ["../gpu"],
+                "images": [{"name": cpu_image, "newName": "registry.test/team/boolq-service", "newTag": "7"}],
+            }
+        )
+    )
+    done = kustomize(mine)
+    assert done.returncode == 0, done.stderr
+    overridden = images([d for d in yaml.safe_load_all(done.stdout) if d])
+    assert overridden["boolq-worker"] == "registry.test/team/boolq-service:7"
+    assert overridden["boolq-gpu-worker"] == gpu_image
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
