@@ -5,6 +5,7 @@ a GPU for the gpu overlay's workers."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import shutil
 import subprocess
@@ -162,6 +163,33 @@ def test_pods_share_no_volume_run_as_non_root_and_the_api_has_its_probes(rendere
     [api] = pods["boolq-api"]["containers"]
     assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def gibibytes(quantity: str) -> float:
+    number, unit = re.fullmatch(r"(\d+)(Mi|Gi|Ti)", quantity).groups()
+    return int(number) * {"Mi": 1 / 1024, "Gi": 1, "Ti": 1024}[unit]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_pod_mounts_a_service_account_token(rendered, overlay):
+    for name, pod in pod_specs(rendered[overlay]).items():
+        assert pod.get("automountServiceAccountToken") is False, name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_empty_dir_is_bounded_and_the_pod_asks_for_the_disk_they_may_fill(rendered, overlay):
+    for name, pod in pod_specs(rendered[overlay]).items():
+        empty_dirs = [v["emptyDir"] for v in pod.get("volumes", []) if "emptyDir" in v]
+        assert all("sizeLimit" in e for e in empty_dirs), f"{name}: an emptyDir without sizeLimit"
+        on_disk = sum(gibibytes(e["sizeLimit"]) for e in empty_dirs if e.get("medium") != "Memory")
+        asked = sum(gibibytes(c["resources"]["requests"].get("ephemeral-storage", "0Gi")) for c in pod["containers"])
+        assert asked >= on_disk > 0, name
+
+
+def test_the_api_believes_forwarded_addresses_from_the_pod_network_only(rendered):
+    [settings] = [d["data"] for d in rendered["cpu"] if d["kind"] == "ConfigMap"]
+    networks = [ipaddress.ip_network(n) for n in settings["TRUSTED_PROXIES"].split(",")]
+    assert networks and all(n.is_private and not n.is_loopback for n in networks)
 
 
 def test_only_the_gpu_overlay_has_a_worker_asking_for_a_gpu(rendered):
