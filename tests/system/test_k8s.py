@@ -165,6 +165,24 @@ def test_pods_share_no_volume_run_as_non_root_and_the_api_has_its_probes(rendere
     assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
 
 
+def selects(selector: dict, labels: dict) -> bool:
+    return selector["matchLabels"].items() <= labels.items() and not selector.get("matchExpressions")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_deployment_has_startup_and_liveness_probes_and_a_disruption_budget(rendered, overlay):
+    budgets = [d["spec"] for d in rendered[overlay] if d["kind"] == "PodDisruptionBudget"]
+    for deployment in (d for d in rendered[overlay] if d["kind"] == "Deployment"):
+        name, template = deployment["metadata"]["name"], deployment["spec"]["template"]
+        for container in template["spec"]["containers"]:
+            assert {"startupProbe", "livenessProbe"} <= set(container), name
+        [budget] = [b for b in budgets if selects(b["selector"], template["metadata"]["labels"])]
+        # A drain must be able to evict one pod, and must leave an API replica serving.
+        assert budget.get("maxUnavailable", 0) >= 1 or budget["minAvailable"] < deployment["spec"]["replicas"], name
+        if name == "boolq-api":
+            assert budget["minAvailable"] >= 1
+
+
 def gibibytes(quantity: str) -> float:
     number, unit = re.fullmatch(r"(\d+)(Mi|Gi|Ti)", quantity).groups()
     return int(number) * {"Mi": 1 / 1024, "Gi": 1, "Ti": 1024}[unit]
