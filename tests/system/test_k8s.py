@@ -166,7 +166,8 @@ def test_pods_share_no_volume_run_as_non_root_and_the_api_has_its_probes(rendere
 
 
 def selects(selector: dict, labels: dict) -> bool:
-    return selector["matchLabels"].items() <= labels.items() and not selector.get("matchExpressions")
+    assert not selector.get("matchExpressions"), "the tests read matchLabels only"
+    return selector.get("matchLabels", {}).items() <= labels.items()
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -181,6 +182,70 @@ def test_every_deployment_has_startup_and_liveness_probes_and_a_disruption_budge
         assert budget.get("maxUnavailable", 0) >= 1 or budget["minAvailable"] < deployment["spec"]["replicas"], name
         if name == "boolq-api":
             assert budget["minAvailable"] >= 1
+
+
+# Pods that are not the service's, with the labels their Helm charts give them (docs/cluster.md's releases).
+REDIS_POD = ("boolq", {"app.kubernetes.io/name": "redis", "app.kubernetes.io/instance": "boolq-redis"})
+MLFLOW_POD = ("boolq", {"app.kubernetes.io/name": "mlflow", "app.kubernetes.io/instance": "boolq-mlflow"})
+INGRESS_CONTROLLER = (
+    "ingress-nginx",
+    {"app.kubernetes.io/name": "ingress-nginx", "app.kubernetes.io/component": "controller"},
+)
+STRANGERS = {
+    "a pod in the namespace": ("boolq", {"app.kubernetes.io/name": "debug"}),
+    "a pod in the namespace named like the controller": ("boolq", INGRESS_CONTROLLER[1]),
+    "a pod elsewhere": ("default", {"app.kubernetes.io/name": "boolq-service"}),
+}
+
+
+def admits(documents: list[dict], source: tuple[str, dict], target: tuple[str, dict]) -> bool:
+    """Whether the NetworkPolicies let ``source`` (namespace, pod labels) open a connection to ``target``."""
+    (source_ns, source_labels), (target_ns, target_labels) = source, target
+    policies = [
+        d["spec"]
+        for d in documents
+        if d["kind"] == "NetworkPolicy"
+        and d["metadata"]["namespace"] == target_ns
+        and selects(d["spec"]["podSelector"], target_labels)
+        and "Ingress" in d["spec"]["policyTypes"]
+    ]
+
+    def matches(peer: dict) -> bool:
+        namespace_labels = {"kubernetes.io/metadata.name": source_ns}
+        in_namespace = (
+            selects(peer["namespaceSelector"], namespace_labels)
+            if "namespaceSelector" in peer
+            else source_ns == target_ns
+        )
+        return in_namespace and selects(peer.get("podSelector", {}), source_labels)
+
+    return not policies or any(
+        any(matches(peer) for peer in rule.get("from", [])) for policy in policies for rule in policy.get("ingress", [])
+    )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_let_only_the_service_reach_redis_and_mlflow_and_only_the_ingress_reach_the_api(
+    rendered, overlay
+):
+    documents = rendered[overlay]
+    [namespace] = [d["metadata"]["name"] for d in documents if d["kind"] == "Namespace"]
+    pods = {
+        d["metadata"]["name"]: (namespace, d["spec"]["template"]["metadata"]["labels"])
+        for d in documents
+        if d["kind"] == "Deployment"
+    }
+    for name, pod in pods.items():
+        for store in (REDIS_POD, MLFLOW_POD):
+            assert admits(documents, pod, store), f"{name} cannot reach {store}"
+            assert not admits(documents, INGRESS_CONTROLLER, store)
+        assert admits(documents, INGRESS_CONTROLLER, pod) is (name == "boolq-api"), name
+        for other in pods:
+            assert not admits(documents, pods[other], pod), f"{other} reaches {name}"
+    assert admits(documents, REDIS_POD, REDIS_POD)  # replication and Sentinels
+    for stranger, source in STRANGERS.items():
+        for target in (*pods.values(), REDIS_POD, MLFLOW_POD):
+            assert not admits(documents, source, target), f"{stranger} reaches {target}"
 
 
 def gibibytes(quantity: str) -> float:
