@@ -303,12 +303,22 @@ def test_the_ingress_carries_the_limits_of_the_nginx_template(rendered):
     assert ingresses["boolq-predict"][prefix + "proxy-read-timeout"] == nginx(
         "proxy_read_timeout", "location = /predict"
     )
-    for name, zone in (("boolq-train", "train"), ("boolq-predict", "predict")):
+    # Every rate-limited location of the template (/train, /sweeps, /predict), on the Ingress serving that path.
+    serving = {
+        path["path"]: d["metadata"]["annotations"]
+        for d in rendered["cpu"]
+        if d["kind"] == "Ingress"
+        for rule in d["spec"]["rules"]
+        for path in rule["http"]["paths"]
+        if path["pathType"] == "Exact"
+    }
+    limited = re.findall(r"location = (\S+) \{\s+limit_req zone=(\w+) burst=(\d+)", template)
+    assert {path for path, _, _ in limited} >= {"/train", "/sweeps", "/predict"}
+    for path, zone, burst in limited:
         rate = re.search(rf"zone={zone}:\S+ rate=(\d+)r/s", template).group(1)
-        burst = re.search(rf"limit_req zone={zone} burst=(\d+)", template).group(1)
-        annotations = ingresses[name]
-        assert annotations[prefix + "limit-rps"] == rate
-        assert int(rate) * int(annotations[prefix + "limit-burst-multiplier"]) == int(burst)
+        assert path in serving, f"{path} is rate limited in nginx, not at the Ingress"
+        assert serving[path][prefix + "limit-rps"] == rate, path
+        assert int(rate) * int(serving[path][prefix + "limit-burst-multiplier"]) == int(burst), path
     assert {a[prefix + "limit-connections"] for a in ingresses.values()} == {nginx("limit_conn per_client")}
 
 
