@@ -5,6 +5,7 @@ a GPU for the gpu overlay's workers."""
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import re
 import shutil
@@ -30,7 +31,8 @@ RELEASE = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["
 
 
 # What a deployment fills into base/secret.env (the committed example leaves both empty).
-SECRETS = {"API_TOKEN": "t0ken", "REDIS_PASSWORD": "s3cret-pw"}
+# A base64 value ends in "=": the pods must not take it for an empty one.
+SECRETS = {"API_TOKEN": "t0ken", "REDIS_PASSWORD": "s3cretpw=="}
 
 
 def copy_tree(folder: Path, secrets: dict[str, str] = SECRETS) -> Path:
@@ -320,6 +322,49 @@ def test_the_ingress_carries_the_limits_of_the_nginx_template(rendered):
         assert serving[path][prefix + "limit-rps"] == rate, path
         assert int(rate) * int(serving[path][prefix + "limit-burst-multiplier"]) == int(burst), path
     assert {a[prefix + "limit-connections"] for a in ingresses.values()} == {nginx("limit_conn per_client")}
+
+
+def start_pod(documents: list[dict], deployment: str) -> subprocess.CompletedProcess | None:
+    """Run a Deployment's init containers here, in order, with the env the rendered ConfigMap and Secret give them:
+    the first that fails, or None when all pass (the kubelet would then start the pod's containers)."""
+    # kustomize has already rewritten envFrom's names to the generated (hash-suffixed) ones.
+    values = {
+        ("secretRef" if d["kind"] == "Secret" else "configMapRef", d["metadata"]["name"]): {
+            key: base64.b64decode(value).decode() if d["kind"] == "Secret" else value
+            for key, value in d["data"].items()
+        }
+        for d in documents
+        if d["kind"] in ("ConfigMap", "Secret")
+    }
+    for container in pod_specs(documents)[deployment].get("initContainers", []):
+        env = {"PATH": "/usr/bin:/bin"}
+        for source in container.get("envFrom", []):
+            [(kind, ref)] = source.items()
+            env |= values[kind, ref["name"]]
+        env |= {e["name"]: e["value"] for e in container.get("env", [])}
+        done = subprocess.run(container["command"], env=env, capture_output=True, text=True, timeout=10)
+        if done.returncode != 0:
+            return done
+    return None
+
+
+@pytest.mark.parametrize("empty", ["API_TOKEN", "REDIS_PASSWORD"])
+def test_no_pod_starts_with_an_empty_secret(tmp_path, empty):
+    tree = copy_tree(tmp_path, SECRETS | {empty: ""})
+    for overlay in OVERLAYS:
+        done = kustomize(tree / "overlays" / overlay)
+        assert done.returncode == 0, done.stderr
+        documents = [d for d in yaml.safe_load_all(done.stdout) if d]
+        for deployment in pod_specs(documents):
+            refused = start_pod(documents, deployment)
+            assert refused is not None, f"{overlay}: {deployment} starts with an empty {empty}"
+            assert f"{empty} is empty" in refused.stderr
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_starts_with_its_secret_filled_in(rendered, overlay):
+    for deployment in pod_specs(rendered[overlay]):
+        assert start_pod(rendered[overlay], deployment) is None, deployment
 
 
 def test_no_secret_value_is_committed():
