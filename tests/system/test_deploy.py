@@ -83,6 +83,41 @@ def test_compose_redis_needs_the_password_the_app_uses_and_is_not_published():
         assert ("artifacts", "/data/artifacts") in mounts(services[name])
 
 
+def test_compose_redis_healthcheck_takes_the_password_from_the_environment_and_needs_a_pong(tmp_path):
+    redis = yaml.safe_load(docker_compose("config").stdout)["services"]["redis"]
+    test = redis["healthcheck"]["test"]
+    assert SECRETS["REDIS_PASSWORD"] not in " ".join(test), "the password is on the healthcheck's command line"
+    assert test[0] == "CMD-SHELL"
+    check = test[1]
+    # The check as the container runs it, against a real Redis with the compose file's password; only the port
+    # differs, so the redis-cli it finds first is given it.
+    [port] = free_ports(1)
+    server = subprocess.Popen(
+        [find_binary("redis-server"), "--port", str(port), "--save", "", "--requirepass", redis["command"][-1]],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+    )
+    shim = tmp_path / "bin" / "redis-cli"
+    shim.parent.mkdir()
+    shim.write_text(f'#!/bin/sh\nexec {find_binary("redis-cli")} -p {port} "$@"\n')
+    shim.chmod(0o755)
+    try:
+
+        def healthy(env: dict) -> bool:
+            env = os.environ | env | {"PATH": f"{shim.parent}:{os.environ['PATH']}"}
+            return subprocess.run(["sh", "-c", check], env=env, timeout=10).returncode == 0
+
+        deadline = time.monotonic() + 10
+        while not healthy(redis["environment"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert healthy(redis["environment"])
+        assert not healthy({"REDISCLI_AUTH": "wrong"})
+        assert not healthy({"REDISCLI_AUTH": ""})
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
 @pytest.mark.parametrize("missing", ["API_TOKEN", "REDIS_PASSWORD"])
 def test_compose_refuses_to_start_without_a_secret_naming_it(missing):
     env = {k: v for k, v in (os.environ | SECRETS).items() if k != missing}
