@@ -1,7 +1,9 @@
-"""The Kubernetes manifests (deploy/k8s): each overlay renders with kubectl's kustomize, is valid against a pinned
-Kubernetes version's schemas (kubernetes-validate --strict, offline), and keeps the deployment's rules: probes on
-the API, no hostPath and no volume shared between pods, non-root pods, the Ingress carrying nginx's limits, and
-a GPU for the gpu overlay's workers."""
+"""The Kubernetes manifests (deploy/k8s): each overlay renders with kubectl's kustomize into a namespace-complete set
+that is valid against a pinned Kubernetes version's schemas (kubernetes-validate --strict, offline), and keeps the
+deployment's rules: probes and disruption budgets on every Deployment, no hostPath and no volume shared between
+pods, non-root pods without a service-account token, bounded emptyDirs, qualified pinned images, NetworkPolicies
+that admit only whom they should, no pod started with an empty secret, the Ingress carrying nginx's limits, and a
+GPU for the gpu overlay's workers."""
 
 from __future__ import annotations
 
@@ -160,7 +162,7 @@ def test_pods_share_no_volume_run_as_non_root_and_the_api_has_its_probes(rendere
         for volume in pod.get("volumes", []):
             assert set(volume) - {"name"} <= POD_LOCAL_VOLUMES, f"{name}: volume {volume} may be shared between pods"
         assert pod["securityContext"]["runAsNonRoot"] is True, name
-        for container in pod["containers"]:
+        for container in pod["containers"] + pod.get("initContainers", []):
             assert container["securityContext"]["allowPrivilegeEscalation"] is False, name
     [api] = pods["boolq-api"]["containers"]
     assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
