@@ -22,6 +22,7 @@ from redis import Redis
 from app.config import Settings
 from app.engine import run_folder
 from app.service import model_records, model_store
+from app.service.registry import champion_key, read_champion_pointer
 from app.tracking.mlflow_tracker import RUN_ID_TAG
 from tests.helpers import TINY_JOB, service_settings, wait_for
 
@@ -169,6 +170,39 @@ def test_a_checkpoint_planted_in_a_run_tagged_with_the_job_id_or_over_the_record
     client.log_artifact(attempt, str(same_size), "checkpoint")  # written over the worker's own upload
     assert not model_store.fetch_checkpoint(job_id, run_dir, settings)
     assert not run_folder.training_state(run_dir).exists()
+
+
+def test_a_champion_alias_moved_in_mlflow_is_reported_and_never_served(service, tmp_path):
+    promoted = requests.post(
+        f"{service.url}/models/champion", json={"job_id": service.job_id, "force": True}, timeout=60
+    )
+    assert promoted.status_code == 200, promoted.text
+    client = service.outsider()
+    fake = always_yes_copy(service.trained, tmp_path / "fake")
+    run_id = upload_finished_run(client, service.worker.mlflow_experiment_name, fake, "outsider-job")
+    source = f"{client.get_run(run_id).info.artifact_uri}/{run_folder.MODEL}"
+    tags = {"job_id": "outsider-job", "val_accuracy": "1.0", "dev_accuracy": "1.0"}
+    name = service.worker.registered_model_name
+    version = client.create_model_version(name, source=source, run_id=run_id, tags=tags).version
+    client.set_registered_model_alias(name, "champion", version)
+
+    # A worker's periodic check (it runs one as it starts) meets the moved alias.
+    worker = service.launcher.worker(service.worker.model_copy(update={"artifacts_dir": tmp_path / "runs-b"}))
+    redis = Redis.from_url(service.worker.redis_url)
+
+    def checked():
+        moved = (read_champion_pointer(redis, service.worker) or {}).get("job_id") != service.job_id
+        return moved or "which this service does not serve" in worker.log_path.read_text()
+
+    wait_for(checked, 120, "the new worker's periodic check")
+    served = service.predict()
+    assert served.status_code == 200 and served.json()["model"] == service.job_id, served.text
+    listing = requests.get(f"{service.url}/models", timeout=60).json()
+    assert listing["champion"]["job_id"] == service.job_id
+    assert f"points at version {version} (job outsider-job)" in listing["alias_warning"]
+
+    redis.delete(champion_key(service.worker))  # Redis lost its pointer: the alias is still no champion
+    assert service.predict(model="champion").status_code == 404
 
 
 def test_a_model_over_model_max_mb_is_refused_before_any_download(service, tmp_path):
