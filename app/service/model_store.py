@@ -32,7 +32,7 @@ from pathlib import Path
 from app.config import Settings
 from app.engine import run_folder
 from app.service import model_records
-from app.service.model_records import FileDigest, PublishedModel
+from app.service.model_records import CheckpointRecord, FileDigest, PublishedModel
 from app.service.redis_connection import connect_redis
 from app.tracking import models_travel_through_mlflow
 
@@ -167,12 +167,14 @@ def check_config(config: dict, settings: Settings) -> None:
 @contextlib.contextmanager
 def refusals_explained(job_id: str, settings: Settings) -> Iterator[None]:
     """A refusal stays a refusal (logged with its run); anything else the server did is ModelStoreUnavailable."""
+    from app.tracking.mlflow_runs import RunNotFound
+
     try:
         yield
     except ModelRefused as exc:
         log.warning("refused the model of job %s from %s: %s", job_id, settings.mlflow_tracking_uri, exc)
         raise
-    except LookupError as exc:
+    except RunNotFound as exc:
         log.warning("refused the model of job %s: %s", job_id, exc)
         raise ModelRefused(f"the MLflow run recorded for job {job_id} is gone: {exc}") from exc
     except Exception as exc:
@@ -218,7 +220,9 @@ def fetch_checkpoint(job_id: str, run_dir: Path, settings: Settings) -> bool:
     return run_folder.can_resume(run_dir)
 
 
-def download_checkpoint(job_id: str, record, destination: Path, deadline: float, settings: Settings) -> Path | None:
+def download_checkpoint(
+    job_id: str, record: CheckpointRecord, destination: Path, deadline: float, settings: Settings
+) -> Path | None:
     """One recorded training state from its attempt's run, or None (logged) if the server has not that file."""
     from app.tracking.mlflow_runs import ArtifactTooLarge
     from app.tracking.mlflow_tracker import CHECKPOINT_ARTIFACT_PATH

@@ -33,6 +33,10 @@ class ArtifactTooLarge(ValueError):
     """A file on the server is larger than the caller allows (than its worker recorded)."""
 
 
+class RunNotFound(LookupError):
+    """The server has no run with that id (deleted, or never there)."""
+
+
 @dataclass(frozen=True)
 class RunInfo:
     run_id: str
@@ -81,7 +85,7 @@ class MlflowRuns:
             return json.loads(Path(self.client.download_artifacts(run_id, name, tmp)).read_text())
 
     def run_info(self, run_id: str, deadline: float) -> RunInfo:
-        """The run's status, artifact location and job tag, asked once (LookupError: no such run)."""
+        """The run's status, artifact location and job tag, asked once (:class:`RunNotFound`: no such run)."""
         from mlflow.utils.credentials import get_default_host_creds
         from mlflow.utils.rest_utils import http_request
 
@@ -94,7 +98,7 @@ class MlflowRuns:
             timeout=min(seconds_left(deadline), STALL_S),
         )
         if answer.status_code in (400, 404):
-            raise LookupError(f"the tracking server has no run {run_id}")
+            raise RunNotFound(f"the tracking server has no run {run_id}")
         answer.raise_for_status()
         run = answer.json()["run"]
         tags = {tag["key"]: tag["value"] for tag in run.get("data", {}).get("tags", [])}
