@@ -133,7 +133,7 @@ def test_a_newer_finished_run_tagged_with_a_job_id_is_neither_served_nor_its_pre
     served = service.predict(model=service.job_id)
     assert served.status_code == 200, served.text
     (on_a,) = load_predictor(service.trained).predict([(QUESTION, PASSAGE)])
-    assert served.json()["probability"] == pytest.approx(on_a.probability, abs=1e-6)
+    assert served.json()["probability"] == pytest.approx(on_a.to_yes_no()["probability"], abs=1e-6)
     cached = service.replica.model_cache_dir / service.job_id
     assert (cached / model_store.VERIFIED).read_text() == published(service).digest
 
