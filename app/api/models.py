@@ -54,8 +54,7 @@ def promote():
         version = models.version(request_.version)
     else:
         version = models.version_of_job(request_.job_id)
-    champion = models.promote(version, force=request_.force)
-    registry.write_champion_pointer(service.queue.connection, service.settings, champion)
+    champion = registry.promote_champion(service.queue.connection, service.settings, models, version, request_.force)
     return respond(ChampionView, champion=without_server_paths(champion.model_dump()))
 
 

@@ -118,6 +118,32 @@ def listed_versions(redis, settings: Settings, models: ModelRegistry) -> tuple[l
     return versions, foreign_alias(redis, settings, versions)
 
 
+def promote_champion(
+    redis, settings: Settings, models: ModelRegistry, version: ModelVersion, force: bool
+) -> ModelVersion:
+    """``POST /models/champion``: ``version`` becomes what /predict serves (Redis' pointer) and MLflow's alias. A
+    lower val accuracy than the champion Redis names needs ``force``; MLflow's alias (anyone's to move) plays no
+    part."""
+    pointer = read_champion_pointer(redis, settings)
+    try:
+        current = models.version(int(pointer["version"])) if pointer else None
+    except RegistryError:  # the served version was deleted from the registry since
+        current = None
+    refuse_if_worse(version, current, force)
+    champion = models.set_alias(version)
+    write_champion_pointer(redis, settings, champion)
+    return champion
+
+
+def refuse_if_worse(version: ModelVersion, current: ModelVersion | None, force: bool) -> None:
+    worse = current is not None and (version.val_accuracy or 0.0) < (current.val_accuracy or 0.0)
+    if worse and not force:
+        raise NotBetter(
+            f"version {version.version} has val accuracy {version.val_accuracy:.4f}, below the champion's "
+            f"(version {current.version}, {current.val_accuracy:.4f}); send force: true to promote it anyway"
+        )
+
+
 class ModelRegistry:
     """The registered model's versions in MLflow, read and promoted through ``MlflowClient``."""
 
@@ -167,14 +193,12 @@ class ModelRegistry:
             return None
 
     def promote(self, version: ModelVersion, force: bool = False) -> ModelVersion:
-        """Make ``version`` the champion; one with lower val accuracy than the current champion needs ``force``."""
-        current = self.champion()
-        worse = current is not None and (version.val_accuracy or 0.0) < (current.val_accuracy or 0.0)
-        if worse and not force:
-            raise NotBetter(
-                f"version {version.version} has val accuracy {version.val_accuracy:.4f}, below the champion's "
-                f"(version {current.version}, {current.val_accuracy:.4f}); send force: true to promote it anyway"
-            )
+        """Point MLflow's alias at ``version``; one with lower val accuracy than the alias's version needs ``force``
+        (a sweep's promotion, and the CLI's, which have no Redis; the service's is ``promote_champion``)."""
+        refuse_if_worse(version, self.champion(), force)
+        return self.set_alias(version)
+
+    def set_alias(self, version: ModelVersion) -> ModelVersion:
         self.client.set_registered_model_alias(self.name, CHAMPION, str(version.version))
         return self.version(version.version)
 

@@ -200,6 +200,10 @@ def test_a_champion_alias_moved_in_mlflow_is_reported_and_never_served(service, 
     listing = requests.get(f"{service.url}/models", timeout=60).json()
     assert listing["champion"]["job_id"] == service.job_id
     assert f"points at version {version} (job outsider-job)" in listing["alias_warning"]
+    # The outsider's version claims val accuracy 1.0; a promotion is compared with the served champion, not with it.
+    again = requests.post(f"{service.url}/models/champion", json={"job_id": service.job_id}, timeout=60)
+    assert again.status_code == 200, again.text
+    assert requests.get(f"{service.url}/models", timeout=60).json()["alias_warning"] is None
 
     redis.delete(champion_key(service.worker))  # Redis lost its pointer: the alias is still no champion
     assert service.predict(model="champion").status_code == 404
