@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     # them (empty = ARTIFACTS_DIR/.model-cache), least recently used first evicted above MODEL_CACHE_MAX_MB.
     model_cache_dir: Path | None = None
     model_cache_max_mb: int = Field(default=10_240, ge=1)
+    # The largest model a host fetches from the tracking server (its files, and the float32 weights its config.json
+    # describes), and the longest a fetch may take, the wait for this host's download lock included.
+    model_max_mb: int = Field(default=2048, ge=1)
+    model_fetch_timeout_s: float = Field(default=120.0, gt=0)
     # MLflow experiment the runs are logged to (created on first use).
     mlflow_experiment_name: str = "boolq"
     # Registered model name for model versions.

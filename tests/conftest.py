@@ -1,6 +1,6 @@
 """Fixtures (helpers live in tests/helpers.py): the bundled sample, one real tiny fine-tuning run of minilm, a
-private redis-server, and a launcher of real service processes; and the run's hooks: the peak memory of the test
-processes, and skips only where ALLOWED_SKIPS says."""
+private redis-server, an MLflow tracking server, and a launcher of real service processes; and the run's hooks:
+the peak memory of the test processes, and skips only where ALLOWED_SKIPS says."""
 
 from __future__ import annotations
 
@@ -84,6 +84,39 @@ def launcher(tmp_path_factory):
     launcher = Launcher(tmp_path_factory.mktemp("processes"))
     yield launcher
     launcher.stop_all()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """``mlflow server --serve-artifacts`` on a free port with a SQLite store; fails the tests if mlflow is missing.
+    Yields its URL, its process and a function that waits until it answers (the cluster boots meanwhile)."""
+    import importlib.util
+    import os
+    import signal
+    import subprocess
+
+    from app.ops.mlflow_server import SERVER_ENV, mlflow_server_argv, server_answers
+
+    if importlib.util.find_spec("mlflow") is None:
+        pytest.fail("mlflow is not installed (requirements.txt); the multi-host tests need its tracking server")
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = (folder / "server.log").open("w")
+    env = os.environ | SERVER_ENV
+    process = subprocess.Popen(
+        mlflow_server_argv(folder, port), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def answers():
+        if process.poll() is not None:
+            pytest.fail("mlflow server exited:\n" + (folder / "server.log").read_text())
+        return server_answers(url)
+
+    yield url, process, lambda: wait_for(answers, 180, "the MLflow server to answer /health", interval_s=0.5)
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
 
 
 @pytest.fixture

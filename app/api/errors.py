@@ -20,7 +20,7 @@ from werkzeug.exceptions import HTTPException
 from app.service import datasets, jobs, registry, sweeps
 from app.service.admission import RETRY_AFTER_S, NoRoom, OverLimit
 from app.service.model_access import ModelNotAllowed, NotYesNo
-from app.service.model_store import ModelStoreUnavailable
+from app.service.model_store import ModelRefused, ModelStoreUnavailable, ModelTooLarge
 from app.service.predictions import PredictionsMissing, PredictionsNotReady
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,8 @@ DOMAIN_ERRORS = {
     registry.RegistryError: lambda e: ApiError(404, str(e)),
     registry.NotBetter: lambda e: ApiError(409, str(e), {"force": "needed to promote a lower val accuracy"}),
     registry.RegistryOff: lambda e: ApiError(409, str(e), code="registry_off"),
+    ModelTooLarge: lambda e: ApiError(409, str(e), code="model_too_large"),
+    ModelRefused: lambda e: ApiError(409, f"{e}; it is not served", code="model_refused"),
 }
 
 

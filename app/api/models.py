@@ -27,14 +27,15 @@ bp = Blueprint("models", __name__)
 def index():
     service = current_service()
     models = open_registry(service.settings)
-    versions = models.versions()
-    champion = next((v for v in versions if v.champion), None)  # /predict follows Redis' copy (workers sync it)
+    versions, alias_warning = registry.listed_versions(service.queue.connection, service.settings, models)
+    champion = next((v for v in versions if v.champion), None)
     # A version's source is where MLflow keeps its files (file:///… on this server): cut to the last part.
     return respond(
         ModelList,
         registered_model=models.name,
         champion=without_server_paths(champion.model_dump()) if champion else None,
         models=[without_server_paths(v.model_dump()) for v in versions],
+        alias_warning=alias_warning,
     )
 
 
@@ -53,8 +54,7 @@ def promote():
         version = models.version(request_.version)
     else:
         version = models.version_of_job(request_.job_id)
-    champion = models.promote(version, force=request_.force)
-    registry.write_champion_pointer(service.queue.connection, service.settings, champion)
+    champion = registry.promote_champion(service.queue.connection, service.settings, models, version, request_.force)
     return respond(ChampionView, champion=without_server_paths(champion.model_dump()))
 
 

@@ -31,7 +31,6 @@ from app.api.schemas import (
 from app.service import jobs
 from app.service.batching import MicroBatcher
 from app.service.model_access import fine_tuned_model
-from app.service.model_store import champion_job_id
 from app.service.registry import CHAMPION, read_champion_pointer
 
 bp = Blueprint("predict", __name__)
@@ -199,17 +198,14 @@ def client_went_away(sock: socket.socket) -> bool:
 
 def served_model(requested: str | None) -> str:
     """A named model as it is; otherwise (or for "champion") the champion's job, read from Redis on every request
-    so a new champion is served at once (or, for "champion", from the tracking server's alias when Redis has no
-    pointer); with no champion yet, the latest succeeded job."""
+    so a new champion is served at once (never from the tracking server's alias: whoever reaches MLflow could
+    move it); with no champion yet, the latest succeeded job."""
     if requested not in (None, CHAMPION):
         return requested
     service = current_service()
     pointer = read_champion_pointer(service.queue.connection, service.settings)
     if pointer and pointer.get("job_id"):
         return pointer["job_id"]
-    job_id = champion_job_id(service.settings) if requested == CHAMPION else None
-    if job_id:
-        return job_id
     if requested == CHAMPION:
         raise ApiError(404, "no champion yet: POST /models/champion first", code="no_model")
     return default_model_name()

@@ -241,8 +241,11 @@ class PromoteRequest(StrictModel):
 
 class ModelList(ResponseModel):
     registered_model: str
-    champion: ModelVersion | None
+    champion: ModelVersion | None = Field(description="what /predict serves: the version POST /models/champion set")
     models: list[ModelVersion]
+    alias_warning: str | None = Field(
+        default=None, description="set when MLflow's champion alias was moved outside this service (not served)"
+    )
 
 
 class ChampionView(ResponseModel):

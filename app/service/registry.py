@@ -1,13 +1,16 @@
 """The model registry (MLflow's, model ``REGISTERED_MODEL_NAME``): versions, their tags, and the champion.
 
-A version carries its job id, params, dev and val accuracy as tags. The champion is MLflow's alias
-``champion``; a copy of it in Redis (``champion_key``) lets every API replica find it with one GET, so a new
-champion is served within a request, without a restart. No torch here; MLflow is imported when first used.
+A version carries its job id, params, dev and val accuracy as tags. The champion is what ``POST /models/champion``
+wrote to Redis (``champion_key``): every API replica finds it with one GET, so a new champion is served within a
+request, without a restart. The same request sets MLflow's alias ``champion`` for people browsing MLflow; an alias
+moved there by anyone else is reported (``foreign_alias``), never served. No torch here; MLflow is imported when
+first used.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from datetime import UTC, datetime
@@ -19,6 +22,8 @@ from app.config import Settings
 from app.service.jobs import JOB_ID_RULE
 from app.service.redis_connection import service_key
 from app.tracking import version_tags
+
+log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 # Tag values are strings; these version tags are read back as numbers.
@@ -69,15 +74,74 @@ def write_champion_pointer(redis, settings: Settings, version: ModelVersion) -> 
     redis.set(champion_key(settings), json.dumps(pointer))
 
 
-def sync_champion_pointer(redis, settings: Settings) -> None:
-    """Copy MLflow's champion into Redis when they differ (promoted by ``python -m app sweep --promote`` or in
-    MLflow's UI, or Redis was reset): the workers' periodic check, so no read has to write."""
+def foreign_alias(redis, settings: Settings, versions: list[ModelVersion]) -> str | None:
+    """What is wrong when MLflow's ``champion`` alias is not on the version this service serves (moved in MLflow's
+    UI, by ``python -m app sweep --promote``, or by anyone who can reach the server); None when they agree."""
+    pointer = read_champion_pointer(redis, settings) or {}
+    alias = next((v for v in versions if CHAMPION in v.aliases), None)
+    if alias is None or alias.version == pointer.get("version"):
+        return None
+    served = f"version {pointer['version']} (job {pointer.get('job_id')})" if pointer else "no champion"
+    return (
+        f"MLflow's alias '{CHAMPION}' points at version {alias.version} (job {alias.job_id}), which this service does "
+        f"not serve: the champion is {served}, set by POST /models/champion; promote it there to serve it"
+    )
+
+
+def report_foreign_alias(redis, settings: Settings) -> str | None:
+    """The workers' periodic check: log (once per alias version) an alias moved outside this service. The alias
+    is never copied into Redis: whoever reaches the tracking server must not choose what /predict serves."""
     try:
-        champion = ModelRegistry(settings).champion()
+        models = ModelRegistry(settings)
     except RegistryOff:
-        return
-    if champion is not None and (read_champion_pointer(redis, settings) or {}).get("version") != champion.version:
-        write_champion_pointer(redis, settings, champion)
+        return None
+    champion = models.champion()
+    problem = foreign_alias(redis, settings, [champion] if champion else [])
+    if problem is None:
+        redis.delete(foreign_alias_key(settings))
+        return None
+    if redis.set(foreign_alias_key(settings), champion.version, get=True) != str(champion.version).encode():
+        log.warning("%s", problem)
+    return problem
+
+
+def foreign_alias_key(settings: Settings) -> str:
+    """The alias version last reported, so the periodic check warns once per move, not every minute."""
+    return service_key(settings.queue_name, "champion", "foreign-alias")
+
+
+def listed_versions(redis, settings: Settings, models: ModelRegistry) -> tuple[list[ModelVersion], str | None]:
+    """Every version, newest first, marked ``champion`` where Redis' pointer (what /predict serves) says, and the
+    warning when MLflow's alias says otherwise."""
+    pointer = read_champion_pointer(redis, settings) or {}
+    versions = [v.model_copy(update={"champion": v.version == pointer.get("version")}) for v in models.versions()]
+    return versions, foreign_alias(redis, settings, versions)
+
+
+def promote_champion(
+    redis, settings: Settings, models: ModelRegistry, version: ModelVersion, force: bool
+) -> ModelVersion:
+    """``POST /models/champion``: ``version`` becomes what /predict serves (Redis' pointer) and MLflow's alias. A
+    lower val accuracy than the champion Redis names needs ``force``; MLflow's alias (anyone's to move) plays no
+    part."""
+    pointer = read_champion_pointer(redis, settings)
+    try:
+        current = models.version(int(pointer["version"])) if pointer else None
+    except RegistryError:  # the served version was deleted from the registry since
+        current = None
+    refuse_if_worse(version, current, force)
+    champion = models.set_alias(version)
+    write_champion_pointer(redis, settings, champion)
+    return champion
+
+
+def refuse_if_worse(version: ModelVersion, current: ModelVersion | None, force: bool) -> None:
+    worse = current is not None and (version.val_accuracy or 0.0) < (current.val_accuracy or 0.0)
+    if worse and not force:
+        raise NotBetter(
+            f"version {version.version} has val accuracy {version.val_accuracy:.4f}, below the champion's "
+            f"(version {current.version}, {current.val_accuracy:.4f}); send force: true to promote it anyway"
+        )
 
 
 class ModelRegistry:
@@ -129,14 +193,12 @@ class ModelRegistry:
             return None
 
     def promote(self, version: ModelVersion, force: bool = False) -> ModelVersion:
-        """Make ``version`` the champion; one with lower val accuracy than the current champion needs ``force``."""
-        current = self.champion()
-        worse = current is not None and (version.val_accuracy or 0.0) < (current.val_accuracy or 0.0)
-        if worse and not force:
-            raise NotBetter(
-                f"version {version.version} has val accuracy {version.val_accuracy:.4f}, below the champion's "
-                f"(version {current.version}, {current.val_accuracy:.4f}); send force: true to promote it anyway"
-            )
+        """Point MLflow's alias at ``version``; one with lower val accuracy than the alias's version needs ``force``
+        (a sweep's promotion, and the CLI's, which have no Redis; the service's is ``promote_champion``)."""
+        refuse_if_worse(version, self.champion(), force)
+        return self.set_alias(version)
+
+    def set_alias(self, version: ModelVersion) -> ModelVersion:
         self.client.set_registered_model_alias(self.name, CHAMPION, str(version.version))
         return self.version(version.version)
 

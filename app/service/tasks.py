@@ -27,6 +27,7 @@ from app.params import BUILTIN_DATASET, TrainParams
 from app.service import datasets
 from app.service.jobs import ProjectJob
 from app.service.model_access import resolve_for_training
+from app.service.model_records import publishing_tracker
 from app.service.model_store import resume_or_start_over
 from app.service.redis_connection import connect_redis
 
@@ -49,7 +50,10 @@ def train_job(params_dict: dict) -> dict:
     if params.devices > 1:
         return train_on_ranks(job, params, settings)
     dataset = dataset_of(params, settings, job.connection)
-    result = run_training(params, settings, run_id=job.id, on_progress=ProgressReporter(job), dataset=dataset)
+    tracker = publishing_tracker(job.connection, settings, job.id)
+    result = run_training(
+        params, settings, run_id=job.id, on_progress=ProgressReporter(job), tracker=tracker, dataset=dataset
+    )
     return result.to_dict()
 
 
@@ -81,8 +85,9 @@ def run_rank(job_id: str, result_file: str) -> None:
     with distributed.process_group(settings.device) as device:
         reporter = ProgressReporter(job) if distributed.is_rank_zero() else None
         dataset = dataset_of(params, settings, job.connection)
+        tracker = publishing_tracker(job.connection, settings, job.id)
         result = run_training(
-            params, settings, run_id=job.id, on_progress=reporter, rank_device=device, dataset=dataset
+            params, settings, run_id=job.id, on_progress=reporter, tracker=tracker, rank_device=device, dataset=dataset
         )
     if result is not None:  # rank 0
         text = json.dumps(result.to_dict())

@@ -76,15 +76,15 @@ def worker_capabilities(settings: Settings) -> dict:
 
 
 def periodic_check(settings: Settings, queue: Queue) -> None:
-    """What a worker runs with RQ's maintenance: advance unfinished sweeps, copy MLflow's champion into Redis.
-    A failure advancing the sweeps never skips the champion's sync."""
+    """What a worker runs with RQ's maintenance: advance unfinished sweeps, report an MLflow champion alias moved
+    outside the service (never copied into Redis). A failure advancing the sweeps never skips that check."""
     from app.service import registry, sweeps
 
     try:
         sweeps.advance_unfinished(settings, queue)
     except Exception:
         log.exception("periodic check: advancing the sweeps failed")
-    registry.sync_champion_pointer(queue.connection, settings)
+    registry.report_foreign_alias(queue.connection, settings)
 
 
 def make_worker(settings: Settings, on_maintenance=None) -> Worker:

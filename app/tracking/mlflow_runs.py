@@ -1,27 +1,56 @@
-"""A job's runs on the MLflow tracking server, found by the job id tag, and the files other hosts download from them:
-the finished run's folder (its names are ``app.engine.run_folder``'s, passed in) and the newest checkpoint of any
-attempt.
+"""A job's runs on the MLflow tracking server and the files other hosts download from them, one by one, bounded;
+and the runs that carry uploaded datasets to other hosts.
 
 A run is complete once it is FINISHED: the tracker closes it last, after every upload (``MlflowTracker.end_run``),
-so a killed or failed attempt is never taken for a model.
+so a killed or failed attempt is never taken for a model. Which run and which bytes are the job's is not the
+server's to say: the caller names the run id and each file's size that a worker recorded
+(``app.service.model_records``). The calls a download makes have a deadline and no retries of their own, so a
+server that hangs holds a request for the caller's time, not for MLflow's minutes of retries.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import posixpath
+import shutil
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from app.tracking.mlflow_tracker import (
-    CHECKPOINT_ARTIFACT_PATH,
-    MODEL_ARTIFACT_PATH,
-    RUN_ID_TAG,
-    MlflowClient,
-)
+from app.tracking.mlflow_tracker import RUN_ID_TAG, MlflowClient
 
+# Longest wait for one read from the server: a stalled download is given up well before the fetch's deadline.
+STALL_S = 30.0
+CHUNK_BYTES = 1024 * 1024
 # Where an uploaded dataset's file sits in its run, and the tag naming the file's content.
 DATASET_ARTIFACT_PATH = "dataset"
 DATASET_SHA256_TAG = "dataset_sha256"
+
+
+class ArtifactTooLarge(ValueError):
+    """A file on the server is larger than the caller allows (than its worker recorded)."""
+
+
+class RunNotFound(LookupError):
+    """The server has no run with that id (deleted, or never there)."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_id: str
+    status: str
+    artifact_uri: str
+    job_id: str | None  # the run's job tag
+
+
+def seconds_left(deadline: float) -> float:
+    """Time to the ``time.monotonic()`` deadline; TimeoutError once it has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the deadline of this download passed")
+    return left
 
 
 class MlflowRuns:
@@ -29,6 +58,7 @@ class MlflowRuns:
 
     def __init__(self, tracking_uri: str, experiment_name: str):
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
 
     def runs_of_job(self, job_id: str, finished_only: bool) -> list:
@@ -43,20 +73,9 @@ class MlflowRuns:
             [experiment.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=20
         )
 
-    def finished_run_id(self, job_id: str) -> str | None:
-        """The MLflow run holding the job's published model, or None (no such job, or it did not finish)."""
-        runs = self.runs_of_job(job_id, finished_only=True)
-        found = [run for run in runs if self.has(run.info.run_id, MODEL_ARTIFACT_PATH)]
-        return found[0].info.run_id if found else None
-
     def has(self, run_id: str, name: str) -> bool:
         """Whether the run's artifacts hold a top-level file or folder ``name``."""
         return name in {artifact.path for artifact in self.client.list_artifacts(run_id)}
-
-    def download(self, run_id: str, names: tuple[str, ...], destination: Path) -> None:
-        """The run's top-level files and folders ``names`` into ``destination``."""
-        for name in names:
-            self.client.download_artifacts(run_id, name, str(destination))
 
     def read_json(self, run_id: str, name: str) -> dict | None:
         """One of the run's JSON files (params.json, metrics.json), or None if the run has no such file."""
@@ -65,18 +84,75 @@ class MlflowRuns:
         with tempfile.TemporaryDirectory(prefix="boolq-run-file-") as tmp:
             return json.loads(Path(self.client.download_artifacts(run_id, name, tmp)).read_text())
 
-    def download_latest_checkpoint(self, job_id: str, destination: Path) -> Path | None:
-        """The newest attempt's uploaded training state, downloaded into the folder ``destination``; None if none."""
-        for run in self.runs_of_job(job_id, finished_only=False):
-            files = self.client.list_artifacts(run.info.run_id, CHECKPOINT_ARTIFACT_PATH)
-            if files:
-                return Path(self.client.download_artifacts(run.info.run_id, files[0].path, str(destination)))
-        return None
+    def run_info(self, run_id: str, deadline: float) -> RunInfo:
+        """The run's status, artifact location and job tag, asked once (:class:`RunNotFound`: no such run)."""
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.rest_utils import http_request
 
-    def job_of_alias(self, model_name: str, alias: str) -> str | None:
-        """The job id tagged on the registered version that ``alias`` (the champion) points at."""
-        version = self.client.get_model_version_by_alias(model_name, alias)
-        return (version.tags or {}).get("job_id")
+        answer = http_request(
+            get_default_host_creds(self.tracking_uri),
+            "/api/2.0/mlflow/runs/get",
+            "GET",
+            params={"run_id": run_id},
+            max_retries=0,
+            timeout=min(seconds_left(deadline), STALL_S),
+        )
+        if answer.status_code in (400, 404):
+            raise RunNotFound(f"the tracking server has no run {run_id}")
+        answer.raise_for_status()
+        run = answer.json()["run"]
+        tags = {tag["key"]: tag["value"] for tag in run.get("data", {}).get("tags", [])}
+        info = run["info"]
+        return RunInfo(info["run_id"], info["status"], info["artifact_uri"], tags.get(RUN_ID_TAG))
+
+    def download_file(self, run: RunInfo, path: str, destination: Path, max_bytes: int, deadline: float) -> str:
+        """The run's artifact file ``path`` written to ``destination``; its sha256. Streams from a server that
+        serves artifacts and stops at the first byte past ``max_bytes`` (:class:`ArtifactTooLarge`) or at the
+        deadline (TimeoutError); other stores are read whole, then measured."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+        from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
+
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        repository = get_artifact_repository(run.artifact_uri, tracking_uri=self.tracking_uri)
+        if not isinstance(repository, HttpArtifactRepository):
+            return self.copy_whole(repository, path, destination, max_bytes)
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.request_utils import augmented_raise_for_status
+        from mlflow.utils.rest_utils import http_request
+
+        answer = http_request(
+            get_default_host_creds(repository.artifact_uri),
+            posixpath.join("/", path),
+            "GET",
+            stream=True,
+            max_retries=0,
+            timeout=min(seconds_left(deadline), STALL_S),
+        )
+        with answer:
+            augmented_raise_for_status(answer)
+            digest, written = hashlib.sha256(), 0
+            with open(destination, "wb") as file:
+                for chunk in answer.iter_content(chunk_size=CHUNK_BYTES):
+                    written += len(chunk)
+                    if written > max_bytes:
+                        raise ArtifactTooLarge(f"{path} on the tracking server is larger than {max_bytes:,} bytes")
+                    seconds_left(deadline)
+                    digest.update(chunk)
+                    file.write(chunk)
+        return digest.hexdigest()
+
+    @staticmethod
+    def copy_whole(repository, path: str, destination: Path, max_bytes: int) -> str:
+        with tempfile.TemporaryDirectory(prefix="boolq-artifact-") as tmp:
+            local = Path(repository.download_artifacts(path, tmp))
+            if local.stat().st_size > max_bytes:
+                raise ArtifactTooLarge(f"{path} on the tracking server is larger than {max_bytes:,} bytes")
+            shutil.move(local, destination)
+        digest = hashlib.sha256()
+        with open(destination, "rb") as file:
+            while chunk := file.read(CHUNK_BYTES):
+                digest.update(chunk)
+        return digest.hexdigest()
 
     def publish_dataset(self, path: Path, sha256: str) -> str:
         """Upload a dataset file into a finished run of its own (experiment ``<experiment>-datasets``, tagged with

@@ -171,8 +171,9 @@ def test_a_sweep_whose_driver_fails_ends_failed_and_holds_up_neither_other_sweep
     client, settings, tpe_sweep
 ):
     """A sweep stored before the seed bound (seed 2**32: no sampler can be built for it) stays running and fails
-    every periodic check: it must end failed, and the check must still start the other sweeps' trials and copy
-    MLflow's champion into Redis. The check is the workers' own (``periodic_check``), on real Redis and MLflow."""
+    every periodic check: it must end failed, and the check must still start the other sweeps' trials and check
+    MLflow's champion alias (reported, never copied into Redis). The check is the workers' own (``periodic_check``),
+    on real Redis and MLflow."""
     from redis import Redis
 
     from app.service import registry, sweeps
@@ -194,7 +195,9 @@ def test_a_sweep_whose_driver_fails_ends_failed_and_holds_up_neither_other_sweep
     failed = client.get(f"/sweeps/{broken}").get_json()
     assert failed["status"] == "failed" and "Seed must be between 0 and 2**32 - 1" in failed["failure"], failed
     assert client.get(f"/sweeps/{waiting}").get_json()["leaderboard"]  # its first trials started
-    assert registry.read_champion_pointer(queue.connection, settings)["version"] == registry_champion["version"]
+    assert registry.read_champion_pointer(queue.connection, settings) is None  # the alias is not the service's word
+    reported = queue.connection.get(registry.foreign_alias_key(settings))
+    assert reported == str(registry_champion["version"]).encode()  # the check reached the alias
     assert client.post(f"/sweeps/{broken}/cancel").status_code == 409  # it has ended
     assert client.post(f"/sweeps/{waiting}/cancel").status_code == 200
 

@@ -333,9 +333,10 @@ def test_models_shows_no_server_path_and_reading_it_writes_nothing(tiny_run, red
     models.promote(version)  # in MLflow only, as `python -m app sweep --promote` or MLflow's UI would
     client = open_client(redis_url, tmp_path, queue_name=settings.queue_name, tracker="mlflow")
     listing = client.get("/models")
-    assert listing.status_code == 200 and listing.get_json()["champion"]["job_id"] == run_dir.name
+    assert listing.status_code == 200 and listing.get_json()["models"][0]["job_id"] == run_dir.name
     assert str(tmp_path) not in listing.text and "file:///" not in listing.text
+    assert listing.get_json()["champion"] is None and "not serve" in listing.get_json()["alias_warning"]
     connection = Redis.from_url(redis_url)
     assert registry.read_champion_pointer(connection, settings) is None  # a GET changed nothing
-    registry.sync_champion_pointer(connection, settings)  # the workers' periodic check
-    assert registry.read_champion_pointer(connection, settings)["job_id"] == run_dir.name
+    assert "not serve" in registry.report_foreign_alias(connection, settings)  # the workers' periodic check
+    assert registry.read_champion_pointer(connection, settings) is None  # which reports the alias, never copies it

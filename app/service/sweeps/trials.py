@@ -19,6 +19,7 @@ from app.params import TrainParams
 from app.service import sweeps
 from app.service.jobs import training_queue
 from app.service.model_access import resolve_for_training
+from app.service.model_records import publishing_tracker
 from app.service.model_store import resume_or_start_over
 from app.service.tasks import ProgressReporter
 
@@ -35,7 +36,9 @@ class Pruned(optuna.TrialPruned):
         self.epoch = epoch
 
 
-def run_trial(trial: optuna.Trial, params: TrainParams, settings: Settings, run_id: str, on_progress=None) -> RunResult:
+def run_trial(
+    trial: optuna.Trial, params: TrainParams, settings: Settings, run_id: str, on_progress=None, tracker=None
+) -> RunResult:
     """Train with ``params``, reporting each epoch's dev accuracy to ``trial``; raises :class:`Pruned`."""
 
     def report(progress) -> None:
@@ -48,7 +51,7 @@ def run_trial(trial: optuna.Trial, params: TrainParams, settings: Settings, run_
 
     params = resolve_for_training(params, settings)
     try:
-        return run_training(params, settings, run_id=run_id, on_progress=report)
+        return run_training(params, settings, run_id=run_id, on_progress=report, tracker=tracker)
     except Pruned:
         run_folder.remove_training_state(settings.artifacts_dir / run_id)
         run_folder.remove_unfinished(settings.artifacts_dir / run_id)  # a pruned trial leaves no model
@@ -64,7 +67,8 @@ def trial_job(params_dict: dict, sweep_id: str, number: int) -> dict:
     trial = optuna.Trial(study, study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
     resume_or_start_over(job.id, settings)
     try:
-        result = run_trial(trial, TrainParams(**params_dict), settings, job.id, ProgressReporter(job))
+        tracker = publishing_tracker(job.connection, settings, job.id)
+        result = run_trial(trial, TrainParams(**params_dict), settings, job.id, ProgressReporter(job), tracker)
     except Pruned as pruned:
         job.meta["pruned_at_epoch"] = pruned.epoch
         job.save_meta()

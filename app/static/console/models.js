@@ -1,6 +1,7 @@
 // Models: the registered versions (GET /models: {champion, models: [{version, job_id, created_at, dev_accuracy,
-// val_accuracy, metrics, champion}]}) with the champion marked, and a promote button (POST /models/champion,
-// 409 asks for "force" when the version scores lower). A server without the registry answers 404: say so.
+// val_accuracy, metrics, champion}], alias_warning}) with the champion marked, and a promote button (POST
+// /models/champion, 409 asks for "force" when the version scores lower). A server without the registry answers 404:
+// say so. alias_warning: MLflow's champion alias was moved outside the service (not served): shown as it is.
 "use strict";
 (function () {
   const { api, el, percent, when, errorMessage, url } = window.Console;
@@ -15,6 +16,9 @@
       return;
     }
     if (!result.ok) { problem.textContent = errorMessage(result); return; }
+    const warning = document.getElementById("models-alias-warning");
+    warning.textContent = result.body.alias_warning || "";
+    warning.hidden = !result.body.alias_warning;
     const versions = result.body.models;
     if (!versions.length) {
       body.replaceChildren(el("tr", {}, el("td", { colspan: 7, text: "No registered versions yet: a succeeded job registers one." })));
