@@ -108,9 +108,11 @@ class Settings(BaseSettings):
     worker_heartbeat: int = 30
     # How long past a missed heartbeat a worker's job still counts as running (RQ's own grace is 60 s).
     worker_grace_s: int = Field(60, ge=1)
-    # Times RQ re-runs a job whose worker died (0: it is failed at once, with the reason). A re-run resumes
-    # from the job's last checkpoint.
-    job_retries: int = 0
+    # Times a job whose worker died (killed, out of memory, its machine lost) is re-run, each from the job's last
+    # checkpoint; 0 = failed at once, with the reason. A job that raises (bad data, a model that does not exist,
+    # TrackingFailed) is never re-run. The limit is written into each job as it is enqueued (by the replica, or by
+    # the worker starting a sweep's trial), so set it alike on every host, or leave the default.
+    job_retries: int = Field(2, ge=0)
     # --- Admission control and bounded work ---
     # Queued jobs the service accepts; POST /train answers 429 with Retry-After above it.
     max_queued_jobs: int = 50

@@ -153,6 +153,9 @@ class JobView(ResponseModel):
     waiting: str | None = Field(
         description='For a queued job no live worker can take: why ("waiting for a gpu worker").'
     )
+    attempt: int = Field(description="Which run of the job this is: 1, or more after its worker died (JOB_RETRIES).")
+    max_attempts: int = Field(description="1 + the re-runs the job is allowed after its worker dies.")
+    previous_attempt: JobError | None = Field(description="Why the previous run ended (None on the first run).")
     created_at: str | None
     enqueued_at: str | None
     started_at: str | None

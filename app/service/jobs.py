@@ -41,6 +41,9 @@ JOB_ID_RULE = r"[A-Za-z0-9_-]{1,64}"
 BEHAVIOUR_FIELDS = ("success_callback_name", "failure_callback_name", "stopped_callback_name", "webhooks")
 # How often a worker runs RQ's registry cleanup and the sweeps' check (trials whose worker died, trials to start).
 MAINTENANCE_INTERVAL_S = 60
+# The job's meta keys: the re-runs it was allowed when enqueued, and how its worker's last death was seen.
+RETRIES = "retries"
+INTERRUPTED = "interrupted"
 # RQ's failure_ttl when a job sets none (one year).
 DEFAULT_FAILURE_TTL = 365 * 24 * 3600
 
@@ -85,9 +88,25 @@ class ProjectJob(Job):
     Redis carries data, never behaviour: RQ also imports the callbacks and calls the webhooks a job's record
     names, when the job runs and when maintenance fails it. The project sets none, so those fields are dropped
     as the record is read (nothing can run them, in a worker or the API) and a job that names any is refused.
+
+    Only a worker's death re-runs a job (``JOB_RETRIES``): a job that raises would raise again (bad data, a model
+    that does not exist, TrackingFailed), so it fails at once whatever retries it has left.
     """
 
     planted: tuple[str, ...] = ()
+    raised = False
+
+    def perform(self):
+        try:
+            return super().perform()
+        except BaseException:
+            self.raised = True
+            raise
+
+    @property
+    def should_retry(self) -> bool:
+        # Read in the work horse after the task raised; RQ's abandoned-job cleanup reads retries_left instead.
+        return super().should_retry and not self.raised
 
     def restore(self, raw_data) -> None:
         record = decode_redis_hash(raw_data)
@@ -220,7 +239,7 @@ def enqueue_job(
         result_ttl=settings.result_ttl,
         failure_ttl=settings.result_ttl,
         retry=Retry(max=settings.job_retries) if settings.job_retries > 0 else None,
-        meta={"progress": None} | (meta or {}),
+        meta={"progress": None, RETRIES: settings.job_retries} | (meta or {}),
         description=description,
     )
     JobIndex(queue).add(job)
@@ -301,6 +320,9 @@ def describe_job(job: Job) -> dict:
         "params": job.args[0] if job.args else {},
         "progress": job.meta.get("progress"),
         "waiting": waiting_reason(job) if status == "queued" else None,
+        "attempt": attempt_of(job),
+        "max_attempts": 1 + job.meta.get(RETRIES, 0),
+        "previous_attempt": previous_attempt_end(job),
         "created_at": isoformat(job.created_at),
         "enqueued_at": isoformat(job.enqueued_at),
         "started_at": isoformat(job.started_at),
@@ -317,6 +339,31 @@ def waiting_reason(job: Job) -> str | None:
         return None
     accelerator = (job.args[0] if job.args else {}).get("accelerator", "any")
     return "waiting for a worker" if accelerator == "any" else f"waiting for a {accelerator} worker"
+
+
+def attempt_of(job: Job) -> int:
+    """Which run of the job this is (1 = the first): each re-run after a worker's death used one of its retries."""
+    return 1 + job.meta.get(RETRIES, 0) - (job.retries_left or 0)
+
+
+def previous_attempt_end(job: Job) -> dict | None:
+    """Why the job's previous run ended (``{"type", "message"}``), None on its first. Two things re-run a job: its
+    work horse dying under a live worker, which the worker records (``INTERRUPTED``), and the whole worker falling
+    silent, which RQ's abandoned-job cleanup notices and records nothing of."""
+    attempt = attempt_of(job)
+    if attempt == 1:
+        return None
+    recorded = job.meta.get(INTERRUPTED) or {}
+    if recorded.get("attempt") == attempt - 1:
+        return {"type": recorded["type"], "message": recorded["message"]}
+    return describe_failure("AbandonedJobError")
+
+
+def record_interruption(job: Job, exc_string: str) -> None:
+    """Note in the job's meta why its current run ended before RQ re-runs it (the job view's ``previous_attempt``)."""
+    job.get_meta(refresh=True)  # the work horse wrote progress since this process read the job
+    job.meta[INTERRUPTED] = {"attempt": attempt_of(job)} | describe_failure(exc_string)
+    job.save_meta()
 
 
 def result_summary(job: Job) -> dict | None:

@@ -16,7 +16,7 @@ from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 
 from app.config import Settings
-from app.service.jobs import MAINTENANCE_INTERVAL_S, ProjectJob, class_queue, training_queue
+from app.service.jobs import MAINTENANCE_INTERVAL_S, ProjectJob, class_queue, record_interruption, training_queue
 from app.service.redis_connection import connect_redis
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,15 @@ class TrainingWorker(Worker):
                 self.on_maintenance()
             except Exception:
                 log.exception("periodic maintenance failed")
+
+    def handle_job_failure(self, job, queue, started_job_registry=None, exc_string="", execution=None):
+        # Here, not in the work horse, RQ handles a work horse that died: the job will be re-run; say why it ended.
+        if not self.is_horse and self._stopped_job_id != job.id and job.should_retry:
+            try:
+                record_interruption(job, exc_string)
+            except Exception:
+                log.exception("job %s: could not record why its run ended", job.id)
+        super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
 
     def register_birth(self):
         super().register_birth()

@@ -188,8 +188,8 @@ def horse_pids(worker_pid: int) -> list[int]:
     return [int(pid) for pid in children]
 
 
-def test_killed_work_horse_fails_the_job_with_the_reason(launcher, redis_url, tmp_path):
-    settings = service_settings(redis_url, tmp_path)
+def test_killed_work_horse_fails_a_job_with_no_retries_left_with_the_reason(launcher, redis_url, tmp_path):
+    settings = service_settings(redis_url, tmp_path, job_retries=0)  # re-runs: tests/service/test_tasks.py
     worker = launcher.worker(settings)
     client = create_app(settings).test_client()
     job_id = client.post("/train", json=LONG_JOB).get_json()["job_id"]
@@ -203,9 +203,9 @@ def test_killed_work_horse_fails_the_job_with_the_reason(launcher, redis_url, tm
 
 
 def test_killed_worker_leaves_its_job_failed_within_a_bounded_time(launcher, redis_url, tmp_path):
-    """Worker and work horse killed together (machine lost): RQ's abandoned-job cleanup fails the job
-    once its heartbeat lapses (WORKER_HEARTBEAT + WORKER_GRACE_S), triggered here by the API reading the job."""
-    settings = service_settings(redis_url, tmp_path, worker_heartbeat=2, worker_grace_s=5)
+    """Worker and work horse killed together (machine lost): RQ's abandoned-job cleanup fails a job with no retries
+    left once its heartbeat lapses (WORKER_HEARTBEAT + WORKER_GRACE_S), triggered here by the API reading the job."""
+    settings = service_settings(redis_url, tmp_path, job_retries=0, worker_heartbeat=2, worker_grace_s=5)
     worker = launcher.worker(settings)
     client = create_app(settings).test_client()
     job_id = client.post("/train", json=LONG_JOB).get_json()["job_id"]

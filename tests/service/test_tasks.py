@@ -1,7 +1,7 @@
 """The worker's task: its progress reporter's live curves, a job whose worker is killed mid-training
-being re-run by RQ (JOB_RETRIES) and resuming from its last checkpoint, ending as an uninterrupted run of the
-same seed does, and job records planted in Redis that name code or a URL, which neither the API nor a worker
-ever runs or calls."""
+being re-run by default (JOB_RETRIES) and resuming from its last checkpoint, ending as an uninterrupted run of the
+same seed does, a job that raises failing at once, and job records planted in Redis that name code or a URL, which
+neither the API nor a worker ever runs or calls."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ from rq.serializers import JSONSerializer
 from rq.webhook import Webhook
 
 from app.api import create_app
-from app.config import SAMPLE_DATA_DIR
+from app.config import SAMPLE_DATA_DIR, Settings
 from app.engine.run_folder import Progress
 from app.engine.training import train_and_evaluate
 from app.params import TrainParams
+from app.service.jobs import describe_job, enqueue_training, training_queue
 from app.service.tasks import CURVE_POINTS, ProgressReporter
 from tests.helpers import RESUMABLE, TINY_JOB, plant_job, service_settings, wait_for, webhook_listener, work_horse_pids
 
@@ -71,7 +72,7 @@ KILLED_JOB = RESUMABLE | {"train_limit": 120}
 
 
 def test_a_job_killed_mid_training_resumes_from_its_checkpoint(launcher, redis_url, tmp_path):
-    settings = service_settings(redis_url, tmp_path, job_retries=1, checkpoint_every_s=1)
+    settings = service_settings(redis_url, tmp_path, checkpoint_every_s=1)  # JOB_RETRIES as it comes
     worker = launcher.worker(settings)
     client = create_app(settings).test_client()
     job_id = client.post("/train", json=KILLED_JOB).get_json()["job_id"]
@@ -93,6 +94,8 @@ def test_a_job_killed_mid_training_resumes_from_its_checkpoint(launcher, redis_u
 
     view = wait_for(ended, 300, f"job {job_id} to end after its retry")
     assert view["status"] == "succeeded", view
+    assert (view["attempt"], view["max_attempts"]) == (2, 1 + Settings().job_retries)
+    assert view["previous_attempt"]["type"] == "WorkerKilled" and "signal 9" in view["previous_attempt"]["message"]
     metrics = view["result"]["metrics"]
     assert 0 < killed_at < 24 and metrics["resumed_from_step"] == killed_at
     assert not state_file.exists()  # deleted once the job succeeded
@@ -107,9 +110,7 @@ def test_a_job_killed_mid_training_resumes_from_its_checkpoint(launcher, redis_u
 def test_a_job_whose_whole_worker_died_is_retried_by_another_worker_and_resumes(launcher, redis_url, tmp_path):
     """Worker and work horse killed together (the machine is lost): once the heartbeat and its grace lapse, reading
     the job re-queues it (JOB_RETRIES), and a worker started later resumes it from the last checkpoint."""
-    settings = service_settings(
-        redis_url, tmp_path, job_retries=1, checkpoint_every_s=1, worker_heartbeat=2, worker_grace_s=3
-    )
+    settings = service_settings(redis_url, tmp_path, checkpoint_every_s=1, worker_heartbeat=2, worker_grace_s=3)
     worker = launcher.worker(settings)
     client = create_app(settings).test_client()
     job_id = client.post("/train", json=KILLED_JOB).get_json()["job_id"]
@@ -135,6 +136,22 @@ def test_a_job_whose_whole_worker_died_is_retried_by_another_worker_and_resumes(
     view = wait_for(ended, 300, f"job {job_id} to end on the second worker")
     assert view["status"] == "succeeded", view
     assert view["result"]["metrics"]["resumed_from_step"] == killed_at > 0
+    assert view["attempt"] == 2 and view["previous_attempt"]["type"] == "WorkerLost", view
+
+
+def test_a_job_that_raises_fails_at_once_with_its_error_though_it_has_retries_left(launcher, redis_url, tmp_path):
+    """Re-running would raise again: only a worker's death re-runs a job."""
+    settings = service_settings(redis_url, tmp_path, job_retries=2)
+    launcher.worker(settings)
+    queue = training_queue(settings, Redis.from_url(redis_url))
+    # The API refuses a model that does not exist; a job already queued meets it on the worker.
+    job = enqueue_training(queue, TrainParams(**TINY_JOB | {"model": "no/such-model"}), settings)
+    wait_for(lambda: job.get_status() in (JobStatus.FAILED, JobStatus.FINISHED), 120, "the job to end")
+    job.refresh()
+    view = describe_job(job)
+    assert view["status"] == "failed" and view["error"]["type"] != "WorkerKilled", view
+    assert (view["attempt"], view["max_attempts"], view["previous_attempt"]) == (1, 3, None), view
+    assert job.retries_left == 2
 
 
 def planted_behaviour(hook_url: str, callback: str = "tests.helpers.leave_a_mark") -> dict:

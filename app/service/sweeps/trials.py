@@ -75,10 +75,9 @@ def trial_job(params_dict: dict, sweep_id: str, number: int) -> dict:
         sweeps.end_trial(study, number, TrialState.PRUNED)
         sweeps.advance(settings, queue, sweep_id, ending=job.id)
         return {"status": "pruned", "pruned_at_epoch": pruned.epoch}
-    except Exception:
-        if not job.should_retry:  # a job RQ will run again (JOB_RETRIES) is still this trial's
-            sweeps.end_trial(study, number, TrialState.FAIL, outcome="failed")
-            sweeps.advance(settings, queue, sweep_id, ending=job.id)
+    except Exception:  # never re-run (only a worker's death is): the trial has failed
+        sweeps.end_trial(study, number, TrialState.FAIL, outcome="failed")
+        sweeps.advance(settings, queue, sweep_id, ending=job.id)
         raise
     sweeps.end_trial(
         study,
