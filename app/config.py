@@ -85,6 +85,11 @@ class Settings(BaseSettings):
     # describes), and the longest a fetch may take, the wait for this host's download lock included.
     model_max_mb: int = Field(default=2048, ge=1)
     model_fetch_timeout_s: float = Field(default=120.0, gt=0)
+    # MLflow's HTTP client as the service sets it (MLflow's own defaults, 120 s a request and 7 retries with backoff,
+    # hold a job or an uncached /predict for minutes when the server is down): seconds a request may wait to connect
+    # and for each read, and retries of a refused connection or a 5xx answer.
+    mlflow_http_timeout_s: int = Field(10, ge=1)
+    mlflow_http_retries: int = Field(1, ge=0)
     # MLflow experiment the runs are logged to (created on first use).
     mlflow_experiment_name: str = "boolq"
     # Registered model name for model versions.

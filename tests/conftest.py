@@ -12,7 +12,16 @@ import pytest
 
 from app.config import SAMPLE_DATA_DIR
 from app.params import TrainParams
-from tests.helpers import CHROMIUM_ARGS, TINY_PARAMS, Launcher, free_port, nginx_in_front, service_settings, wait_for
+from tests.helpers import (
+    CHROMIUM_ARGS,
+    TINY_PARAMS,
+    Launcher,
+    MlflowServer,
+    free_port,
+    nginx_in_front,
+    service_settings,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="session")
@@ -88,35 +97,16 @@ def launcher(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    """``mlflow server --serve-artifacts`` on a free port with a SQLite store; fails the tests if mlflow is missing.
-    Yields its URL, its process and a function that waits until it answers (the cluster boots meanwhile)."""
+    """``mlflow server --serve-artifacts`` on a free port with a SQLite store, started (the service boots while it
+    does: ``wait_until_answering``); fails the tests if mlflow is missing."""
     import importlib.util
-    import os
-    import signal
-    import subprocess
-
-    from app.ops.mlflow_server import SERVER_ENV, mlflow_server_argv, server_answers
 
     if importlib.util.find_spec("mlflow") is None:
         pytest.fail("mlflow is not installed (requirements.txt); the multi-host tests need its tracking server")
-    folder = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    log = (folder / "server.log").open("w")
-    env = os.environ | SERVER_ENV
-    process = subprocess.Popen(
-        mlflow_server_argv(folder, port), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def answers():
-        if process.poll() is not None:
-            pytest.fail("mlflow server exited:\n" + (folder / "server.log").read_text())
-        return server_answers(url)
-
-    yield url, process, lambda: wait_for(answers, 180, "the MLflow server to answer /health", interval_s=0.5)
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), free_port())
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,50 @@ def wait_for(condition, timeout_s: float, what: str, interval_s: float = 0.2):
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
         time.sleep(interval_s)
+
+
+@dataclass
+class MlflowServer:
+    """``mlflow server --serve-artifacts`` on a SQLite store in ``folder``; stopped and started again on its port."""
+
+    folder: Path
+    port: int
+    process: object = field(default=None, repr=False)  # its Popen while started
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import subprocess
+
+        from app.ops.mlflow_server import SERVER_ENV, mlflow_server_argv
+
+        log = (self.folder / "server.log").open("a")
+        self.process = subprocess.Popen(
+            mlflow_server_argv(self.folder, self.port),
+            env=os.environ | SERVER_ENV,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def stop(self) -> None:
+        import signal
+
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+
+    def wait_until_answering(self) -> None:
+        from app.ops.mlflow_server import server_answers
+
+        def answers():
+            if self.process.poll() is not None:
+                pytest.fail("mlflow server exited:\n" + (self.folder / "server.log").read_text())
+            return server_answers(self.url)
+
+        wait_for(answers, 180, "the MLflow server to answer /health", interval_s=0.5)
 
 
 def service_settings(redis_url: str, folder: Path, **overrides):

@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 from app.api.context import current_service
 from app.api.openapi import documented
 from app.api.schemas import Health, respond
+from app.tracking import models_travel_through_mlflow, tracking_server_check
 
 bp = Blueprint("health", __name__)
 
@@ -24,14 +25,21 @@ def healthz():
 
 @bp.get("/readyz")
 @documented(
-    "Redis reachable and ARTIFACTS_DIR writable", {200: ("ready", Health), 503: ("not ready", Health)}, errors=False
+    "Redis reachable and ARTIFACTS_DIR writable (and the MLflow server's state)",
+    {200: ("ready (status degraded: the MLflow server is down)", Health), 503: ("not ready", Health)},
+    errors=False,
 )
 def readyz():
-    """Ready when Redis answers and ARTIFACTS_DIR is writable; 503 naming what is not."""
+    """Ready when Redis answers and ARTIFACTS_DIR is writable; 503 naming what is not. With an MLflow tracking
+    server, a server that does not answer makes it 200 ``degraded``, not 503: the replica still serves the models
+    it has and every job view, and taking each replica out of the balancer for MLflow's outage would serve none."""
     service = current_service()
     checks = {"redis": redis_check(service.queue.connection), "artifacts": artifacts_check(service.settings)}
     ready = all(v == "ok" for v in checks.values())
-    return respond(Health, 200 if ready else 503, None, status="ok" if ready else "unavailable", checks=checks)
+    if models_travel_through_mlflow(service.settings):
+        checks["mlflow"] = tracking_server_check(service.settings)
+    status = "unavailable" if not ready else "ok" if checks.get("mlflow", "ok") == "ok" else "degraded"
+    return respond(Health, 200 if ready else 503, None, status=status, checks=checks)
 
 
 def redis_check(connection) -> str:

@@ -254,7 +254,7 @@ def records_redis(settings: Settings):
 def mlflow_runs(settings: Settings):
     from app.tracking.mlflow_runs import MlflowRuns
 
-    return MlflowRuns(settings.mlflow_tracking_uri, settings.mlflow_experiment_name)
+    return MlflowRuns.from_settings(settings)
 
 
 def download_into(folder: Path, download) -> None:

@@ -47,6 +47,18 @@ def models_travel_through_mlflow(settings) -> bool:
     return "mlflow" in parse_tracker_names(settings.tracker) and uri.startswith(("http://", "https://"))
 
 
+def tracking_server_check(settings, timeout_s: float = 2.0) -> str:
+    """``ok`` when the tracking server answers its health check, else why not (never its address, which may carry
+    a password)."""
+    import requests
+
+    try:
+        answer = requests.get(f"{settings.mlflow_tracking_uri.rstrip('/')}/health", timeout=timeout_s)
+    except requests.RequestException as exc:
+        return f"unreachable ({type(exc).__name__})"
+    return "ok" if answer.status_code == 200 else f"unhealthy (HTTP {answer.status_code})"
+
+
 class Tracker(Protocol):
     """What the engine tells a tracker during one run."""
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.tracking.mlflow_tracker import RUN_ID_TAG, MlflowClient
+from app.tracking.mlflow_tracker import RUN_ID_TAG, MlflowClient, use_client_settings
 
 # Longest wait for one read from the server: a stalled download is given up well before the fetch's deadline.
 STALL_S = 30.0
@@ -60,6 +60,11 @@ class MlflowRuns:
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
+
+    @classmethod
+    def from_settings(cls, settings) -> MlflowRuns:
+        use_client_settings(settings)
+        return cls(settings.mlflow_tracking_uri, settings.mlflow_experiment_name)
 
     def runs_of_job(self, job_id: str, finished_only: bool) -> list:
         """The job's MLflow runs (one per attempt), newest first."""

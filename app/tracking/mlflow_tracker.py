@@ -42,6 +42,13 @@ RUN_ID_TAG = "boolq.run_id"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
+def use_client_settings(settings) -> None:
+    """MLflow's HTTP client reads its timeout and retries from the environment at each request: set them from the
+    settings before any client is used (``MlflowTracker.from_settings``, ``MlflowRuns.from_settings``)."""
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(settings.mlflow_http_timeout_s)
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(settings.mlflow_http_retries)
+
+
 def local_store(artifacts_dir: Path) -> tuple[str, str]:
     """The default tracking URI (SQLite) and artifact location (a folder) under ``artifacts_dir``."""
     root = (Path(artifacts_dir) / ".mlflow").resolve()  # hidden: a glob of run folders never lists it
@@ -86,6 +93,7 @@ class MlflowTracker:
 
     @classmethod
     def from_settings(cls, settings) -> MlflowTracker:
+        use_client_settings(settings)
         if settings.mlflow_tracking_uri:
             uri, artifacts = settings.mlflow_tracking_uri, None  # the server decides where artifacts go
         else:

@@ -64,7 +64,7 @@ class Service:
 
 @pytest.fixture(scope="module")
 def service(mlflow_server, redis_url, launcher, tmp_path_factory):
-    url, process, wait_until_answering = mlflow_server
+    url, process, wait_until_answering = mlflow_server.url, mlflow_server.process, mlflow_server.wait_until_answering
     common = service_settings(redis_url, tmp_path_factory.mktemp("common"), tracker="mlflow", mlflow_tracking_uri=url)
     hosts = {}
     for name in "AC":

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from rq import Queue
 from app.config import SAMPLE_DATA_DIR, Settings
 from app.engine.training import train_and_evaluate
 from app.params import TrainParams
-from tests.helpers import REPO_ROOT, TINY_JOB, service_settings, wait_for, work_horse_pids
+from tests.helpers import REPO_ROOT, TINY_JOB, MlflowServer, service_settings, wait_for, work_horse_pids
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +34,6 @@ PASSAGE = "On a clear day the sky looks blue because air scatters blue light mor
 RESUMED_JOB = dict(
     model="minilm", batch_size=8, lr=1e-4, epochs=3, max_length=32, train_limit=240, eval_limit=8, dev_size=0.25, seed=7
 )
-# MLflow's client retries a dead server for minutes by default; a stopped server should fail a job in seconds.
-MLFLOW_CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 FINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -49,7 +48,7 @@ class Host:
 
     @property
     def env(self) -> dict[str, str]:
-        return {"HF_HOME": str(self.folder / "hf-home")} | MLFLOW_CLIENT_ENV
+        return {"HF_HOME": str(self.folder / "hf-home")}
 
     @property
     def runs(self) -> Path:
@@ -62,8 +61,7 @@ class Host:
 @dataclass
 class Cluster:
     url: str  # replica C
-    mlflow_url: str
-    mlflow: subprocess.Popen
+    mlflow: MlflowServer
     hosts: dict[str, Host]
     queue: Queue
     launcher: object
@@ -98,13 +96,11 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(mlflow_server, redis_url, launcher, tmp_path_factory):
     """Worker A and replica C running; B defined (started by the tests that need it)."""
-    url, process, wait_until_answering = mlflow_server
     common = service_settings(
         redis_url,
         tmp_path_factory.mktemp("common"),
         tracker="mlflow",
-        mlflow_tracking_uri=url,
-        job_retries=1,
+        mlflow_tracking_uri=mlflow_server.url,
         checkpoint_every_s=0,
     )
     hosts = {}
@@ -117,9 +113,9 @@ def cluster(mlflow_server, redis_url, launcher, tmp_path_factory):
         hosts[name] = Host(name, folder, settings)
     queue = Queue(common.queue_name, connection=Redis.from_url(redis_url))
     api = launcher.server(hosts["C"].settings, workers=1, env=hosts["C"].env)
-    cluster = Cluster(api, url, process, hosts, queue, launcher)
+    cluster = Cluster(api, mlflow_server, hosts, queue, launcher)
     cluster.start_worker("A")
-    wait_until_answering()
+    mlflow_server.wait_until_answering()
     return cluster
 
 
@@ -231,7 +227,7 @@ def test_after_promoting_a_job_c_serves_the_champion_when_no_model_is_named(clus
 def uploaded_checkpoint(cluster: Cluster, job_id: str) -> bool:
     from app.tracking.mlflow_runs import MlflowRuns
 
-    runs = MlflowRuns(cluster.mlflow_url, cluster.hosts["A"].settings.mlflow_experiment_name)
+    runs = MlflowRuns(cluster.mlflow.url, cluster.hosts["A"].settings.mlflow_experiment_name)
     return any(runs.client.list_artifacts(run.info.run_id, "checkpoint") for run in runs.runs_of_job(job_id, False))
 
 
@@ -259,17 +255,42 @@ def test_a_job_killed_on_a_after_its_first_checkpoint_resumes_on_b_as_if_never_k
     assert metrics["loss_curve"] == pytest.approx(whole.metrics["loss_curve"], abs=1e-4)
 
 
-def test_with_mlflow_stopped_a_job_fails_with_a_clear_error_and_nothing_is_served_from_it(cluster):
-    os.killpg(cluster.mlflow.pid, signal.SIGTERM)
-    cluster.mlflow.wait(timeout=30)
-    job_id = cluster.train(TINY_JOB)
-    view = cluster.ended(job_id)
-    assert view["status"] == "failed"
+def readiness(cluster: Cluster) -> tuple[int, str, str]:
+    answer = requests.get(f"{cluster.url}/readyz", timeout=30)
+    return answer.status_code, answer.json()["status"], answer.json()["checks"]["mlflow"]
+
+
+def test_with_mlflow_stopped_mid_run_the_job_fails_fast_c_answers_503_and_all_recovers_when_it_returns(cluster):
+    """The service's own MLflow client settings (no MLFLOW_HTTP_* in any host's environment): seconds, not minutes.
+    The job is not re-run (it raised), C serves nothing it cannot fetch, and nothing needs a restart afterwards."""
+    assert readiness(cluster) == (200, "ok", "ok")
+    uncached = cluster.train(TINY_JOB)
+    assert cluster.ended(uncached)["status"] == "succeeded"
+    job_id = cluster.train(RESUMED_JOB)
+    wait_for(lambda: (cluster.job(job_id)["progress"] or {}).get("step", 0) >= 1, 300, "the job to train", 0.1)
+    cluster.mlflow.stop()
+    stopped = time.monotonic()
+    view = cluster.ended(job_id, timeout_s=120)
+    assert time.monotonic() - stopped < 60
+    assert view["status"] == "failed" and view["attempt"] == 1, view
     assert view["error"]["type"] == "TrackingFailed", view["error"]
     assert "mlflow tracking server failed" in view["error"]["message"]
     served = cluster.predict(model=job_id)  # no worker recorded a model of it: C need not ask the server to know
     assert served.status_code == 422 and "not a succeeded job id" in served.json()["error"]["message"], served.text
+    asked = time.monotonic()
+    served = cluster.predict(model=uncached)  # recorded, but C never fetched it and cannot now
+    assert time.monotonic() - asked < 30
+    assert served.status_code == 503 and served.json()["error"]["code"] == "model_store_unavailable", served.text
     assert requests.get(f"{cluster.url}/jobs/{job_id}/predictions", timeout=30).status_code == 409
+    status, overall, mlflow = readiness(cluster)
+    assert (status, overall) == (200, "degraded") and mlflow.startswith("unreachable"), mlflow
     for host in cluster.hosts.values():
         assert not host.has_finished_run(job_id)
         assert not (host.settings.model_cache_dir / job_id).exists()
+
+    cluster.mlflow.start()
+    cluster.mlflow.wait_until_answering()
+    assert readiness(cluster) == (200, "ok", "ok")
+    assert cluster.predict(model=uncached).status_code == 200
+    again = cluster.train(TINY_JOB)
+    assert cluster.ended(again)["status"] == "succeeded"

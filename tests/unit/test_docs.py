@@ -11,12 +11,7 @@ from tests.helpers import REPO_ROOT
 
 DOCS = REPO_ROOT / "docs"
 # Variables the docs describe that belong to a library, not to Settings.
-LIBRARY_VARIABLES = {
-    "HF_HUB_OFFLINE",
-    "LOCAL_WORLD_SIZE",
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT",
-}
+LIBRARY_VARIABLES = {"HF_HUB_OFFLINE", "LOCAL_WORLD_SIZE"}
 # Command-line options that are not training parameters.
 CLI_ONLY_OPTIONS = {"--data-dir", "--data", "--val-data", "--output-dir", "--tracker", "--json"}
 
