@@ -108,11 +108,15 @@ class Settings(BaseSettings):
     web_threads: int = 4
     # Longest ``POST /train?wait=true`` wait in seconds; gunicorn's timeout is set above it.
     max_wait: int = 600
-    # Seconds between an RQ worker's heartbeats while a job runs; a killed worker's job is failed
-    # about WORKER_HEARTBEAT + WORKER_GRACE_S after its last heartbeat (RQ's abandoned-job handling).
+    # Seconds between an RQ worker's heartbeats while a job runs (an idle worker beats twice as often); a killed worker
+    # leaves the live count WORKER_HEARTBEAT + 15 s after its last heartbeat, and its job is re-run (or failed) about
+    # WORKER_HEARTBEAT + WORKER_GRACE_S after it (RQ's abandoned-job handling).
     worker_heartbeat: int = 30
     # How long past a missed heartbeat a worker's job still counts as running (RQ's own grace is 60 s).
     worker_grace_s: int = Field(60, ge=1)
+    # Seconds a queued job waits while no live worker of its class (gpu, cpu, any) exists, none having been seen for
+    # as long; then it fails (NoWorker) instead of waiting forever under the queue's caps.
+    worker_wait_s: int = Field(900, ge=1)
     # Times a job whose worker died (killed, out of memory, its machine lost) is re-run, each from the job's last
     # checkpoint; 0 = failed at once, with the reason. A job that raises (bad data, a model that does not exist,
     # TrackingFailed) is never re-run. The limit is written into each job as it is enqueued (by the replica, or by

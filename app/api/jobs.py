@@ -68,7 +68,7 @@ def train():
         timeout = min(query.timeout or service.settings.max_wait, service.settings.max_wait)
         if jobs.wait_until(lambda: jobs.public_status(refresh_status(job)) in jobs.FINAL_STATUSES, timeout, 0.25):
             return respond_finished(job)
-        return respond_queued(job)
+        return respond_queued(job, waited_s=timeout)
     finally:
         service.waiters.release()
 
@@ -80,13 +80,24 @@ def submit(params: TrainParams):
     return service.admission.admit(client, lambda: jobs.enqueue_training(service.queue, params, service.settings))
 
 
-def respond_queued(job):
+def respond_queued(job, waited_s: float | None = None):
+    """202 with the job's place; after a wait=true that ran out, why it has not ended (``reason``)."""
     location = url_for("jobs.show", job_id=job.id)
-    return respond(JobAccepted, 202, {"Location": location}, job_id=job.id, status=jobs.public_status(job))
+    status = jobs.public_status(job)
+    reason = None
+    if waited_s is not None:
+        reason = f"still {status} after {waited_s:g} s"
+        if status == "queued" and (waiting := jobs.waiting_reason(job)):
+            deadline = current_service().settings.worker_wait_s
+            reason = f"{waiting}: none is live; the job fails if none comes within {deadline} s (WORKER_WAIT_S)"
+    return respond(JobAccepted, 202, {"Location": location}, job_id=job.id, status=status, reason=reason)
 
 
 def refresh_status(job):
+    """The job with its status read again, and failed if it waited too long for a worker that never came."""
     job.get_status(refresh=True)
+    if jobs.fail_if_no_worker(job, current_service().settings):
+        job.get_status(refresh=True)
     return job
 
 
@@ -153,4 +164,4 @@ def succeeded_job_predictions(job_id: str) -> list[dict]:
 def find_job(job_id: str):
     if not JOB_ID_PATTERN.fullmatch(job_id):
         raise ApiError(404, f"no job {job_id!r}", {"job_id": "job ids are 1-64 letters, digits, '-' or '_'"})
-    return jobs.fetch_job(current_service().queue, job_id)
+    return jobs.fetch_job(current_service().queue, job_id, current_service().settings)

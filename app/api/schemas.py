@@ -128,6 +128,11 @@ Status = Literal["queued", "running", "succeeded", "failed", "cancelled", "prune
 class JobAccepted(ResponseModel):
     job_id: str
     status: Status
+    reason: str | None = Field(
+        None,
+        description='wait=true only: why the job had not ended when the wait ran out ("waiting for a gpu worker", '
+        '"still running after 600 s").',
+    )
 
 
 class JobResult(ResponseModel):

@@ -16,6 +16,7 @@ from rq import Queue, Retry
 from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
+from rq.job_lifecycle import record_job_failure
 from rq.serializers import JSONSerializer
 from rq.utils import decode_redis_hash
 from rq.worker_registration import get_keys
@@ -44,6 +45,9 @@ MAINTENANCE_INTERVAL_S = 60
 # The job's meta keys: the re-runs it was allowed when enqueued, and how its worker's last death was seen.
 RETRIES = "retries"
 INTERRUPTED = "interrupted"
+# When a worker listening on a queue last sent a heartbeat (unix seconds), per queue name: how long a class of jobs
+# has had no live worker (WORKER_WAIT_S).
+WORKER_SEEN_KEY = "boolq:worker-seen:{}"
 # RQ's failure_ttl when a job sets none (one year).
 DEFAULT_FAILURE_TTL = 365 * 24 * 3600
 
@@ -203,6 +207,49 @@ def workers_by_class(queue: Queue) -> dict[str, int]:
     return {"any": live_workers(queue)} | {a: live_workers(class_queue(queue, a)) for a in ACCELERATORS}
 
 
+def no_worker_since(queue: Queue) -> float | None:
+    """None while a live worker listens on ``queue``; else when one last did (unix seconds, 0 = never)."""
+    if live_workers(queue):
+        return None
+    seen = queue.connection.get(WORKER_SEEN_KEY.format(queue.name))
+    return float(seen) if seen else 0.0
+
+
+def fail_if_no_worker(job: Job, settings: Settings) -> bool:
+    """Fail a queued ``job`` (``NoWorker``) once it has waited WORKER_WAIT_S with no live worker of its class all
+    that time: it would wait forever and hold a place under the queue's caps. True if it was failed here."""
+    if job.get_status(refresh=False) != JobStatus.QUEUED:
+        return False
+    queue = Queue(job.origin, connection=job.connection, serializer=job.serializer, job_class=ProjectJob)
+    since = no_worker_since(queue)
+    if since is None or max(since, job.enqueued_at.timestamp() if job.enqueued_at else 0.0) > (
+        time.time() - settings.worker_wait_s
+    ):
+        return False
+    if not queue.connection.lrem(queue.key, 0, job.id):
+        return False  # a worker took it meanwhile
+    accelerator = (job.args[0] if job.args else {}).get("accelerator", "any")
+    worker = "worker" if accelerator == "any" else f"{accelerator} worker"
+    reason = (
+        f"NoWorker: no live {worker} for {settings.worker_wait_s} s (WORKER_WAIT_S), so nothing could run this job; "
+        f"start a {worker}" + ("" if accelerator == "any" else " or submit with accelerator any")
+    )
+    with job.connection.pipeline() as pipeline:
+        record_job_failure(job, reason, pipeline)
+        pipeline.execute()
+    log.warning("job %s failed: %s", job.id, reason)
+    return True
+
+
+def fail_jobs_without_workers(queue: Queue, settings: Settings) -> None:
+    """``fail_if_no_worker`` for every queued job of every class (a worker's periodic check)."""
+    for q in class_queues(queue):
+        if q.count and no_worker_since(q) is not None:
+            for job in ProjectJob.fetch_many(q.get_job_ids(), q.connection, q.serializer):
+                if job is not None:
+                    fail_if_no_worker(job, settings)
+
+
 def enqueue_training(queue: Queue, params: TrainParams, settings: Settings) -> Job:
     """Put one training run on its class's queue (and in the job index); the job id becomes the run folder's name."""
     return enqueue_job(
@@ -246,14 +293,17 @@ def enqueue_job(
     return job
 
 
-def fetch_job(queue: Queue, job_id: str) -> Job:
-    """The job, after letting RQ fail jobs whose worker died (so none stays 'running' forever)."""
+def fetch_job(queue: Queue, job_id: str, settings: Settings | None = None) -> Job:
+    """The job, after letting RQ fail (or re-run) jobs whose worker died, so none stays 'running' forever, and, given
+    the ``settings``, failing it if it waited too long for a worker that never came (``fail_if_no_worker``)."""
     try:
         job = ProjectJob.fetch(job_id, connection=queue.connection, serializer=queue.serializer)
     except NoSuchJobError as exc:
         raise JobNotFound(f"no job {job_id}") from exc
     if job.get_status(refresh=False) == JobStatus.STARTED:
         origin_queue(queue, job).started_job_registry.cleanup()
+        job.refresh()
+    elif settings is not None and fail_if_no_worker(job, settings):
         job.refresh()
     return job
 

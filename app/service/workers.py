@@ -9,20 +9,33 @@ for a GPU waits in ``<queue>:gpu`` until a GPU worker is up, instead of failing 
 from __future__ import annotations
 
 import logging
+import time
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from rq import Queue, Worker
+from rq import Queue, Worker, worker_registration
 from rq.serializers import JSONSerializer
 
 from app.config import Settings
-from app.service.jobs import MAINTENANCE_INTERVAL_S, ProjectJob, class_queue, record_interruption, training_queue
+from app.service.jobs import (
+    MAINTENANCE_INTERVAL_S,
+    WORKER_SEEN_KEY,
+    ProjectJob,
+    class_queue,
+    fail_jobs_without_workers,
+    record_interruption,
+    training_queue,
+)
 from app.service.redis_connection import connect_redis
 
 log = logging.getLogger(__name__)
 
 # The grace RQ adds to a job's heartbeat TTL (rq.worker.BaseWorker.get_heartbeat_ttl).
 RQ_GRACE_S = 60
+# How long past its heartbeat interval a worker still counts as live (RQ keeps a silent one listed 90 s to 8 min).
+LIVENESS_MARGIN_S = 15
+# How long a queue's "a worker was here" time is kept (WORKER_SEEN_KEY).
+SEEN_TTL_S = 30 * 24 * 3600
 
 
 class TrainingWorker(Worker):
@@ -35,6 +48,23 @@ class TrainingWorker(Worker):
         self.capabilities = capabilities
         self.on_maintenance = on_maintenance
         self.grace_s = grace_s
+
+    @property
+    def dequeue_timeout(self) -> int:
+        # RQ blocks an idle worker on the queue for its worker_ttl - 15 s (405 s) between heartbeats.
+        return max(1, self.job_monitoring_interval // 2)
+
+    def heartbeat(self, timeout=None, pipeline=None):
+        """RQ's heartbeat with a TTL that follows the heartbeat interval, so a killed worker leaves the live count
+        within WORKER_HEARTBEAT + LIVENESS_MARGIN_S; it registers again (a worker whose record lapsed, in a Redis gap,
+        is dropped by other workers' maintenance) and notes, per queue, that a worker was here (WORKER_WAIT_S)."""
+        connection = pipeline if pipeline is not None else self.connection.pipeline()
+        super().heartbeat(self.job_monitoring_interval + LIVENESS_MARGIN_S, pipeline=connection)
+        worker_registration.register(self, connection)
+        for queue in self.queues:
+            connection.set(WORKER_SEEN_KEY.format(queue.name), time.time(), ex=SEEN_TTL_S)
+        if pipeline is None:
+            connection.execute()
 
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         # RQ adds a fixed 60 s past the heartbeat interval; WORKER_GRACE_S says how long instead.
@@ -64,6 +94,7 @@ class TrainingWorker(Worker):
     def register_birth(self):
         super().register_birth()
         self.connection.hset(self.key, mapping={f"boolq_{k}": v for k, v in self.capabilities.items()})
+        self.heartbeat()  # RQ's birth gives the record 8 minutes to live
 
     def maintain_heartbeats(self, job, execution):
         # RQ quits the worker on any error here, abandoning the running job; the next heartbeat reconnects.
@@ -85,10 +116,15 @@ def worker_capabilities(settings: Settings) -> dict:
 
 
 def periodic_check(settings: Settings, queue: Queue) -> None:
-    """What a worker runs with RQ's maintenance: advance unfinished sweeps, report an MLflow champion alias moved
-    outside the service (never copied into Redis). A failure advancing the sweeps never skips that check."""
+    """What a worker runs with RQ's maintenance: fail the jobs no worker can take (a gpu job with no gpu worker),
+    advance unfinished sweeps, report an MLflow champion alias moved outside the service (never copied into Redis).
+    A step that fails never skips the next."""
     from app.service import registry, sweeps
 
+    try:
+        fail_jobs_without_workers(queue, settings)
+    except Exception:
+        log.exception("periodic check: failing the jobs no worker can take failed")
     try:
         sweeps.advance_unfinished(settings, queue)
     except Exception:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import time
 
 import requests
 from rq import Worker
 
 from app.api import create_app
 from app.service import jobs
+from app.service.workers import LIVENESS_MARGIN_S
 from tests.helpers import TINY_JOB, service_settings, wait_for
 
 
@@ -70,3 +74,37 @@ def test_a_cpu_worker_runs_cpu_then_any_jobs_and_never_takes_a_gpu_job(launcher,
 
 def job(url: str, job_id: str) -> dict:
     return requests.get(f"{url}/jobs/{job_id}", timeout=30).json()
+
+
+def test_a_gpu_job_with_only_a_cpu_worker_fails_after_worker_wait_s_naming_why_and_wait_true_says_so(
+    launcher, redis_url, tmp_path
+):
+    settings = service_settings(redis_url, tmp_path, device="cpu", worker_wait_s=4)
+    launcher.worker(settings)  # live, but of the cpu class
+    client = create_app(settings).test_client()
+    gpu_job = TINY_JOB | {"accelerator": "gpu"}
+
+    early = client.post("/train?wait=true&timeout=1", json=gpu_job)
+    assert early.status_code == 202 and early.get_json()["status"] == "queued"
+    assert early.get_json()["reason"] == (
+        "waiting for a gpu worker: none is live; the job fails if none comes within 4 s (WORKER_WAIT_S)"
+    )
+    started = time.monotonic()
+    waited = client.post("/train?wait=true&timeout=60", json=gpu_job)
+    assert waited.status_code == 200 and time.monotonic() - started < 15, waited.get_json()
+    for view in (waited.get_json(), client.get(f"/jobs/{early.get_json()['job_id']}").get_json()):
+        assert view["status"] == "failed" and view["error"]["type"] == "NoWorker", view
+        assert "no live gpu worker for 4 s (WORKER_WAIT_S)" in view["error"]["message"]
+    assert 'boolq_jobs{status="queued"} 0.0' in client.get("/metrics").get_data(as_text=True)  # off the caps
+
+
+def test_a_killed_worker_leaves_the_live_count_within_its_heartbeat_and_a_margin(launcher, redis_url, tmp_path):
+    settings = service_settings(redis_url, tmp_path, device="cpu")  # WORKER_HEARTBEAT as it comes (30 s)
+    worker = launcher.worker(settings)
+    queue = jobs.training_queue(settings, jobs.connect_redis(settings))
+    assert jobs.workers_by_class(queue) == {"any": 1, "cpu": 1, "gpu": 0}
+    os.killpg(worker.pid, signal.SIGKILL)  # no goodbye: only its heartbeats stop
+    worker.wait()
+    killed = time.monotonic()
+    wait_for(lambda: jobs.workers_by_class(queue)["cpu"] == 0, 60, "the killed worker to leave the count", 0.5)
+    assert time.monotonic() - killed <= settings.worker_heartbeat + LIVENESS_MARGIN_S + 2
