@@ -247,6 +247,7 @@ def test_a_job_killed_on_a_after_its_first_checkpoint_resumes_on_b_as_if_never_k
 
     view = cluster.ended(job_id)
     assert view["status"] == "succeeded", view["error"]
+    assert view["attempt"] == 2 and view["previous_attempt"]["type"] == "WorkerKilled", view  # JOB_RETRIES's default
     assert cluster.hosts["B"].has_finished_run(job_id) and not a.has_finished_run(job_id)
     metrics = view["result"]["metrics"]
     assert metrics["resumed_from_step"] > 0
