@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -353,14 +354,17 @@ def test_unreachable_mlflow_server_fails_the_run_before_training_with_the_cause_
 ):
     """With a tracking server, models reach the other hosts only through it: its failure fails the run at once,
     and the run folder holds no model anyone could serve."""
-    # No retries and a short timeout, so the unreachable server costs a second, not MLflow's default minutes.
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
     uri = f"http://trainer:s3cret-pw@127.0.0.1:{closed_port()}"
-    tracker = make_tracker(settings_for(tmp_path, "mlflow,neptune", mlflow_tracking_uri=uri))
+    # No retries and a short timeout, so the unreachable server costs a second, not MLflow's default minutes.
+    settings = settings_for(tmp_path, "mlflow,neptune", mlflow_tracking_uri=uri, mlflow_http_retries=0)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")  # MLflow's defaults (minutes): the settings replace them
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
+    tracker = make_tracker(settings)
     params = TrainParams(**(TINY | {"epochs": 1}))
+    started = time.monotonic()
     with pytest.raises(TrackingFailed) as failed:
         train_and_evaluate(params, Settings().data_dir, tmp_path, run_id="no-server", tracker=tracker)
+    assert time.monotonic() - started < 30
 
     message = str(failed.value)
     assert message.startswith("the mlflow tracking server failed") and "MlflowException" in message
