@@ -36,6 +36,16 @@ def test_readyz_is_ok_when_redis_answers_and_artifacts_are_writable(client):
     assert response.get_json()["checks"] == {"redis": "ok", "artifacts": "ok"}
 
 
+def test_readyz_is_200_degraded_naming_mlflow_when_the_tracking_server_does_not_answer(settings):
+    """Replicas still serve what they hold; the check names the dependency, never its address or password."""
+    uri = f"http://trainer:s3cret-pw@127.0.0.1:{free_port()}"
+    client = create_app(settings.model_copy(update=dict(tracker="mlflow", mlflow_tracking_uri=uri))).test_client()
+    response = client.get("/readyz")
+    assert response.status_code == 200 and response.get_json()["status"] == "degraded", response.get_json()
+    mlflow = response.get_json()["checks"]["mlflow"]
+    assert mlflow.startswith("unreachable") and "s3cret" not in mlflow and "127.0.0.1" not in mlflow
+
+
 def test_redis_down_gives_503_on_readyz_and_train_without_hanging(settings):
     down = create_app(settings.model_copy(update=dict(redis_url=f"redis://127.0.0.1:{free_port()}/0"))).test_client()
     started = time.monotonic()
