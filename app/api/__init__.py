@@ -16,7 +16,7 @@ from app.config import Settings
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the app from ``settings`` (default: the environment). Connects lazily: nothing blocks here."""
-    from app.api import console, datasets, health, jobs, models, openapi, predict, sweeps
+    from app.api import console, datasets, health, jobs, models, openapi, predict, predictions, sweeps
     from app.api.auth import refuse_foreign_origin
     from app.api.context import Service
     from app.api.errors import register_error_handlers
@@ -39,7 +39,17 @@ def create_app(settings: Settings | None = None) -> Flask:
     # Behind nginx the client's address is the last X-Forwarded-For hop (admission counts jobs per address).
     app.wsgi_app = TrustedProxyFix(app.wsgi_app, settings.trusted_proxies)
 
-    for blueprint in (health.bp, jobs.bp, predict.bp, openapi.bp, models.bp, sweeps.bp, datasets.bp, console.bp):
+    for blueprint in (
+        health.bp,
+        jobs.bp,
+        predict.bp,
+        predictions.bp,
+        openapi.bp,
+        models.bp,
+        sweeps.bp,
+        datasets.bp,
+        console.bp,
+    ):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
     app.before_request(refuse_foreign_origin)
