@@ -115,7 +115,8 @@ class PredictorCache:
         predictor = load_predictor(folder, self.max_padding, self.num_threads)
         if self.max_batch <= 1:
             return predictor
-        return MicroBatcher(predictor.predict, self.max_batch, self.wait_s, on_batch=self.on_batch)
+        # The batcher gets tokenized pairs: each request is tokenized once, as it is checked against the token cap.
+        return MicroBatcher(predictor.predict_encoded, self.max_batch, self.wait_s, on_batch=self.on_batch)
 
 
 class Serving:
@@ -160,10 +161,10 @@ class Serving:
 
         try:
             predictor = self.predictors.predictor(folder)
+            rows = predictor.encode_pairs(pairs, settings.predict_max_tokens)  # the only tokenization of the pairs
             if len(pairs) < self.predictors.max_batch:  # small: share forward passes with concurrent requests
-                predictor.check_tokens(pairs, settings.predict_max_tokens)
-                return self.predictors.get(folder).predict(pairs, timeout_s=max(deadline - time.monotonic(), 0))
-            return predictor.predict(pairs, max_tokens=settings.predict_max_tokens, should_stop=should_stop)
+                return self.predictors.get(folder).predict(rows, timeout_s=max(deadline - time.monotonic(), 0))
+            return predictor.predict_encoded(rows, should_stop=should_stop)
         except predict.TooManyTokens as exc:
             raise TooManyTokens(str(exc)) from exc
         except (predict.PredictionStopped, TimeoutError) as exc:  # TimeoutError: a micro-batched answer was late

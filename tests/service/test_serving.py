@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from app.service.jobs import connect_redis, training_queue
+from app.service.model_access import fine_tuned_model
 from app.service.predict import Predictor
 from app.service.serving import AnswerTimedOut, NoModelYet, Serving, TooManyTokens
 from tests.helpers import REPO_ROOT, mixed_length_pairs, service_settings
@@ -52,3 +53,30 @@ def test_the_predict_view_holds_no_cache_choice_or_status_code():
     assert view.end_lineno - view.lineno + 1 + len(view.decorator_list) < 40
     for leak in ("ApiError", "PredictorCache", "MicroBatcher", "CHAMPION", "latest_succeeded"):
         assert leak not in source, leak
+
+
+class CountingTokenizer:
+    """A tokenizer that counts its calls."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_a_micro_batched_pair_is_tokenized_once(tiny_run, redis_url, tmp_path):
+    roots = (Path(tiny_run[0].run_dir).parent,)
+    settings = service_settings(redis_url, tmp_path, model_roots=roots, predict_max_batch=8)
+    serving = Serving(settings, training_queue(settings, connect_redis(settings)))
+    name = Path(tiny_run[0].run_dir).name
+    predictor = serving.predictors.predictor(fine_tuned_model(name, settings))
+    predictor.tokenizer = counting = CountingTokenizer(predictor.tokenizer)
+    _, (answer,) = serving.answer(name, [("is it", "It is.")])
+    assert counting.calls == 1
+    assert answer.scores == pytest.approx(predictor.predict([("is it", "It is.")])[0].scores, abs=1e-6)
