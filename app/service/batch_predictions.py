@@ -14,12 +14,18 @@ from rq import Queue
 from rq.job import Job
 
 from app.config import Settings
-from app.engine import boolq
+from app.engine import boolq, run_folder
 from app.params import BUILTIN_DATASET, PredictionParams
 from app.service import jobs
 from app.service.datasets import DatasetInvalid, DatasetNotFound, DatasetStore
 from app.service.model_access import ModelNotAllowed, fine_tuned_model
+from app.service.model_records import record_published
+from app.service.model_store import mlflow_runs
 from app.service.serving import served_model
+from app.tracking import models_travel_through_mlflow
+
+# What a batch prediction publishes; a replica on another host fetches these (``model_store.fetched_run_folder``).
+PUBLISHED_FILES = (run_folder.PREDICTIONS, run_folder.METRICS)
 
 
 class LabelsDiffer(ValueError):
@@ -54,6 +60,15 @@ def enqueue_predictions(queue: Queue, params: PredictionParams, settings: Settin
         description=f"predict {params.dataset} {params.split} with {params.model}",
         accelerator=params.accelerator,
     )
+
+
+def publish(job_id: str, run_dir: Path, settings: Settings, redis) -> None:
+    """Where models travel through MLflow, the rows and metrics go there too (a run of the job's own), their
+    digests recorded in Redis as a model's are, so a replica on any host fetches and checks them; a failed upload
+    fails the job, as a training run's does."""
+    if models_travel_through_mlflow(settings):
+        run_id = mlflow_runs(settings).publish_job_files(job_id, [run_dir / name for name in PUBLISHED_FILES])
+        record_published(redis, settings, job_id, run_id, run_dir, PUBLISHED_FILES)
 
 
 def model_label_names(checkpoint: Path) -> tuple[str, ...]:

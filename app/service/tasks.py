@@ -25,8 +25,7 @@ from app.engine.evaluation import classification_metrics
 from app.engine.memory import keep_freed_memory_in_heap
 from app.engine.run import run_training
 from app.params import BUILTIN_DATASET, PredictionParams, TrainParams
-from app.service import datasets
-from app.service.batch_predictions import LabelsDiffer
+from app.service import batch_predictions, datasets
 from app.service.jobs import ProjectJob
 from app.service.model_access import fine_tuned_model, resolve_for_training
 from app.service.model_records import publishing_tracker
@@ -76,7 +75,9 @@ def predict_job(params_dict: dict) -> dict:
     folder = fine_tuned_model(params.model, settings)
     predictor = load_predictor(folder, settings.predict_max_padding, settings.num_threads)
     if predictor.label_names != dataset.label_names:  # checked at submit from config.json; here on the loaded model
-        raise LabelsDiffer(f"model {params.model} answers {predictor.label_names}, not {dataset.label_names}")
+        raise batch_predictions.LabelsDiffer(
+            f"model {params.model} answers {predictor.label_names}, not {dataset.label_names}"
+        )
     reporter = ScoringReporter(job, len(rows))
     probabilities = []
     for start in range(0, len(rows), SCORING_CHUNK_ROWS):
@@ -89,6 +90,7 @@ def predict_job(params_dict: dict) -> dict:
     metrics = scored_metrics(rows, probabilities, dataset.label_names)
     summary = params.model_dump() | {"rows": len(rows)}
     run_folder.write_metrics(run_dir, summary | (metrics or {}))  # last: its presence marks the folder finished
+    batch_predictions.publish(job.id, run_dir, settings, job.connection)
     return summary | {"metrics": metrics}
 
 
