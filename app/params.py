@@ -113,6 +113,28 @@ class TrainParams(BaseModel):
         return {k: v for k, v in (given | {"label_column": self.label_column}).items() if v is not None}
 
 
+class PredictionParams(StrictModel):
+    """A batch prediction (``POST /predictions``): which model scores every row of which dataset's split."""
+
+    model: Annotated[
+        str | None,
+        Field(
+            min_length=1,
+            max_length=255,
+            description="A succeeded job id, 'champion', or a model folder under the model roots (default: the "
+            "champion, else the latest succeeded training job). The job keeps the model it resolved to at submit.",
+        ),
+    ] = None
+    dataset: Annotated[
+        str,
+        Field(pattern=DATASET_ID_PATTERN, description="'boolq' (built in) or the id of an uploaded dataset."),
+    ] = BUILTIN_DATASET
+    split: Annotated[Literal["val", "train"], Field(description="Which split's rows to score.")] = "val"
+    accelerator: Annotated[
+        Literal["any", "cpu", "gpu"], Field(description="Which workers may take the job (as for training).")
+    ] = "any"
+
+
 @functools.cache
 def field_kinds() -> dict[str, str]:
     """Each field's JSON type without its null ("integer", "number", "string", "boolean"), read from the schema

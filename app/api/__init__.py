@@ -16,7 +16,7 @@ from app.config import Settings
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the app from ``settings`` (default: the environment). Connects lazily: nothing blocks here."""
-    from app.api import console, datasets, health, jobs, models, openapi, predict, sweeps
+    from app.api import console, datasets, health, jobs, models, openapi, predict, predictions, sweeps
     from app.api.auth import refuse_foreign_origin
     from app.api.context import Service
     from app.api.errors import register_error_handlers
@@ -25,6 +25,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from app.service.admission import Admission
     from app.service.jobs import training_queue
     from app.service.redis_connection import connect_redis
+    from app.service.serving import Serving
 
     settings = settings or Settings()
     app = Flask(__name__)
@@ -32,20 +33,23 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False
     queue = training_queue(settings, connect_redis(settings))
     metrics = ServiceMetrics(queue)
-    predictors = predict.PredictorCache(
-        settings.predict_cache_size,
-        max_batch=settings.predict_max_batch,
-        wait_s=settings.predict_batch_wait_ms / 1000,
-        on_batch=metrics.predict_batch_size.observe,
-        num_threads=settings.num_threads,
-        max_padding=settings.predict_max_padding,
-    )
+    serving = Serving(settings, queue, on_batch=metrics.predict_batch_size.observe)
     waiters = threading.BoundedSemaphore(max(settings.max_waiters, 1))
-    app.extensions["boolq"] = Service(settings, queue, predictors, metrics, Admission(queue, settings), waiters)
+    app.extensions["boolq"] = Service(settings, queue, serving, metrics, Admission(queue, settings), waiters)
     # Behind nginx the client's address is the last X-Forwarded-For hop (admission counts jobs per address).
     app.wsgi_app = TrustedProxyFix(app.wsgi_app, settings.trusted_proxies)
 
-    for blueprint in (health.bp, jobs.bp, predict.bp, openapi.bp, models.bp, sweeps.bp, datasets.bp, console.bp):
+    for blueprint in (
+        health.bp,
+        jobs.bp,
+        predict.bp,
+        predictions.bp,
+        openapi.bp,
+        models.bp,
+        sweeps.bp,
+        datasets.bp,
+        console.bp,
+    ):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
     app.before_request(refuse_foreign_origin)

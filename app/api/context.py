@@ -1,4 +1,4 @@
-"""What the views share inside one app: settings, the Redis queue, the predictor cache and the metrics."""
+"""What the views share inside one app: settings, the Redis queue, the served models and the metrics."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from app.config import Settings
 class Service:
     settings: Settings
     queue: Queue
-    predictors: object  # app.api.predict.PredictorCache
+    serving: object  # app.service.serving.Serving
     metrics: object  # app.api.metrics.ServiceMetrics
     admission: object  # app.service.admission.Admission
     # One slot per allowed concurrent POST /train?wait=true in this process (MAX_WAITERS).

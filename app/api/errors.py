@@ -17,7 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.sentinel import MasterNotFoundError
 from werkzeug.exceptions import HTTPException
 
-from app.service import datasets, jobs, registry, sweeps
+from app.service import batch_predictions, datasets, jobs, registry, serving, sweeps
 from app.service.admission import RETRY_AFTER_S, NoRoom, OverLimit
 from app.service.model_access import ModelNotAllowed, NotYesNo
 from app.service.model_store import ModelRefused, ModelStoreUnavailable, ModelTooLarge
@@ -91,10 +91,14 @@ DOMAIN_ERRORS = {
     OverLimit: lambda e: ApiError(422, e.message, e.fields),
     ModelNotAllowed: lambda e: ApiError(422, str(e), {"model": str(e)}),
     NotYesNo: lambda e: ApiError(422, str(e), {"model": str(e)}, code="not_yes_no"),
+    serving.NoModelYet: lambda e: ApiError(404, str(e), {"model": str(e)}, code="no_model"),
+    serving.TooManyTokens: lambda e: ApiError(422, str(e), {"items": e.detail}, code="too_many_tokens"),
+    serving.AnswerTimedOut: lambda e: ApiError(503, str(e), code="predict_timeout"),
     jobs.JobNotFound: lambda e: ApiError(404, str(e), {"job_id": "unknown job id"}),
     jobs.JobAlreadyFinished: lambda e: ApiError(409, str(e)),
     PredictionsNotReady: lambda e: ApiError(409, str(e)),
     PredictionsMissing: lambda e: ApiError(404, str(e)),
+    batch_predictions.LabelsDiffer: lambda e: ApiError(422, str(e), e.fields, code="labels_differ"),
     datasets.DatasetInvalid: lambda e: ApiError(422, str(e), e.fields, code="invalid_dataset"),
     datasets.DatasetNotFound: lambda e: ApiError(404, str(e), {"dataset_id": "unknown dataset id"}),
     datasets.DatasetTooLarge: lambda e: ApiError(413, str(e), {"file": str(e)}),

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_
 
 from app.params import StrictModel
 from app.service.datasets import ColumnMapping, DatasetRecord
-from app.service.jobs import JOB_ID_RULE, Progress
+from app.service.jobs import JOB_ID_RULE, Progress, ScoringProgress
 from app.service.registry import ModelVersion
 
 MAX_ITEMS = 256
@@ -145,6 +145,16 @@ class JobResult(ResponseModel):
     warning: str | None = Field(None, description="Set when the model learned nothing (accuracy ≈ majority class).")
 
 
+class PredictionsResult(ResponseModel):
+    """A batch prediction's result (``POST /predictions``); its rows are at /jobs/<id>/predictions."""
+
+    rows: int
+    model: str = Field(description="The model that scored the rows (a champion is resolved at submit).")
+    dataset: str
+    split: str
+    metrics: dict | None = Field(description="Accuracy, macro-F1 and the rest, when the rows have labels.")
+
+
 class JobError(ResponseModel):
     type: str
     message: str
@@ -154,7 +164,7 @@ class JobView(ResponseModel):
     job_id: str
     status: Status
     params: dict
-    progress: Progress | None
+    progress: Progress | ScoringProgress | None
     waiting: str | None = Field(
         description='For a queued job no live worker can take: why ("waiting for a gpu worker").'
     )
@@ -165,7 +175,7 @@ class JobView(ResponseModel):
     enqueued_at: str | None
     started_at: str | None
     ended_at: str | None
-    result: JobResult | None
+    result: JobResult | PredictionsResult | None
     error: JobError | None
 
 
@@ -197,9 +207,19 @@ class Prediction(ResponseModel):
     scores: list[float] | None = Field(None, description="Every label's probability, in label id order.")
 
 
+class ScoredRow(ResponseModel):
+    """One row of a batch prediction, labels by name."""
+
+    idx: int | str
+    label: str | None = Field(None, description="The row's label, when the dataset has labels.")
+    prediction: str
+    score: float = Field(description="The probability of the prediction.")
+    scores: list[float] = Field(description="Every label's probability, in the model's label order.")
+
+
 class PredictionList(ResponseModel):
     job_id: str
-    predictions: list[Prediction]
+    predictions: list[Prediction] | list[ScoredRow]
 
 
 class ErrorDetail(ResponseModel):

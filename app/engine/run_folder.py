@@ -3,7 +3,8 @@
     <ARTIFACTS_DIR>/<run id>/
         params.json         the TrainParams of the run
         metrics.json        final metrics; its presence marks a finished run
-        predictions.jsonl   one line per val example: idx, label, prediction, probability
+        predictions.jsonl   one line per val example: idx, label, prediction, probability; in a batch
+                            prediction's folder, one per scored row: idx, label and prediction by name, score
         model/              the fine-tuned checkpoint (config.json, safetensors weights, tokenizer)
         training_state.pt   while training: the state to resume from (model, optimizer, scheduler, RNG,
                             epoch, step); deleted when the run succeeds
@@ -49,6 +50,15 @@ class Progress:
     dev_accuracy: float | None
     examples_per_s: float
     recent_losses: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class ScoringProgress:
+    """What a batch prediction job reports as it scores a dataset's rows."""
+
+    rows: int
+    total_rows: int
+    rows_per_s: float
 
 
 @dataclass
@@ -175,6 +185,20 @@ def write_predictions(run_dir: Path, rows: list, predictions: list[int], probabi
             line = {"idx": row.idx, "label": row.label, "prediction": pred, "probability": prob, "scores": scores}
             out.write(json.dumps(line) + "\n")
     os.replace(tmp, path)
+    return path
+
+
+def write_scored_rows(run_dir: Path, rows: list, label_names: tuple[str, ...], probabilities: list) -> Path:
+    """A batch prediction's lines, one per row (``data.Example`` records) in the dataset's order: its label by name
+    (when the row has one), the predicted label's name, its probability (``score``) and every label's (``scores``)."""
+    path = run_dir / PREDICTIONS
+    with path.with_suffix(".tmp").open("w") as out:
+        for row, scores in zip(rows, probabilities, strict=True):
+            best = max(range(len(scores)), key=scores.__getitem__)
+            line = {"idx": row.idx} | ({"label": label_names[row.label]} if row.label is not None else {})
+            line |= {"prediction": label_names[best], "score": scores[best], "scores": list(scores)}
+            out.write(json.dumps(line) + "\n")
+    os.replace(path.with_suffix(".tmp"), path)
     return path
 
 

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # importing app.service.predict loads torch; the API imports this module before any model is needed
     from app.service.predict import Answer
 
-Pair = tuple[str, str | None]
+# One item of a call: whatever ``predict_fn`` takes per pair (the service's batcher takes pairs already tokenized).
+Pair = tuple
 
 
 @dataclass

@@ -23,6 +23,7 @@ from rq.worker_registration import get_keys
 
 from app.config import Settings
 from app.engine.run_folder import Progress as Progress  # the shape of a job's progress, for the API's schema
+from app.engine.run_folder import ScoringProgress as ScoringProgress
 from app.params import TrainParams
 from app.service.job_index import JobIndex
 from app.service.redaction import without_server_paths
@@ -34,8 +35,9 @@ LEARNED_NOTHING = "the model learned nothing: val accuracy is within 1 point of 
 # The worker's tasks, by name: the web side never imports them (nor torch).
 TRAIN_TASK = "app.service.tasks.train_job"
 TRIAL_TASK = "app.service.sweeps.trials.trial_job"
+PREDICT_TASK = "app.service.tasks.predict_job"
 # The only functions a worker imports and runs: whoever can write to Redis must not choose the code.
-PROJECT_TASKS = frozenset({TRAIN_TASK, TRIAL_TASK})
+PROJECT_TASKS = frozenset({TRAIN_TASK, TRIAL_TASK, PREDICT_TASK})
 # What a job id (and a run folder's name) may be: what the API accepts in a path, and in an MLflow filter.
 JOB_ID_RULE = r"[A-Za-z0-9_-]{1,64}"
 # The fields of RQ's job record that name code to import or a URL to call (callbacks, webhooks).
@@ -329,7 +331,8 @@ def latest_succeeded_job(queue: Queue) -> Job | None:
     for start in range(0, queue.finished_job_registry.count, 20):
         ids = queue.finished_job_registry.get_job_ids(start, start + 19, desc=True)
         for job in ProjectJob.fetch_many(ids, queue.connection, queue.serializer):
-            if job is not None and public_status(job) == "succeeded":  # a pruned sweep trial has no model
+            # A pruned sweep trial has no model, nor has a batch prediction.
+            if job is not None and public_status(job) == "succeeded" and job.func_name != PREDICT_TASK:
                 return job
     return None
 
@@ -421,6 +424,8 @@ def result_summary(job: Job) -> dict | None:
     value = job.return_value()
     if not value:
         return None
+    if job.func_name == PREDICT_TASK:
+        return {k: value.get(k) for k in ("rows", "model", "dataset", "split", "metrics")}
     keys = ("accuracy", "n_eval", "dev_accuracy", "metrics", "tracking")
     summary = {k: value.get(k) for k in keys} | {"model": job.id, "warning": None}
     if (value.get("metrics") or {}).get("learned") is False:

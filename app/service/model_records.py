@@ -95,10 +95,13 @@ def checkpoints_key(settings: Settings, job_id: str) -> str:
     return service_key(settings.queue_name, "checkpoints", job_id)
 
 
-def record_published(redis, settings: Settings, job_id: str, mlflow_run_id: str, run_dir: Path) -> PublishedModel:
+def record_published(
+    redis, settings: Settings, job_id: str, mlflow_run_id: str, run_dir: Path, names: tuple[str, ...] = RUN_FOLDER_PARTS
+) -> PublishedModel:
     """Record the run folder a worker just uploaded to ``mlflow_run_id`` as the job's model (no expiry: a
-    registered version is served as long as it is registered)."""
-    files = digest_files(run_dir)
+    registered version is served as long as it is registered); ``names``: the parts it uploaded (a batch
+    prediction publishes its rows and metrics only)."""
+    files = digest_files(run_dir, names)
     published = PublishedModel(mlflow_run_id, folder_digest(files), files)
     redis.hset(published_key(settings), job_id, json.dumps(asdict(published) | {"recorded_at": time.time()}))
     log.info("job %s: recorded MLflow run %s, digest %s", job_id, mlflow_run_id, published.digest)

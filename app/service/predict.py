@@ -40,8 +40,9 @@ class PredictionStopped(RuntimeError):
     """Work stopped between chunks because ``should_stop`` said why (deadline passed, client gone)."""
 
 
-# A text and its optional second text.
+# A text and its optional second text; and that pair tokenized (token ids, token type ids).
 Pair = tuple[str, str | None]
+EncodedPair = tuple[list[int], list[int]]
 
 
 @dataclass(frozen=True)
@@ -100,31 +101,31 @@ class Predictor:
         """Answers in input order, computed in order of length (``padding_bounded_batches``). Refuses more than
         ``max_tokens`` tokens (0: no limit) before computing; between chunks of about CHUNK_TOKENS, stops with
         :class:`PredictionStopped` when ``should_stop()`` returns a reason."""
-        encoded, lengths = self.encode_within(pairs, max_tokens)
-        probabilities: list[list[float]] = [[]] * len(pairs)
+        return self.predict_encoded(self.encode_pairs(pairs, max_tokens), should_stop)
+
+    def predict_encoded(self, rows: list[EncodedPair], should_stop=None) -> list[Answer]:
+        """:meth:`predict` for pairs already tokenized by :meth:`encode_pairs` (a micro-batch of several requests)."""
+        lengths = [len(input_ids) for input_ids, _ in rows]
+        probabilities: list[list[float]] = [[]] * len(rows)
         for chunk in token_chunks(lengths, CHUNK_TOKENS):
             reason = should_stop() if should_stop is not None else None
             if reason:
                 raise PredictionStopped(reason)
-            part = Encoded(
-                [encoded.input_ids[i] for i in chunk], [encoded.token_type_ids[i] for i in chunk], [0] * len(chunk)
-            )
+            part = Encoded([rows[i][0] for i in chunk], [rows[i][1] for i in chunk], [0] * len(chunk))
             chunk_probabilities = predict_probabilities(self.model, self.tokenizer.pad_token_id, part, self.max_padding)
             for i, p in zip(chunk, chunk_probabilities, strict=True):
                 probabilities[i] = p
         return [Answer(tuple(p), self.label_names) for p in probabilities]
 
-    def check_tokens(self, pairs: list[Pair], max_tokens: int) -> None:
-        """:class:`TooManyTokens` when ``pairs`` hold more than ``max_tokens`` tokens after truncation."""
-        self.encode_within(pairs, max_tokens)
-
-    def encode_within(self, pairs: list[Pair], max_tokens: int) -> tuple[Encoded, list[int]]:
+    def encode_pairs(self, pairs: list[Pair], max_tokens: int = 0) -> list[EncodedPair]:
+        """Each pair's token ids and token type ids, truncated as the model trained; :class:`TooManyTokens` when
+        they hold more than ``max_tokens`` tokens together (0: no limit)."""
         rows = [Example(idx=i, text=text, text_pair=pair, label=0) for i, (text, pair) in enumerate(pairs)]
         encoded = encode(self.tokenizer, rows, self.max_length)
-        lengths = [len(ids) for ids in encoded.input_ids]
-        if max_tokens and sum(lengths) > max_tokens:
-            raise TooManyTokens(sum(lengths), max_tokens)
-        return encoded, lengths
+        tokens = sum(len(ids) for ids in encoded.input_ids)
+        if max_tokens and tokens > max_tokens:
+            raise TooManyTokens(tokens, max_tokens)
+        return list(zip(encoded.input_ids, encoded.token_type_ids, strict=True))
 
 
 def token_chunks(lengths: list[int], chunk_tokens: int) -> list[list[int]]:

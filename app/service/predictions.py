@@ -30,8 +30,8 @@ class PredictionsMissing(LookupError):
 
 
 def read_job_predictions(job: Job, settings: Settings) -> list[dict]:
-    """The job's val predictions from its run folder, one dict per example: the local one where this host trained
-    it, else the run's copy on the MLflow tracking server (cached with its model)."""
+    """The job's val predictions (a batch prediction's rows) from its run folder, one dict per example: the local one
+    where this host ran it, else the run's copy on the MLflow tracking server (cached with its model)."""
     status = public_status(job)
     if status != "succeeded":
         raise PredictionsNotReady(f"job {job.id} is {status}; predictions exist once it has succeeded")

@@ -1,5 +1,5 @@
-"""The task an RQ worker runs. The API enqueues it by name (``app.service.tasks.train_job``), so web processes never
-import it, nor torch; a worker anywhere imports it when it takes a job.
+"""The tasks an RQ worker runs. The API enqueues them by name (``app.service.tasks.train_job``, ``predict_job``), so
+web processes never import them, nor torch; a worker anywhere imports them when it takes a job.
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ from rq.serializers import JSONSerializer
 
 from app.config import Settings, environment_with
 from app.engine import distributed, run_folder
-from app.engine.data import DatasetSpec
+from app.engine.data import DatasetSpec, Example, load_dataset
+from app.engine.evaluation import classification_metrics
 from app.engine.memory import keep_freed_memory_in_heap
 from app.engine.run import run_training
-from app.params import BUILTIN_DATASET, TrainParams
-from app.service import datasets
+from app.params import BUILTIN_DATASET, PredictionParams, TrainParams
+from app.service import batch_predictions, datasets
 from app.service.jobs import ProjectJob
-from app.service.model_access import resolve_for_training
+from app.service.model_access import fine_tuned_model, resolve_for_training
 from app.service.model_records import publishing_tracker
 from app.service.model_store import resume_or_start_over
 from app.service.redis_connection import connect_redis
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 
 # Progress is written to Redis at most this often (plus after every dev evaluation and the last step).
 PROGRESS_INTERVAL_S = 0.5
+# Rows a batch prediction scores per predict call (and progress report): /predict's largest request, so a row's
+# answer is the one /predict gives in a request of the same rows (bf16 sums shift with a pass's padding).
+SCORING_CHUNK_ROWS = 256
 # The live loss curve in the job's meta keeps at most this many points (every other one is dropped when full).
 CURVE_POINTS = 1000
 
@@ -55,6 +59,51 @@ def train_job(params_dict: dict) -> dict:
         params, settings, run_id=job.id, on_progress=ProgressReporter(job), tracker=tracker, dataset=dataset
     )
     return result.to_dict()
+
+
+def predict_job(params_dict: dict) -> dict:
+    """Score every row of a dataset's split with a fine-tuned model; write ``predictions.jsonl`` and ``metrics.json``
+    into ``ARTIFACTS_DIR/<job id>/`` and return the metrics (when the rows have labels)."""
+    from app.service.predict import load_predictor
+
+    settings = Settings()
+    job = get_current_job()
+    params = PredictionParams(**params_dict)
+    spec = dataset_of(TrainParams(dataset=params.dataset), settings, job.connection) or as_builtin(settings)
+    dataset = load_dataset(spec)
+    rows = dataset.val if params.split == "val" else dataset.train
+    folder = fine_tuned_model(params.model, settings)
+    predictor = load_predictor(folder, settings.predict_max_padding, settings.num_threads)
+    if predictor.label_names != dataset.label_names:  # checked at submit from config.json; here on the loaded model
+        raise batch_predictions.LabelsDiffer(
+            f"model {params.model} answers {predictor.label_names}, not {dataset.label_names}"
+        )
+    reporter = ScoringReporter(job, len(rows))
+    probabilities = []
+    for start in range(0, len(rows), SCORING_CHUNK_ROWS):
+        chunk = rows[start : start + SCORING_CHUNK_ROWS]
+        probabilities += [answer.scores for answer in predictor.predict([(r.text, r.text_pair) for r in chunk])]
+        reporter(len(probabilities))
+    run_dir = settings.artifacts_dir / job.id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_folder.write_scored_rows(run_dir, rows, dataset.label_names, probabilities)
+    metrics = scored_metrics(rows, probabilities, dataset.label_names)
+    summary = params.model_dump() | {"rows": len(rows)}
+    run_folder.write_metrics(run_dir, summary | (metrics or {}))  # last: its presence marks the folder finished
+    batch_predictions.publish(job.id, run_dir, settings, job.connection)
+    return summary | {"metrics": metrics}
+
+
+def as_builtin(settings: Settings) -> DatasetSpec:
+    return DatasetSpec(name=BUILTIN_DATASET, source=str(settings.data_dir), format="boolq")
+
+
+def scored_metrics(rows: list[Example], probabilities: list, label_names: tuple[str, ...]) -> dict | None:
+    """Accuracy, macro-F1 and the rest against the rows' labels; None when the rows have none."""
+    if not rows or any(row.label is None for row in rows):
+        return None
+    predictions = [max(range(len(p)), key=p.__getitem__) for p in probabilities]
+    return classification_metrics([row.label for row in rows], predictions, label_names)
 
 
 def train_on_ranks(job: Job, params: TrainParams, settings: Settings) -> dict:
@@ -99,6 +148,28 @@ def dataset_of(params: TrainParams, settings: Settings, connection) -> DatasetSp
     if params.dataset == BUILTIN_DATASET:
         return None
     return datasets.DatasetStore(settings, connection).spec_for_training(params)
+
+
+class ScoringReporter:
+    """A batch prediction's progress in the job's meta (``ScoringProgress``), throttled like training's."""
+
+    def __init__(self, job: Job, total_rows: int):
+        self.job = job
+        self.total_rows = total_rows
+        self.started = self.last_write = time.monotonic()
+
+    def __call__(self, rows: int) -> None:
+        now = time.monotonic()
+        if rows < self.total_rows and now - self.last_write < PROGRESS_INTERVAL_S:
+            return
+        progress = run_folder.ScoringProgress(rows, self.total_rows, rows / max(now - self.started, 1e-9))
+        self.job.meta["progress"] = asdict(progress)
+        try:
+            self.job.save_meta()
+        except (RedisConnectionError, RedisTimeoutError) as exc:  # a failover's gap: scoring goes on
+            log.warning("job %s: progress not saved, Redis unreachable: %s", self.job.id, exc)
+            return
+        self.last_write = now
 
 
 class ProgressReporter:

@@ -159,6 +159,17 @@ class MlflowRuns:
                 digest.update(chunk)
         return digest.hexdigest()
 
+    def publish_job_files(self, job_id: str, paths: list[Path]) -> str:
+        """A finished run of the job (tagged with its id, as a training run is) holding ``paths`` at the top level:
+        how a job that trains no model (a batch prediction) shares its files with other hosts; the run's id."""
+        experiment = self.client.get_experiment_by_name(self.experiment_name)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(self.experiment_name)
+        run = self.client.create_run(experiment_id, tags={RUN_ID_TAG: job_id}, run_name=f"predictions-{job_id[-6:]}")
+        for path in paths:
+            self.client.log_artifact(run.info.run_id, str(path))
+        self.client.set_terminated(run.info.run_id, "FINISHED")  # last: a finished run is a complete one
+        return run.info.run_id
+
     def publish_dataset(self, path: Path, sha256: str) -> str:
         """Upload a dataset file into a finished run of its own (experiment ``<experiment>-datasets``, tagged with
         the file's sha256), so workers on other hosts can fetch it; the run's id."""

@@ -157,6 +157,20 @@ def test_c_returns_the_predictions_a_wrote(cluster, tiny_job):
     assert answer.json()["predictions"] == written and len(written) == TINY_JOB["eval_limit"]
 
 
+def test_c_returns_the_rows_of_a_batch_prediction_a_ran(cluster, tiny_job):
+    a, c = cluster.hosts["A"], cluster.hosts["C"]
+    queued = requests.post(f"{cluster.url}/predictions", json={"model": tiny_job}, timeout=60)
+    assert queued.status_code == 202, queued.text
+    job_id = queued.json()["job_id"]
+    view = cluster.ended(job_id)
+    assert view["status"] == "succeeded", view["error"]
+    assert a.has_finished_run(job_id) and not (c.runs / job_id).exists()
+    answer = requests.get(f"{cluster.url}/jobs/{job_id}/predictions", timeout=60)
+    assert answer.status_code == 200, answer.text
+    written = [json.loads(line) for line in (a.runs / job_id / "predictions.jsonl").read_text().splitlines()]
+    assert answer.json()["predictions"] == written and len(written) == view["result"]["rows"] > 0
+
+
 def test_a_dataset_uploaded_at_c_is_trained_on_a_and_served_by_c_with_its_label_names(cluster, tmp_path):
     """The file travels through the MLflow server only: A's ARTIFACTS_DIR is not C's."""
     from tests.helpers import write_relation_pairs

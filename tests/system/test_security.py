@@ -269,7 +269,7 @@ def test_the_micro_batcher_honours_predict_max_tokens(tiny_run, redis_url, tmp_p
 def test_a_model_loading_does_not_stall_requests_for_a_loaded_one(tiny_run):
     import threading
 
-    from app.api.predict import PredictorCache
+    from app.service.serving import PredictorCache
 
     loaded_folder = Path(tiny_run[0].run_dir)
     slow_folder = Path("/nonexistent/slow-model")
