@@ -153,7 +153,8 @@ def test_mlflow_metric_history_has_loss_per_step_and_dev_accuracy_per_epoch(mlfl
 
 def test_mlflow_run_logs_the_data_splits_as_inputs_with_digests(mlflow_cli_run):
     from app.config import SAMPLE_DATA_DIR
-    from app.engine.data import digest, load_boolq
+    from app.engine.boolq import load_boolq
+    from app.engine.data import digest
 
     result, out = mlflow_cli_run
     run = mlflow_client(out).get_run(result["tracking"]["mlflow"]["mlflow_run_id"])
@@ -175,6 +176,7 @@ def test_mlflow_artifacts_hold_predictions_metrics_and_confusion_matrix_without_
         "params.json",
         "metrics.json",
         "confusion_matrix.json",
+        "per_class_metrics.json",
     }
     weights = list(out.rglob("model.safetensors"))
     assert [w.parent.parent.name for w in weights] == [result["run_id"]], weights  # one copy: the run folder's
@@ -200,7 +202,7 @@ def test_registered_model_version_has_metric_tags_and_loads_for_prediction(mlflo
     monkeypatch.setenv("MLFLOW_TRACKING_URI", local_store_uri(out))
     model_dir = download_artifacts("models:/boolq-bert/1", dst_path=str(tmp_path))
     (answer,) = Predictor(model_dir).predict([("is the sky blue", "The sky is blue on a clear day.")])
-    assert answer.label in ("no", "yes") and 0.5 <= answer.score <= 1.0
+    assert answer.to_dict()["label"] in ("no", "yes") and 0.5 <= answer.to_dict()["score"] <= 1.0
 
 
 def test_crashed_training_is_recorded_as_failed_in_mlflow(tmp_path):
@@ -329,6 +331,7 @@ def test_neptune_offline_run_keeps_copies_of_its_artifacts(neptune_run):
         "artifacts_params_json",
         "artifacts_metrics_json",
         "artifacts_confusion_matrix_json",
+        "artifacts_per_class_metrics_json",
     }
     assert (
         json.loads(files["artifacts_confusion_matrix_json"].read_text())["matrix"]
