@@ -93,8 +93,3 @@ def load_boolq_from_hub() -> Dataset:
         return [parse_example(dict(row), default_idx=i) for i, row in enumerate(split)]
 
     return boolq_dataset(f"hub:{HUB_DATASET}", convert(hub["train"]), convert(hub["validation"]))
-
-
-def as_pair(row: dict) -> tuple[str, str]:
-    """A ``/predict`` item in BoolQ's shape as a (text, text_pair) pair."""
-    return row["question"], row["passage"]

@@ -129,7 +129,7 @@ class DatasetStore:
         partial = self.files / f".partial-{uuid.uuid4().hex}.{fmt}"
         try:
             sha256, size = write_capped(stream, partial, self.settings.max_dataset_mb)
-            dataset_id = hashlib.sha256(f"{sha256}\n{mapping.model_dump_json()}".encode()).hexdigest()[:16]
+            dataset_id = id_of(sha256, mapping)
             existing = self.read(dataset_id)
             if existing is not None and (self.file_path(existing).is_file() or existing.mlflow_run_id):
                 return existing, False
@@ -313,6 +313,12 @@ def describe(
     )
 
 
+def id_of(content: str, mapping: ColumnMapping) -> str:
+    """A dataset's id: its content (the file's sha256, or a hub name) and its mapping, so the same file mapped
+    the same way is one dataset."""
+    return hashlib.sha256(f"{content}\n{mapping.model_dump_json()}".encode()).hexdigest()[:16]
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as data:
@@ -327,7 +333,7 @@ def local_file_spec(data: str, val_data: str | None, params: TrainParams) -> tup
     if data.startswith("hub:"):
         mapping = ColumnMapping(**params.column_mapping)
         spec = DatasetSpec(name=data, source=data, format="hub", **mapping.model_dump())
-        return spec, hashlib.sha256(f"{data}\n{mapping.model_dump_json()}".encode()).hexdigest()[:16]
+        return spec, id_of(data, mapping)
     path = Path(data).expanduser()
     if not path.is_file():
         raise DataError(f"--data: {path}: file not found")
@@ -338,7 +344,7 @@ def local_file_spec(data: str, val_data: str | None, params: TrainParams) -> tup
         **mapping.model_dump(),
     )  # fmt: skip
     load_dataset(spec, max_rows=0)  # every data problem now, named, before a model loads
-    dataset_id = hashlib.sha256(f"{sha256}\n{mapping.model_dump_json()}".encode()).hexdigest()[:16]
+    dataset_id = id_of(sha256, mapping)
     return spec, dataset_id
 
 

@@ -164,12 +164,18 @@ class ScoringReporter:
             return
         progress = run_folder.ScoringProgress(rows, self.total_rows, rows / max(now - self.started, 1e-9))
         self.job.meta["progress"] = asdict(progress)
-        try:
-            self.job.save_meta()
-        except (RedisConnectionError, RedisTimeoutError) as exc:  # a failover's gap: scoring goes on
-            log.warning("job %s: progress not saved, Redis unreachable: %s", self.job.id, exc)
-            return
-        self.last_write = now
+        if saved_meta(self.job):
+            self.last_write = now
+
+
+def saved_meta(job: Job) -> bool:
+    """Save the job's progress meta; False (logged) during a Redis failover's gap, when the work goes on unsaved."""
+    try:
+        job.save_meta()
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        log.warning("job %s: progress not saved, Redis unreachable: %s", job.id, exc)
+        return False
+    return True
 
 
 class ProgressReporter:
@@ -190,12 +196,8 @@ class ProgressReporter:
         latest = {key: value for key, value in asdict(progress).items() if key != "recent_losses"}  # in the curves
         self.job.meta["progress"] = latest
         self.job.meta["curves"] = self.curves
-        try:
-            self.job.save_meta()
-        except (RedisConnectionError, RedisTimeoutError) as exc:  # a failover's gap: training goes on
-            log.warning("job %s: progress not saved, Redis unreachable: %s", self.job.id, exc)
-            return
-        self.last_write = now
+        if saved_meta(self.job):
+            self.last_write = now
 
     def record(self, progress) -> None:
         if progress.dev_accuracy is not None:
