@@ -124,12 +124,18 @@ def client(settings):
 
 
 @pytest.fixture(scope="module")
-def behind_nginx(launcher, redis_url, tmp_path_factory):
-    """A real gunicorn replica behind the real nginx of the template (native layout); yields nginx's URL."""
+def replica_behind_nginx(launcher, redis_url, tmp_path_factory):
+    """A real gunicorn replica behind the real nginx of the template (native layout); yields both URLs."""
     folder = tmp_path_factory.mktemp("behind-nginx")
     api_url = launcher.server(service_settings(redis_url, folder), workers=1)
     with nginx_in_front(folder, api_url) as url:
-        yield url
+        yield api_url, url
+
+
+@pytest.fixture(scope="module")
+def behind_nginx(replica_behind_nginx):
+    """nginx's URL, in front of a real gunicorn replica."""
+    return replica_behind_nginx[1]
 
 
 @pytest.fixture(scope="module")

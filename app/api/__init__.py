@@ -18,6 +18,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     """Build the app from ``settings`` (default: the environment). Connects lazily: nothing blocks here."""
     from app.api import console, datasets, health, jobs, models, openapi, predict, predictions, sweeps
     from app.api.auth import refuse_foreign_origin
+    from app.api.body import discard_unread_body
     from app.api.context import Service
     from app.api.errors import register_error_handlers
     from app.api.metrics import ServiceMetrics
@@ -55,6 +56,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.before_request(refuse_foreign_origin)
     metrics.instrument(app)
     app.after_request(add_replica_header)
+    app.after_request(discard_unread_body)
     return app
 
 

@@ -6,6 +6,7 @@ limited with 429 JSON, and any over-limit body is a 413 JSON, chunked or not.
 
 from __future__ import annotations
 
+import http.client
 import socket
 import time
 
@@ -66,6 +67,30 @@ def test_any_over_limit_body_is_413_json(behind_nginx, chunked):
     except requests.ConnectionError:
         pytest.fail("nginx reset the connection instead of answering 413")
     assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
+
+
+@pytest.mark.parametrize(
+    ("status", "content_type", "size"),
+    [(413, "application/json", 1_400_000), (415, "text/plain", 900_000)],
+    ids=["413-over-max-content-length", "415-not-json"],
+)
+def test_a_body_the_replica_refuses_unread_leaves_its_connection_usable(
+    replica_behind_nginx, status, content_type, size
+):
+    """The replica answers without reading the body, then drains it: closing on unread bytes resets the connection,
+    and nginx, still sending the body, turned the 4xx into a 502 (schemathesis through nginx in CI)."""
+    host, port = replica_behind_nginx[0].removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=20)
+    connection.request("POST", "/predict", body=b"0" * size, headers={"Content-Type": content_type})
+    refused = connection.getresponse()
+    assert refused.status == status and b'"error"' in refused.read()
+    try:
+        connection.request("GET", "/healthz")
+        assert connection.getresponse().status == 200
+    except (ConnectionError, http.client.HTTPException) as exc:
+        pytest.fail(f"the replica closed the connection on the unread body: {exc!r}")
+    finally:
+        connection.close()
 
 
 def test_a_dataset_uploads_through_nginx_above_the_json_limit_and_a_larger_one_is_413_json(behind_nginx):
