@@ -39,6 +39,16 @@ class TrainParams(BaseModel):
     batch_size: Annotated[StrictInt, Field(ge=1, le=512, description="Examples per optimisation step.")] = 32
     lr: Annotated[Number, Field(gt=0, le=1, description="AdamW learning rate.")] = 5e-5
     eps: Annotated[Number, Field(gt=0, le=1e-2, description="AdamW epsilon.")] = 1e-8
+    weight_decay: Annotated[Number, Field(ge=0, le=1, description="AdamW weight decay (torch's default).")] = 0.01
+    layer_lr_decay: Annotated[
+        Number,
+        Field(
+            gt=0,
+            le=1,
+            description="Layer-wise learning-rate decay: each layer below the top trains at this times the lr of "
+            "the one above (1: one lr for all).",
+        ),
+    ] = 1.0
     epochs: Annotated[StrictInt, Field(ge=1, le=100, description="Passes over the training split.")] = 2
     model: Annotated[
         str,

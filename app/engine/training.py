@@ -12,6 +12,7 @@ import contextlib
 import logging
 import pickle
 import random
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -622,7 +623,29 @@ def restore_numpy_rng(state: dict) -> None:
 def make_optimizer(model: torch.nn.Module, params: TrainParams, fused: bool = True) -> torch.optim.Optimizer:
     # fused: one kernel over all parameters instead of ~10 elementwise passes each (~3x faster optimizer step
     # on CPU alone; within a whole training step the gain is small once freed memory is reused, bench/README.md).
-    return torch.optim.AdamW(model.parameters(), lr=params.lr, eps=params.eps, fused=fused)
+    groups = layer_groups(model, params.lr, params.layer_lr_decay)
+    return torch.optim.AdamW(groups, lr=params.lr, eps=params.eps, weight_decay=params.weight_decay, fused=fused)
+
+
+# ``encoder.layer.3.`` (BERT, MiniLM), ``layers.3.`` (DistilBERT-style and others): the transformer block's number.
+LAYER_NUMBER = re.compile(r"\.layers?\.(\d+)\.")
+
+
+def layer_groups(model: torch.nn.Module, lr: float, decay: float) -> list[dict]:
+    """Parameter groups for layer-wise lr decay: the head and pooler at ``lr``, block i of n at
+    ``lr * decay ** (n - i)``, the embeddings at ``lr * decay ** (n + 1)``. One group when ``decay`` is 1."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if decay == 1.0:
+        return [{"params": [p for _, p in named]}]
+    depth = {name: int(m.group(1)) + 1 if (m := LAYER_NUMBER.search(name)) else None for name, _ in named}
+    top = max((d for d in depth.values() if d is not None), default=0) + 1
+    for name in depth:
+        if depth[name] is None:
+            depth[name] = 0 if "embeddings" in name else top
+    by_depth: dict[int, list] = {}
+    for name, p in named:
+        by_depth.setdefault(depth[name], []).append(p)
+    return [{"params": ps, "lr": lr * decay ** (top - d)} for d, ps in sorted(by_depth.items())]
 
 
 def train_step(

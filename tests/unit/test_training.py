@@ -334,3 +334,20 @@ def test_boolq_as_a_file_of_its_own_trains_to_exactly_the_built_in_entrys_number
     assert generic.metrics["loss_curve"] == pytest.approx(builtin.metrics["loss_curve"], abs=1e-6)
     assert generic.metrics["dev_accuracy_per_epoch"] == builtin.metrics["dev_accuracy_per_epoch"]
     assert generic.accuracy == builtin.accuracy and generic.predictions == builtin.predictions
+
+
+def test_layer_wise_lr_decay_gives_each_block_its_lr_and_decay_1_keeps_one_group():
+    from app.engine.training import make_optimizer
+
+    model = tiny_bert()  # 3 blocks: embeddings at lr * 0.5**4, block i at lr * 0.5**(3 - i), head at lr
+    optimizer = make_optimizer(model, TrainParams(lr=1e-3, layer_lr_decay=0.5, weight_decay=0.05), fused=False)
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    named = dict(model.named_parameters())
+    assert len(lr_of) == len(named)
+    assert lr_of[id(named["classifier.weight"])] == lr_of[id(named["bert.pooler.dense.weight"])] == 1e-3
+    assert lr_of[id(named["bert.encoder.layer.2.output.dense.weight"])] == 1e-3 * 0.5
+    assert lr_of[id(named["bert.encoder.layer.0.attention.self.query.weight"])] == 1e-3 * 0.5**3
+    assert lr_of[id(named["bert.embeddings.word_embeddings.weight"])] == 1e-3 * 0.5**4
+    assert {group["weight_decay"] for group in optimizer.param_groups} == {0.05}
+    plain = make_optimizer(model, TrainParams(lr=1e-3), fused=False)
+    assert len(plain.param_groups) == 1 and plain.param_groups[0]["weight_decay"] == 0.01  # torch's default, as before
