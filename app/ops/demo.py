@@ -99,13 +99,16 @@ def train_through_service(base: str, options: DemoOptions) -> dict:
     response = requests.post(f"{base}/train", params={"wait": "true"}, json=options.train, timeout=options.wait_s + 60)
     answer = response.json()
     if response.status_code == 200 and answer.get("status") == "succeeded":
-        return {"job_id": answer["job_id"], "accuracy": answer["accuracy"], "metrics": answer["metrics"]}
+        print("== the service answered HTTP 200 with the finished job")
+        return {key: answer.get(key) for key in ("job_id", "accuracy", "metrics", "tracking")}
     if response.status_code != 202:
         raise DemoError(f"training did not succeed: HTTP {response.status_code} {json.dumps(answer)[:500]}")
+    print("== the service answered HTTP 202 (the job outlived MAX_WAIT); following it on GET /jobs/<id>")
     view = follow_job(base, answer["job_id"], options.wait_s)
     if view["status"] != "succeeded":
         raise DemoError(f"job {view['job_id']} ended {view['status']}: {json.dumps(view.get('error'))}")
-    return {"job_id": view["job_id"], "accuracy": view["result"]["accuracy"], "metrics": view["result"]["metrics"]}
+    result = view["result"]
+    return {"job_id": view["job_id"]} | {key: result.get(key) for key in ("accuracy", "metrics", "tracking")}
 
 
 def follow_job(base: str, job_id: str, wait_s: float) -> dict:
@@ -129,7 +132,17 @@ def describe_result(result: dict) -> str:
     line += f" against {metrics['majority_baseline']:.4f} for always answering the majority class"
     if not metrics.get("learned", True):
         line += "\n   WARNING: the model learned nothing (400 rows are too few to learn BoolQ; `make demo-full` learns)"
-    return line
+    return line + "\n" + describe_tracking(result.get("tracking") or {})
+
+
+def describe_tracking(tracking: dict) -> str:
+    """Where the run went (MLflow run and registered version), and every tracking error: the default path tracks."""
+    mlflow = tracking.get("mlflow") or {}
+    line = f"== tracked in MLflow: run {mlflow.get('mlflow_run_id')}"
+    if mlflow.get("model_version"):
+        line += f", registered as {mlflow['model_name']} version {mlflow['model_version']}"
+    errors = tracking.get("errors") or {}
+    return line + "".join(f"\n   WARNING: tracking with {name} failed: {error}" for name, error in errors.items())
 
 
 def ask_one_pair(base: str) -> dict:

@@ -11,7 +11,11 @@ import socket
 import subprocess
 import sys
 
+from mlflow.tracking import MlflowClient
+
+from app.engine.evaluation import LEARNED_MARGIN
 from app.ops.stack import free_ports
+from app.tracking.mlflow_tracker import RUN_ID_TAG, local_store
 from tests.helpers import REPO_ROOT
 
 
@@ -23,6 +27,7 @@ def test_the_demo_trains_through_nginx_answers_one_question_and_stops_the_stack(
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
 
+    assert "== the service answered HTTP 200 with the finished job" in log, log[-3000:]  # wait=true, not the 202 path
     trained = re.search(r"job (\S+) succeeded: val accuracy ([\d.]+) against ([\d.]+) for always answering", log)
     assert trained, log[-3000:]
     job_id, accuracy, majority = trained.group(1), float(trained.group(2)), float(trained.group(3))
@@ -30,7 +35,20 @@ def test_the_demo_trains_through_nginx_answers_one_question_and_stops_the_stack(
     assert accuracy == round(sum(r["label"] == r["prediction"] for r in rows) / len(rows), 4)
     labels = [r["label"] for r in rows]
     assert majority == round(max(labels.count(0), labels.count(1)) / len(labels), 4)
-    assert re.search(r"is the sky blue\? (yes|no) \(score [\d.]+, model \S+\)", log), log[-3000:]
+    warned = "WARNING: the model learned nothing" in log
+    assert warned == (accuracy <= majority + LEARNED_MARGIN), log[-3000:]  # the warning exactly when it learned nothing
+
+    assert "WARNING: tracking" not in log, log[-3000:]
+    tracked = re.search(r"== tracked in MLflow: run (\w+), registered as (\S+) version (\d+)", log)
+    assert tracked, log[-3000:]
+    client = MlflowClient(local_store(tmp_path / "runs")[0])  # the default: MLflow's local store under ARTIFACTS_DIR
+    run = client.get_run(tracked.group(1))
+    assert run.info.status == "FINISHED" and run.data.tags[RUN_ID_TAG] == job_id
+    version = client.get_model_version(tracked.group(2), tracked.group(3))
+    assert version.run_id == run.info.run_id
+
+    answered = re.search(r"is the sky blue\? (yes|no) \(score [\d.]+, model (\S+)\)", log)
+    assert answered and answered.group(2) == job_id, log[-3000:]  # /predict serves the model the demo trained
     assert "stack stopped" in log
 
     with socket.socket() as probe:  # nginx is gone: nothing answers on the demo's port
