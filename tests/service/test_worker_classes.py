@@ -42,11 +42,11 @@ def test_an_unknown_accelerator_is_422_naming_the_field(redis_url, tmp_path):
 def test_a_cpu_worker_runs_cpu_then_any_jobs_and_never_takes_a_gpu_job(launcher, redis_url, tmp_path):
     settings = service_settings(redis_url, tmp_path, device="cpu")  # a CPU worker even on a machine with a GPU
     url = launcher.server(settings, workers=1)
-    worker = launcher.worker(settings)
-    gpu, cpu, anywhere = (
+    gpu, anywhere, cpu = (  # queued before any worker runs, the any job before the cpu job
         requests.post(f"{url}/train", json=TINY_JOB | {"accelerator": a}, timeout=30).json()["job_id"]
-        for a in ("gpu", "cpu", "any")
+        for a in ("gpu", "any", "cpu")
     )
+    worker = launcher.worker(settings)
     for job_id in (cpu, anywhere):
         wait_for(lambda j=job_id: job(url, j)["status"] not in ("queued", "running"), 180, f"job {job_id}")
         assert job(url, job_id)["status"] == "succeeded", job(url, job_id)
@@ -58,7 +58,7 @@ def test_a_cpu_worker_runs_cpu_then_any_jobs_and_never_takes_a_gpu_job(launcher,
     workers = dict(re.findall(r'boolq_workers\{accelerator="(\w+)"\} (\S+)', metrics))
     assert workers == {"any": "1.0", "cpu": "1.0", "gpu": "0.0"}
     queue = jobs.training_queue(settings, jobs.connect_redis(settings))
-    # The worker takes its class's queue first: the cpu job ran, then the any job; both are listed, newest first.
+    # The worker takes its class's queue first: the cpu job ran, then the any job queued before it; newest first.
     assert jobs.latest_succeeded_job_id(queue) == anywhere
     succeeded, total = jobs.recent_jobs_with_status(queue, "succeeded", page=1, per_page=20)
     assert [j.id for j in succeeded] == [anywhere, cpu] and total == 2

@@ -111,6 +111,8 @@ def test_readme_service_and_deploy_blocks_run_as_pasted(readme_stack):
         ran.append(out)
         if "wait=true" in block:  # each training block's own output says its job succeeded (not a 202 or a 4xx)
             assert re.search(r'"status":\s*"succeeded"|^succeeded ', out, flags=re.MULTILINE), out[-2000:]
+            if "tracking errors:" in block:  # tracked with the default MLflow store: a failure shows as an error
+                assert re.search(r"tracking errors: \{\}$", out, flags=re.MULTILINE), out[-2000:]
     assert len(ran) >= 2
 
 
