@@ -77,6 +77,11 @@ class Settings(BaseSettings):
     tracker: str = "mlflow"
     # MLflow tracking URI; empty = SQLite store under ARTIFACTS_DIR/mlflow.
     mlflow_tracking_uri: str = ""
+    # The user and password of a tracking server behind MLflow's basic-auth app (MLflow's client reads the same two
+    # variables itself). `python -m app stack --mlflow` makes its server's admin with them, or with a password of
+    # its own kept in its state folder, and gives them to its processes.
+    mlflow_tracking_username: str = ""
+    mlflow_tracking_password: str = Field("", repr=False)
     # With an http(s) MLFLOW_TRACKING_URI, models come from the server into this cache on hosts that did not train
     # them (empty = ARTIFACTS_DIR/.model-cache), least recently used first evicted above MODEL_CACHE_MAX_MB.
     model_cache_dir: Path | None = None

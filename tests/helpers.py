@@ -94,7 +94,9 @@ def wait_for(condition, timeout_s: float, what: str, interval_s: float = 0.2):
 
 @dataclass
 class MlflowServer:
-    """``mlflow server --serve-artifacts`` on a SQLite store in ``folder``; stopped and started again on its port."""
+    """``mlflow server --serve-artifacts`` on a SQLite store in ``folder``; stopped and started again on its port.
+    Open to anyone on its port, without the stack's basic auth (tests/system/test_mlflow_auth.py): the trust tests
+    play whoever reached the server."""
 
     folder: Path
     port: int
@@ -111,7 +113,7 @@ class MlflowServer:
 
         log = (self.folder / "server.log").open("a")
         self.process = subprocess.Popen(
-            mlflow_server_argv(self.folder, self.port),
+            mlflow_server_argv(self.folder, self.port, authenticated=False),
             env=os.environ | SERVER_ENV,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import redis
@@ -34,8 +34,21 @@ from rq import Worker
 
 from app.config import PROJECT_ROOT, Settings, environment_with
 from app.engine.lifetime import die_with_parent
-from app.ops.mlflow_server import SERVER_ENV, mlflow_server_argv, server_answers
+from app.ops.mlflow_server import (
+    CREDENTIALS_NAME,
+    SERVER_ENV,
+    ServerCredentials,
+    change_password,
+    credentials_accepted,
+    mlflow_server_argv,
+    new_credentials,
+    read_credentials,
+    save_credentials,
+    server_answers,
+    server_environment,
+)
 from app.ops.nginx_config import native_layout, render_nginx_conf
+from app.ops.private_files import write_private
 from app.ops.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -75,6 +88,8 @@ class Child:
     argv: list[str]
     log_path: Path
     url: str = ""
+    # Variables of this child alone, over the stack's (the MLflow server's auth config).
+    own_env: dict[str, str] = field(default_factory=dict, repr=False)
     process: subprocess.Popen | None = field(default=None, repr=False)
     exit_code: int | None = None
     restarts: int = 0
@@ -88,7 +103,7 @@ class Child:
             self.process = subprocess.Popen(
                 self.argv,
                 cwd=PROJECT_ROOT,
-                env=env,
+                env=env | self.own_env,
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
@@ -181,6 +196,8 @@ class Stack:
         self.children: list[Child] = []
         self.redis_url = ""
         self.mlflow_url = ""
+        self.mlflow_dir = self.state_dir / "mlflow"
+        self.mlflow_credentials: ServerCredentials | None = None
         self.env: dict[str, str] = {}
         self.supervisor = Supervisor(self.restart_child)
 
@@ -215,16 +232,7 @@ class Stack:
             )
         )
         if self.options.mlflow:
-            self.mlflow_url = f"http://127.0.0.1:{mlflow_port}"
-            self.children.append(
-                Child(
-                    "mlflow",
-                    "mlflow",
-                    mlflow_server_argv(self.state_dir / "mlflow", mlflow_port),
-                    self.logs_dir / "mlflow.log",
-                    url=self.mlflow_url,
-                )
-            )
+            self.plan_mlflow(mlflow_port)
         api_ports = ports[: self.options.replicas]
         for number, port in enumerate(api_ports, start=1):
             serve = ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(self.options.web_workers)]
@@ -251,6 +259,28 @@ class Stack:
         nginx_argv += ["-e", str(self.logs_dir / "nginx-error.log"), "-g", "daemon off;"]
         self.children.append(Child("nginx", "nginx", nginx_argv, self.logs_dir / "nginx.log", url=self.url))
 
+    def plan_mlflow(self, port: int) -> None:
+        """The tracking server on loopback behind MLflow's basic-auth app: only the stack's processes, which get its
+        admin credentials, get in. They are made once per state folder (from MLFLOW_TRACKING_USERNAME/PASSWORD when
+        set, else random) and kept there, before the server first starts, so its auth database never outlives them."""
+        self.mlflow_url = f"http://127.0.0.1:{port}"
+        self.mlflow_credentials = read_credentials(self.mlflow_dir)
+        if self.mlflow_credentials is None:
+            self.mlflow_credentials = new_credentials(
+                self.settings.mlflow_tracking_username, self.settings.mlflow_tracking_password
+            )
+            save_credentials(self.mlflow_dir, self.mlflow_credentials)
+        self.children.append(
+            Child(
+                "mlflow",
+                "mlflow",
+                mlflow_server_argv(self.mlflow_dir, port),
+                self.logs_dir / "mlflow.log",
+                url=self.mlflow_url,
+                own_env=server_environment(self.mlflow_dir, self.mlflow_credentials),
+            )
+        )
+
     def write_nginx_conf(self, api_addresses: list[str]) -> Path:
         layout = native_layout(
             f"{self.options.host}:{self.options.port}", api_addresses, self.state_dir, self.settings.max_dataset_mb
@@ -271,15 +301,40 @@ class Stack:
         self.wait_until("redis answers PING", self.redis_answers, self.of_role("redis"))
         if self.mlflow_url:
             self.wait_until("the MLflow server answers /health", self.mlflow_answers, self.of_role("mlflow"))
+            self.check_mlflow_credentials()
+            env = self.env = self.child_environment()  # with the settled credentials
         self.start_children(self.of_role("api") + self.of_role("worker"), env)
         self.wait_until("every API replica answers /healthz", self.replicas_healthy, self.of_role("api"))
         self.wait_until("every worker is registered", self.workers_registered, self.of_role("worker"))
         self.start_children(self.of_role("nginx"), env)
         self.wait_until("nginx answers /healthz", self.nginx_healthy, self.of_role("nginx"))
 
+    def check_mlflow_credentials(self) -> None:
+        """Settle the password the children log in with: MLFLOW_TRACKING_PASSWORD when set (the admin's password is
+        changed to it, from the kept one: a rotation), else the kept one. Fails now, saying so, rather than let
+        every job fail on a 401."""
+        kept = self.mlflow_credentials
+        wanted = replace(kept, password=self.settings.mlflow_tracking_password or kept.password)
+        if credentials_accepted(self.mlflow_url, wanted):
+            pass
+        elif wanted != kept and credentials_accepted(self.mlflow_url, kept):
+            change_password(self.mlflow_url, kept, wanted.password)
+            log.info("the MLflow admin %r now has the password MLFLOW_TRACKING_PASSWORD gives", kept.username)
+        else:
+            raise StackError(
+                f"the MLflow server refuses user {kept.username!r} with the password of MLFLOW_TRACKING_PASSWORD or "
+                f"of {self.mlflow_dir / CREDENTIALS_NAME}; set MLFLOW_TRACKING_PASSWORD to its current password"
+            )
+        if wanted != kept:
+            save_credentials(self.mlflow_dir, wanted)
+        self.mlflow_credentials = wanted
+
     def child_environment(self) -> dict[str, str]:
-        """What every child gets: the stack's Redis and folder, and its MLflow server when it runs one."""
-        tracking = {"MLFLOW_TRACKING_URI": self.mlflow_url} | SERVER_ENV if self.mlflow_url else {}
+        """What every child gets: the stack's Redis and folder, and its MLflow server and credentials when it runs
+        one."""
+        tracking = {}
+        if self.mlflow_url:
+            tracking = {"MLFLOW_TRACKING_URI": self.mlflow_url} | SERVER_ENV | self.mlflow_credentials.client_env()
         return environment_with(
             REDIS_URL=self.redis_url, ARTIFACTS_DIR=str(self.artifacts_dir), PYTHONUNBUFFERED="1", **tracking
         )
@@ -345,6 +400,8 @@ class Stack:
             "redis_url": self.of_role("redis")[0].url,  # no password: redis_url_file holds the full URL
             "redis_url_file": str(self.state_dir / REDIS_URL_FILE_NAME),
             "mlflow_url": self.mlflow_url,
+            # The server's admin credentials (JSON, readable by the stack's user alone).
+            "mlflow_credentials_file": str(self.mlflow_dir / CREDENTIALS_NAME) if self.mlflow_url else "",
             "artifacts_dir": str(self.artifacts_dir),
             "state_dir": str(self.state_dir),
             "nginx_conf": str(self.state_dir / "nginx.conf"),
@@ -363,6 +420,7 @@ class Stack:
         lines.append(f"  {'artifacts':<14} {self.artifacts_dir}")
         if self.mlflow_url:
             lines.append(f"  {'models via':<14} MLflow at {self.mlflow_url} (MLFLOW_TRACKING_URI of every process)")
+            lines.append(f"  {'MLflow login':<14} {self.mlflow_dir / CREDENTIALS_NAME} (user and password)")
         lines.append(f"  {'state':<14} {self.state_file}")
         lines.append(f"Try: curl {self.url}/healthz")
         return "\n".join(lines)
@@ -377,14 +435,6 @@ class Stack:
         with contextlib.suppress(FileNotFoundError):
             self.state_file.unlink()
         log.info("stack stopped; no process left")
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to a file only its owner may read (created 0600, never world-readable in between)."""
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(descriptor, 0o600)  # an existing file keeps its mode through O_CREAT
-    with os.fdopen(descriptor, "w") as file:
-        file.write(text)
 
 
 def answers_healthz(base_url: str) -> bool:

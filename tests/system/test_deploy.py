@@ -21,6 +21,7 @@ import requests
 import yaml
 
 from app.config import Settings
+from app.ops.mlflow_server import AUTH_CONFIG, CREDENTIALS_NAME
 from app.ops.nginx_config import COMPOSE_CONF_PATH, compose_layout, native_layout, render_nginx_conf
 from app.ops.stack import Stack, StackOptions, find_binary, free_ports
 
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 LOCAL_IMAGES_ENV = ROOT / "deploy" / "local-images.env"
 MLFLOW_OVERRIDE = ROOT / "deploy" / "compose-mlflow.yml"
+MLFLOW_UI_OVERRIDE = ROOT / "deploy" / "compose-mlflow-ui.yml"
 NGINX_START = ROOT / "nginx" / "start.sh"
 
 
@@ -125,13 +127,15 @@ def test_compose_refuses_to_start_without_a_secret_naming_it(missing):
     assert proc.returncode != 0 and f"set {missing}" in proc.stderr, proc.stderr
 
 
-def test_compose_is_closed_by_default_token_set_hub_offline_mlflow_on_loopback_only():
+def test_compose_is_closed_by_default_token_set_hub_offline_mlflow_unpublished():
     env = os.environ | SECRETS | {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}
     services = yaml.safe_load(docker_compose("--profile", "mlflow", "config", env=env).stdout)["services"]
     for name in ("api", "worker"):
         assert services[name]["environment"]["API_TOKEN"] == "t0ken"
         assert services[name]["environment"]["HF_HUB_OFFLINE"] == "1"
-    assert published(services["mlflow"]) == [("127.0.0.1", "5500")]
+    assert published(services["mlflow"]) == []
+    with_ui = docker_compose("-f", str(MLFLOW_UI_OVERRIDE), "--profile", "mlflow", "config", env=env)
+    assert published(yaml.safe_load(with_ui.stdout)["services"]["mlflow"]) == [("127.0.0.1", "5500")]
     wide = os.environ | SECRETS | {"BIND_ADDRESS": "0.0.0.0"}
     assert published(yaml.safe_load(docker_compose("config", env=wide).stdout)["services"]["nginx"]) == [
         ("0.0.0.0", "4000")
@@ -191,6 +195,29 @@ def test_with_the_mlflow_override_api_and_workers_share_no_volume_and_log_to_the
     assert mounts(services["mlflow"]) == [("mlflow-data", "/data/mlflow")]
 
 
+def test_compose_mlflow_asks_for_the_password_the_service_logs_in_with():
+    env = os.environ | SECRETS | {"MLFLOW_TRACKING_PASSWORD": "mlflow-pw", "MLFLOW_FLASK_SERVER_SECRET_KEY": "key"}
+    proc = docker_compose("-f", str(MLFLOW_OVERRIDE), "--profile", "mlflow", "--profile", "gpu", "config", env=env)
+    services = yaml.safe_load(proc.stdout)["services"]
+    server = services["mlflow"]
+    assert {"--app-name=basic-auth", "--workers=1"} <= set(server["command"])
+    environment = server["environment"]
+    assert environment["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    assert (environment["MLFLOW_AUTH_ADMIN_PASSWORD"], environment["MLFLOW_FLASK_SERVER_SECRET_KEY"]) == (
+        "mlflow-pw",
+        "key",
+    )
+    # The image holds app/ as /srv/app (Dockerfile): the config the server reads is the committed one.
+    config = Path(environment["MLFLOW_AUTH_CONFIG_PATH"])
+    assert (ROOT / config.relative_to("/srv")).read_text() == AUTH_CONFIG.read_text()
+    for name in ("api", "worker", "worker-gpu"):
+        login = services[name]["environment"]
+        assert (login["MLFLOW_TRACKING_USERNAME"], login["MLFLOW_TRACKING_PASSWORD"]) == (
+            environment["MLFLOW_AUTH_ADMIN_USERNAME"],
+            "mlflow-pw",
+        ), name
+
+
 def test_stack_with_mlflow_plans_a_tracking_server_with_served_artifacts_and_points_every_process_at_it(tmp_path):
     stack = Stack(
         StackOptions(replicas=1, workers=1, mlflow=True, port=free_ports(1)[0]), Settings(artifacts_dir=tmp_path)
@@ -202,6 +229,14 @@ def test_stack_with_mlflow_plans_a_tracking_server_with_served_artifacts_and_poi
     assert server.argv[server.argv.index("--backend-store-uri") + 1] == f"sqlite:///{store / 'mlflow.db'}"
     assert server.argv[server.argv.index("--artifacts-destination") + 1] == str(store / "artifacts")
     assert stack.child_environment()["MLFLOW_TRACKING_URI"] == server.url == stack.mlflow_url
+    # Behind MLflow's basic auth, on loopback; the children log in as its admin.
+    assert server.argv[server.argv.index("--app-name") + 1] == "basic-auth"
+    assert server.argv[server.argv.index("--host") + 1] == "127.0.0.1" and server.url.startswith("http://127.0.0.1:")
+    assert server.own_env["MLFLOW_AUTH_CONFIG_PATH"] == str(store / AUTH_CONFIG.name)
+    assert server.own_env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    login = json.loads((store / CREDENTIALS_NAME).read_text())
+    assert stack.child_environment()["MLFLOW_TRACKING_PASSWORD"] == login["password"]
+    assert server.own_env["MLFLOW_AUTH_ADMIN_PASSWORD"] == login["password"] and len(login["password"]) >= 24
 
     plain = Stack(StackOptions(replicas=1, workers=1, port=free_ports(1)[0]), Settings(artifacts_dir=tmp_path / "p"))
     plain.plan()

@@ -15,10 +15,12 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
+from app.ops.mlflow_server import AUTH_CONFIG
 from tests.helpers import REPO_ROOT
 
 K8S = REPO_ROOT / "deploy" / "k8s"
@@ -32,9 +34,22 @@ CLUSTER_SCOPED = {"Namespace"}
 RELEASE = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
 
 
-# What a deployment fills into base/secret.env (the committed example leaves both empty).
+# What a deployment fills into base/secret.env (the committed example leaves every value empty).
 # A base64 value ends in "=": the pods must not take it for an empty one.
-SECRETS = {"API_TOKEN": "t0ken", "REDIS_PASSWORD": "s3cretpw=="}
+SECRETS = {
+    "API_TOKEN": "t0ken",
+    "REDIS_PASSWORD": "s3cretpw==",
+    "MLFLOW_TRACKING_PASSWORD": "mlfl0w-pw",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY": "k3y",
+}
+SERVICE_PODS = {"boolq-api", "boolq-worker", "boolq-gpu-worker"}
+# Which pods need each secret, so refuse to start without it.
+NEEDED_BY = {
+    "API_TOKEN": SERVICE_PODS,
+    "REDIS_PASSWORD": SERVICE_PODS,
+    "MLFLOW_TRACKING_PASSWORD": SERVICE_PODS | {"boolq-mlflow"},
+    "MLFLOW_FLASK_SERVER_SECRET_KEY": {"boolq-mlflow"},
+}
 
 
 def copy_tree(folder: Path, secrets: dict[str, str] = SECRETS) -> Path:
@@ -103,8 +118,11 @@ def test_strict_validation_rejects_a_misspelt_field(rendered, tmp_path):
     assert validate(manifest).returncode != 0
 
 
+WORKLOADS = ("Deployment", "StatefulSet")
+
+
 def pod_specs(documents: list[dict]) -> dict[str, dict]:
-    return {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in documents if d["kind"] == "Deployment"}
+    return {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in documents if d["kind"] in WORKLOADS}
 
 
 def images(documents: list[dict]) -> dict[str, str]:
@@ -177,7 +195,7 @@ def selects(selector: dict, labels: dict) -> bool:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_deployment_has_startup_and_liveness_probes_and_a_disruption_budget(rendered, overlay):
     budgets = [d["spec"] for d in rendered[overlay] if d["kind"] == "PodDisruptionBudget"]
-    for deployment in (d for d in rendered[overlay] if d["kind"] == "Deployment"):
+    for deployment in (d for d in rendered[overlay] if d["kind"] in WORKLOADS):
         name, template = deployment["metadata"]["name"], deployment["spec"]["template"]
         for container in template["spec"]["containers"]:
             assert {"startupProbe", "livenessProbe"} <= set(container), name
@@ -188,9 +206,8 @@ def test_every_deployment_has_startup_and_liveness_probes_and_a_disruption_budge
             assert budget["minAvailable"] >= 1
 
 
-# Pods that are not the service's, with the labels their Helm charts give them (docs/cluster.md's releases).
+# Redis's pods, with the labels its Helm chart gives them (docs/cluster.md's release).
 REDIS_POD = ("boolq", {"app.kubernetes.io/name": "redis", "app.kubernetes.io/instance": "boolq-redis"})
-MLFLOW_POD = ("boolq", {"app.kubernetes.io/name": "mlflow", "app.kubernetes.io/instance": "boolq-mlflow"})
 INGRESS_CONTROLLER = (
     "ingress-nginx",
     {"app.kubernetes.io/name": "ingress-nginx", "app.kubernetes.io/component": "controller"},
@@ -239,8 +256,11 @@ def test_network_policies_let_only_the_service_reach_redis_and_mlflow_and_only_t
         for d in documents
         if d["kind"] == "Deployment"
     }
+    [mlflow_pod] = [
+        (namespace, d["spec"]["template"]["metadata"]["labels"]) for d in documents if d["kind"] == "StatefulSet"
+    ]
     for name, pod in pods.items():
-        for store in (REDIS_POD, MLFLOW_POD):
+        for store in (REDIS_POD, mlflow_pod):
             assert admits(documents, pod, store), f"{name} cannot reach {store}"
             assert not admits(documents, INGRESS_CONTROLLER, store)
         assert admits(documents, INGRESS_CONTROLLER, pod) is (name == "boolq-api"), name
@@ -248,7 +268,7 @@ def test_network_policies_let_only_the_service_reach_redis_and_mlflow_and_only_t
             assert not admits(documents, pods[other], pod), f"{other} reaches {name}"
     assert admits(documents, REDIS_POD, REDIS_POD)  # replication and Sentinels
     for stranger, source in STRANGERS.items():
-        for target in (*pods.values(), REDIS_POD, MLFLOW_POD):
+        for target in (*pods.values(), REDIS_POD, mlflow_pod):
             assert not admits(documents, source, target), f"{stranger} reaches {target}"
 
 
@@ -288,7 +308,12 @@ def test_only_the_gpu_overlay_has_a_worker_asking_for_a_gpu(rendered):
         }
 
     assert set(gpus(rendered["cpu"]).values()) == {None}
-    assert gpus(rendered["gpu"]) == {"boolq-api": None, "boolq-worker": None, "boolq-gpu-worker": 1}
+    assert gpus(rendered["gpu"]) == {
+        "boolq-api": None,
+        "boolq-worker": None,
+        "boolq-gpu-worker": 1,
+        "boolq-mlflow": None,
+    }
     env = {e["name"]: e["value"] for e in pod_specs(rendered["gpu"])["boolq-worker"]["containers"][0]["env"]}
     assert env["DEVICE"] == "cpu"  # the base's worker stays of the cpu class beside the GPU workers
 
@@ -343,14 +368,19 @@ def start_pod(documents: list[dict], deployment: str) -> subprocess.CompletedPro
         for source in container.get("envFrom", []):
             [(kind, ref)] = source.items()
             env |= values[kind, ref["name"]]
-        env |= {e["name"]: e["value"] for e in container.get("env", [])}
+        for entry in container.get("env", []):
+            if "value" in entry:
+                env[entry["name"]] = entry["value"]
+            else:
+                [(kind, ref)] = entry["valueFrom"].items()
+                env[entry["name"]] = values[kind.replace("KeyRef", "Ref"), ref["name"]][ref["key"]]
         done = subprocess.run(container["command"], env=env, capture_output=True, text=True, timeout=10)
         if done.returncode != 0:
             return done
     return None
 
 
-@pytest.mark.parametrize("empty", ["API_TOKEN", "REDIS_PASSWORD"])
+@pytest.mark.parametrize("empty", NEEDED_BY)
 def test_no_pod_starts_with_an_empty_secret(tmp_path, empty):
     tree = copy_tree(tmp_path, SECRETS | {empty: ""})
     for overlay in OVERLAYS:
@@ -359,6 +389,9 @@ def test_no_pod_starts_with_an_empty_secret(tmp_path, empty):
         documents = [d for d in yaml.safe_load_all(done.stdout) if d]
         for deployment in pod_specs(documents):
             refused = start_pod(documents, deployment)
+            if deployment not in NEEDED_BY[empty]:
+                assert refused is None, f"{overlay}: {deployment} needs no {empty} but refuses to start"
+                continue
             assert refused is not None, f"{overlay}: {deployment} starts with an empty {empty}"
             assert f"{empty} is empty" in refused.stderr
 
@@ -372,6 +405,36 @@ def test_every_pod_starts_with_its_secret_filled_in(rendered, overlay):
 def test_no_secret_value_is_committed():
     example = (K8S / "base" / "secret.env.example").read_text()
     values = dict(line.split("=", 1) for line in example.splitlines() if line and not line.startswith("#"))
-    assert set(values) == {"API_TOKEN", "REDIS_PASSWORD"} and set(values.values()) == {""}
+    assert set(values) == set(NEEDED_BY) and set(values.values()) == {""}
     ignored = subprocess.run(["git", "check-ignore", "-q", str(K8S / "base" / "secret.env")], cwd=REPO_ROOT)
     assert ignored.returncode == 0, "deploy/k8s/base/secret.env must be git-ignored"
+
+
+def test_mlflow_asks_for_the_password_the_service_pods_log_in_with_and_allows_the_name_they_use(rendered):
+    documents = rendered["cpu"]
+    [server] = [d for d in documents if d["kind"] == "StatefulSet"]
+    [container] = server["spec"]["template"]["spec"]["containers"]
+    assert {"--app-name=basic-auth", "--workers=1", "--serve-artifacts"} <= set(container["command"])
+    env = {e["name"]: e.get("value") or e["valueFrom"] for e in container["env"]}
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    # The image holds app/ as /srv/app (Dockerfile): the auth config the server reads is the committed one.
+    config = Path(env["MLFLOW_AUTH_CONFIG_PATH"])
+    assert (REPO_ROOT / config.relative_to("/srv")).read_text() == AUTH_CONFIG.read_text()
+    # The admin is made from the Secret and ConfigMap keys the API and worker pods get as MLflow's client variables.
+    [settings] = [d for d in documents if d["kind"] == "ConfigMap"]
+    [secret] = [d for d in documents if d["kind"] == "Secret"]
+    password, username = env["MLFLOW_AUTH_ADMIN_PASSWORD"]["secretKeyRef"], env["MLFLOW_AUTH_ADMIN_USERNAME"]
+    assert (password["name"], password["key"]) == (secret["metadata"]["name"], "MLFLOW_TRACKING_PASSWORD")
+    username = username["configMapKeyRef"]
+    assert (username["name"], username["key"]) == (settings["metadata"]["name"], "MLFLOW_TRACKING_USERNAME")
+    for name in SERVICE_PODS & set(pod_specs(documents)):
+        [pod] = pod_specs(documents)[name]["containers"]
+        sources = {ref["name"] for source in pod["envFrom"] for ref in source.values()}
+        assert {secret["metadata"]["name"], settings["metadata"]["name"]} <= sources, name
+    # The pods' MLFLOW_TRACKING_URI names a host MLflow allows and a port of its Service.
+    uri = urlsplit(settings["data"]["MLFLOW_TRACKING_URI"])
+    allowed = next(a for a in container["command"] if a.startswith("--allowed-hosts=")).split("=", 1)[1].split(",")
+    assert uri.netloc in allowed
+    [service] = [d for d in documents if d["kind"] == "Service" and d["metadata"]["name"] == uri.hostname]
+    assert selects({"matchLabels": service["spec"]["selector"]}, server["spec"]["template"]["metadata"]["labels"])
+    assert uri.port in {port["port"] for port in service["spec"]["ports"]}
