@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from flask import request
 from pydantic import BaseModel, ValidationError
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.wsgi import LimitedStream
 
 from app.api.errors import ApiError, from_validation
 
@@ -54,8 +56,22 @@ def discard_unread_body(response):
     with bytes unread, which resets the connection. nginx, still writing the body it buffered, then loses the answer
     and says 502 (seen in CI under load).
     """
-    stream = request.environ.get("wsgi.input")
     left = DRAIN_MAX_BYTES
-    while stream is not None and left > 0 and (chunk := stream.read(min(DRAIN_CHUNK_BYTES, left))):
-        left -= len(chunk)
+    try:
+        stream = unread_part()
+        while left > 0 and (chunk := stream.read(min(DRAIN_CHUNK_BYTES, left))):
+            left -= len(chunk)
+    except (OSError, HTTPException):  # the client went away, or a chunked body ran past MAX_CONTENT_LENGTH
+        pass
     return response
+
+
+def unread_part():
+    """The rest of the body, as a stream that ends where the body ends (never a wait on a socket for more)."""
+    environ = request.environ
+    if environ.get("wsgi.input_terminated"):  # the server ends the stream at the body's end (gunicorn; chunked)
+        return environ["wsgi.input"]
+    try:
+        return request.stream  # werkzeug's: bounded by Content-Length, empty without one
+    except RequestEntityTooLarge:  # refused by its Content-Length before a byte was read
+        return LimitedStream(environ["wsgi.input"], request.content_length or 0)
