@@ -94,6 +94,38 @@ def test_a_sweep_registers_only_its_best_trial_and_promotes_it(tpe_sweep, client
     assert models["champion"]["dev_accuracy"] == final["best"]["dev_accuracy"]
 
 
+def test_the_best_trial_is_the_best_by_dev_accuracy_not_the_first_nor_a_tie(client, worker, tmp_path):
+    """A task minilm learns in seconds (BoolQ's 600 sample questions, labelled by their first word: "is", "can" or
+    another; built from BoolQ rows as no other set installs here), uploaded as a dataset, and a planted trial that
+    cannot learn (lr 1e-9) drawn first by the seeded grid: picking "the first trial", or any trial of a tie,
+    registers and promotes the wrong one."""
+    from app.config import SAMPLE_DATA_DIR
+
+    lines = [line for split in ("train", "val") for line in (SAMPLE_DATA_DIR / f"{split}.jsonl").open()]
+    questions = [json.loads(line)["question"] for line in lines]
+    rows = [(q, q.split()[0] if q.split()[0] in ("is", "can") else "other") for q in questions]
+    uploaded = client.post(
+        "/datasets",
+        query_string={"filename": "first-words.csv"},
+        data="text,label\n" + "".join(f'"{q}",{label}\n' for q, label in rows),
+        content_type="text/csv",
+    )
+    assert uploaded.status_code == 201, uploaded.get_json()
+    base = {"model": "minilm", "dataset": uploaded.get_json()["id"], "epochs": 2, "batch_size": 16, "max_length": 16}
+    body = {"base": base, "space": {"lr": [1e-9, 3e-4]}, "sampler": "grid", "seed": 1, "trials": 2, "pruner": "none"}
+    submitted = client.post("/sweeps", json=body | {"promote": True})
+    assert submitted.status_code == 202, submitted.get_json()
+    final = finished(client, submitted.get_json()["sweep_id"])[-1]
+    assert final["status"] == "finished" and final["counts"]["succeeded"] == 2, final
+    first, other = sorted(final["leaderboard"], key=lambda r: r["trial"])
+    board = [(r["trial"], r["params"]["lr"], r["dev_accuracy_per_epoch"]) for r in final["leaderboard"]]
+    assert first["params"]["lr"] == 1e-9, board  # the seeded grid draws the planted trial first
+    assert other["dev_accuracy"] >= 0.9 and first["dev_accuracy"] < 0.7, board  # no tie: one learned, one did not
+    assert final["best"]["job_id"] == other["job_id"] == final["leaderboard"][0]["job_id"]
+    assert final["registration"]["job_id"] == other["job_id"] and final["registration"]["promoted"] is True
+    assert client.get("/models").get_json()["champion"]["job_id"] == other["job_id"]
+
+
 def test_a_grid_sweep_tries_each_combination_of_choices_once(client, worker):
     body = {"base": BASE | {"epochs": 1}, "space": {"lr": [1e-4, 2e-4], "model": ["minilm"]}, "sampler": "grid"}
     submitted = client.post("/sweeps", json=body | {"trials": 2, "pruner": "none"})

@@ -89,12 +89,16 @@ def local_storage(folder):
 
 def make_sampler(spec: dict, asked: int):
     """The sampler, rebuilt for each ask (any process may ask); a seed is offset by the trials asked so far,
-    so a seeded sampler draws a new point each time yet the sweep stays reproducible."""
+    so a seeded sampler draws a new point each time yet the sweep stays reproducible.
+
+    Not the grid's: a GridSampler shuffles its grid by its seed and records each trial's place in that order, so
+    every ask must see the same order (seed 0 when none is given), or a place names another point and a
+    combination runs twice while another never does."""
     import optuna
 
-    seed = None if spec.get("seed") is None else spec["seed"] + asked
     if spec["sampler"] == "grid":
-        return optuna.samplers.GridSampler(spec["space"], seed=seed)
+        return optuna.samplers.GridSampler(spec["space"], seed=spec.get("seed") or 0)
+    seed = None if spec.get("seed") is None else spec["seed"] + asked
     if spec["sampler"] == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)

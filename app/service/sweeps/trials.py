@@ -21,7 +21,7 @@ from app.service.jobs import training_queue
 from app.service.model_access import resolve_for_training
 from app.service.model_records import publishing_tracker
 from app.service.model_store import resume_or_start_over
-from app.service.tasks import ProgressReporter
+from app.service.tasks import ProgressReporter, dataset_of
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,16 @@ class Pruned(optuna.TrialPruned):
 
 
 def run_trial(
-    trial: optuna.Trial, params: TrainParams, settings: Settings, run_id: str, on_progress=None, tracker=None
+    trial: optuna.Trial,
+    params: TrainParams,
+    settings: Settings,
+    run_id: str,
+    on_progress=None,
+    tracker=None,
+    dataset=None,
 ) -> RunResult:
-    """Train with ``params``, reporting each epoch's dev accuracy to ``trial``; raises :class:`Pruned`."""
+    """Train with ``params`` on ``dataset`` (an uploaded one's spec; None: the built-in), reporting each epoch's dev
+    accuracy to ``trial``; raises :class:`Pruned`."""
 
     def report(progress) -> None:
         if on_progress is not None:
@@ -51,7 +58,7 @@ def run_trial(
 
     params = resolve_for_training(params, settings)
     try:
-        return run_training(params, settings, run_id=run_id, on_progress=report, tracker=tracker)
+        return run_training(params, settings, run_id=run_id, on_progress=report, tracker=tracker, dataset=dataset)
     except Pruned:
         run_folder.remove_training_state(settings.artifacts_dir / run_id)
         run_folder.remove_unfinished(settings.artifacts_dir / run_id)  # a pruned trial leaves no model
@@ -67,8 +74,10 @@ def trial_job(params_dict: dict, sweep_id: str, number: int) -> dict:
     trial = optuna.Trial(study, study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
     resume_or_start_over(job.id, settings)
     try:
+        params = TrainParams(**params_dict)
         tracker = publishing_tracker(job.connection, settings, job.id)
-        result = run_trial(trial, TrainParams(**params_dict), settings, job.id, ProgressReporter(job), tracker)
+        dataset = dataset_of(params, settings, job.connection)
+        result = run_trial(trial, params, settings, job.id, ProgressReporter(job), tracker, dataset)
     except Pruned as pruned:
         job.meta["pruned_at_epoch"] = pruned.epoch
         job.save_meta()
