@@ -114,7 +114,8 @@ class Settings(BaseSettings):
     # /readyz (probes). Empty: not checked (the native stack's replicas listen on unix sockets in its private folder).
     edge_secret: str = Field(default="", repr=False, pattern=r"^([A-Za-z0-9_-]{16,256})?$")
     # Where each gunicorn worker of a replica writes its metrics, so /metrics adds up all of them (prometheus_client's
-    # multiprocess mode); emptied when the replica starts. Empty: a new temporary folder per replica.
+    # multiprocess mode). Empty: a new temporary folder per replica; one given is emptied by whoever gives it (the
+    # native stack, whose replicas share one).
     prometheus_multiproc_dir: Path | None = None
     # Gunicorn worker processes and threads per process.
     web_workers: int = 2

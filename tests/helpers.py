@@ -238,9 +238,9 @@ class Launcher:
 
 
 @contextlib.contextmanager
-def nginx_in_front(folder: Path, api_url: str, edge_secret: str = ""):
-    """A real nginx (the template's native layout) in front of the replica at ``api_url`` (``http://host:port`` or
-    ``unix:/path``), sending ``edge_secret``; yields nginx's URL."""
+def nginx_in_front(folder: Path, api_url: str | list[str], edge_secret: str = ""):
+    """A real nginx (the template's native layout) in front of the replica(s) at ``api_url`` (``http://host:port``
+    or ``unix:/path``), sending ``edge_secret``; yields nginx's URL."""
     import signal
     import subprocess
 
@@ -252,9 +252,8 @@ def nginx_in_front(folder: Path, api_url: str, edge_secret: str = ""):
     (listen_port,) = free_ports(1)
     (folder / "logs").mkdir()
     (folder / "nginx-temp").mkdir()
-    layout = native_layout(
-        f"127.0.0.1:{listen_port}", [api_url.removeprefix("http://")], folder, edge_secret=edge_secret
-    )
+    servers = [url.removeprefix("http://") for url in ([api_url] if isinstance(api_url, str) else api_url)]
+    layout = native_layout(f"127.0.0.1:{listen_port}", servers, folder, edge_secret=edge_secret)
     conf = folder / "nginx.conf"
     conf.write_text(render_nginx_conf(layout))
     argv = [find_binary("nginx"), "-c", str(conf), "-p", str(folder), "-e", str(folder / "logs" / "error.log")]

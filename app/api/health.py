@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 
 from app.api.context import current_service
 from app.api.openapi import documented
-from app.api.schemas import Health, respond
+from app.api.schemas import ErrorBody, Health, respond
 from app.tracking import models_travel_through_mlflow, tracking_server_check
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,10 @@ def artifacts_check(settings) -> str:
 
 
 @bp.get("/metrics")
-@documented("Prometheus text format", {200: ("metrics", "text/plain")}, errors=False)
+@documented(
+    "Prometheus text format",
+    {200: ("metrics", "text/plain"), 403: ("a host not in ALLOWED_HOSTS, or not through nginx", ErrorBody)},
+    errors=False,
+)
 def metrics():
     return Response(generate_latest(current_service().metrics.registry), mimetype=CONTENT_TYPE_LATEST)

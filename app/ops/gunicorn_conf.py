@@ -31,15 +31,13 @@ umask = 0o077
 
 
 def metrics_folder(settings: Settings) -> tuple[Path, bool]:
-    """This replica's PROMETHEUS_MULTIPROC_DIR, emptied (a dead run's counts must not add to this one's), and
-    whether it was made here (then removed at exit)."""
+    """This replica's PROMETHEUS_MULTIPROC_DIR and whether it was made here (new, so empty; removed at exit). A
+    folder given is used as it is: whoever gives it empties it when its service starts (the native stack gives all
+    its replicas one, so each /metrics adds up every replica's workers, restarted ones included)."""
     if settings.prometheus_multiproc_dir is None:
         return Path(tempfile.mkdtemp(prefix="boolq-metrics-")), True
-    folder = settings.prometheus_multiproc_dir
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for stale in folder.glob("*.db"):
-        stale.unlink()
-    return folder, False
+    settings.prometheus_multiproc_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return settings.prometheus_multiproc_dir, False
 
 
 # Every worker writes its counts to files here and /metrics adds them up (prometheus_client's multiprocess mode).

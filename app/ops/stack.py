@@ -239,6 +239,11 @@ class Stack:
         # Replicas listen on unix sockets in the private state folder, not on loopback ports: no other local user
         # can reach one around nginx (forge X-Forwarded-For, skip its limits, hold a thread with half a request).
         sockets = [replica_socket(self.state_dir, number) for number in range(1, self.options.replicas + 1)]
+        # One metrics folder for every replica, emptied now: whichever replica answers /metrics (through nginx) adds
+        # up all replicas' gunicorn workers, so counters never go back when the next scrape lands elsewhere.
+        metrics_dir = self.state_dir / "metrics"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(mode=0o700)
         for number, path in enumerate(sockets, start=1):
             serve = ["serve", "--socket", str(path), "--workers", str(self.options.web_workers)]
             self.children.append(
@@ -248,7 +253,7 @@ class Stack:
                     [sys.executable, "-m", "app", *serve],
                     self.logs_dir / f"api-{number}.log",
                     url=f"unix:{path}",
-                    own_env={"PROMETHEUS_MULTIPROC_DIR": str(self.state_dir / "metrics" / f"api-{number}")},
+                    own_env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
                 )
             )
         for number in range(1, self.options.workers + 1):
@@ -464,20 +469,28 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(self.path)
 
 
+def ask_replica(url: str, method: str, path: str, body: dict | None = None, timeout: float = 30) -> tuple[int, bytes]:
+    """One request to a replica at ``unix:/path`` (the stack's) or ``http://host:port``: (status, body). Raises
+    OSError or http.client.HTTPException when it cannot answer."""
+    if not url.startswith("unix:"):
+        response = requests.request(method, f"{url}{path}", json=body, timeout=timeout)
+        return response.status_code, response.content
+    connection = UnixHTTPConnection(url.removeprefix("unix:"), timeout=timeout)
+    try:
+        payload = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        connection.request(method, path, body=payload, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
 def answers_healthz(base_url: str) -> bool:
     """Whether ``http://host:port`` or ``unix:/path`` answers GET /healthz with 200."""
-    if base_url.startswith("unix:"):
-        connection = UnixHTTPConnection(base_url.removeprefix("unix:"), timeout=2)
-        try:
-            connection.request("GET", "/healthz")
-            return connection.getresponse().status == 200
-        except (OSError, http.client.HTTPException):
-            return False
-        finally:
-            connection.close()
     try:
-        return requests.get(f"{base_url}/healthz", timeout=2).status_code == 200
-    except requests.RequestException:
+        return ask_replica(base_url, "GET", "/healthz", timeout=2)[0] == 200
+    except (OSError, http.client.HTTPException, requests.RequestException):
         return False
 
 
