@@ -216,6 +216,12 @@ def add_serve_parser(commands) -> None:
         "--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1; a container gives 0.0.0.0)"
     )
     serve.add_argument("--port", type=int, help="port (default: PORT or 5000)")
+    serve.add_argument(
+        "--socket",
+        type=Path,
+        help="listen on this unix socket instead of --host/--port (the native stack's replicas: only nginx, "
+        "which shares the socket's private folder, reaches them)",
+    )
     serve.add_argument("--workers", type=int, help="worker processes (default: WEB_WORKERS or 2)")
     serve.set_defaults(handler=run_serve)
 
@@ -226,7 +232,15 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     config = Path(__file__).resolve().parent / "ops" / "gunicorn_conf.py"
     port = args.port if args.port is not None else settings.port
-    argv = [sys.executable, "-m", "gunicorn", "--config", str(config), "--bind", f"{args.host}:{port}"]
+    bind = f"unix:{args.socket.resolve()}" if args.socket else f"{args.host}:{port}"
+    if not args.socket and not settings.edge_secret:
+        log.warning(
+            "serving on %s:%d without EDGE_SECRET: whatever can connect there bypasses nginx's limits "
+            '(fine for local development; see docs/security.md, "Replicas only behind nginx")',
+            args.host,
+            port,
+        )
+    argv = [sys.executable, "-m", "gunicorn", "--config", str(config), "--bind", bind]
     if args.workers is not None:
         if args.workers < 1:
             return usage_error("--workers: must be at least 1")

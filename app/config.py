@@ -23,7 +23,8 @@ SAMPLE_DATA_DIR = Path(__file__).resolve().parent / "sample_data" / "boolq"
 class Settings(BaseSettings):
     """All runtime settings: ``Settings()`` reads the environment; ``model_copy(update=...)`` overrides."""
 
-    model_config = SettingsConfigDict(frozen=True, env_ignore_empty=True, extra="ignore")
+    # hide_input_in_errors: a malformed secret (EDGE_SECRET) must not be echoed into a log.
+    model_config = SettingsConfigDict(frozen=True, env_ignore_empty=True, extra="ignore", hide_input_in_errors=True)
 
     # Where run folders (params, metrics, predictions, fine-tuned model) are written. Shared by API and workers on
     # one machine; across machines models travel through an MLflow tracking server instead (docs/several-machines.md).
@@ -106,8 +107,16 @@ class Settings(BaseSettings):
     neptune_mode: str = ""
     # Folder holding Neptune's .neptune data (offline runs); empty = ARTIFACTS_DIR/.neptune.
     neptune_data_directory: Path | None = None
-    # HTTP port of ``python -m app serve`` (gunicorn binds 127.0.0.1:PORT unless --host says otherwise).
+    # HTTP port of ``python -m app serve`` (gunicorn binds 127.0.0.1:PORT unless --host or --socket says otherwise).
     port: int = 5000
+    # Shared secret of the edge (nginx) and the replicas where nginx reaches them over TCP (compose, several
+    # machines): nginx sends it as X-Edge-Secret and a replica answers every other request 403, except /healthz and
+    # /readyz (probes). Empty: not checked (the native stack's replicas listen on unix sockets in its private folder).
+    edge_secret: str = Field(default="", repr=False, pattern=r"^([A-Za-z0-9_-]{16,256})?$")
+    # Where each gunicorn worker of a replica writes its metrics, so /metrics adds up all of them (prometheus_client's
+    # multiprocess mode). Empty: a new temporary folder per replica; one given is emptied by whoever gives it (the
+    # native stack, whose replicas share one).
+    prometheus_multiproc_dir: Path | None = None
     # Gunicorn worker processes and threads per process.
     web_workers: int = 2
     web_threads: int = 4
@@ -189,7 +198,14 @@ class Settings(BaseSettings):
         pairs = (a.strip().rpartition(":") for a in self.redis_sentinels.split(",") if a.strip())
         return [(host, int(port)) for host, _, port in pairs]
 
-    @field_validator("artifacts_dir", "data_dir", "neptune_data_directory", "model_cache_dir", mode="after")
+    @field_validator(
+        "artifacts_dir",
+        "data_dir",
+        "neptune_data_directory",
+        "model_cache_dir",
+        "prometheus_multiproc_dir",
+        mode="after",
+    )
     @classmethod
     def expand_user(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None

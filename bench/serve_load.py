@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))  # run as `python bench/serve_load.py` from anywhe
 
 from app.config import SAMPLE_DATA_DIR  # noqa: E402
 from app.engine.boolq import load_boolq  # noqa: E402
-from app.ops.stack import free_ports  # noqa: E402
+from app.ops.stack import ask_replica, free_ports  # noqa: E402
 
 MAX_LENGTH = 64
 MODEL_JOB = {"model": "minilm", "train_limit": 32, "eval_limit": 8, "max_length": MAX_LENGTH, "epochs": 1}
@@ -162,7 +162,9 @@ def warm_up(state: dict, bodies: list[dict], concurrency: int) -> None:
     """Load the model in every replica (asked directly), then a round through nginx."""
     for url in replica_urls(state):
         for body in bodies[:3]:
-            requests.post(f"{url}/predict", json=body, timeout=300).raise_for_status()
+            status, answer = ask_replica(url, "POST", "/predict", body, timeout=300)
+            if status != 200:
+                raise RuntimeError(f"warming up {url}: {status} {answer[:300]!r}")
     drive_predict(state["url"], bodies, concurrency, duration_s=2.0, max_requests=4 * concurrency)
 
 
@@ -217,10 +219,11 @@ def drive_predict(url: str, bodies: list[dict], concurrency: int, duration_s: fl
 
 
 def batch_counters(state: dict) -> tuple[float, float]:
-    """(pairs answered, forward passes) of the micro-batchers, summed over replicas (one process each)."""
+    """(pairs answered, forward passes) of the micro-batchers, summed over replicas (each replica's /metrics adds
+    up its gunicorn workers)."""
     pairs = passes = 0.0
     for url in replica_urls(state):
-        for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
+        for line in ask_replica(url, "GET", "/metrics", timeout=10)[1].decode().splitlines():
             if line.startswith("boolq_predict_batch_size_sum "):
                 pairs += float(line.split()[-1])
             elif line.startswith("boolq_predict_batch_size_count "):

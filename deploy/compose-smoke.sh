@@ -18,7 +18,8 @@ export WORKER_REPLICAS=1 HF_HUB_OFFLINE=1 DEFAULT_MODEL=minilm TRACKER=none
 # compose refuses to start without these: fresh ones for this run unless given.
 API_TOKEN=${API_TOKEN:-$(python3 -c 'import secrets; print(secrets.token_hex(16))')}
 REDIS_PASSWORD=${REDIS_PASSWORD:-$(python3 -c 'import secrets; print(secrets.token_hex(16))')}
-export API_TOKEN REDIS_PASSWORD
+EDGE_SECRET=${EDGE_SECRET:-$(python3 -c 'import secrets; print(secrets.token_hex(16))')}
+export API_TOKEN REDIS_PASSWORD EDGE_SECRET
 URL=http://localhost:4000
 TINY_JOB='{"model": "minilm", "epochs": 1, "batch_size": 16, "train_limit": 64, "eval_limit": 32, "max_length": 64}'
 QUESTION='{"question": "is the sky blue", "passage": "The sky appears blue because of Rayleigh scattering."}'

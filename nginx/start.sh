@@ -17,13 +17,23 @@ if [ -z "$nameserver" ]; then
     exit 1
 fi
 
+# The replicas answer only requests carrying EDGE_SECRET (app/config.py: 16 to 256 of A-Z a-z 0-9 _ -).
+edge_secret=${EDGE_SECRET:-}
+if ! printf '%s' "$edge_secret" | grep -Eqx '[A-Za-z0-9_-]{16,256}'; then
+    echo "boolq-nginx-start: EDGE_SECRET must be 16 to 256 letters, digits, _ or - (the replicas' EDGE_SECRET)" >&2
+    exit 1
+fi
+
 # `server … resolve` (re-resolution of upstream names) exists in open-source nginx from 1.27.3.
 version=$(nginx -v 2>&1 | sed 's|^.*nginx/||')
 if echo "$version" | awk -F. '{ exit !($1 > 1 || ($1 == 1 && ($2 > 27 || ($2 == 27 && $3 >= 3)))) }'; then
-    sed "s|__NAMESERVER__|$nameserver|" "$template" >"$conf"
+    keep_resolve=''
 else
-    sed -e "s|__NAMESERVER__|$nameserver|" -e 's| resolve;$|;|' "$template" >"$conf"
+    keep_resolve='s| resolve;$|;|'
 fi
+# The config holds the secret: readable by the container's root only (nginx's master reads it before it forks).
+umask 077
+sed -e "s|__NAMESERVER__|$nameserver|" -e "s|__EDGE_SECRET__|$edge_secret|" -e "$keep_resolve" "$template" >"$conf"
 
 addresses() {
     for name in "$@"; do getent ahostsv4 "$name" | awk '{ print $1 }'; done | sort -u

@@ -125,9 +125,11 @@ def client(settings):
 
 @pytest.fixture(scope="module")
 def replica_behind_nginx(launcher, redis_url, tmp_path_factory):
-    """A real gunicorn replica behind the real nginx of the template (native layout); yields both URLs."""
+    """A real gunicorn replica on a unix socket in a private folder behind the real nginx of the template (the
+    native stack's layout); yields the replica's ``unix:/…`` URL and nginx's."""
     folder = tmp_path_factory.mktemp("behind-nginx")
-    api_url = launcher.server(service_settings(redis_url, folder), workers=1)
+    folder.chmod(0o700)
+    api_url = launcher.server(service_settings(redis_url, folder), workers=1, socket=folder / "api.sock")
     with nginx_in_front(folder, api_url) as url:
         yield api_url, url
 

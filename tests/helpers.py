@@ -201,23 +201,22 @@ class Launcher:
         assert process.poll() is None, process.log_path.read_text()
         return process
 
-    def server(self, settings, workers: int = 2, env: dict | None = None) -> str:
-        """A real gunicorn (``python -m app serve``) on a free port; returns its base URL once it answers."""
-        import requests
+    def server(self, settings, workers: int = 2, env: dict | None = None, socket: Path | None = None) -> str:
+        """A real gunicorn (``python -m app serve``) on a free port, or on the unix socket ``socket`` as in the
+        native stack; returns its URL (``http://…`` or ``unix:/…``) once it answers."""
+        from app.ops.stack import answers_healthz
 
-        port = free_port()
-        process = self.start(
-            "serve", ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)], settings, env
-        )
-        url = f"http://127.0.0.1:{port}"
+        if socket is None:
+            port = free_port()
+            where, url = ["--host", "127.0.0.1", "--port", str(port)], f"http://127.0.0.1:{port}"
+        else:
+            where, url = ["--socket", str(socket)], f"unix:{socket}"
+        process = self.start("serve", ["serve", *where, "--workers", str(workers)], settings, env)
 
         def healthy():
             if process.poll() is not None:
                 pytest.fail("gunicorn exited:\n" + process.log_path.read_text())
-            try:
-                return requests.get(f"{url}/healthz", timeout=5).status_code == 200
-            except requests.RequestException:  # not listening yet, or still booting
-                return False
+            return answers_healthz(url)  # False while not listening yet, or still booting
 
         wait_for(healthy, 120, "gunicorn to answer /healthz")
         return url
@@ -239,8 +238,9 @@ class Launcher:
 
 
 @contextlib.contextmanager
-def nginx_in_front(folder: Path, api_url: str):
-    """A real nginx (the template's native layout) in front of the replica at ``api_url``; yields nginx's URL."""
+def nginx_in_front(folder: Path, api_url: str | list[str], edge_secret: str = ""):
+    """A real nginx (the template's native layout) in front of the replica(s) at ``api_url`` (``http://host:port``
+    or ``unix:/path``), sending ``edge_secret``; yields nginx's URL."""
     import signal
     import subprocess
 
@@ -252,7 +252,8 @@ def nginx_in_front(folder: Path, api_url: str):
     (listen_port,) = free_ports(1)
     (folder / "logs").mkdir()
     (folder / "nginx-temp").mkdir()
-    layout = native_layout(f"127.0.0.1:{listen_port}", [api_url.removeprefix("http://")], folder)
+    servers = [url.removeprefix("http://") for url in ([api_url] if isinstance(api_url, str) else api_url)]
+    layout = native_layout(f"127.0.0.1:{listen_port}", servers, folder, edge_secret=edge_secret)
     conf = folder / "nginx.conf"
     conf.write_text(render_nginx_conf(layout))
     argv = [find_binary("nginx"), "-c", str(conf), "-p", str(folder), "-e", str(folder / "logs" / "error.log")]

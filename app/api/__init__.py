@@ -17,9 +17,10 @@ from app.config import Settings
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the app from ``settings`` (default: the environment). Connects lazily: nothing blocks here."""
     from app.api import console, datasets, health, jobs, models, openapi, predict, predictions, sweeps
-    from app.api.auth import refuse_foreign_origin
+    from app.api.auth import refuse_foreign_origin, refuse_unknown_host
     from app.api.body import discard_unread_body
     from app.api.context import Service
+    from app.api.edge import refuse_around_the_edge
     from app.api.errors import register_error_handlers
     from app.api.metrics import ServiceMetrics
     from app.api.proxy import TrustedProxyFix
@@ -33,12 +34,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config.update(MAX_CONTENT_LENGTH=settings.max_content_length)
     app.json.sort_keys = False
     queue = training_queue(settings, connect_redis(settings))
-    metrics = ServiceMetrics(queue)
+    metrics = ServiceMetrics(queue, settings.prometheus_multiproc_dir)
     serving = Serving(settings, queue, on_batch=metrics.predict_batch_size.observe)
     waiters = threading.BoundedSemaphore(max(settings.max_waiters, 1))
     app.extensions["boolq"] = Service(settings, queue, serving, metrics, Admission(queue, settings), waiters)
     # Behind nginx the client's address is the last X-Forwarded-For hop (admission counts jobs per address).
-    app.wsgi_app = TrustedProxyFix(app.wsgi_app, settings.trusted_proxies)
+    app.wsgi_app = TrustedProxyFix(app.wsgi_app, settings.trusted_proxies, settings.edge_secret)
 
     for blueprint in (
         health.bp,
@@ -53,6 +54,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     ):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
+    app.before_request(refuse_around_the_edge)
+    app.before_request(refuse_unknown_host)
     app.before_request(refuse_foreign_origin)
     metrics.instrument(app)
     app.after_request(add_replica_header)

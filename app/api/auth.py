@@ -1,5 +1,5 @@
 """Bearer-token check when API_TOKEN is set (the endpoints that spend compute or change state, and the reads unless
-PUBLIC_READS); without a token, state-changing requests must come from an allowed host, same-origin."""
+PUBLIC_READS); without a token, every request must name an allowed host, and state-changing ones come same-origin."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 from flask import request
 
 from app.api.context import current_service
+from app.api.edge import PROBE_PATHS
 from app.api.errors import ApiError
 
 
@@ -53,18 +54,27 @@ STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
 
 
 def refuse_foreign_origin() -> None:
-    """Without API_TOKEN nothing else stops a web page the user visits: a state-changing request must name an
-    ALLOWED_HOSTS host (no DNS rebinding) and, when the browser says where it comes from, this same origin."""
+    """Without API_TOKEN nothing else stops a web page the user visits: a state-changing request must come, when
+    the browser says where it comes from, from this same origin (its Host is checked by refuse_unknown_host)."""
     settings = current_service().settings
     if settings.api_token or request.method not in STATE_CHANGING:
+        return
+    host = request.host.lower()
+    origin = request.headers.get("Origin")
+    if origin is not None and urlsplit(origin).netloc.lower() != host:
+        raise ApiError(403, f"cross-origin request from {origin!r} refused; set API_TOKEN to allow other origins")
+
+
+def refuse_unknown_host() -> None:
+    """Without API_TOKEN, every request (reads too: jobs, the console, /metrics) must name an ALLOWED_HOSTS host,
+    so a DNS-rebinding page cannot read the service through the user's browser. Probes ask by address: exempt."""
+    settings = current_service().settings
+    if settings.api_token or request.path in PROBE_PATHS:
         return
     allowed = {name.strip().lower() for name in settings.allowed_hosts.split(",") if name.strip()}
     host = request.host.lower()
     if hostname_of(host) not in allowed:
         raise ApiError(403, f"host {host!r} is not in ALLOWED_HOSTS; set API_TOKEN or add the host")
-    origin = request.headers.get("Origin")
-    if origin is not None and urlsplit(origin).netloc.lower() != host:
-        raise ApiError(403, f"cross-origin request from {origin!r} refused; set API_TOKEN to allow other origins")
 
 
 def hostname_of(host: str) -> str:

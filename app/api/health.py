@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 
@@ -11,8 +12,10 @@ from redis.exceptions import RedisError
 
 from app.api.context import current_service
 from app.api.openapi import documented
-from app.api.schemas import Health, respond
+from app.api.schemas import ErrorBody, Health, respond
 from app.tracking import models_travel_through_mlflow, tracking_server_check
+
+log = logging.getLogger(__name__)
 
 bp = Blueprint("health", __name__)
 
@@ -43,10 +46,12 @@ def readyz():
 
 
 def redis_check(connection) -> str:
+    """``ok``, or why not without Redis's address (the log has it)."""
     try:
         connection.ping()
     except RedisError as exc:
-        return f"unreachable: {exc}"
+        log.warning("readyz: redis unreachable: %s", exc)
+        return f"unreachable ({type(exc).__name__})"
     return "ok"
 
 
@@ -61,6 +66,10 @@ def artifacts_check(settings) -> str:
 
 
 @bp.get("/metrics")
-@documented("Prometheus text format", {200: ("metrics", "text/plain")}, errors=False)
+@documented(
+    "Prometheus text format",
+    {200: ("metrics", "text/plain"), 403: ("a host not in ALLOWED_HOSTS, or not through nginx", ErrorBody)},
+    errors=False,
+)
 def metrics():
     return Response(generate_latest(current_service().metrics.registry), mimetype=CONTENT_TYPE_LATEST)

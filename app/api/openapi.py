@@ -21,7 +21,8 @@ REF = "#/components/schemas/{model}"
 ERRORS = {
     "400": "Malformed JSON",
     "401": "Missing or wrong bearer token (when API_TOKEN is set)",
-    "403": "Without API_TOKEN: a state-changing request from a host not in ALLOWED_HOSTS or another origin",
+    "403": "Without API_TOKEN: a host not in ALLOWED_HOSTS, or a state-changing request from another origin; "
+    "with EDGE_SECRET: a request that did not come through nginx",
     "404": "Unknown job, sweep, route or model",
     "405": "Wrong method",
     "409": "Job or sweep in the wrong state for this request; a champion with higher val accuracy (force)",

@@ -25,6 +25,9 @@ LISTEN_PORT = 4000
 # Stands for the container's nameserver in nginx/nginx.conf: nginx/start.sh writes it in from
 # /etc/resolv.conf when the container starts (Docker's embedded DNS is 127.0.0.11, podman's is at the gateway).
 NAMESERVER_PLACEHOLDER = "__NAMESERVER__"
+# Stands for EDGE_SECRET in nginx/nginx.conf: nginx/start.sh writes it in from the container's environment (a
+# secret is never committed nor baked into the image).
+EDGE_SECRET_PLACEHOLDER = "__EDGE_SECRET__"
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,8 @@ class NginxLayout:
     temp_dir: str = ""
     # Account for nginx's worker processes; only meaningful when the master runs as root.
     user: str = ""
+    # Sent to the replicas as X-Edge-Secret (their EDGE_SECRET); empty: replicas on unix sockets need none.
+    edge_secret: str = ""
     # Largest dataset upload nginx passes on (MB): MAX_DATASET_MB and a little for the multipart framing, so the
     # app answers 413 with its own message up to it and nginx (413, JSON) above it.
     dataset_body_mb: int = Settings.model_fields["max_dataset_mb"].default + 1
@@ -64,13 +69,15 @@ def compose_layout() -> NginxLayout:
         access_log="/dev/stdout",
         resolver=NAMESERVER_PLACEHOLDER,
         resolve=True,
+        edge_secret=EDGE_SECRET_PLACEHOLDER,
     )
 
 
 def native_layout(
-    listen: str, api_addresses: list[str], state_dir: Path, max_dataset_mb: int | None = None
+    listen: str, api_addresses: list[str], state_dir: Path, max_dataset_mb: int | None = None, edge_secret: str = ""
 ) -> NginxLayout:
-    """nginx run by ``python -m app stack``: local replicas, and pid, logs and temp files under state_dir."""
+    """nginx run by ``python -m app stack``: local replicas (``unix:/path`` sockets, or ``host:port`` with
+    ``edge_secret``), and pid, logs and temp files under state_dir."""
     state_dir = state_dir.resolve()
     return NginxLayout(
         layout_name="native",
@@ -83,6 +90,7 @@ def native_layout(
         # As root, nginx would hand its workers to `nobody`, who cannot enter the stack's private folders.
         user=pwd.getpwuid(0).pw_name if os.geteuid() == 0 else "",
         dataset_body_mb=(max_dataset_mb or Settings.model_fields["max_dataset_mb"].default) + 1,
+        edge_secret=edge_secret,
     )
 
 

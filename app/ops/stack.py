@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import http.client
 import json
 import logging
 import os
@@ -59,6 +60,8 @@ REDIS_URL_FILE_NAME = "redis.url"
 READY_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 15.0
 POLL_INTERVAL_S = 0.25
+# sun_path holds 108 bytes, the last a NUL.
+MAX_SOCKET_PATH = 107
 # Debian installs nginx in /usr/sbin, which is not on an ordinary user's PATH.
 SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
 
@@ -88,7 +91,7 @@ class Child:
     argv: list[str]
     log_path: Path
     url: str = ""
-    # Variables of this child alone, over the stack's (the MLflow server's auth config).
+    # Variables of this child alone, over the stack's (the MLflow server's auth config, the replicas' metrics folder).
     own_env: dict[str, str] = field(default_factory=dict, repr=False)
     process: subprocess.Popen | None = field(default=None, repr=False)
     exit_code: int | None = None
@@ -207,7 +210,7 @@ class Stack:
         """Choose ports and build every child's command line; write the nginx config."""
         redis_bin, nginx_bin = find_binary("redis-server"), find_binary("nginx")
         ensure_port_free(self.options.host, self.options.port)
-        ports = free_ports(self.options.replicas + 2)
+        ports = free_ports(2)
         redis_port = self.options.redis_port or ports.pop()
         mlflow_port = ports.pop()
         # Other local users can reach a loopback port; a per-stack password keeps them out of the job store.
@@ -233,16 +236,24 @@ class Stack:
         )
         if self.options.mlflow:
             self.plan_mlflow(mlflow_port)
-        api_ports = ports[: self.options.replicas]
-        for number, port in enumerate(api_ports, start=1):
-            serve = ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(self.options.web_workers)]
+        # Replicas listen on unix sockets in the private state folder, not on loopback ports: no other local user
+        # can reach one around nginx (forge X-Forwarded-For, skip its limits, hold a thread with half a request).
+        sockets = [replica_socket(self.state_dir, number) for number in range(1, self.options.replicas + 1)]
+        # One metrics folder for every replica, emptied now: whichever replica answers /metrics (through nginx) adds
+        # up all replicas' gunicorn workers, so counters never go back when the next scrape lands elsewhere.
+        metrics_dir = self.state_dir / "metrics"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(mode=0o700)
+        for number, path in enumerate(sockets, start=1):
+            serve = ["serve", "--socket", str(path), "--workers", str(self.options.web_workers)]
             self.children.append(
                 Child(
                     f"api-{number}",
                     "api",
                     [sys.executable, "-m", "app", *serve],
                     self.logs_dir / f"api-{number}.log",
-                    url=f"http://127.0.0.1:{port}",
+                    url=f"unix:{path}",
+                    own_env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
                 )
             )
         for number in range(1, self.options.workers + 1):
@@ -254,7 +265,7 @@ class Stack:
                     self.logs_dir / f"worker-{number}.log",
                 )
             )
-        conf_path = self.write_nginx_conf([f"127.0.0.1:{port}" for port in api_ports])
+        conf_path = self.write_nginx_conf([f"unix:{path}" for path in sockets])
         nginx_argv = [nginx_bin, "-c", str(conf_path), "-p", str(self.state_dir)]
         nginx_argv += ["-e", str(self.logs_dir / "nginx-error.log"), "-g", "daemon off;"]
         self.children.append(Child("nginx", "nginx", nginx_argv, self.logs_dir / "nginx.log", url=self.url))
@@ -437,10 +448,49 @@ class Stack:
         log.info("stack stopped; no process left")
 
 
-def answers_healthz(base_url: str) -> bool:
+def replica_socket(state_dir: Path, number: int) -> Path:
+    """Where replica ``number`` listens; a unix socket's path is limited to 107 bytes."""
+    path = state_dir / f"api-{number}.sock"
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise StackError(f"--state-dir {state_dir}: too long for the replicas' unix sockets; choose a shorter one")
+    return path
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP to a server listening on a unix socket (a replica of the native stack)."""
+
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
+def ask_replica(url: str, method: str, path: str, body: dict | None = None, timeout: float = 30) -> tuple[int, bytes]:
+    """One request to a replica at ``unix:/path`` (the stack's) or ``http://host:port``: (status, body). Raises
+    OSError or http.client.HTTPException when it cannot answer."""
+    if not url.startswith("unix:"):
+        response = requests.request(method, f"{url}{path}", json=body, timeout=timeout)
+        return response.status_code, response.content
+    connection = UnixHTTPConnection(url.removeprefix("unix:"), timeout=timeout)
     try:
-        return requests.get(f"{base_url}/healthz", timeout=2).status_code == 200
-    except requests.RequestException:
+        payload = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        connection.request(method, path, body=payload, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def answers_healthz(base_url: str) -> bool:
+    """Whether ``http://host:port`` or ``unix:/path`` answers GET /healthz with 200."""
+    try:
+        return ask_replica(base_url, "GET", "/healthz", timeout=2)[0] == 200
+    except (OSError, http.client.HTTPException, requests.RequestException):
         return False
 
 

@@ -26,7 +26,7 @@ from app.engine.run_folder import Progress as Progress  # the shape of a job's p
 from app.engine.run_folder import ScoringProgress as ScoringProgress
 from app.params import TrainParams
 from app.service.job_index import JobIndex
-from app.service.redaction import without_server_paths
+from app.service.redaction import without_server_addresses, without_server_paths
 from app.service.redis_connection import connect_redis as connect_redis  # the API's and the tests' way in
 
 log = logging.getLogger(__name__)
@@ -434,9 +434,10 @@ def result_summary(job: Job) -> dict | None:
 
 
 def failure_of(job: Job) -> dict:
-    """The error of a failed job as ``{"type", "message"}``; never the traceback."""
+    """The error of a failed job as ``{"type", "message"}``; never the traceback, nor a back-end's address."""
     result = job.latest_result()
-    return describe_failure(result.exc_string if result is not None else "")
+    failure = describe_failure(result.exc_string if result is not None else "")
+    return failure | {"message": without_server_addresses(failure["message"])}
 
 
 def describe_failure(exc_string: str | None) -> dict:

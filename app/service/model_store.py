@@ -177,8 +177,11 @@ def refusals_explained(job_id: str, settings: Settings) -> Iterator[None]:
     except RunNotFound as exc:
         log.warning("refused the model of job %s: %s", job_id, exc)
         raise ModelRefused(f"the MLflow run recorded for job {job_id} is gone: {exc}") from exc
-    except Exception as exc:
-        raise ModelStoreUnavailable(f"the model of job {job_id} could not be fetched from MLflow: {exc}") from exc
+    except Exception as exc:  # the message is a client's: the server's URL stays in the log
+        log.warning("the model of job %s could not be fetched from %s: %s", job_id, settings.mlflow_tracking_uri, exc)
+        raise ModelStoreUnavailable(
+            f"the model of job {job_id} could not be fetched from MLflow ({type(exc).__name__})"
+        ) from exc
 
 
 def published_records(mlflow_run_id: str | None, settings: Settings) -> tuple[dict | None, dict | None]:

@@ -23,3 +23,18 @@ def without_server_paths(value):
     if isinstance(value, list):
         return [without_server_paths(item) for item in value]
     return value
+
+
+# A back-end's address in an error text: a URL (http, redis, …), urllib3's ``host='…', port=…``, or a host:port
+# (an IP address, a dotted name or localhost).
+SERVER_ADDRESS = re.compile(
+    r"\b(?:https?|rediss?|unix)://[^\s'\"<>),]+"
+    r"|host='[^']*', port=\d+"
+    r"|(?<![\w.-])(?:\d{1,3}(?:\.\d{1,3}){3}|localhost|\[[0-9A-Fa-f:]+\]|[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+):\d{1,5}\b"
+)
+
+
+def without_server_addresses(text: str) -> str:
+    """``text`` (an error a client will read) with the back-ends' URLs and host:port cut to ``…``: which Redis or
+    MLflow server failed is for the log, not for a client."""
+    return SERVER_ADDRESS.sub("…", text)

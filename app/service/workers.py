@@ -17,6 +17,7 @@ from rq import Queue, Worker, worker_registration
 from rq.serializers import JSONSerializer
 
 from app.config import Settings
+from app.service.job_times import record_job_time
 from app.service.jobs import (
     MAINTENANCE_INTERVAL_S,
     WORKER_SEEN_KEY,
@@ -81,6 +82,19 @@ class TrainingWorker(Worker):
                 self.on_maintenance()
             except Exception:
                 log.exception("periodic maintenance failed")
+
+    def perform_job(self, job, queue, execution):
+        """RQ's run of a job (in the work horse), timed for ``/metrics``: its wait in the queue, then its run."""
+        from rq.utils import now
+
+        queue_name = self.queues[-1].name  # the service's queue (make_worker puts the class queue first)
+        if job.enqueued_at is not None:
+            record_job_time(self.connection, queue_name, "queue_wait", (now() - job.enqueued_at).total_seconds())
+        started = time.monotonic()
+        try:
+            return super().perform_job(job, queue, execution)
+        finally:
+            record_job_time(self.connection, queue_name, "duration", time.monotonic() - started)
 
     def handle_job_failure(self, job, queue, started_job_registry=None, exc_string="", execution=None):
         # Here, not in the work horse, RQ handles a work horse that died: the job will be re-run; say why it ended.

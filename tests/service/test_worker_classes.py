@@ -57,6 +57,11 @@ def test_a_cpu_worker_runs_cpu_then_any_jobs_and_never_takes_a_gpu_job(launcher,
     metrics = requests.get(f"{url}/metrics", timeout=30).text
     workers = dict(re.findall(r'boolq_workers\{accelerator="(\w+)"\} (\S+)', metrics))
     assert workers == {"any": "1.0", "cpu": "1.0", "gpu": "0.0"}
+    # The worker timed both jobs it ran, in Redis: each counted once, on every replica alike.
+    for kind in ("queue_wait", "duration"):
+        assert f"boolq_job_{kind}_seconds_count 2.0" in metrics, kind
+        assert f'boolq_job_{kind}_seconds_bucket{{le="+Inf"}} 2.0' in metrics, kind
+    assert float(re.search(r"boolq_job_duration_seconds_sum (\S+)", metrics)[1]) > 0
     queue = jobs.training_queue(settings, jobs.connect_redis(settings))
     # The worker takes its class's queue first: the cpu job ran, then the any job queued before it; newest first.
     assert jobs.latest_succeeded_job_id(queue) == anywhere

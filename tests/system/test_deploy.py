@@ -34,7 +34,7 @@ NGINX_START = ROOT / "nginx" / "start.sh"
 
 
 # The secrets compose refuses to start without.
-SECRETS = {"API_TOKEN": "t0ken", "REDIS_PASSWORD": "s3cret-pw"}
+SECRETS = {"API_TOKEN": "t0ken", "REDIS_PASSWORD": "s3cret-pw", "EDGE_SECRET": "edge-s3cret-0123456789"}
 
 
 def docker_compose(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -120,7 +120,7 @@ def test_compose_redis_healthcheck_takes_the_password_from_the_environment_and_n
         server.wait(timeout=10)
 
 
-@pytest.mark.parametrize("missing", ["API_TOKEN", "REDIS_PASSWORD"])
+@pytest.mark.parametrize("missing", ["API_TOKEN", "REDIS_PASSWORD", "EDGE_SECRET"])
 def test_compose_refuses_to_start_without_a_secret_naming_it(missing):
     env = {k: v for k, v in (os.environ | SECRETS).items() if k != missing}
     proc = docker_compose("config", "-q", env=env)
@@ -133,6 +133,10 @@ def test_compose_is_closed_by_default_token_set_hub_offline_mlflow_unpublished()
     for name in ("api", "worker"):
         assert services[name]["environment"]["API_TOKEN"] == "t0ken"
         assert services[name]["environment"]["HF_HUB_OFFLINE"] == "1"
+    # The replicas answer only nginx: both hold the edge secret (the workers, which nothing connects to, do not).
+    edge = SECRETS["EDGE_SECRET"]
+    assert services["api"]["environment"]["EDGE_SECRET"] == services["nginx"]["environment"]["EDGE_SECRET"] == edge
+    assert "EDGE_SECRET" not in services["worker"]["environment"]
     assert published(services["mlflow"]) == []
     with_ui = docker_compose("-f", str(MLFLOW_UI_OVERRIDE), "--profile", "mlflow", "config", env=env)
     assert published(yaml.safe_load(with_ui.stdout)["services"]["mlflow"]) == [("127.0.0.1", "5500")]
@@ -305,6 +309,7 @@ def test_nginx_start_takes_the_resolver_from_resolv_conf(tmp_path, nginx_version
         "NGINX_CONF_TEMPLATE": str(COMPOSE_CONF_PATH),
         "NGINX_CONF": str(tmp_path / "nginx.conf"),
         "RESOLV_CONF": str(resolv_conf),
+        "EDGE_SECRET": SECRETS["EDGE_SECRET"],
     }
     stderr = tmp_path / "stderr"
     # In its own process group: on old nginx, start.sh leaves a watcher behind that reloads nginx.
@@ -318,7 +323,20 @@ def test_nginx_start_takes_the_resolver_from_resolv_conf(tmp_path, nginx_version
     conf = (tmp_path / "nginx.conf").read_text()
     assert "resolver 10.89.0.1 valid=10s ipv6=off;" in conf  # the engine's DNS, not the host's after it
     assert server_line in conf
+    assert f'proxy_set_header X-Edge-Secret "{SECRETS["EDGE_SECRET"]}";' in conf
+    assert (tmp_path / "nginx.conf").stat().st_mode & 0o077 == 0  # it holds the secret
     assert (tmp_path / "argv").read_text().split() == ["-c", str(tmp_path / "nginx.conf"), "-g", "daemon", "off;"]
+
+
+@pytest.mark.parametrize("edge_secret", [None, "", "short", 'quote"breaks-the-config-0123456789'])
+def test_nginx_start_refuses_a_missing_or_malformed_edge_secret(tmp_path, edge_secret):
+    env = {"PATH": "/usr/bin:/bin", "NGINX_CONF_TEMPLATE": str(COMPOSE_CONF_PATH), "NGINX_CONF": str(tmp_path / "c")}
+    env["RESOLV_CONF"] = str(tmp_path / "resolv.conf")
+    if edge_secret is not None:
+        env["EDGE_SECRET"] = edge_secret
+    (tmp_path / "resolv.conf").write_text("nameserver 10.89.0.1\n")
+    proc = subprocess.run([str(NGINX_START)], env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1 and "EDGE_SECRET" in proc.stderr and not (tmp_path / "c").exists(), proc.stderr
 
 
 @pytest.fixture

@@ -79,8 +79,9 @@ def test_a_body_the_replica_refuses_unread_leaves_its_connection_usable(
 ):
     """The replica answers without reading the body, then drains it: closing on unread bytes resets the connection,
     and nginx, still sending the body, turned the 4xx into a 502 (schemathesis through nginx in CI)."""
-    host, port = replica_behind_nginx[0].removeprefix("http://").split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=20)
+    from app.ops.stack import UnixHTTPConnection
+
+    connection = UnixHTTPConnection(replica_behind_nginx[0].removeprefix("unix:"), timeout=20)
     connection.request("POST", "/predict", body=b"0" * size, headers={"Content-Type": content_type})
     refused = connection.getresponse()
     assert refused.status == status and b'"error"' in refused.read()

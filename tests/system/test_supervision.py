@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 
-from app.ops.stack import free_ports
+from app.ops.stack import answers_healthz, free_ports
 from tests.helpers import LONG_JOB, TINY_JOB, running_stack
 
 RECOVERY_S = 30
@@ -74,7 +74,7 @@ def test_a_killed_replica_or_nginx_is_restarted(stack, name):
         if name != "nginx":  # the other replica serves meanwhile
             through_nginx.append(answers(state["url"] + "/healthz"))
         child = child_named(state_file, name)
-        return child["pid"] != victim["pid"] and answers(child["url"] + "/healthz")
+        return child["pid"] != victim["pid"] and answers_healthz(child["url"])  # a replica: unix:/…
 
     # A replica's restart is mostly its boot (torch, transformers): allow for a busy 2-core machine.
     back = wait_until(restarted, f"{name} restarted and answering", timeout_s=RECOVERY_S if name == "nginx" else 90)

@@ -17,7 +17,7 @@ from app.engine import run_folder
 from app.params import TrainParams
 from app.service import jobs, model_store, registry
 from app.service.admission import Admission, NoRoom
-from app.service.redaction import without_server_paths
+from app.service.redaction import without_server_addresses, without_server_paths
 from app.service.redis_connection import service_key
 from app.service.sweeps.spec import TRIAL_TASK, SweepRequest
 from app.service.sweeps.study import distributions, load_study, storage, trial_params
@@ -108,7 +108,7 @@ def top_up(settings: Settings, queue: Queue, study, ending: str | None) -> None:
 
 def fail(study, queue: Queue, reason: str) -> None:
     """End a sweep its driver cannot go on with: record why, stop its trials; nothing is registered."""
-    study.set_user_attr("failure", without_server_paths(reason)[:500])
+    study.set_user_attr("failure", without_server_addresses(without_server_paths(reason))[:500])
     try:
         stop_trials(study, queue)
     finally:
@@ -178,7 +178,8 @@ def conclude(study, settings: Settings, queue: Queue | None) -> None:
                 pass  # no MLflow tracker, no registry: the leaderboard still names the best trial
             except Exception as exc:  # the sweep must still end; the failure is shown in its view
                 log.exception("sweep %s: registering the best trial failed", study.study_name)
-                study.set_user_attr("registration", {"version": None, "promoted": False, "reason": str(exc)[:500]})
+                reason = without_server_addresses(str(exc))[:500]
+                study.set_user_attr("registration", {"version": None, "promoted": False, "reason": reason})
     study.set_user_attr("ended_at", time.time())
 
 
