@@ -30,10 +30,10 @@ ACTIONS = {
     "train": "POST /train, POST /predictions (queue a training or a batch prediction)",
     "sweep": "POST /sweeps",
     "upload": "POST /datasets",
-    "cancel": "POST /jobs/<id>/cancel, POST /sweeps/<id>/cancel",
+    "cancel": "POST /jobs/{id}/cancel, POST /sweeps/{id}/cancel",
     "see_all": "see and cancel every key's jobs, sweeps and datasets (without it: only its own)",
     "promote": "POST /models/champion",
-    "delete": "DELETE /datasets/<id>",
+    "delete": "DELETE /datasets/{id}",
     "audit": "GET /audit",
 }
 Role = Literal["admin", "trainer", "reader"]
