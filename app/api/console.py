@@ -288,6 +288,11 @@ def models_page():
     return render_template("console/models.html")
 
 
+@bp.get("/console/audit")
+def audit_page():
+    return render_template("console/audit.html")
+
+
 @bp.get("/console/ask")
 def ask_page():
     return render_template("console/ask.html")
