@@ -229,7 +229,7 @@ def add_keys_parser(commands) -> None:
 
 def run_keys(args: argparse.Namespace, settings: Settings) -> int:
     from app.service.audit import AuditLog
-    from app.service.keys import KeyExists, KeyNotFound, KeyRecord, KeyStore
+    from app.service.keys import KeyExists, KeyNotFound, KeyStore
     from app.service.redis_connection import connect_redis
 
     connection = connect_redis(settings)
@@ -241,7 +241,6 @@ def run_keys(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     try:
         if args.action == "create":
-            KeyRecord(name=args.name, role=args.role, created_at=0)  # the name's rule, before anything is stored
             print(store.create(args.name, args.role))
             audit.record("cli", None, "create_key", f"{args.name} ({args.role})")
         else:

@@ -82,9 +82,11 @@ def visible(owner: str | None) -> bool:
     return current_principal().sees(owner)
 
 
-def owner_name() -> str:
-    """The name a job, sweep or dataset created by this request records as its owner."""
-    return current_principal().name
+def owner_name() -> str | None:
+    """The owner a job, sweep or dataset created by this request records: its key's name (None without a key, so
+    that no key named like the anonymous principal inherits what an open service made)."""
+    principal = current_principal()
+    return principal.name if principal.authenticated else None
 
 
 def client_key() -> str:

@@ -119,7 +119,8 @@ class KeyStore:
         return service_key(self.settings.queue_name, "keys", "by-hash", sha256)
 
     def create(self, name: str, role: Role) -> str:
-        """Store a new key and return it: the only time it is ever seen."""
+        """Store a new key and return it: the only time it is ever seen (a name against NAME_RULE is a
+        ValidationError, before anything is stored)."""
         record = KeyRecord(name=name, role=role, created_at=time.time())
         key = "bq_" + secrets.token_urlsafe(32)
         sha256 = digest(key)

@@ -81,6 +81,8 @@ def test_a_trainer_sees_and_cancels_only_its_own_jobs_and_an_admin_all(team):
     refused = client.post(f"/jobs/{theirs}/cancel", headers=bearer(keys["alice"]))
     assert refused.status_code == 404 and error_of(refused)["fields"] == {"job_id": "unknown job id"}
     assert client.get(f"/jobs/{theirs}", headers=bearer(keys["bob"])).get_json()["status"] == "queued"
+    console = client.get("/console/jobs?status=queued", headers=bearer(keys["alice"])).get_json()
+    assert [j["job_id"] for j in console["jobs"]] == [mine]  # the console's status filter: her own too
     assert client.post(f"/jobs/{mine}/cancel", headers=bearer(keys["alice"])).status_code == 200
     everyone = client.get("/jobs", headers=bearer(keys["boss"])).get_json()
     assert {j["job_id"] for j in everyone["jobs"]} == {mine, theirs}
@@ -119,7 +121,11 @@ def test_a_revoked_or_unknown_key_is_401_at_once(team):
 def test_the_first_key_closes_an_open_service_and_revoking_the_last_opens_it(redis_url, tmp_path):
     settings = service_settings(redis_url, tmp_path)
     client, store = create_app(settings).test_client(), KeyStore(settings, Redis.from_url(redis_url))
-    assert client.post("/train", json=TINY_JOB).status_code == 202  # open, as without API_TOKEN
+    opened = client.post("/train", json=TINY_JOB)  # open, as without API_TOKEN
+    assert opened.status_code == 202
+    key = store.create("anonymous", "trainer")
+    assert client.get(f"/jobs/{opened.get_json()['job_id']}", headers=bearer(key)).status_code == 404  # not its own
+    store.revoke("anonymous")
     key = store.create("ops", "admin")
     assert client.post("/train", json=TINY_JOB).status_code == 401
     assert client.get("/jobs").status_code == 401
