@@ -210,6 +210,56 @@ def run_datasets(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def add_keys_parser(commands) -> None:
+    keys = commands.add_parser(
+        "keys",
+        help="create, list or revoke the service's API keys (each with a role: admin, trainer, reader)",
+        description="The service's API keys, in its Redis (REDIS_URL, QUEUE_NAME): each has a name and a role "
+        "(docs/security.md). Once one exists, every request needs a key, as with API_TOKEN.",
+    )
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="create a key and print it (the only time it is shown)")
+    create.add_argument("--name", required=True, help="lower-case letters, digits, '.', '_' or '-'; unique")
+    create.add_argument("--role", required=True, choices=("admin", "trainer", "reader"))
+    actions.add_parser("list", help="names, roles, when created and last used (never the keys)")
+    revoke = actions.add_parser("revoke", help="revoke a key: refused from the next request on")
+    revoke.add_argument("name")
+    keys.set_defaults(handler=run_keys)
+
+
+def run_keys(args: argparse.Namespace, settings: Settings) -> int:
+    from app.service.audit import AuditLog
+    from app.service.keys import KeyExists, KeyNotFound, KeyStore
+    from app.service.redis_connection import connect_redis
+
+    connection = connect_redis(settings)
+    store, audit = KeyStore(settings, connection), AuditLog(settings, connection)
+    if args.action == "list":
+        for view in store.list():
+            used = isoformat(view.last_used_at) if view.last_used_at else "never"
+            print(f"{view.name}  {view.role}  created {isoformat(view.created_at)}  last used {used}")
+        return 0
+    try:
+        if args.action == "create":
+            print(store.create(args.name, args.role))
+            audit.record("cli", None, "create_key", f"{args.name} ({args.role})")
+        else:
+            store.revoke(args.name)
+            audit.record("cli", None, "revoke_key", args.name)
+    except ValidationError:
+        return usage_error(f"--name: {args.name!r} is not a key name (lower-case letters, digits, '.', '_', '-')")
+    except (KeyExists, KeyNotFound) as exc:
+        print(f"python -m app: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
+
+
+def isoformat(timestamp: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
+
+
 def add_serve_parser(commands) -> None:
     serve = commands.add_parser("serve", help="serve the REST API with gunicorn (app/ops/gunicorn_conf.py)")
     serve.add_argument(
@@ -320,6 +370,7 @@ def build_parser() -> ArgumentParser:
     add_sweep_parser(commands)
     add_predict_parser(commands)
     add_datasets_parser(commands)
+    add_keys_parser(commands)
     add_serve_parser(commands)
     add_worker_parser(commands)
     add_stack_parser(commands)

@@ -55,8 +55,11 @@ class Settings(BaseSettings):
     job_timeout: int = 24 * 3600
     # Seconds a finished job's result stays in Redis (default 30 days).
     result_ttl: int = 30 * 24 * 3600
-    # Bearer token required for POST /train, cancel and /predict; empty = no auth.
+    # Bearer token required for POST /train, cancel and /predict; empty = no auth. With it set, or once a key
+    # exists (`python -m app keys create`), every request but the health checks needs a key; API_TOKEN is an admin's.
     api_token: str = Field(default="", repr=False)
+    # Entries the audit stream keeps (who trained, swept, promoted, cancelled, deleted, managed keys); about.
+    audit_max_entries: int = Field(default=10_000, ge=100, le=1_000_000)
     # Largest accepted request body in bytes.
     max_content_length: int = 1024 * 1024
     # Uploaded datasets (POST /datasets): the largest file, in MB (nginx refuses larger bodies too), and the most rows.

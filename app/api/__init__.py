@@ -16,7 +16,7 @@ from app.config import Settings
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the app from ``settings`` (default: the environment). Connects lazily: nothing blocks here."""
-    from app.api import console, datasets, health, jobs, models, openapi, predict, predictions, sweeps
+    from app.api import audit, console, datasets, health, jobs, models, openapi, predict, predictions, sweeps
     from app.api.auth import refuse_foreign_origin, refuse_unknown_host
     from app.api.body import discard_unread_body
     from app.api.context import Service
@@ -25,7 +25,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     from app.api.metrics import ServiceMetrics
     from app.api.proxy import TrustedProxyFix
     from app.service.admission import Admission
+    from app.service.audit import AuditLog
     from app.service.jobs import training_queue
+    from app.service.keys import KeyStore
     from app.service.redis_connection import connect_redis
     from app.service.serving import Serving
 
@@ -37,7 +39,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     metrics = ServiceMetrics(queue, settings.prometheus_multiproc_dir)
     serving = Serving(settings, queue, on_batch=metrics.predict_batch_size.observe)
     waiters = threading.BoundedSemaphore(max(settings.max_waiters, 1))
-    app.extensions["boolq"] = Service(settings, queue, serving, metrics, Admission(queue, settings), waiters)
+    admission = Admission(queue, settings)
+    keys, audit_log = KeyStore(settings, queue.connection), AuditLog(settings, queue.connection)
+    app.extensions["boolq"] = Service(
+        settings, queue, serving, metrics, admission, keys=keys, audit=audit_log, waiters=waiters
+    )
     # Behind nginx the client's address is the last X-Forwarded-For hop (admission counts jobs per address).
     app.wsgi_app = TrustedProxyFix(app.wsgi_app, settings.trusted_proxies, settings.edge_secret)
 
@@ -50,6 +56,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         models.bp,
         sweeps.bp,
         datasets.bp,
+        audit.bp,
         console.bp,
     ):
         app.register_blueprint(blueprint)

@@ -15,7 +15,7 @@ from typing import Literal
 from flask import Blueprint, jsonify, render_template, request, url_for
 from pydantic import Field, field_validator
 
-from app.api.auth import require_token
+from app.api.auth import allowed, auth_required, owner_scope
 from app.api.body import parse
 from app.api.context import current_service
 from app.api.jobs import find_job
@@ -79,15 +79,14 @@ def protect(response):
 
 @bp.app_context_processor
 def console_globals():
-    return {"auth_required": bool(current_service().settings.api_token), "api_root": request.script_root}
+    return {"auth_required": auth_required(), "api_root": request.script_root}
 
 
 def reads_are_open() -> bool:
-    """Whether pages may show job data to a visitor without the token: the API's rule for job reads (open
-    without ``API_TOKEN`` or with ``PUBLIC_READS``). Otherwise pages carry no job data; their scripts fetch it
-    with the token."""
-    settings = current_service().settings
-    return not settings.api_token or settings.public_reads
+    """Whether pages may show job data to a visitor without a key: the API's rule for job reads (open without keys
+    and ``API_TOKEN``, or with ``PUBLIC_READS``). Otherwise pages carry no job data; their scripts fetch it
+    with the key."""
+    return not auth_required() or current_service().settings.public_reads
 
 
 def token_for_reads(view):
@@ -95,7 +94,7 @@ def token_for_reads(view):
 
     @functools.wraps(view)
     def checked(*args, **kwargs):
-        return view(*args, **kwargs) if reads_are_open() else require_token(view)(*args, **kwargs)
+        return view(*args, **kwargs) if reads_are_open() else allowed("read")(view)(*args, **kwargs)
 
     return checked
 
@@ -119,10 +118,11 @@ def jobs_rows():
 
 def job_listing(query: ConsoleJobsQuery) -> dict:
     queue = current_service().queue
+    owner = owner_scope()
     if query.status:
-        page, total = jobs.recent_jobs_with_status(queue, query.status, query.page, query.per_page)
+        page, total = jobs.recent_jobs_with_status(queue, query.status, query.page, query.per_page, owner)
     else:
-        page, total = jobs.recent_jobs(queue, query.page, query.per_page)
+        page, total = jobs.recent_jobs(queue, query.page, query.per_page, owner)
     return {
         "jobs": [job_row(jobs.describe_job(job)) for job in page],
         "page": query.page,
@@ -286,6 +286,11 @@ def sweeps_page():
 @bp.get("/console/models")
 def models_page():
     return render_template("console/models.html")
+
+
+@bp.get("/console/audit")
+def audit_page():
+    return render_template("console/audit.html")
 
 
 @bp.get("/console/ask")

@@ -18,6 +18,8 @@ class Service:
     serving: object  # app.service.serving.Serving
     metrics: object  # app.api.metrics.ServiceMetrics
     admission: object  # app.service.admission.Admission
+    keys: object  # app.service.keys.KeyStore
+    audit: object  # app.service.audit.AuditLog
     # One slot per allowed concurrent POST /train?wait=true in this process (MAX_WAITERS).
     waiters: threading.BoundedSemaphore
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, request, url_for
 
-from app.api.auth import require_token, require_token_for_reads
+from app.api.auth import allowed, audit, owner_name, visible
 from app.api.body import parse
 from app.api.context import current_service
 from app.api.errors import ApiError
@@ -23,7 +23,7 @@ DATASET_ID = "<dataset_id>"
     {201: ("Stored (Location: /datasets/<id>)", DatasetView), 200: ("Already stored", DatasetView)},
     query=DatasetUploadQuery,
 )
-@require_token
+@allowed("upload")
 def upload():
     service = current_service()
     query = parse(DatasetUploadQuery, request.args.to_dict(), where="query")
@@ -32,7 +32,7 @@ def upload():
         raise datasets.DatasetTooLarge(f"the file is larger than MAX_DATASET_MB ({service.settings.max_dataset_mb} MB)")
     request.max_content_length = limit  # a chunked body: the store stops copying at MAX_DATASET_MB
     stream, filename, content_type = uploaded_file(query.filename)
-    record, created = store().store_upload(stream, filename, content_type, query.mapping())
+    record, created = store().store_upload(stream, filename, content_type, query.mapping(), owner_name())
     headers = {"Location": url_for("datasets.show", dataset_id=record.id)}
     return respond(DatasetView, 201 if created else 200, headers, **datasets.record_json(record))
 
@@ -51,9 +51,9 @@ def uploaded_file(name: str | None):
 
 @bp.get("/datasets")
 @documented("Uploaded datasets, newest first (without previews)", {200: ("The datasets", DatasetList)})
-@require_token_for_reads
+@allowed("read")
 def index():
-    records = store().records()
+    records = [r for r in store().records() if visible(r.owner)]
     return respond(DatasetList, datasets=[datasets.record_json(r) | {"preview": []} for r in records])
 
 
@@ -62,7 +62,7 @@ def index():
     "One dataset: columns, mapping, rows per split, label histogram, baseline, first rows",
     {200: ("The dataset", DatasetView)},
 )
-@require_token_for_reads
+@allowed("read")
 def show(dataset_id: str):
     record = store().get(dataset_id)
     return respond(DatasetView, **datasets.record_json(record))
@@ -70,9 +70,10 @@ def show(dataset_id: str):
 
 @bp.delete(f"/datasets/{DATASET_ID}")
 @documented("Delete a dataset (refused while a queued or running job trains on it)", {204: ("Deleted", None)})
-@require_token
+@allowed("delete")
 def delete(dataset_id: str):
     store().delete(dataset_id, in_use=jobs.uses_dataset(current_service().queue, dataset_id))
+    audit("delete_dataset", dataset_id)
     return "", 204
 
 

@@ -6,7 +6,7 @@ import re
 
 from flask import Blueprint, request, url_for
 
-from app.api.auth import bearer_token, require_token, require_token_for_reads
+from app.api.auth import allowed, audit, client_key, owner_name, owner_scope, visible
 from app.api.body import json_object, parse
 from app.api.context import current_service
 from app.api.errors import ApiError
@@ -24,7 +24,7 @@ from app.api.schemas import (
 from app.params import TrainParams
 from app.service import datasets, jobs, sweeps
 from app.service import predictions as predictions_of
-from app.service.admission import RETRY_AFTER_S, check_cost, client_key
+from app.service.admission import RETRY_AFTER_S, check_cost
 from app.service.model_access import loadable_here, model_for_training
 from app.service.redaction import without_server_paths
 
@@ -44,7 +44,7 @@ JOB_ID_PATTERN = re.compile(jobs.JOB_ID_RULE)
     body=TrainParams,
     query=TrainQuery,
 )
-@require_token
+@allowed("train")
 def train():
     service = current_service()
     query = parse(TrainQuery, request.args.to_dict(), where="query")
@@ -76,8 +76,11 @@ def train():
 def submit(params: TrainParams):
     """Enqueue through admission control: 429 when the queue or this client has no room."""
     service = current_service()
-    client = client_key(service.settings, bearer_token(), request.remote_addr)
-    return service.admission.admit(client, lambda: jobs.enqueue_training(service.queue, params, service.settings))
+    job = service.admission.admit(
+        client_key(), lambda: jobs.enqueue_training(service.queue, params, service.settings, owner_name())
+    )
+    audit("train", job.id)
+    return job
 
 
 def respond_queued(job, waited_s: float | None = None):
@@ -118,10 +121,10 @@ def respond_finished(job):
 
 @bp.get("/jobs")
 @documented("Recent jobs, newest first", {200: ("A page", JobList)}, query=JobsQuery)
-@require_token_for_reads
+@allowed("read")
 def index():
     query = parse(JobsQuery, request.args.to_dict(), where="query")
-    page, total = jobs.recent_jobs(current_service().queue, query.page, query.per_page)
+    page, total = jobs.recent_jobs(current_service().queue, query.page, query.per_page, owner_scope())
     return respond(
         JobList, jobs=[jobs.describe_job(j) for j in page], page=query.page, per_page=query.per_page, total=total
     )
@@ -129,7 +132,7 @@ def index():
 
 @bp.get(f"/jobs/{JOB_ID}")
 @documented("Status, progress, result or error", {200: ("The job", JobView)})
-@require_token_for_reads
+@allowed("read")
 def show(job_id: str):
     return respond(JobView, **jobs.describe_job(find_job(job_id)))
 
@@ -139,10 +142,11 @@ def show(job_id: str):
     "Cancel a queued job or stop a running one",
     {200: ("Cancelled", JobView), 202: ("Stop requested, not yet confirmed", JobView)},
 )
-@require_token
+@allowed("cancel")
 def cancel(job_id: str):
     service = current_service()
     job = jobs.cancel_training(service.queue, find_job(job_id))
+    audit("cancel", job.id)
     sweep_id = (job.meta.get("sweep") or {}).get("sweep_id")
     if sweep_id:  # a sweep's trial: the sweep marks it cancelled and starts the next one now
         sweeps.advance(service.settings, service.queue, sweep_id)
@@ -152,7 +156,7 @@ def cancel(job_id: str):
 
 @bp.get(f"/jobs/{JOB_ID}/predictions")
 @documented("Per-example val predictions", {200: ("Predictions", PredictionList)})
-@require_token_for_reads
+@allowed("read")
 def predictions(job_id: str):
     return respond(PredictionList, job_id=job_id, predictions=succeeded_job_predictions(job_id))
 
@@ -162,6 +166,10 @@ def succeeded_job_predictions(job_id: str) -> list[dict]:
 
 
 def find_job(job_id: str):
+    """The job, if this request's key may see it: another key's job is 404, as if it did not exist."""
     if not JOB_ID_PATTERN.fullmatch(job_id):
         raise ApiError(404, f"no job {job_id!r}", {"job_id": "job ids are 1-64 letters, digits, '-' or '_'"})
-    return jobs.fetch_job(current_service().queue, job_id, current_service().settings)
+    job = jobs.fetch_job(current_service().queue, job_id, current_service().settings)
+    if not visible(jobs.owner_of(job)):
+        raise jobs.JobNotFound(f"no job {job_id}")
+    return job

@@ -6,7 +6,7 @@ import functools
 
 from flask import Blueprint
 
-from app.api.auth import require_token, require_token_for_reads
+from app.api.auth import allowed, audit
 from app.api.body import json_object, parse
 from app.api.context import current_service
 from app.api.openapi import documented
@@ -23,7 +23,7 @@ bp = Blueprint("models", __name__)
     "Registered model versions (job id, params, dev/val accuracy), newest first, and the champion",
     {200: ("The versions", ModelList)},
 )
-@require_token_for_reads
+@allowed("read")
 def index():
     service = current_service()
     models = open_registry(service.settings)
@@ -45,7 +45,7 @@ def index():
     {200: ("The new champion", ChampionView)},
     body=PromoteRequest,
 )
-@require_token
+@allowed("promote")
 def promote():
     service = current_service()
     request_ = parse(PromoteRequest, json_object())
@@ -55,6 +55,7 @@ def promote():
     else:
         version = models.version_of_job(request_.job_id)
     champion = registry.promote_champion(service.queue.connection, service.settings, models, version, request_.force)
+    audit("promote", f"version {champion.version} (job {champion.job_id})")
     return respond(ChampionView, champion=without_server_paths(champion.model_dump()))
 
 

@@ -1,5 +1,6 @@
 """``GET /openapi.json``, built from the routes themselves: each view carries its operation (``@documented``),
-its token rule (``app.api.auth``) and its path; every schema is generated from the pydantic models it names."""
+the action it needs (``app.api.auth.allowed``) and its path; every schema is generated from the pydantic models
+it names."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from flask import Blueprint, Flask, current_app, jsonify
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from app.api.auth import auth_required
 from app.api.context import current_service
 from app.api.schemas import ErrorBody
 from app.config import Settings
@@ -20,10 +22,10 @@ bp = Blueprint("openapi", __name__)
 REF = "#/components/schemas/{model}"
 ERRORS = {
     "400": "Malformed JSON",
-    "401": "Missing or wrong bearer token (when API_TOKEN is set)",
-    "403": "Without API_TOKEN: a host not in ALLOWED_HOSTS, or a state-changing request from another origin; "
-    "with EDGE_SECRET: a request that did not come through nginx",
-    "404": "Unknown job, sweep, route or model",
+    "401": "Missing, unknown or revoked bearer key (when API_TOKEN is set or a key exists)",
+    "403": "The key's role may not do this; without keys: a host not in ALLOWED_HOSTS, or a state-changing request "
+    "from another origin; with EDGE_SECRET: a request that did not come through nginx",
+    "404": "Unknown job, sweep, route or model (another key's job or sweep, for a key that sees only its own)",
     "405": "Wrong method",
     "409": "Job or sweep in the wrong state for this request; a champion with higher val accuracy (force)",
     "413": "Body over MAX_CONTENT_LENGTH",
@@ -93,10 +95,12 @@ def response_object(description: str, content) -> dict:
     return {"description": description, "content": {"application/json": {"schema": schema_of(models)}}}
 
 
-def operation_object(operation: Operation, secured: bool) -> dict:
+def operation_object(operation: Operation, secured: bool, checked: bool) -> dict:
+    """``secured``: the route needs a key as the service is configured; ``checked``: it checks one at all (then a
+    key whose role may not do it is 403)."""
     responses = {str(status): response_object(*response) for status, response in operation.responses.items()}
     if operation.errors:
-        hidden = set() if secured else {"401"}
+        hidden = set() if secured or checked else {"401"}
         responses |= {code: response_object(text, ErrorBody) for code, text in ERRORS.items() if code not in hidden}
     op = {"summary": operation.summary, "responses": responses}
     if operation.body:
@@ -131,16 +135,17 @@ def path_parameter(name: str) -> dict:
     return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
 
 
-def needs_token(view, settings: Settings) -> bool:
-    """Whether the service as configured asks this route for the bearer token (``app.api.auth``'s rule on it)."""
-    rule = getattr(view, "token_rule", None)
-    if not settings.api_token or rule is None:
+def needs_key(view, settings: Settings, keys_in_use: bool) -> bool:
+    """Whether the service as configured asks this route for a key (``app.api.auth.allowed`` on it): every guarded
+    route once keys are in use, except the reads where PUBLIC_READS opens them."""
+    action = getattr(view, "action", None)
+    if not keys_in_use or action is None:
         return False
-    return rule == "always" or not settings.public_reads
+    return not (action == "read" and settings.public_reads)
 
 
-def openapi_document(app: Flask, settings: Settings) -> dict:
-    """The document for this service as configured: without API_TOKEN no operation asks for a token."""
+def openapi_document(app: Flask, settings: Settings, keys_in_use: bool) -> dict:
+    """The document for this service as configured: with no key and no API_TOKEN no operation asks for one."""
     paths: dict[str, dict] = {}
     models: set[type[BaseModel]] = set()
     for rule in app.url_map.iter_rules():
@@ -150,13 +155,14 @@ def openapi_document(app: Flask, settings: Settings) -> dict:
             continue
         (method,) = rule.methods - {"HEAD", "OPTIONS"}
         item = paths.setdefault(re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule), {})
-        item[method.lower()] = operation_object(operation, needs_token(view, settings))
+        checked = keys_in_use and getattr(view, "action", None) is not None
+        item[method.lower()] = operation_object(operation, needs_key(view, settings, keys_in_use), checked)
         if rule.arguments:
             item["parameters"] = [path_parameter(name) for name in sorted(rule.arguments)]
         models |= operation.models()
     _, top = models_json_schema([(m, "validation") for m in sorted(models, key=lambda m: m.__name__)], ref_template=REF)
     components = {"schemas": top["$defs"]}
-    if settings.api_token:
+    if keys_in_use:
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     info = {
         "title": "boolq-service",
@@ -169,4 +175,4 @@ def openapi_document(app: Flask, settings: Settings) -> dict:
 @bp.get("/openapi.json")
 @documented("This document", {200: ("OpenAPI 3.1", None)}, errors=False)
 def openapi():
-    return jsonify(openapi_document(current_app, current_service().settings))
+    return jsonify(openapi_document(current_app, current_service().settings, auth_required()))

@@ -7,7 +7,7 @@ import functools
 
 from flask import Blueprint, request
 
-from app.api.auth import require_token
+from app.api.auth import allowed
 from app.api.body import json_object, parse
 from app.api.context import current_service
 from app.api.openapi import documented
@@ -43,7 +43,7 @@ SHAPES = {
     {200: ("One answer, or one per item", tuple(SHAPES.values()))},
     body=tuple(SHAPES),
 )
-@require_token
+@allowed("predict")
 def predict():
     body = json_object()
     request_ = parse(request_shape(body), body)

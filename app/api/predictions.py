@@ -3,9 +3,9 @@ at ``GET /jobs/<id>/predictions``)."""
 
 from __future__ import annotations
 
-from flask import Blueprint, request
+from flask import Blueprint
 
-from app.api.auth import bearer_token, require_token
+from app.api.auth import allowed, audit, client_key, owner_name
 from app.api.body import json_object, parse
 from app.api.context import current_service
 from app.api.jobs import respond_queued
@@ -13,7 +13,6 @@ from app.api.openapi import documented
 from app.api.schemas import JobAccepted
 from app.params import PredictionParams
 from app.service import batch_predictions
-from app.service.admission import client_key
 
 bp = Blueprint("predictions", __name__)
 
@@ -25,12 +24,13 @@ bp = Blueprint("predictions", __name__)
     {202: ("Queued (Location: /jobs/<id>)", JobAccepted)},
     body=PredictionParams,
 )
-@require_token
+@allowed("train")
 def create():
     service = current_service()
     params = batch_predictions.checked_request(parse(PredictionParams, json_object()), service.settings, service.queue)
-    client = client_key(service.settings, bearer_token(), request.remote_addr)
     job = service.admission.admit(
-        client, lambda: batch_predictions.enqueue_predictions(service.queue, params, service.settings)
+        client_key(),
+        lambda: batch_predictions.enqueue_predictions(service.queue, params, service.settings, owner_name()),
     )
+    audit("predictions", job.id)
     return respond_queued(job)

@@ -8,6 +8,7 @@ from flask import jsonify
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from app.params import StrictModel
+from app.service.audit import AuditEntry
 from app.service.datasets import ColumnMapping, DatasetRecord
 from app.service.jobs import JOB_ID_RULE, Progress, ScoringProgress
 from app.service.registry import ModelVersion
@@ -163,6 +164,7 @@ class JobError(ResponseModel):
 class JobView(ResponseModel):
     job_id: str
     status: Status
+    owner: str | None = Field(description="The key that created it (None: before keys, or an open service's CLI).")
     params: dict
     progress: Progress | ScoringProgress | None
     waiting: str | None = Field(
@@ -304,6 +306,7 @@ class SweepAccepted(ResponseModel):
 class SweepView(ResponseModel):
     sweep_id: str
     status: Literal["running", "finished", "cancelled", "failed"]
+    owner: str | None = Field(description="The key that created it (None: before keys, or an open service's CLI).")
     created_at: str | None
     ended_at: str | None
     base: dict
@@ -350,3 +353,13 @@ class DatasetView(ResponseModel, DatasetRecord):
 
 class DatasetList(ResponseModel):
     datasets: list[DatasetView]
+
+
+class AuditQuery(StrictModel):
+    """Query string of ``GET /audit``."""
+
+    count: int = Field(100, ge=1, le=1_000, description="How many of the newest entries.")
+
+
+class AuditList(ResponseModel):
+    entries: list[AuditEntry] = Field(description="Newest first.")

@@ -8,7 +8,6 @@ request already showed; a full queue or a client over its share is told to come 
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from app.config import Settings
 from app.engine.boolq import HUB_SOURCE
 from app.params import TrainParams
 from app.service.jobs import class_queues, queued_in
+from app.service.keys import Principal
 from app.service.redis_connection import service_key
 
 # What a client is told to wait before trying again when the queue or its share is full.
@@ -48,11 +48,11 @@ class NoRoom(Refused):
     """Not now: the queue or this client is at its cap; the same submit may pass later."""
 
 
-def client_key(settings: Settings, bearer_token: str, address: str | None) -> str:
-    """Whom a job is counted against: the bearer token (hashed, never stored) when API_TOKEN makes it one that was
-    checked, else the address (any string a client sends unchecked would let it pick a fresh key per request)."""
-    if settings.api_token and bearer_token:
-        return "token:" + hashlib.sha256(bearer_token.encode()).hexdigest()[:16]
+def client_key(principal: Principal, address: str | None) -> str:
+    """Whom a job is counted against: the key's name once keys are checked (API_TOKEN's too), else the address (any
+    string a client sends unchecked would let it pick a fresh key per request)."""
+    if principal.authenticated:
+        return f"key:{principal.name}"
     return f"addr:{address or 'unknown'}"
 
 

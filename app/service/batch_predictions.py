@@ -50,7 +50,7 @@ def checked_request(params: PredictionParams, settings: Settings, queue: Queue) 
     return params.model_copy(update={"model": name})
 
 
-def enqueue_predictions(queue: Queue, params: PredictionParams, settings: Settings) -> Job:
+def enqueue_predictions(queue: Queue, params: PredictionParams, settings: Settings, owner: str | None = None) -> Job:
     """Put one batch prediction on its worker class's queue (called inside ``Admission.admit``)."""
     return jobs.enqueue_job(
         queue,
@@ -59,6 +59,7 @@ def enqueue_predictions(queue: Queue, params: PredictionParams, settings: Settin
         settings,
         description=f"predict {params.dataset} {params.split} with {params.model}",
         accelerator=params.accelerator,
+        owner=owner,
     )
 
 

@@ -28,25 +28,34 @@ class JobIndex:
         self.stopped_key = service_key(queue.name, "stopped")
         self.backfilled_key = service_key(queue.name, "jobs", "backfilled")
 
-    def add(self, job: Job) -> None:
-        created = job.created_at.timestamp() if job.created_at else time.time()
-        self.connection.zadd(self.key, {job.id: created})
+    def owner_key(self, owner: str) -> str:
+        """One key's jobs, so a key that sees only its own lists them in O(page) too."""
+        return service_key(self.queue.name, "jobs", "owner", owner)
 
-    def page(self, page: int, per_page: int) -> tuple[list[Job], int]:
-        """One page of jobs, newest first, and how many the index holds."""
+    def add(self, job: Job, owner: str | None = None) -> None:
+        created = job.created_at.timestamp() if job.created_at else time.time()
+        pipe = self.connection.pipeline()
+        pipe.zadd(self.key, {job.id: created})
+        if owner is not None:
+            pipe.zadd(self.owner_key(owner), {job.id: created})
+        pipe.execute()
+
+    def page(self, page: int, per_page: int, owner: str | None = None) -> tuple[list[Job], int]:
+        """One page of jobs (``owner``'s only, if given), newest first, and how many the index holds."""
         self.backfill_once()
-        self.prune_oldest()
+        key = self.key if owner is None else self.owner_key(owner)
+        self.prune_oldest(key)
         start = (page - 1) * per_page
         while True:
-            ids = [i.decode() for i in self.connection.zrevrange(self.key, start, start + per_page - 1)]
+            ids = [i.decode() for i in self.connection.zrevrange(key, start, start + per_page - 1)]
             jobs = self.queue.job_class.fetch_many(ids, self.connection, self.queue.serializer)
             expired = [job_id for job_id, job in zip(ids, jobs, strict=True) if job is None]
             if not expired:
-                return jobs, self.connection.zcard(self.key)
-            self.connection.zrem(self.key, *expired)  # the page shifts up; read it again
+                return jobs, self.connection.zcard(key)
+            self.connection.zrem(key, *expired)  # the page shifts up; read it again
 
-    def prune_oldest(self) -> None:
-        ids = [i.decode() for i in self.connection.zrange(self.key, 0, PRUNE_BATCH - 1)]
+    def prune_oldest(self, key: str) -> None:
+        ids = [i.decode() for i in self.connection.zrange(key, 0, PRUNE_BATCH - 1)]
         if not ids:
             return
         pipe = self.connection.pipeline()
@@ -54,7 +63,7 @@ class JobIndex:
             pipe.exists(Job.key_for(job_id))
         gone = [job_id for job_id, exists in zip(ids, pipe.execute(), strict=True) if not exists]
         if gone:
-            self.connection.zrem(self.key, *gone)
+            self.connection.zrem(key, *gone)
 
     def backfill_once(self) -> None:
         """Index the jobs a version without the index left in Redis; done once per queue."""

@@ -47,6 +47,10 @@ MAINTENANCE_INTERVAL_S = 60
 # The job's meta keys: the re-runs it was allowed when enqueued, and how its worker's last death was seen.
 RETRIES = "retries"
 INTERRUPTED = "interrupted"
+# The meta key naming the API key that created a job (app.service.keys), and the most of one key's jobs a
+# status filter reads.
+OWNER = "owner"
+OWNER_SCAN = 10_000
 # When a worker listening on a queue last sent a heartbeat (unix seconds), per queue name: how long a class of jobs
 # has had no live worker (WORKER_WAIT_S).
 WORKER_SEEN_KEY = "boolq:worker-seen:{}"
@@ -252,7 +256,7 @@ def fail_jobs_without_workers(queue: Queue, settings: Settings) -> None:
                     fail_if_no_worker(job, settings)
 
 
-def enqueue_training(queue: Queue, params: TrainParams, settings: Settings) -> Job:
+def enqueue_training(queue: Queue, params: TrainParams, settings: Settings, owner: str | None = None) -> Job:
     """Put one training run on its class's queue (and in the job index); the job id becomes the run folder's name."""
     return enqueue_job(
         queue,
@@ -261,6 +265,7 @@ def enqueue_training(queue: Queue, params: TrainParams, settings: Settings) -> J
         settings,
         description=f"train {params.model}",
         accelerator=params.accelerator,
+        owner=owner,
     )
 
 
@@ -274,10 +279,11 @@ def enqueue_job(
     job_id: str | None = None,
     meta: dict | None = None,
     accelerator: str = "any",
+    owner: str | None = None,
 ) -> Job:
     """The one way a job reaches the queue (called inside ``Admission.admit``): timeouts, retries and TTLs from
     the settings, the queue of the worker class it asks for, and the service's job index, the same for a training
-    and a sweep's trial."""
+    and a sweep's trial. ``owner``: the key that asked for it (who may see and cancel it)."""
     if task not in PROJECT_TASKS:
         raise ForbiddenTask(f"{task!r} is not one of this service's tasks")
     job = class_queue(queue, accelerator).enqueue(
@@ -288,10 +294,10 @@ def enqueue_job(
         result_ttl=settings.result_ttl,
         failure_ttl=settings.result_ttl,
         retry=Retry(max=settings.job_retries) if settings.job_retries > 0 else None,
-        meta={"progress": None, RETRIES: settings.job_retries} | (meta or {}),
+        meta={"progress": None, RETRIES: settings.job_retries, OWNER: owner} | (meta or {}),
         description=description,
     )
-    JobIndex(queue).add(job)
+    JobIndex(queue).add(job, owner)
     return job
 
 
@@ -315,9 +321,16 @@ def public_status(job: Job) -> str:
     return "pruned" if status == "succeeded" and job.meta.get("pruned_at_epoch") else status  # a sweep's trial
 
 
-def recent_jobs(queue: Queue, page: int, per_page: int) -> tuple[list[Job], int]:
-    """One page of jobs, newest first, and the total count; reads only that page (the job index)."""
-    return JobIndex(queue).page(page, per_page)
+def recent_jobs(queue: Queue, page: int, per_page: int, owner: str | None = None) -> tuple[list[Job], int]:
+    """One page of jobs (``owner``'s only, if given), newest first, and the total count; reads only that page (the
+    job index)."""
+    return JobIndex(queue).page(page, per_page, owner)
+
+
+def owner_of(job: Job) -> str | None:
+    """The key that created the job (None: before keys, or on an open service's command line)."""
+    owner = job.meta.get(OWNER)
+    return owner if isinstance(owner, str) else None
 
 
 def latest_succeeded_job_id(queue: Queue) -> str | None:
@@ -370,6 +383,7 @@ def describe_job(job: Job) -> dict:
     return {
         "job_id": job.id,
         "status": status,
+        "owner": owner_of(job),
         "params": job.args[0] if job.args else {},
         "progress": job.meta.get("progress"),
         "waiting": waiting_reason(job) if status == "queued" else None,
@@ -504,7 +518,9 @@ STATUS_REGISTRIES = {
 }
 
 
-def recent_jobs_with_status(queue: Queue, status: str, page: int, per_page: int) -> tuple[list[Job], int]:
+def recent_jobs_with_status(
+    queue: Queue, status: str, page: int, per_page: int, owner: str | None = None
+) -> tuple[list[Job], int]:
     """One page of the jobs in one public status, newest first, and their count (the console's filter).
 
     Succeeded and running jobs are paged in their registry's order (by when they ended or last beat, newest
@@ -512,6 +528,10 @@ def recent_jobs_with_status(queue: Queue, status: str, page: int, per_page: int)
     read whole and sorted by creation time.
     """
     start = (page - 1) * per_page
+    if owner is not None:  # one key's jobs: its own index, read whole (up to OWNER_SCAN) and filtered
+        found, _ = recent_jobs(queue, 1, OWNER_SCAN, owner)
+        matching = [j for j in found if public_status(j) == status]
+        return matching[start : start + per_page], len(matching)
     if status in ("succeeded", "running"):
         registries = [getattr(q, STATUS_REGISTRIES[status][0]) for q in class_queues(queue)]
         return registry_page([r for r in registries if r.count] or registries[:1], status, start, per_page)

@@ -54,15 +54,23 @@ def test_each_client_has_its_own_cap_and_regains_room_when_a_job_ends(redis_url,
     assert submit(client, address="10.0.0.1").status_code == 202
 
 
-def test_clients_are_told_apart_by_bearer_token_before_address_when_api_token_checks_it(redis_url, tmp_path):
-    from app.service.admission import client_key
+def test_with_keys_the_cap_is_per_key_whatever_the_address_and_api_token_is_one_key(redis_url, tmp_path):
+    from redis import Redis
 
-    with_token = service_settings(redis_url, tmp_path, api_token="secret")
-    assert client_key(with_token, "secret", "10.0.0.1") == client_key(with_token, "secret", "10.0.0.2")
-    assert client_key(with_token, "", "10.0.0.1") != client_key(with_token, "", "10.0.0.2")
-    assert "secret" not in client_key(with_token, "secret", None)
-    open_service = service_settings(redis_url, tmp_path)  # an unchecked bearer string is no key
-    assert client_key(open_service, "any", "10.0.0.1") == client_key(open_service, "other", "10.0.0.1")
+    from app.service.keys import KeyStore
+
+    settings = service_settings(redis_url, tmp_path, api_token="s3cret", max_jobs_per_client=2)
+    store = KeyStore(settings, Redis.from_url(redis_url))
+    alice, bob = store.create("alice", "trainer"), store.create("bob", "trainer")
+    client = create_app(settings).test_client()
+
+    def train(key, address):
+        headers = {"Authorization": f"Bearer {key}", "X-Forwarded-For": address}
+        return client.post("/train", json=TINY_JOB, headers=headers).status_code
+
+    assert [train(alice, f"10.0.0.{i}") for i in range(3)] == [202, 202, 429]  # a new address is no new room
+    assert train(bob, "10.0.0.1") == 202  # another key has its own
+    assert [train("s3cret", f"10.0.1.{i}") for i in range(3)] == [202, 202, 429]
 
 
 def test_a_job_over_the_token_budget_is_422_naming_the_fields(redis_url, tmp_path):

@@ -11,9 +11,11 @@ import time
 
 import pytest
 import requests
+from redis import Redis
 
 from app.api import create_app
 from app.api.schemas import MAX_ITEMS
+from app.service.keys import KeyStore
 from tests.helpers import TINY_JOB, free_port, service_settings
 
 
@@ -242,21 +244,26 @@ def test_openapi_describes_every_route_with_generated_schemas(client):
     assert set(references(document)) <= {f"#/components/schemas/{name}" for name in schemas}
 
 
-@pytest.mark.parametrize("public_reads", [False, True])
-def test_openapi_asks_for_the_token_exactly_where_the_service_does(settings, public_reads):
-    configured = settings.model_copy(update={"api_token": "s3cret", "public_reads": public_reads})
+@pytest.mark.parametrize(("api_token", "public_reads"), [("s3cret", False), ("s3cret", True), ("", False)])
+def test_openapi_asks_for_a_key_exactly_where_the_service_does(settings, api_token, public_reads):
+    """With API_TOKEN, or with only a created key: ``security`` where a request without a key is 401, and 401
+    documented wherever a wrong key is 401 (a public read checks a key it is given)."""
+    configured = settings.model_copy(update={"api_token": api_token, "public_reads": public_reads})
+    key = api_token or KeyStore(configured, Redis.from_url(configured.redis_url)).create("ops", "admin")
     client = create_app(configured).test_client()
-    document = client.get("/openapi.json", headers={"Authorization": "Bearer s3cret"}).get_json()
+    document = client.get("/openapi.json", headers={"Authorization": f"Bearer {key}"}).get_json()
     for path, item in document["paths"].items():
         for method, operation in item.items():
             if method == "parameters":
                 continue
             url = re.sub(r"\{\w+\}", "no-such-id", path)
-            answer = client.open(url, method=method.upper(), json={})
-            asks = answer.status_code == 401
-            assert ("security" in operation) == asks == ("401" in operation["responses"]), (method, path)
+            without = client.open(url, method=method.upper(), json={})
+            wrong = client.open(url, method=method.upper(), json={}, headers={"Authorization": "Bearer wrong"})
+            assert ("security" in operation) == (without.status_code == 401), (method, path)
+            assert ("401" in operation["responses"]) == (wrong.status_code == 401), (method, path)
     secured = {(m, p) for p, item in document["paths"].items() for m, op in item.items() if "security" in op}
     assert ("post", "/train") in secured and (("get", "/models") in secured) is not public_reads
+    assert ("get", "/audit") in secured
     assert document["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
 
 

@@ -26,7 +26,16 @@ from tests.helpers import TINY_JOB, service_settings
 
 JOBS_STORED = 2000
 FEW_JOBS = 20
-PAGES = ("/", "/console/new", "/console/ask", "/console/models", "/console/sweeps", "/console/datasets", "/docs")
+PAGES = (
+    "/",
+    "/console/new",
+    "/console/ask",
+    "/console/models",
+    "/console/sweeps",
+    "/console/datasets",
+    "/console/audit",
+    "/docs",
+)
 # A 3-class text-pair set with its own column names: 20 rows per class, so val (a stratified tenth) has each.
 TEAM_WORDS = {"billing": "invoice", "accounts": "password", "engineering": "crash"}
 TICKETS_CSV = "subject,body,team\n" + "".join(

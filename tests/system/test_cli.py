@@ -205,3 +205,37 @@ def test_bad_data_from_the_cli_is_exit_2_naming_file_and_line_before_a_model_loa
     assert proc.returncode == 2, proc.stderr[-2000:]
     for word in words:
         assert word in proc.stderr, proc.stderr[-2000:]
+
+
+def test_keys_create_list_and_revoke_from_the_command_line(redis_url, tmp_path):
+    from app.api import create_app
+    from tests.helpers import TINY_JOB, service_settings, settings_env
+
+    settings = service_settings(redis_url, tmp_path)
+    env = os.environ | settings_env(settings)
+    created = run_cli("keys", "create", "--name", "ci-bot", "--role", "trainer", env=env)
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert key.startswith("bq_") and len(key) > 40
+    listed = run_cli("keys", "list", env=env)
+    assert listed.returncode == 0 and listed.stdout.startswith("ci-bot  trainer  created 20"), listed.stdout
+    assert "last used never" in listed.stdout and key not in listed.stdout
+    client = create_app(settings).test_client()
+    job_id = client.post("/train", json=TINY_JOB, headers={"Authorization": f"Bearer {key}"}).get_json()["job_id"]
+    assert "last used 20" in run_cli("keys", "list", env=env).stdout
+    again = run_cli("keys", "create", "--name", "ci-bot", "--role", "admin", env=env)
+    assert again.returncode == 1 and "exists" in again.stderr
+    for bad in (["--name", "CI Bot", "--role", "reader"], ["--name", "x", "--role", "root"]):
+        refused = run_cli("keys", "create", *bad, env=env)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert run_cli("keys", "revoke", "ci-bot", env=env).returncode == 0
+    assert client.get("/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 200  # open again: no key left
+    assert run_cli("keys", "list", env=env).stdout == ""
+    missing = run_cli("keys", "revoke", "ci-bot", env=env)
+    assert missing.returncode == 1 and "no key named 'ci-bot'" in missing.stderr
+    audit = create_app(settings).extensions["boolq"].audit.latest(3)
+    assert [(e.actor, e.action, e.target) for e in audit] == [
+        ("cli", "revoke_key", "ci-bot"),
+        ("ci-bot", "train", job_id),
+        ("cli", "create_key", "ci-bot (trainer)"),
+    ]

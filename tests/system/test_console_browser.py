@@ -356,3 +356,33 @@ def test_the_token_is_asked_once_kept_in_session_storage_and_sent_as_a_bearer_he
     finally:
         context.close()
         server.shutdown()
+
+
+def test_the_audit_page_shows_an_admin_key_who_did_what_and_a_trainer_key_why_not(
+    browser, launcher, redis_url, tmp_path
+):
+    """A real gunicorn replica with named keys and no API_TOKEN (on a queue no worker reads)."""
+    from redis import Redis
+
+    from app.service.keys import KeyStore
+    from tests.helpers import TINY_JOB, service_settings
+
+    settings = service_settings(redis_url, tmp_path)
+    store = KeyStore(settings, Redis.from_url(redis_url))
+    admin, trainer = store.create("ops", "admin"), store.create("alice", "trainer")
+    url = launcher.server(settings, workers=1)
+    job = requests.post(f"{url}/train", json=TINY_JOB, headers={"Authorization": f"Bearer {trainer}"}).json()
+    for key, expected in ((admin, None), (trainer, "may not audit")):
+        context = browser.new_context(base_url=url)
+        tab = context.new_page()
+        tab.goto("/console/audit")
+        tab.get_by_label("Token", exact=True).fill(key)
+        tab.get_by_role("button", name="Save").click()
+        if expected is None:
+            row = tab.locator("#audit-body tr").first
+            for text in ("alice", "trainer", "train", job["job_id"]):
+                expect(row).to_contain_text(text)
+            screenshot(tab, "audit")
+        else:
+            expect(tab.locator("#audit-error")).to_contain_text(expected)
+        context.close()

@@ -167,6 +167,24 @@ def test_a_spoofed_x_forwarded_for_straight_at_gunicorn_does_not_dodge_the_per_c
 
 
 @pytest.mark.slow
+def test_a_revoked_key_is_refused_at_once_by_every_gunicorn_worker(launcher, redis_url, tmp_path):
+    import requests
+
+    from app.service.keys import KeyStore
+
+    settings = service_settings(redis_url, tmp_path)
+    store = KeyStore(settings, Redis.from_url(redis_url))
+    key = store.create("ci-bot", "trainer")
+    store.create("ops", "admin")  # keys stay in use once ci-bot's is gone
+    url = launcher.server(settings, workers=2)
+    headers = {"Authorization": f"Bearer {key}"}
+    assert {requests.get(f"{url}/jobs", headers=headers).status_code for _ in range(8)} == {200}
+    store.revoke("ci-bot")
+    after = [requests.get(f"{url}/jobs", headers=headers) for _ in range(8)]
+    assert {a.status_code for a in after} == {401}, [a.text for a in after]
+
+
+@pytest.mark.slow
 def test_nginx_rate_limits_sweeps_like_train(behind_nginx):
     import requests
 

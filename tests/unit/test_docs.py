@@ -71,3 +71,23 @@ def test_the_readme_code_map_names_every_module_where_it_lives():
                 missing.append(str(module.relative_to(REPO_ROOT)))
         stale += [f"app/{package}/{n}" for n in re.findall(r"`(\w+\.py)`", row) if not (folder / n).exists()]
     assert missing == [] and stale == [], f"not in the Code map: {missing}; named but gone: {stale}"
+
+
+def test_the_role_table_in_security_md_is_the_code_s():
+    """docs/security.md's "Keys and roles" table says, for each action, what it opens and which roles may do it:
+    exactly ``ACTIONS`` and ``ROLES`` of app/service/keys.py."""
+    from app.service.keys import ACTIONS, ROLES
+
+    text = (DOCS / "security.md").read_text()
+    section = text[text.index("## Keys and roles") :]
+    section = section[: section.index("\n## ")]
+    header = next(line for line in section.splitlines() if line.startswith("| action |"))
+    roles = [cell.strip() for cell in header.strip("|").split("|")][2:]
+    documented = {}
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            action, opens, *allowed = [cell.strip() for cell in line.strip("|").split("|")]
+            may = {role for role, cell in zip(roles, allowed, strict=True) if cell == "yes"}
+            documented[action.strip("`")] = (opens, may)
+    assert sorted(roles) == sorted(ROLES)
+    assert documented == {a: (opens, {r for r in ROLES if a in ROLES[r]}) for a, opens in ACTIONS.items()}

@@ -17,6 +17,7 @@ from app.service.sweeps.driver import (
     create_sweep,
     end_trial,
     finish,
+    owner_of,
 )
 from app.service.sweeps.spec import SweepError, SweepNotFound, SweepRequest, validate_request
 from app.service.sweeps.study import (
@@ -48,6 +49,7 @@ __all__ = [
     "local_storage",
     "make_pruner",
     "make_sampler",
+    "owner_of",
     "storage",
     "suggest",
     "sweep_ids",

@@ -27,12 +27,17 @@ log = logging.getLogger(__name__)
 
 
 def create_sweep(
-    request: SweepRequest, base: TrainParams, settings: Settings, queue: Queue | None, client: str = "local"
+    request: SweepRequest,
+    base: TrainParams,
+    settings: Settings,
+    queue: Queue | None,
+    client: str = "local",
+    owner: str | None = None,
 ) -> str:
     """Create the study (its spec in user attributes) and, with a queue, start its first trials.
 
-    Its trials are admitted like any job, counted against ``client``; with no room for even one now, nothing is
-    created (:class:`NoRoom`)."""
+    Its trials are admitted like any job, counted against ``client``, and owned by ``owner`` (the key that asked);
+    with no room for even one now, nothing is created (:class:`NoRoom`)."""
     import optuna
 
     if queue is not None:
@@ -43,6 +48,7 @@ def create_sweep(
     spec = request.model_dump(mode="json", exclude_none=True) | {"base": base.model_dump()}
     study.set_user_attr("spec", spec)
     study.set_user_attr("client", client)
+    study.set_user_attr("owner", owner)
     study.set_user_attr("created_at", time.time())
     if queue is not None:
         advance(settings, queue, sweep_id)
@@ -136,9 +142,16 @@ def start_trial(
             job_id=job_id,
             meta={"sweep": {"sweep_id": sweep_id, "trial": trial.number}},
             description=f"sweep {sweep_id} trial {trial.number}",
+            owner=owner_of(study),
         )
 
     return admission.admit(client, enqueue, ending)
+
+
+def owner_of(study) -> str | None:
+    """The key that created the sweep (None: before keys, or from the command line); its trials are the key's too."""
+    owner = study.user_attrs.get("owner")
+    return owner if isinstance(owner, str) else None
 
 
 def trial_job_status(queue: Queue, job_id: str | None) -> str:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from rq import Queue
 
 from app.config import Settings
-from app.service.sweeps.driver import trial_job_status
+from app.service.sweeps.driver import owner_of, trial_job_status
 from app.service.sweeps.study import load_study, storage
 
 
@@ -28,6 +28,7 @@ def view_of(study, queue: Queue | None, leaderboard_rows: bool = True) -> dict:
     view = {
         "sweep_id": study.study_name,
         "status": status,
+        "owner": owner_of(study),
         "created_at": iso(attrs.get("created_at")),
         "ended_at": iso(attrs.get("ended_at")),
         "base": spec["base"],
@@ -79,9 +80,11 @@ def leaderboard(study, queue: Queue | None) -> list[dict]:
     return sorted(rows, key=lambda r: (order[r["status"]], -(r["dev_accuracy"] or 0.0), r["trial"]))
 
 
-def sweep_ids(settings: Settings) -> list[str]:
-    """Every sweep of this service, newest first."""
+def sweep_ids(settings: Settings, owner: str | None = None) -> list[str]:
+    """Every sweep of this service (``owner``'s only, if given), newest first."""
     studies = storage(settings).get_all_studies()
+    if owner is not None:
+        studies = [s for s in studies if owner_of(s) == owner]
     studies.sort(key=lambda s: s.user_attrs.get("created_at", 0), reverse=True)
     return [s.study_name for s in studies]
 
