@@ -11,7 +11,18 @@ from app.engine.model_names import MINILM_ALIAS
 
 CARD = "README.md"
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
-HYPERPARAMETERS = ("lr", "epochs", "batch_size", "max_length", "warmup_ratio", "eps", "dev_size", "seed")
+HYPERPARAMETERS = (
+    "lr",
+    "epochs",
+    "batch_size",
+    "max_length",
+    "warmup_ratio",
+    "eps",
+    "weight_decay",
+    "layer_lr_decay",
+    "dev_size",
+    "seed",
+)
 VAL_METRICS = ("accuracy", "macro_f1", "precision", "recall", "f1")
 
 
