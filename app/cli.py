@@ -170,6 +170,20 @@ def add_predict_parser(commands) -> None:
     predict.set_defaults(handler=run_predict)
 
 
+def add_export_parser(commands) -> None:
+    export = commands.add_parser(
+        "export",
+        help="write a fine-tuned model as a folder ONNX Runtime and Optimum load as is",
+        description="model.onnx + config.json (label names) + the tokenizer (truncating as the run trained): "
+        "Optimum's ORTModelForSequenceClassification layout.",
+    )
+    export.add_argument("model", help="a job id, a run folder under ARTIFACTS_DIR or MODEL_ROOTS, or champion")
+    export.add_argument("--format", choices=("onnx",), default="onnx", help="onnx (the one format so far)")
+    export.add_argument("--quantize", choices=("int8",), help="dynamic int8 quantization of the weights")
+    export.add_argument("--output-dir", type=Path, help="where to write (default: exports/<model>-onnx[-int8])")
+    export.set_defaults(handler=run_export)
+
+
 def add_datasets_parser(commands) -> None:
     datasets = commands.add_parser(
         "datasets",
@@ -369,6 +383,7 @@ def build_parser() -> ArgumentParser:
     add_train_parser(commands)
     add_sweep_parser(commands)
     add_predict_parser(commands)
+    add_export_parser(commands)
     add_datasets_parser(commands)
     add_keys_parser(commands)
     add_serve_parser(commands)
@@ -573,6 +588,31 @@ def run_predict(args: argparse.Namespace, settings: Settings) -> int:
         torch.set_num_threads(settings.num_threads)
     (answer,) = predictor.predict([(args.text, args.text_pair)])
     print(json.dumps(answer.to_dict(top_k=args.top_k or 0)))
+    return 0
+
+
+def run_export(args: argparse.Namespace, settings: Settings) -> int:
+    quiet_libraries()
+    from redis.exceptions import RedisError
+
+    from app.service.export import export_onnx_folder, model_to_export
+    from app.service.jobs import training_queue
+    from app.service.model_access import ModelNotAllowed
+    from app.service.model_store import ModelRefused, ModelStoreUnavailable
+    from app.service.redis_connection import connect_redis
+    from app.service.serving import NoModelYet
+
+    try:
+        folder = model_to_export(args.model, settings, training_queue(settings, connect_redis(settings)))
+    except (ModelNotAllowed, NoModelYet) as exc:
+        return usage_error(f"model: {exc}")
+    except (RedisError, ModelStoreUnavailable, ModelRefused) as exc:  # champion's pointer, or a model to fetch
+        print(f"python -m app: error: {args.model}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    suffix = f"-{args.quantize}" if args.quantize else ""
+    destination = args.output_dir or Path("exports") / f"{Path(args.model).name}-{args.format}{suffix}"
+    written = export_onnx_folder(folder, destination, args.quantize or "none")
+    print(json.dumps({"model": args.model, "exported_from": str(folder), "output_dir": str(written)}))
     return 0
 
 

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.params import DEFAULT_MODEL
@@ -77,6 +77,15 @@ class Settings(BaseSettings):
     # /predict orders a request's pairs (and a micro-batch's) by length and cuts forward passes where padding
     # would pass this share of the tokens computed; 1 = one pass per 64 sorted pairs (see bench/README.md "Serving").
     predict_max_padding: float = Field(default=0.1, ge=0.0, le=1.0)
+    # What computes /predict's answers (and batch predictions'): torch, or ONNX Runtime on the model exported once
+    # per host into MODEL_CACHE_DIR/onnx (docs/serving.md). torch stays the default until bench/README.md's
+    # "to be measured" comparison says otherwise.
+    serve_backend: Literal["torch", "onnx"] = "torch"
+    # torch only: auto = bf16 autocast where the CPU has native bf16 (AVX512-BF16/AMX), fp32 elsewhere; fp32 =
+    # always fp32 (the answers an fp32 ONNX export gives, within 1e-4).
+    serve_precision: Literal["auto", "fp32"] = "auto"
+    # onnx only: int8 = dynamic int8 quantization of the exported model (smaller, faster, answers move by ~1e-2).
+    serve_quantize: Literal["none", "int8"] = "none"
     # Experiment trackers: comma-separated list of mlflow, neptune, none.
     tracker: str = "mlflow"
     # MLflow tracking URI; empty = SQLite store under ARTIFACTS_DIR/mlflow.
@@ -195,6 +204,12 @@ class Settings(BaseSettings):
             if not host or not port.isdigit():
                 raise ValueError(f"{address!r} is not host:port (REDIS_SENTINELS is a comma-separated host:port list)")
         return value
+
+    @model_validator(mode="after")
+    def check_quantize_backend(self) -> Settings:
+        if self.serve_quantize != "none" and self.serve_backend != "onnx":
+            raise ValueError("SERVE_QUANTIZE applies to SERVE_BACKEND=onnx only (torch serves the fp32 weights)")
+        return self
 
     def sentinel_addresses(self) -> list[tuple[str, int]]:
         """REDIS_SENTINELS as (host, port) pairs; empty when Sentinel is not used."""

@@ -11,10 +11,12 @@
 
     .venv/bin/python bench/serve_load.py [--quick] [--json] [--replicas 1,2,3] [--concurrency 8] [--duration 20]
 
-With ``--compare PREDICT_MAX_PADDING=1.0,0.1`` (any setting, e.g. ``PREDICT_BACKEND=torch,onnx``) it instead
-starts one stack per value side by side (same model, same replicas) and drives them in turn, several rounds,
-with requests of 32 validation pairs and of one pair: medians per variant and their ratios to the first
-(``--model-dir`` serves a run folder you trained).
+With ``--compare PREDICT_MAX_PADDING=1.0,0.1`` (any setting) it instead starts one stack per value side by side
+(same model, same replicas) and drives them in turn, several rounds, with requests of 32 validation pairs and of
+one pair: medians per variant and their ratios to the first (``--model-dir`` serves a run folder you trained).
+``--compare SERVE_BACKEND=torch,onnx,onnx-int8`` compares the serving backends so (``onnx-int8``: SERVE_BACKEND=onnx
+with SERVE_QUANTIZE=int8; ``torch-fp32``: SERVE_PRECISION=fp32), and also measures each backend's raw
+in-process pairs/s (batches of 32 and of 1) in this process with the replicas' thread count.
 
 Every stack is stopped with SIGTERM before the script exits (the stack stops all its children).
 """
@@ -263,6 +265,40 @@ def measure_predict(state: dict, predictor, pairs, model: str, options) -> dict:
 # --- one setting, several values side by side -------------------------------------------------------------------------
 
 
+# The serving backends by name, as the settings that choose them (``--compare SERVE_BACKEND=...``).
+BACKEND_SETTINGS = {
+    "torch": {"SERVE_BACKEND": "torch"},
+    "torch-fp32": {"SERVE_BACKEND": "torch", "SERVE_PRECISION": "fp32"},
+    "onnx": {"SERVE_BACKEND": "onnx"},
+    "onnx-int8": {"SERVE_BACKEND": "onnx", "SERVE_QUANTIZE": "int8"},
+}
+
+
+def variant_settings(name: str, value: str) -> dict[str, str]:
+    """The environment of one compared variant: ``name=value``, or a backend's settings by its name."""
+    if name == "SERVE_BACKEND":
+        return BACKEND_SETTINGS[value]
+    return {name: value}
+
+
+def raw_backends(options, model_dir: Path, pairs: list[tuple[str, str]], workdir: Path) -> list[dict]:
+    """Each compared backend's raw pairs/s in this process (tokenize + forward), batches of 32 and of 1."""
+    from app.config import Settings
+    from app.service.predict import load_predictor
+    from app.service.serve_backend import Backend
+
+    rows = []
+    for value in options.compare_values:
+        env = {k.lower(): v for k, v in variant_settings("SERVE_BACKEND", value).items()}
+        settings = Settings(artifacts_dir=workdir / "artifacts", num_threads=options.torch_threads, **env)
+        predictor = load_predictor(model_dir, None, options.torch_threads, Backend.from_settings(settings))
+        batch = raw_throughput(predictor, pairs, RAW_BATCH_SIZE, options.raw_seconds)
+        rows.append({"backend": value, "raw_batch32_pairs_per_s": batch})
+        rows[-1]["raw_batch1_pairs_per_s"] = raw_throughput(predictor, pairs, 1, options.raw_seconds)
+        log(json.dumps(rows[-1]))
+    return rows
+
+
 def compare_setting(options, pairs: list[tuple[str, str]], workdir: Path) -> dict:
     """One stack per value of the compared setting, all up at once, driven in turn (rounds × variants × workloads)."""
     model_dir = Path(options.model_dir).resolve()
@@ -276,7 +312,7 @@ def compare_setting(options, pairs: list[tuple[str, str]], workdir: Path) -> dic
         states = {}
         for value in options.compare_values:
             env = stack_env(workdir, 1, options.web_threads, options.torch_threads, extra)
-            env[options.compare_name] = value
+            env |= variant_settings(options.compare_name, value)
             log(f"stack: {options.replicas[0]} replica(s), {options.compare_name}={value}")
             states[value] = stacks.enter_context(native_stack(f"v-{value}", options.replicas[0], 1, env, workdir))
         for state in states.values():
@@ -291,7 +327,10 @@ def compare_setting(options, pairs: list[tuple[str, str]], workdir: Path) -> dic
                     phases.append(phase | row | {"load_average_1m": round(load_average, 1)})
                     log(json.dumps(phases[-1]))
     summary = compare_summary(phases, options)
-    return {"setting": options.compare_name, "model_dir": str(model_dir), "phases": phases, "summary": summary}
+    compared = {"setting": options.compare_name, "model_dir": str(model_dir), "phases": phases, "summary": summary}
+    if options.compare_name == "SERVE_BACKEND":  # with the stacks down: the raw rates on an idle machine
+        compared["raw"] = raw_backends(options, model_dir, pairs, workdir)
+    return compared
 
 
 def compare_summary(phases: list[dict], options) -> list[dict]:
@@ -444,6 +483,10 @@ def print_compare_table(results: dict) -> None:
         cells = [row["workload"], row["value"], row["rounds"], row["rps"], row["p50_ms"], row["p95_ms"]]
         cells += [row["errors"], row["rps_ratio"], row["p50_ratio"], "-".join(map(str, row["load_average_1m"]))]
         print("| " + " | ".join(str(c) for c in cells) + " |")
+    if results["compare"].get("raw"):
+        print("\n| backend | raw pairs/s, batch 32 (in process) | raw pairs/s, batch 1 |\n|---|---|---|")
+        for row in results["compare"]["raw"]:
+            print(f"| {row['backend']} | {row['raw_batch32_pairs_per_s']} | {row['raw_batch1_pairs_per_s']} |")
 
 
 def print_table(results: dict) -> None:
@@ -507,6 +550,9 @@ def parse_args() -> argparse.Namespace:
     options.replicas = [int(n) for n in options.replicas.split(",")]
     options.compare_name, _, values = (options.compare or "").partition("=")
     options.compare_values = values.split(",") if values else []
+    unknown = set(options.compare_values) - set(BACKEND_SETTINGS)
+    if options.compare_name == "SERVE_BACKEND" and unknown:
+        parser.error(f"--compare SERVE_BACKEND=: {', '.join(sorted(unknown))} not among {', '.join(BACKEND_SETTINGS)}")
     if options.compare and (len(options.compare_values) < 2 or not options.model_dir):
         parser.error("--compare needs SETTING=V1,V2 and --model-dir (a run folder, e.g. from `python -m app train`)")
     options.duration = options.duration or (8.0 if options.quick else 20.0)

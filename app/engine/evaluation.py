@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
@@ -24,13 +26,19 @@ LEARNED_MARGIN = 0.01
 
 @torch.inference_mode()
 def predict_probabilities(
-    model: torch.nn.Module, pad_id: int, data: Encoded, max_padding: float = 1.0, on_device: bool | None = None
+    model: torch.nn.Module,
+    pad_id: int,
+    data: Encoded,
+    max_padding: float = 1.0,
+    on_device: bool | None = None,
+    bf16: bool = True,
 ) -> list[list[float]]:
     """Each example's probability per class (label id order), in input order; batches are formed by length to pad
     little, and cut where their padding share would pass ``max_padding`` (1: sorted batches of EVAL_BATCH_SIZE).
 
     ``on_device`` (default: on GPUs) evaluates as training batches: the split copied to the device once, batches
-    of DEVICE_EVAL_BATCH_SIZE gathered there (no per-batch Python collation or copy), widths in GPU buckets."""
+    of DEVICE_EVAL_BATCH_SIZE gathered there (no per-batch Python collation or copy), widths in GPU buckets.
+    ``bf16`` False: fp32 even where the device has native bf16 (the answers an fp32 ONNX export gives)."""
     model.eval()
     device = device_of(model)
     lengths = [len(ids) for ids in data.input_ids]
@@ -44,7 +52,7 @@ def predict_probabilities(
     scores = []  # per batch, left on the device: one host sync at the end, not one per batch
     for batch in inputs:
         batch.pop("labels")
-        with autocast(device):
+        with autocast(device) if bf16 else contextlib.nullcontext():
             scores.append(torch.softmax(model(**batch).logits.float(), dim=-1))
     probabilities: list[list[float]] = [[]] * len(data)
     if scores:

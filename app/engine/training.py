@@ -35,6 +35,7 @@ from app.engine.evaluation import (
     predicted_labels,
 )
 from app.engine.memory import allocator_in_use, peak_resident_mb
+from app.engine.model_card import write_model_card
 from app.engine.modeling import (
     autocast,
     bf16_supported,
@@ -49,6 +50,7 @@ from app.engine.modeling import (
 from app.engine.run_folder import Progress, RunResult
 from app.params import TrainParams
 from app.tracking import NullTracker, Tracker, ended_on_error, version_tags
+from app.tracking.mlflow_model import write_mlmodel
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +120,7 @@ def train_and_evaluate(
         model_folder = write_outputs(run_dir, prepared, splits.val, predictions, probabilities)
         metrics["timings_s"]["total"] = time.perf_counter() - started
         run_folder.write_metrics(run_dir, metrics)
+        describe_model(model_folder, params, metrics, splits)
         tracking = track_outputs(tracker, run_dir, model_folder, run_id, params, metrics)
     if checkpoints is not None:
         checkpoints.remove()
@@ -249,6 +252,14 @@ def write_outputs(
     folder."""
     run_folder.write_predictions(run_dir, val_rows, predictions, probabilities)
     return run_folder.save_model(run_dir, prepared.model, prepared.tokenizer)
+
+
+def describe_model(model_folder: Path, params: TrainParams, metrics: dict, splits: Splits) -> None:
+    """The model folder's card (README.md) and MLmodel, written before any upload, so the digest a worker records
+    (``app.service.model_records``) covers them like the weights."""
+    write_model_card(model_folder, params.model_dump(), metrics)
+    example = splits.val[0] if splits.val else Example(idx=0, text="is the sky blue", text_pair="It is.", label=0)
+    write_mlmodel(model_folder, splits.label_names, metrics["max_length"], (example.text, example.text_pair))
 
 
 def track_outputs(

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from app.config import Settings
 from app.engine import run_folder
@@ -14,8 +14,10 @@ from app.engine.data import Example
 from app.engine.encoding import Encoded, encode
 from app.engine.evaluation import predict_probabilities
 from app.engine.modeling import compute_last_layer_for_first_token_only
+from app.engine.onnx_export import ONNX_FILE, onnx_probabilities, ort_session
 from app.params import TrainParams
 from app.service.model_access import NotYesNo
+from app.service.serve_backend import TORCH, Backend
 
 # Tokens per chunk (a few forward passes) of a large request: the granularity at which a deadline or a gone
 # client stops it.
@@ -86,16 +88,25 @@ def find_model_folder(path: str | Path) -> Path:
 class Predictor:
     """A fine-tuned classifier loaded once, answering batches of (text, text pair) pairs."""
 
-    def __init__(self, path: str | Path, max_padding: float = MAX_PADDING):
+    def __init__(
+        self,
+        path: str | Path,
+        max_padding: float = MAX_PADDING,
+        max_length: int | None = None,
+        backend: Backend = TORCH,
+        num_threads: int = 0,
+    ):
+        """``max_length``: truncate there (default: as the run trained, from its params.json)."""
         folder = find_model_folder(path)
         self.max_padding = max_padding
+        self.backend = backend
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModelForSequenceClassification.from_pretrained(folder, attn_implementation="sdpa")
-        self.model.eval()
-        compute_last_layer_for_first_token_only(self.model)
-        self.max_length = min(trained_max_length(folder), self.model.config.max_position_embeddings)
-        id2label = self.model.config.id2label
+        config = AutoConfig.from_pretrained(folder)
+        self.max_length = min(max_length or trained_max_length(folder), config.max_position_embeddings)
+        id2label = config.id2label
         self.label_names = tuple(str(id2label.get(i, id2label.get(str(i), i))) for i in range(len(id2label)))
+        self.model = None if backend.kind == "onnx" else load_serving_model(folder)
+        self.session = onnx_session(folder, backend, self.max_length, num_threads) if self.model is None else None
 
     def predict(self, pairs: list[Pair], max_tokens: int = 0, should_stop=None) -> list[Answer]:
         """Answers in input order, computed in order of length (``padding_bounded_batches``). Refuses more than
@@ -112,10 +123,17 @@ class Predictor:
             if reason:
                 raise PredictionStopped(reason)
             part = Encoded([rows[i][0] for i in chunk], [rows[i][1] for i in chunk], [0] * len(chunk))
-            chunk_probabilities = predict_probabilities(self.model, self.tokenizer.pad_token_id, part, self.max_padding)
-            for i, p in zip(chunk, chunk_probabilities, strict=True):
+            for i, p in zip(chunk, self.probabilities(part), strict=True):
                 probabilities[i] = p
         return [Answer(tuple(p), self.label_names) for p in probabilities]
+
+    def probabilities(self, part: Encoded) -> list[list[float]]:
+        """Each row's probability per label, by the backend's model."""
+        pad_id = self.tokenizer.pad_token_id
+        if self.session is not None:
+            return onnx_probabilities(self.session, pad_id, part, self.max_padding)
+        bf16 = self.backend.precision == "auto"
+        return predict_probabilities(self.model, pad_id, part, self.max_padding, bf16=bf16)
 
     def encode_pairs(self, pairs: list[Pair], max_tokens: int = 0) -> list[EncodedPair]:
         """Each pair's token ids and token type ids, truncated as the model trained; :class:`TooManyTokens` when
@@ -126,6 +144,22 @@ class Predictor:
         if max_tokens and tokens > max_tokens:
             raise TooManyTokens(tokens, max_tokens)
         return list(zip(encoded.input_ids, encoded.token_type_ids, strict=True))
+
+
+def load_serving_model(folder: Path) -> torch.nn.Module:
+    """The classifier as served: SDPA attention, eval mode, the last layer computing [CLS] only."""
+    model = AutoModelForSequenceClassification.from_pretrained(folder, attn_implementation="sdpa")
+    model.eval()
+    compute_last_layer_for_first_token_only(model)
+    return model
+
+
+def onnx_session(folder: Path, backend: Backend, max_length: int, num_threads: int):
+    """An ONNX Runtime session of the model in ``folder``, exported (and quantized) on first use on this host."""
+    from app.service.export import cached_onnx_folder
+
+    exported = cached_onnx_folder(folder, backend.onnx_cache, backend.quantize, max_length)
+    return ort_session(exported / ONNX_FILE, num_threads)
 
 
 def token_chunks(lengths: list[int], chunk_tokens: int) -> list[list[int]]:
@@ -147,9 +181,12 @@ def trained_max_length(model_folder: Path) -> int:
     return int(params.get("max_length", default))
 
 
-def load_predictor(folder: Path, max_padding: float | None = None, num_threads: int = 0) -> Predictor:
-    """A predictor for ``folder``; ``num_threads`` > 0 caps torch's threads in this process first."""
+def load_predictor(
+    folder: Path, max_padding: float | None = None, num_threads: int = 0, backend: Backend = TORCH
+) -> Predictor:
+    """A predictor for ``folder``; ``num_threads`` > 0 caps torch's (or ONNX Runtime's) threads in this process."""
     if num_threads > 0:
         # On a busy machine, a forward pass split over more threads than free cores waits at every op.
         torch.set_num_threads(num_threads)
-    return Predictor(folder) if max_padding is None else Predictor(folder, max_padding)
+    padding = MAX_PADDING if max_padding is None else max_padding
+    return Predictor(folder, padding, backend=backend, num_threads=num_threads)

@@ -23,6 +23,7 @@ from app.service import jobs
 from app.service.batching import MicroBatcher
 from app.service.model_access import fine_tuned_model
 from app.service.registry import CHAMPION, read_champion_pointer
+from app.service.serve_backend import TORCH, Backend
 
 if TYPE_CHECKING:
     from app.service.predict import Answer, Pair
@@ -61,8 +62,10 @@ class PredictorCache:
         on_batch=None,
         num_threads: int = 0,
         max_padding: float | None = None,
+        backend: Backend = TORCH,
     ):
         self.size = max(size, 1)
+        self.backend = backend
         self.max_padding = max_padding
         self.num_threads = num_threads
         self.max_batch = max_batch
@@ -112,7 +115,7 @@ class PredictorCache:
     def load(self, folder: Path):
         from app.service.predict import load_predictor
 
-        predictor = load_predictor(folder, self.max_padding, self.num_threads)
+        predictor = load_predictor(folder, self.max_padding, self.num_threads, self.backend)
         if self.max_batch <= 1:
             return predictor
         # The batcher gets tokenized pairs: each request is tokenized once, as it is checked against the token cap.
@@ -133,6 +136,7 @@ class Serving:
             on_batch=on_batch,
             num_threads=settings.num_threads,
             max_padding=settings.predict_max_padding,
+            backend=Backend.from_settings(settings),
         )
 
     def answer(

@@ -65,6 +65,7 @@ def predict_job(params_dict: dict) -> dict:
     """Score every row of a dataset's split with a fine-tuned model; write ``predictions.jsonl`` and ``metrics.json``
     into ``ARTIFACTS_DIR/<job id>/`` and return the metrics (when the rows have labels)."""
     from app.service.predict import load_predictor
+    from app.service.serve_backend import Backend
 
     settings = Settings()
     job = get_current_job()
@@ -73,7 +74,8 @@ def predict_job(params_dict: dict) -> dict:
     dataset = load_dataset(spec)
     rows = dataset.val if params.split == "val" else dataset.train
     folder = fine_tuned_model(params.model, settings)
-    predictor = load_predictor(folder, settings.predict_max_padding, settings.num_threads)
+    backend = Backend.from_settings(settings)  # /predict's, so a row's answer is the one /predict gives
+    predictor = load_predictor(folder, settings.predict_max_padding, settings.num_threads, backend)
     if predictor.label_names != dataset.label_names:  # checked at submit from config.json; here on the loaded model
         raise batch_predictions.LabelsDiffer(
             f"model {params.model} answers {predictor.label_names}, not {dataset.label_names}"

@@ -80,3 +80,30 @@ def test_a_micro_batched_pair_is_tokenized_once(tiny_run, redis_url, tmp_path):
     _, (answer,) = serving.answer(name, [("is it", "It is.")])
     assert counting.calls == 1
     assert answer.scores == pytest.approx(predictor.predict([("is it", "It is.")])[0].scores, abs=1e-6)
+
+
+def test_a_replica_with_the_onnx_backend_answers_predict_as_torch_fp32_does(tiny_run, redis_url, tmp_path):
+    from app.api import create_app
+
+    roots = (Path(tiny_run[0].run_dir).parent,)
+    body = {"model": Path(tiny_run[0].run_dir).name, "top_k": 2}
+    body["items"] = [{"text": text, "text_pair": pair} for text, pair in mixed_length_pairs(3)]
+    backends = {
+        "torch": {"serve_precision": "fp32"},
+        "onnx": {"serve_backend": "onnx"},
+        "int8": {"serve_backend": "onnx", "serve_quantize": "int8"},
+    }
+    answers = {}
+    for name, backend in backends.items():
+        settings = service_settings(redis_url, tmp_path / name, model_roots=roots, **backend)
+        response = create_app(settings).test_client().post("/predict", json=body)
+        assert response.status_code == 200, response.get_json()
+        answers[name] = response.get_json()["answers"]
+    assert len(list((tmp_path / "onnx" / "runs" / ".model-cache" / "onnx").iterdir())) == 1  # one export, on disk
+
+    def scores(name):
+        return [s["score"] for a in answers[name] for s in sorted(a["scores"], key=lambda s: s["label"])]
+
+    assert [a["label"] for a in answers["onnx"]] == [a["label"] for a in answers["torch"]]
+    assert scores("onnx") == pytest.approx(scores("torch"), abs=1e-4)
+    assert scores("int8") == pytest.approx(scores("torch"), abs=0.05)  # int8 answers, near fp32's
