@@ -43,8 +43,9 @@ def test_a_half_precision_checkpoint_fine_tunes_like_its_fp32_original(tmp_path,
     fp32 = loss_curve(save_tiny_checkpoint(tmp_path / "fp32", torch.float32))
     curve = loss_curve(save_tiny_checkpoint(tmp_path / half, HALF[half]))
     assert len(curve) == len(fp32) == 10
-    # The start differs only by the weights' rounding to 8 (bf16) or 11 (fp16) significant bits.
-    torch.testing.assert_close(torch.tensor(curve), torch.tensor(fp32), rtol=0, atol=0.02)
+    # The start differs only by the weights' rounding to 8 (bf16) or 11 (fp16) significant bits: ~3e-5 in the loss;
+    # different random weights move it by 3e-3 or more, so 1e-3 catches a checkpoint that was not loaded.
+    torch.testing.assert_close(torch.tensor(curve), torch.tensor(fp32), rtol=0, atol=1e-3)
 
 
 @pytest.mark.slow
