@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from app.config import Settings
 from app.engine import distributed
 from app.engine.data import DatasetSpec
@@ -22,13 +24,15 @@ def run_training(
     rank_device=None,
     resumable: bool = True,
     dataset: DatasetSpec | None = None,
+    fence: Callable[[], None] | None = None,
 ) -> RunResult | None:
     """Fine-tune and evaluate ``params`` as ``settings`` say; the result (None on DDP ranks other than 0).
 
     ``rank_device``: inside a DDP process group, the device it gave this rank (whose threads are then its share
     of the machine's cores). ``resumable``: a service job may be retried, so it saves its training state; a CLI
     run never resumes and saves none unless CHECKPOINT_EVERY_S is set. ``dataset``: what to train on (default: the
-    built-in ``boolq`` from DATA_DIR).
+    built-in ``boolq`` from DATA_DIR). ``fence``: raises when a newer attempt of a job superseded this one
+    (``train_and_evaluate``).
     """
     in_group = rank_device is not None
     threads = settings.num_threads
@@ -44,6 +48,7 @@ def run_training(
         on_progress=on_progress,
         tracker=tracker if tracker is not None else make_tracker(settings),
         checkpoint_every_s=checkpoint_interval(settings, resumable),
+        fence=fence,
     )
 
 

@@ -141,12 +141,22 @@ def remove_unfinished(run_dir: Path) -> None:
         shutil.rmtree(run_dir)
 
 
+class RunSuperseded(RuntimeError):
+    """Raised by a run's fence: a newer attempt of the same run owns its folder and its records now, so this one
+    stops and leaves them alone."""
+
+    run_status = "KILLED"  # what the tracker records of this attempt's run: stopped, not failed
+
+
 @contextlib.contextmanager
 def finished_only_if_completed(run_dir: Path) -> Iterator[None]:
     """If the body raises after metrics.json was written (its upload to the tracking server failed), remove that
-    file again: the run is unfinished, nothing serves its model, and a retry may resume from its checkpoint."""
+    file again: the run is unfinished, nothing serves its model, and a retry may resume from its checkpoint. A
+    superseded attempt leaves the folder alone: the metrics.json there is the newer attempt's."""
     try:
         yield
+    except RunSuperseded:
+        raise
     except BaseException:
         (run_dir / METRICS).unlink(missing_ok=True)
         raise

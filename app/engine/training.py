@@ -71,6 +71,7 @@ def train_and_evaluate(
     on_progress: ProgressCallback | None = None,
     tracker: Tracker | None = None,
     checkpoint_every_s: float | None = None,
+    fence: Callable[[], None] | None = None,
 ) -> RunResult | None:
     """Fine-tune ``params.model`` on the dataset's train split, evaluate on val and write the run folder.
 
@@ -81,12 +82,15 @@ def train_and_evaluate(
     folder holding one (a killed attempt) is resumed from it. None (a CLI run, never resumed): no training state.
     With ``params.devices`` > 1 every rank calls this inside ``distributed.process_group``; rank 0 alone writes,
     tracks, reports and evaluates on val, and returns the result (the other ranks return None).
+    ``fence``: called before each result the run writes (``metrics.json`` and the rest, the registry version, the
+    tracker's finished run); it raises to stop an attempt that a newer one superseded (a service job re-run).
     """
     started = time.perf_counter()
     run_id = run_id or run_folder.new_run_id()
     run_dir = Path(output_dir) / run_id
     resuming = run_folder.can_resume(run_dir)
     tracker = tracker or NullTracker()
+    fence = fence or (lambda: None)
     if not distributed.is_rank_zero():  # DDP: rank 0 alone writes the run folder, tracks and reports
         tracker, on_progress = NullTracker(), None
     checkpoints = None  # a run that can resume saves its training state (and the tracker uploads it)
@@ -117,11 +121,12 @@ def train_and_evaluate(
             probabilities = predict_probabilities(prepared.model, prepared.pad_id, prepared.val)
         predictions = predicted_labels(probabilities)
         metrics = collect_metrics(prepared, splits, history, predictions, target, timings)
+        fence()
         model_folder = write_outputs(run_dir, prepared, splits.val, predictions, probabilities)
         metrics["timings_s"]["total"] = time.perf_counter() - started
         run_folder.write_metrics(run_dir, metrics)
         describe_model(model_folder, params, metrics, splits)
-        tracking = track_outputs(tracker, run_dir, model_folder, run_id, params, metrics)
+        tracking = track_outputs(tracker, run_dir, model_folder, run_id, params, metrics, fence)
     if checkpoints is not None:
         checkpoints.remove()
 
@@ -263,10 +268,17 @@ def describe_model(model_folder: Path, params: TrainParams, metrics: dict, split
 
 
 def track_outputs(
-    tracker: Tracker, run_dir: Path, model_folder: Path, run_id: str, params: TrainParams, metrics: dict
+    tracker: Tracker,
+    run_dir: Path,
+    model_folder: Path,
+    run_id: str,
+    params: TrainParams,
+    metrics: dict,
+    fence: Callable[[], None],
 ) -> dict:
     """Log the final metrics, the run folder's files and the model (registered if ``params.register``) and close
-    the tracker's run; what the tracker says about it (run id, URL...)."""
+    the tracker's run; what the tracker says about it (run id, URL...). ``fence`` again before the version and
+    the run's end: the uploads take a while."""
     tracker.log_metrics(final_metrics(metrics), step=None)
     for name in (run_folder.PREDICTIONS, run_folder.PARAMS, run_folder.METRICS):
         tracker.log_artifact(run_dir / name)
@@ -275,7 +287,9 @@ def track_outputs(
     tracker.log_dict({"per_class": metrics["per_class"]}, "per_class_metrics.json")
     if params.register:
         tags = version_tags(run_id, params.model_dump(), metrics)
+        fence()
         tracker.register_model(model_folder, final_metrics(metrics), tags)
+    fence()
     return tracker.end_run("FINISHED")
 
 

@@ -101,7 +101,15 @@ class Child:
     def pid(self) -> int:
         return self.process.pid if self.process else 0
 
+    @property
+    def death_signal(self) -> int:
+        """What the kernel sends this child when the stack dies. An RQ worker reads SIGTERM as "finish the job under
+        way first" and would train on, its Redis gone, for minutes: SIGKILL ends it now (its work horse follows it,
+        ``TrainingWorker``), and the job is re-run from its checkpoint once workers are back."""
+        return signal.SIGKILL if self.role == "worker" else signal.SIGTERM
+
     def start(self, env: dict[str, str]) -> None:
+        death_signal = self.death_signal
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(
                 self.argv,
@@ -111,7 +119,7 @@ class Child:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=die_with_parent,
+                preexec_fn=lambda: die_with_parent(death_signal),
             )
 
     def exited(self) -> bool:

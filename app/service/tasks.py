@@ -25,7 +25,7 @@ from app.engine.evaluation import classification_metrics
 from app.engine.memory import keep_freed_memory_in_heap
 from app.engine.run import run_training
 from app.params import BUILTIN_DATASET, PredictionParams, TrainParams
-from app.service import batch_predictions, datasets
+from app.service import attempts, batch_predictions, datasets
 from app.service.jobs import ProjectJob
 from app.service.model_access import fine_tuned_model, resolve_for_training
 from app.service.model_records import publishing_tracker
@@ -56,9 +56,20 @@ def train_job(params_dict: dict) -> dict:
     dataset = dataset_of(params, settings, job.connection)
     tracker = publishing_tracker(job.connection, settings, job.id)
     result = run_training(
-        params, settings, run_id=job.id, on_progress=ProgressReporter(job), tracker=tracker, dataset=dataset
+        params,
+        settings,
+        run_id=job.id,
+        on_progress=ProgressReporter(job),
+        tracker=tracker,
+        dataset=dataset,
+        fence=fence_of(job),
     )
     return result.to_dict()
+
+
+def fence_of(job: Job):
+    """What a run calls before it writes a result: raises ``AttemptSuperseded`` once a newer attempt of ``job`` runs."""
+    return lambda: attempts.ensure_held(job.connection, job.origin, job.id)
 
 
 def predict_job(params_dict: dict) -> dict:
@@ -86,6 +97,7 @@ def predict_job(params_dict: dict) -> dict:
         chunk = rows[start : start + SCORING_CHUNK_ROWS]
         probabilities += [answer.scores for answer in predictor.predict([(r.text, r.text_pair) for r in chunk])]
         reporter(len(probabilities))
+    fence_of(job)()
     run_dir = settings.artifacts_dir / job.id
     run_dir.mkdir(parents=True, exist_ok=True)
     run_folder.write_scored_rows(run_dir, rows, dataset.label_names, probabilities)
@@ -118,7 +130,8 @@ def train_on_ranks(job: Job, params: TrainParams, settings: Settings) -> dict:
     with tempfile.TemporaryDirectory(prefix="boolq-ranks-") as folder:
         result_file = Path(folder) / "result.json"
         env = environment_with(OMP_NUM_THREADS=str(threads))
-        code = distributed.run_ranks(params.devices, ["app.service.tasks", job.id, str(result_file)], env)
+        token = attempts.held.get(job.id, "")
+        code = distributed.run_ranks(params.devices, ["app.service.tasks", job.id, str(result_file), token], env)
         if code != 0 or not result_file.is_file():
             raise distributed.RanksFailed(
                 f"a rank of {params.devices} failed (torchrun exit code {code}); see the worker's log"
@@ -126,10 +139,13 @@ def train_on_ranks(job: Job, params: TrainParams, settings: Settings) -> dict:
         return json.loads(result_file.read_text())
 
 
-def run_rank(job_id: str, result_file: str) -> None:
-    """One rank of a multi-device job (``train_on_ranks``): rank 0 reports progress to the job and writes the result."""
+def run_rank(job_id: str, result_file: str, token: str = "") -> None:
+    """One rank of a multi-device job (``train_on_ranks``): rank 0 reports progress to the job and writes the result.
+    ``token``: the attempt's lease, as its worker claimed it (``attempts``)."""
     keep_freed_memory_in_heap()
     settings = Settings()
+    if token:
+        attempts.held[job_id] = token
     job = ProjectJob.fetch(job_id, connection=connect_redis(settings, for_worker=True), serializer=JSONSerializer)
     params = TrainParams(**job.args[0])
     params = resolve_for_training(params, settings)
@@ -138,7 +154,14 @@ def run_rank(job_id: str, result_file: str) -> None:
         dataset = dataset_of(params, settings, job.connection)
         tracker = publishing_tracker(job.connection, settings, job.id)
         result = run_training(
-            params, settings, run_id=job.id, on_progress=reporter, tracker=tracker, rank_device=device, dataset=dataset
+            params,
+            settings,
+            run_id=job.id,
+            on_progress=reporter,
+            tracker=tracker,
+            rank_device=device,
+            dataset=dataset,
+            fence=fence_of(job),
         )
     if result is not None:  # rank 0
         text = json.dumps(result.to_dict())
@@ -153,7 +176,8 @@ def dataset_of(params: TrainParams, settings: Settings, connection) -> DatasetSp
 
 
 class ScoringReporter:
-    """A batch prediction's progress in the job's meta (``ScoringProgress``), throttled like training's."""
+    """A batch prediction's progress in the job's meta (``ScoringProgress``), throttled like training's; it stops a
+    superseded attempt (``saved_meta``)."""
 
     def __init__(self, job: Job, total_rows: int):
         self.job = job
@@ -171,8 +195,11 @@ class ScoringReporter:
 
 
 def saved_meta(job: Job) -> bool:
-    """Save the job's progress meta; False (logged) during a Redis failover's gap, when the work goes on unsaved."""
+    """Save the job's progress meta; False (logged) during a Redis failover's gap, when the work goes on unsaved.
+    Raises ``AttemptSuperseded`` instead of saving if a newer attempt runs the job: the meta is that attempt's now,
+    and this one stops training."""
     try:
+        attempts.ensure_held(job.connection, job.origin, job.id)
         job.save_meta()
     except (RedisConnectionError, RedisTimeoutError) as exc:
         log.warning("job %s: progress not saved, Redis unreachable: %s", job.id, exc)
@@ -182,7 +209,8 @@ def saved_meta(job: Job) -> bool:
 
 class ProgressReporter:
     """The engine's progress callback: stores progress and the curves so far in the job's meta, throttled to
-    spare Redis. ``meta["curves"]`` = ``{"loss": [[step, loss], ...], "dev_accuracy": [[epoch, acc], ...]}``."""
+    spare Redis; a superseded attempt stops at its next report (``saved_meta``).
+    ``meta["curves"]`` = ``{"loss": [[step, loss], ...], "dev_accuracy": [[epoch, acc], ...]}``."""
 
     def __init__(self, job: Job):
         self.job = job
@@ -212,5 +240,5 @@ class ProgressReporter:
             loss[:] = loss[:-1:2] + loss[-1:]
 
 
-if __name__ == "__main__":  # a rank started by train_on_ranks: python -m app.service.tasks JOB_ID RESULT_FILE
+if __name__ == "__main__":  # a rank started by train_on_ranks: python -m app.service.tasks JOB_ID RESULT_FILE TOKEN
     run_rank(*sys.argv[1:])

@@ -9,6 +9,8 @@ for a GPU waits in ``<queue>:gpu`` until a GPU worker is up, instead of failing 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -17,6 +19,8 @@ from rq import Queue, Worker, worker_registration
 from rq.serializers import JSONSerializer
 
 from app.config import Settings
+from app.engine.lifetime import die_with_parent
+from app.service import attempts
 from app.service.job_times import record_job_time
 from app.service.jobs import (
     MAINTENANCE_INTERVAL_S,
@@ -96,7 +100,43 @@ class TrainingWorker(Worker):
         finally:
             record_job_time(self.connection, queue_name, "duration", time.monotonic() - started)
 
+    def prepare_execution(self, job):
+        """RQ's start of an attempt, in the worker before it forks; the attempt takes the job's lease (``attempts``)."""
+        execution = super().prepare_execution(job)
+        attempts.claim(self.connection, job.origin, job.id, execution.id)
+        return execution
+
+    def main_work_horse(self, job, queue):
+        # The horse must not outlive its worker: a worker killed alone would leave it training while another worker
+        # re-runs the job. SIGKILL, as RQ's own cold shutdown does; a worker that died before prctl took effect
+        # (the horse was re-parented) means the attempt is already lost.
+        armed = die_with_parent(signal.SIGKILL)
+        if os.getppid() != self.pid:
+            os._exit(1)
+        if not armed:
+            log.warning("work horse of job %s: cannot ask the kernel to end it with its worker", job.id)
+        super().main_work_horse(job, queue)
+
+    def superseded(self, job, execution) -> bool:
+        """Whether a newer attempt took the job (this worker was frozen or cut off): then its outcome is not
+        written, only this attempt's own execution record is dropped."""
+        token = execution.id if execution is not None else None
+        if not attempts.superseded(self.connection, job.origin, job.id, token):
+            return False
+        log.warning("job %s: attempt %s was superseded by a newer one; its outcome is not recorded", job.id, token)
+        with self.connection.pipeline() as pipeline:
+            self.cleanup_execution(job, pipeline=pipeline, execution=execution)
+            pipeline.execute()
+        return True
+
+    def handle_job_success(self, job, queue, started_job_registry, execution):
+        if self.superseded(job, execution):
+            return
+        super().handle_job_success(job, queue, started_job_registry, execution)
+
     def handle_job_failure(self, job, queue, started_job_registry=None, exc_string="", execution=None):
+        if self.superseded(job, execution):
+            return
         # Here, not in the work horse, RQ handles a work horse that died: the job will be re-run; say why it ended.
         if not self.is_horse and self._stopped_job_id != job.id and job.should_retry:
             try:

@@ -4,11 +4,18 @@ once again after it ran for a while. Real processes (`true`, exiting at once); t
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 from app.ops.stack import Child
 from app.ops.supervisor import RestartPolicy, Supervisor
+from tests.helpers import REPO_ROOT, wait_for
 
 
 class Clock:
@@ -70,3 +77,44 @@ def test_a_restart_is_not_started_before_it_is_due(tmp_path):
     clock.now += 1.0
     supervisor.tend(child)
     assert child.pid != first_pid
+
+
+# The stack (parent) starts one child as a worker and one as a replica, prints their pids and waits to be killed.
+STACK_STAND_IN = """
+import sys, time
+from pathlib import Path
+from app.ops.stack import Child
+# Like an RQ worker with a job under way (SIGTERM: finish it first), or a replica: both ignore SIGTERM here.
+stubborn = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"]
+folder = Path(sys.argv[1])
+children = [Child(role, role, stubborn, folder / f"{role}.log") for role in ("worker", "api")]
+for child in children:
+    child.start({})
+print(" ".join(str(child.pid) for child in children), flush=True)
+time.sleep(600)
+"""
+
+
+def is_running(pid: int) -> bool:
+    """Alive and not a zombie (a child of the killed stand-in is reaped by init, or lingers as a zombie)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_worker_dies_at_once_with_a_killed_stack_even_while_it_would_finish_a_job(tmp_path):
+    """The issue: a stack stopped with SIGTERM then SIGKILL left its worker running, an orphan ignoring SIGTERM."""
+    stack = subprocess.Popen(
+        [sys.executable, "-c", STACK_STAND_IN, str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT
+    )
+    worker, replica = (int(pid) for pid in stack.stdout.readline().split())
+    try:
+        stack.kill()
+        stack.wait()
+        wait_for(lambda: not is_running(worker), 5, "the worker to die with its stack")
+        assert is_running(replica)  # SIGTERM, which a replica (gunicorn) obeys after its requests end
+    finally:
+        for pid in (worker, replica):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

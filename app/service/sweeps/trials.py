@@ -16,12 +16,12 @@ from app.engine import run_folder
 from app.engine.run import run_training
 from app.engine.run_folder import RunResult
 from app.params import TrainParams
-from app.service import sweeps
+from app.service import attempts, sweeps
 from app.service.jobs import training_queue
 from app.service.model_access import resolve_for_training
 from app.service.model_records import publishing_tracker
 from app.service.model_store import resume_or_start_over
-from app.service.tasks import ProgressReporter, dataset_of
+from app.service.tasks import ProgressReporter, dataset_of, fence_of
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,10 @@ def run_trial(
     on_progress=None,
     tracker=None,
     dataset=None,
+    fence=None,
 ) -> RunResult:
     """Train with ``params`` on ``dataset`` (an uploaded one's spec; None: the built-in), reporting each epoch's dev
-    accuracy to ``trial``; raises :class:`Pruned`."""
+    accuracy to ``trial``; raises :class:`Pruned`. ``fence``: as ``run_training``'s."""
 
     def report(progress) -> None:
         if on_progress is not None:
@@ -58,7 +59,9 @@ def run_trial(
 
     params = resolve_for_training(params, settings)
     try:
-        return run_training(params, settings, run_id=run_id, on_progress=report, tracker=tracker, dataset=dataset)
+        return run_training(
+            params, settings, run_id=run_id, on_progress=report, tracker=tracker, dataset=dataset, fence=fence
+        )
     except Pruned:
         run_folder.remove_training_state(settings.artifacts_dir / run_id)
         run_folder.remove_unfinished(settings.artifacts_dir / run_id)  # a pruned trial leaves no model
@@ -77,7 +80,9 @@ def trial_job(params_dict: dict, sweep_id: str, number: int) -> dict:
         params = TrainParams(**params_dict)
         tracker = publishing_tracker(job.connection, settings, job.id)
         dataset = dataset_of(params, settings, job.connection)
-        result = run_trial(trial, params, settings, job.id, ProgressReporter(job), tracker, dataset)
+        result = run_trial(trial, params, settings, job.id, ProgressReporter(job), tracker, dataset, fence_of(job))
+    except attempts.AttemptSuperseded:
+        raise  # the newer attempt tells the study how the trial ended
     except Pruned as pruned:
         job.meta["pruned_at_epoch"] = pruned.epoch
         job.save_meta()
