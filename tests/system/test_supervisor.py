@@ -85,11 +85,15 @@ import sys, time
 from pathlib import Path
 from app.ops.stack import Child
 # Like an RQ worker with a job under way (SIGTERM: finish it first), or a replica: both ignore SIGTERM here.
-stubborn = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"]
+ignore = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(99)"
+)
 folder = Path(sys.argv[1])
-children = [Child(role, role, stubborn, folder / f"{role}.log") for role in ("worker", "api")]
+children = [Child(role, role, [sys.executable, "-c", ignore], folder / f"{role}.log") for role in ("worker", "api")]
 for child in children:
     child.start({})
+while not all("ready" in child.log_path.read_text() for child in children):
+    time.sleep(0.05)
 print(" ".join(str(child.pid) for child in children), flush=True)
 time.sleep(600)
 """
