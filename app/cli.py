@@ -353,6 +353,41 @@ def add_stack_parser(commands) -> None:
     stack.set_defaults(handler=run_stack)
 
 
+def add_gc_parser(commands) -> None:
+    gc = commands.add_parser(
+        "gc",
+        help="delete old run folders here and old runs on MLflow, and what killed attempts left (docs/lifecycle.md)",
+    )
+    gc.add_argument("--dry-run", action="store_true", help="list what would be deleted (paths, sizes), delete nothing")
+    gc.add_argument(
+        "--older-than", type=float, metavar="DAYS", help="finished runs older than this go (RETENTION_DAYS; 0: none)"
+    )
+    gc.add_argument(
+        "--keep-last", type=int_at_least(0), metavar="N", help="the newest N finished runs stay (RETENTION_KEEP_LAST)"
+    )
+    gc.set_defaults(handler=run_gc)
+
+
+def run_gc(args: argparse.Namespace, settings: Settings) -> int:
+    from app.service.retention import Policy, collect_garbage
+
+    if args.older_than is not None and args.older_than < 0:
+        return usage_error("--older-than: must be 0 or more days")
+    policy = Policy.from_settings(settings)
+    policy = Policy(
+        policy.older_than_days if args.older_than is None else args.older_than,
+        policy.keep_last if args.keep_last is None else args.keep_last,
+    )
+    doomed = collect_garbage(settings, policy, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    for item in doomed:
+        print(f"{verb} {item.where} {item.name} (job {item.job_id}) {item.size / 1e6:.1f} MB: {item.reason}")
+    local = sum(item.size for item in doomed if item.where == "local")
+    remote = sum(item.size for item in doomed if item.where == "mlflow")
+    print(f"{verb} {len(doomed)} item(s): {local / 1e6:.1f} MB on this host, {remote / 1e6:.1f} MB on MLflow")
+    return 0
+
+
 def add_demo_parser(commands) -> None:
     demo = commands.add_parser(
         "demo",
@@ -390,6 +425,7 @@ def build_parser() -> ArgumentParser:
     add_worker_parser(commands)
     add_stack_parser(commands)
     add_demo_parser(commands)
+    add_gc_parser(commands)
     return parser
 
 

@@ -148,6 +148,12 @@ class Settings(BaseSettings):
     # TrackingFailed) is never re-run. The limit is written into each job as it is enqueued (by the replica, or by
     # the worker starting a sweep's trial), so set it alike on every host, or leave the default.
     job_retries: int = Field(2, ge=0)
+    # --- Retention (``python -m app gc``, docs/lifecycle.md) ---
+    # Days a finished run (its folder here, its MLflow run and artifacts) is kept; 0 = forever. The champion, aliased
+    # versions and running jobs are never deleted; leftovers of attempts that ended unfinished always go.
+    retention_days: float = Field(0, ge=0)
+    # The newest finished runs per experiment (per ARTIFACTS_DIR on a host) kept whatever their age.
+    retention_keep_last: int = Field(10, ge=0)
     # --- Admission control and bounded work ---
     # Queued jobs the service accepts; POST /train answers 429 with Retry-After above it.
     max_queued_jobs: int = 50
