@@ -110,10 +110,10 @@ def test_a_dry_run_lists_the_killed_attempts_leftovers_with_sizes_and_deletes_no
     leftover = setup.a.artifacts_dir / setup.resumed
     assert (leftover / "training_state.pt").is_file()
     before = artifacts_of_runs(setup.a, setup.resumed)
+    (unfinished,) = [run for run in runs_of(setup.a, setup.resumed) if run.info.status != "FINISHED"]
 
     out = gc(setup.a, "--dry-run")
     assert f"would delete local {leftover} (job {setup.resumed})" in out, out
-    (unfinished,) = [run for run in runs_of(setup.a, setup.resumed) if run.info.status != "FINISHED"]
     assert f"would delete mlflow {unfinished.info.run_id} (job {setup.resumed})" in out, out
     assert "would delete 2 item(s)" in out and " 0.0 MB on this host" not in out, out
     assert (leftover / "training_state.pt").is_file()
