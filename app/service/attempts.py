@@ -40,6 +40,7 @@ def lease_key(queue_name: str, job_id: str) -> str:
 def claim(connection, queue_name: str, job_id: str, token: str) -> None:
     """Make ``token`` the attempt of ``job_id`` that may write results (any earlier attempt is fenced off)."""
     connection.set(lease_key(queue_name, job_id), token, ex=LEASE_TTL_S)
+    held.clear()  # a forking worker runs one attempt at a time: the map stays one entry long
     held[job_id] = token
 
 
