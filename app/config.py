@@ -155,6 +155,9 @@ class Settings(BaseSettings):
     # The newest finished runs per experiment (per ARTIFACTS_DIR on a host) kept whatever their age.
     retention_keep_last: int = Field(10, ge=0)
     # --- Admission control and bounded work ---
+    # The memory the Redis started by `python -m app stack` may hold (MB). Nothing is evicted (a job record
+    # evicted would be a job lost): past it, writes fail with an error the API answers 503, and the host lives.
+    redis_maxmemory_mb: int = Field(1024, ge=16)
     # Queued jobs the service accepts; POST /train answers 429 with Retry-After above it.
     max_queued_jobs: int = 50
     # Queued + running jobs per client (its bearer token, else its address); 429 above it.

@@ -77,7 +77,7 @@ def model_card(params: dict, metrics: dict) -> str:
         "",
         "## Intended use and limits",
         "",
-        f"Classifies a text, or a text pair (first text, second text; BoolQ: question, passage), into the labels "
+        "Classifies a text, or a pair of texts (read together, first then second), into the labels "
         f"above, as the `{dataset.get('name')}` data labelled them. Inputs are cut to {params.get('max_length')} "
         "tokens together (longest first), as in training: evidence past that point is not seen. English only if the "
         "base model is; the val figures hold for data like the val split, not for other domains. Not for decisions "

@@ -237,7 +237,8 @@ class Stack:
                 "redis",
                 [redis_bin, str(redis_conf), "--port", str(redis_port), "--bind", "127.0.0.1"]
                 + ["--dir", str(self.state_dir / "redis")]
-                + ["--appendonly", "yes", "--save", "", "--daemonize", "no", "--logfile", ""],
+                + ["--appendonly", "yes", "--save", "", "--daemonize", "no", "--logfile", ""]
+                + ["--maxmemory", f"{self.settings.redis_maxmemory_mb}mb", "--maxmemory-policy", "noeviction"],
                 self.logs_dir / "redis.log",
                 url=f"redis://127.0.0.1:{redis_port}/0",
             )

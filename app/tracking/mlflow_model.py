@@ -10,10 +10,14 @@ service's predictor itself (same tokenization, truncation at the trained length,
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # writing a file must not reach out to the network
+
+log = logging.getLogger(__name__)
 
 LOADER_MODULE = "app.service.mlflow_pyfunc"
 MLMODEL = "MLmodel"
@@ -21,7 +25,11 @@ MLMODEL = "MLmodel"
 
 def write_mlmodel(model_folder: Path, label_names: tuple[str, ...], max_length: int, example: tuple[str, str | None]):
     """Write ``MLmodel`` (pyfunc flavor, signature, ``max_length`` as its model config, the label names as
-    metadata) and an input example (one of the run's own val pairs) into ``model_folder``."""
+    metadata) and an input example (one of the run's own val pairs) into ``model_folder``. Skipped, and logged,
+    where MLflow is not installed (a GPU image with torch alone): the folder still serves here and everywhere."""
+    if importlib.util.find_spec("mlflow") is None:
+        log.info("MLflow is not installed: %s gets no MLmodel (mlflow models serve cannot load it)", model_folder)
+        return
     import mlflow.pyfunc
     import pandas as pd
     from mlflow.models import Model, ModelSignature

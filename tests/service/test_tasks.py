@@ -26,19 +26,21 @@ from app.service.tasks import CURVE_POINTS, ProgressReporter
 from tests.helpers import RESUMABLE, TINY_JOB, plant_job, service_settings, wait_for, webhook_listener, work_horse_pids
 
 
-class FakeJob:
-    """What the reporter touches of an RQ job: its meta and save_meta()."""
+class CountingJob:
+    """What the reporter touches of an RQ job: its meta, save_meta() (counted here, not written) and, for the
+    attempt's lease it checks before each save, its id, queue and a real Redis connection."""
 
-    def __init__(self):
+    def __init__(self, redis_url: str):
         self.meta = {}
         self.saves = 0
+        self.id, self.origin, self.connection = "reporter-job", "reporter-queue", Redis.from_url(redis_url)
 
     def save_meta(self):
         self.saves += 1
 
 
-def test_the_reporter_keeps_every_step_loss_and_each_epochs_dev_accuracy_in_the_meta():
-    job = FakeJob()
+def test_the_reporter_keeps_every_step_loss_and_each_epochs_dev_accuracy_in_the_meta(redis_url):
+    job = CountingJob(redis_url)
     report = ProgressReporter(job)
     for step in range(1, 5):
         report(Progress(1, 1, step, 4, 1.0 / step, None, 10.0))
@@ -47,16 +49,16 @@ def test_the_reporter_keeps_every_step_loss_and_each_epochs_dev_accuracy_in_the_
     assert job.saves <= 3  # throttled: the first step, the last step, the dev evaluation
 
 
-def test_a_report_of_several_read_back_steps_puts_each_in_the_curve_and_only_the_latest_in_the_progress():
-    job = FakeJob()
+def test_a_report_of_several_read_back_steps_puts_each_in_the_curve_and_only_the_latest_in_the_progress(redis_url):
+    job = CountingJob(redis_url)
     report = ProgressReporter(job)
     report(Progress(1, 1, 3, 3, 0.3, None, 10.0, recent_losses=((1, 0.5), (2, 0.4), (3, 0.3))))  # a GPU read-back
     assert job.meta["curves"]["loss"] == [[1, 0.5], [2, 0.4], [3, 0.3]]
     assert job.meta["progress"]["step"] == 3 and "recent_losses" not in job.meta["progress"]
 
 
-def test_a_long_run_keeps_a_bounded_curve_with_its_first_and_last_steps():
-    job = FakeJob()
+def test_a_long_run_keeps_a_bounded_curve_with_its_first_and_last_steps(redis_url):
+    job = CountingJob(redis_url)
     report = ProgressReporter(job)
     steps = 5 * CURVE_POINTS
     for step in range(1, steps + 1):

@@ -32,8 +32,8 @@ def test_bad_option_is_one_line_naming_it_exit_2(args, option):
 
 
 def test_unknown_option_exit_2():
-    proc = run_cli("train", "--weight-decay", "1")
-    assert proc.returncode == 2 and "--weight-decay" in proc.stderr
+    proc = run_cli("train", "--label-smoothing", "1")
+    assert proc.returncode == 2 and "--label-smoothing" in proc.stderr
 
 
 def test_help_shows_defaults_and_ranges_without_loading_torch():

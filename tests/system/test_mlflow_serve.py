@@ -33,7 +33,7 @@ def champion_served_by_mlflow(tiny_run, mlflow_server, redis_url, tmp_path):
     tracker = MlflowTracker.from_settings(settings)
     params = TrainParams(**result.params)
     tracker.start_run(run_dir.name, params.model_dump())
-    track_outputs(tracker, run_dir, run_dir / "model", run_dir.name, params, read_metrics(run_dir))
+    track_outputs(tracker, run_dir, run_dir / "model", run_dir.name, params, read_metrics(run_dir), fence=lambda: None)
     registry = ModelRegistry(settings)
     registry.promote(registry.version_of_job(run_dir.name), force=True)
 

@@ -126,10 +126,12 @@ def test_readme_lifecycle_blocks_run_as_pasted(redis_url, launcher, tmp_path):
         for block in doc_blocks(DOCS / "lifecycle.md", None)
         if not starts_servers(block)
     ]
-    sweep, models, local = outputs
+    sweep, models, local, collected = outputs
     assert "finished" in sweep and "'promoted': True" in sweep, sweep
     assert '"champion"' in models and '"model":"champion"' not in models
     assert "best (chosen on dev accuracy)" in local
+    totals = re.findall(r"^(would delete|deleted) \d+ item\(s\): [\d.]+ MB on this host", collected, flags=re.MULTILINE)
+    assert totals == ["would delete", "deleted", "deleted"], collected  # gc --dry-run, gc, gc with a policy
 
 
 def test_readme_training_block_runs_as_pasted(tmp_path):
