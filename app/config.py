@@ -78,8 +78,8 @@ class Settings(BaseSettings):
     # would pass this share of the tokens computed; 1 = one pass per 64 sorted pairs (see bench/README.md "Serving").
     predict_max_padding: float = Field(default=0.1, ge=0.0, le=1.0)
     # What computes /predict's answers (and batch predictions'): torch, or ONNX Runtime on the model exported once
-    # per host into MODEL_CACHE_DIR/onnx (docs/serving.md). torch stays the default until bench/README.md's
-    # "to be measured" comparison says otherwise.
+    # per host into MODEL_CACHE_DIR/onnx (docs/serving.md). torch is the default: no equal-answer backend was faster
+    # through nginx on both one-pair and 32-pair requests (bench/README.md, "Serving backends measured").
     serve_backend: Literal["torch", "onnx"] = "torch"
     # torch only: auto = bf16 autocast where the CPU has native bf16 (AVX512-BF16/AMX), fp32 elsewhere; fp32 =
     # always fp32 (the answers an fp32 ONNX export gives, within 1e-4).
