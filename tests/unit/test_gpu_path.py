@@ -13,7 +13,7 @@ from app.engine.modeling import compute_last_layer_for_first_token_only, takes_p
 from app.engine.training import PendingLosses, fine_tune, train_and_evaluate
 from app.params import TrainParams
 from app.tracking import NullTracker
-from tests.helpers import random_split, seeded_tiny_bert, tiny_bert
+from tests.helpers import random_split, seeded_tiny_bert, spread_tiny_bert, tiny_bert
 
 
 def test_a_batch_gathered_on_the_device_equals_the_python_collated_one():
@@ -88,7 +88,7 @@ def test_the_prepared_mask_gives_the_logits_of_transformers_own_mask(setup):
 
 
 def test_evaluation_on_the_device_resident_split_equals_the_collated_one():
-    model = seeded_tiny_bert()
+    model = spread_tiny_bert()
     data = random_split(70, seed=4)
     collated = predict_probabilities(model, 0, data, on_device=False)
     resident = predict_probabilities(model, 0, data, on_device=True)  # the GPU default, here on the CPU
