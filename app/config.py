@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     data_dir: Path = SAMPLE_DATA_DIR
     # Model used when a request does not name one.
     default_model: str = DEFAULT_MODEL
-    # Intra-op threads for torch in training jobs and API processes; 0 = torch's default (all cores).
+    # Intra-op threads for torch in training jobs and API processes (ONNX Runtime's too); 0 = training: torch's
+    # default (all cores), API: the cores divided among WEB_WORKERS.
     num_threads: int = 0
     # Where training runs: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N.
     device: str = "auto"
@@ -70,9 +71,10 @@ class Settings(BaseSettings):
     # Fine-tuned models kept in memory per API process.
     predict_cache_size: int = 2
     # Micro-batching of concurrent /predict requests per API process: at most PREDICT_MAX_BATCH pairs per
-    # forward pass, collected for up to PREDICT_BATCH_WAIT_MS after the first; 1 = off (the default: it pays
-    # only with NUM_THREADS=1, see bench/README.md "Serving").
-    predict_max_batch: int = 1
+    # forward pass, collected for up to PREDICT_BATCH_WAIT_MS after the first; 1 = off. On by default since each
+    # web process gets its share of the cores (NUM_THREADS): 1.18x the requests/s of one replica, p50 -16 %
+    # (bench/README.md, "Serving backends measured").
+    predict_max_batch: int = 32
     predict_batch_wait_ms: int = 2
     # /predict orders a request's pairs (and a micro-batch's) by length and cuts forward passes where padding
     # would pass this share of the tokens computed; 1 = one pass per 64 sorted pairs (see bench/README.md "Serving").

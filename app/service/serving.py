@@ -63,8 +63,10 @@ class PredictorCache:
         num_threads: int = 0,
         max_padding: float | None = None,
         backend: Backend = TORCH,
+        processes: int = 1,
     ):
         self.size = max(size, 1)
+        self.processes = processes
         self.backend = backend
         self.max_padding = max_padding
         self.num_threads = num_threads
@@ -113,9 +115,13 @@ class PredictorCache:
         return model.predict_fn.__self__ if isinstance(model, MicroBatcher) else model
 
     def load(self, folder: Path):
+        from app.engine.distributed import threads_per_rank  # here: the web process loads torch only to serve
         from app.service.predict import load_predictor
 
-        predictor = load_predictor(folder, self.max_padding, self.num_threads, self.backend)
+        # NUM_THREADS, else the host's cores shared among the replica's web processes: more threads than cores made
+        # every process wait at each op (bench/README.md, "Serving backends measured").
+        threads = threads_per_rank(self.processes, self.num_threads)
+        predictor = load_predictor(folder, self.max_padding, threads, self.backend)
         if self.max_batch <= 1:
             return predictor
         # The batcher gets tokenized pairs: each request is tokenized once, as it is checked against the token cap.
@@ -137,6 +143,7 @@ class Serving:
             num_threads=settings.num_threads,
             max_padding=settings.predict_max_padding,
             backend=Backend.from_settings(settings),
+            processes=settings.web_workers,
         )
 
     def answer(
@@ -167,6 +174,8 @@ class Serving:
             predictor = self.predictors.predictor(folder)
             rows = predictor.encode_pairs(pairs, settings.predict_max_tokens)  # the only tokenization of the pairs
             if len(pairs) < self.predictors.max_batch:  # small: share forward passes with concurrent requests
+                if reason := should_stop():  # a shared pass cannot stop for one client: do not join one for nobody
+                    raise predict.PredictionStopped(reason)
                 return self.predictors.get(folder).predict(rows, timeout_s=max(deadline - time.monotonic(), 0))
             return predictor.predict_encoded(rows, should_stop=should_stop)
         except predict.TooManyTokens as exc:

@@ -11,6 +11,7 @@ import pytest
 from app.api import create_app
 from app.engine.boolq import load_boolq
 from app.service.batching import MicroBatcher
+from app.service.jobs import connect_redis, training_queue
 from app.service.predict import Predictor
 from tests.helpers import mixed_length_pairs, padding_per_forward_pass, service_settings
 
@@ -161,5 +162,26 @@ def test_predictor_cache_answers_through_a_batcher_and_applies_num_threads(tiny_
         pair = [("is it", "It is.")]  # the cache's batcher takes pairs tokenized (each request is tokenized once)
         assert_same_answers(batched.predict(plain.encode_pairs(pair)), plain.predict(pair))
         batched.close()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_web_process_without_num_threads_takes_its_share_of_the_cores(tiny_run, redis_url, tmp_path):
+    """NUM_THREADS 0: each of a replica's WEB_WORKERS processes gets cores // WEB_WORKERS threads (at least 1), so the
+    replica's processes do not run more threads than there are cores; NUM_THREADS, when set, wins."""
+    import os
+
+    import torch
+
+    from app.service.serving import Serving
+
+    cores, before = len(os.sched_getaffinity(0)), torch.get_num_threads()
+    folder = Path(tiny_run[0].run_dir)
+    try:
+        for workers, threads, expected in ((2, 0, max(1, cores // 2)), (1, 0, cores), (2, 3, 3)):
+            torch.set_num_threads(7)
+            settings = service_settings(redis_url, tmp_path, web_workers=workers, num_threads=threads)
+            Serving(settings, training_queue(settings, connect_redis(settings))).predictors.get(folder)
+            assert torch.get_num_threads() == expected, (workers, threads)
     finally:
         torch.set_num_threads(before)
