@@ -81,9 +81,29 @@ def attend(attention, query, key, value, attention_mask) -> torch.Tensor:
         scores = torch.matmul(query, key.transpose(-1, -2)).mul_(attention.scaling)
         if attention_mask is not None:
             scores = masked(scores, attention_mask)
-        probabilities = torch.softmax(scores, dim=-1).masked_fill(drop_mask(scores.shape, p), 0)
-        context = torch.matmul(probabilities, value).mul_(1.0 / (1.0 - p))
+        context = _SoftmaxDropoutValues.apply(scores, drop_mask(scores.shape, p), value).mul_(1.0 / (1.0 - p))
     return context.transpose(1, 2).flatten(2)
+
+
+class _SoftmaxDropoutValues(torch.autograd.Function):
+    """``softmax(scores).masked_fill(dropped, 0) @ value`` keeping one [batch, heads, positions, positions] tensor for
+    backward instead of two: autograd would save the softmax output (for its own backward) and the dropped copy (for
+    the matmul's); the dropped copy is recomputed from the softmax output and the 1-byte mask, one elementwise pass.
+    Saves 50 MB per layer at batch 32 x 256 tokens in bf16; the gradients are the ones autograd computes."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, dropped: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        probabilities = torch.softmax(scores, dim=-1)
+        ctx.save_for_backward(probabilities, dropped, value)
+        return torch.matmul(probabilities.masked_fill(dropped, 0), value)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        probabilities, dropped, value = ctx.saved_tensors
+        grad_value = torch.matmul(probabilities.masked_fill(dropped, 0).transpose(-1, -2), grad)
+        grad_kept = torch.matmul(grad, value.transpose(-1, -2)).masked_fill_(dropped, 0)
+        grad_scores = torch._softmax_backward_data(grad_kept, probabilities, -1, probabilities.dtype)
+        return grad_scores, None, grad_value
 
 
 def masked(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
