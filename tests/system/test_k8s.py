@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from app.api.edge import EDGE_HEADER, came_through_the_edge
 from app.config import Settings
 from app.ops.mlflow_server import AUTH_CONFIG
 from tests.helpers import REPO_ROOT, free_port, wait_for
@@ -60,7 +61,7 @@ def copy_tree(folder: Path, secrets: dict[str, str] = SECRETS) -> Path:
     """A copy of deploy/k8s under ``folder`` with base/secret.env holding ``secrets``, as a deployment fills it."""
     tree = folder / "k8s"
     if not tree.exists():
-        shutil.copytree(K8S, tree, ignore=shutil.ignore_patterns("secret.env"))
+        shutil.copytree(K8S, tree, ignore=shutil.ignore_patterns("secret.env", "edge-headers.env"))
         (tree / "base" / "secret.env").write_text("".join(f"{k}={v}\n" for k, v in secrets.items()))
     return tree
 
@@ -87,6 +88,25 @@ def rendered(tmp_path_factory) -> dict[str, list[dict]]:
     return {overlay: [d for d in yaml.safe_load_all(render(overlay, folder)) if d] for overlay in OVERLAYS}
 
 
+# What a deployment fills into components/edge-secret/edge-headers.env (app/config.py: 16 to 256 of A-Za-z0-9_-).
+EDGE_SECRET = "3dge-s3cret_0123456789abcdef"
+EDGE_CLASS = "boolq-nginx"
+
+
+def render_with_the_edge_check(folder: Path, edge_secret: str = EDGE_SECRET) -> list[dict]:
+    """An overlay of a user's own, the cpu one with components/edge-secret, as docs/cluster.md shows it."""
+    tree = copy_tree(folder)
+    (tree / "components" / "edge-secret" / "edge-headers.env").write_text(f"{EDGE_HEADER}={edge_secret}\n")
+    mine = tree / "overlays" / "edge"
+    mine.mkdir(exist_ok=True)
+    (mine / "kustomization.yaml").write_text(
+        yaml.safe_dump({"resources": ["../cpu"], "components": ["../../components/edge-secret"]})
+    )
+    done = kustomize(mine)
+    assert done.returncode == 0, done.stderr
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
 def validate(*paths: Path) -> subprocess.CompletedProcess:
     """kubernetes-validate (PyPI; requirements-dev.txt) on manifest files: its schemas ship with it, no network."""
     if shutil.which("kubernetes-validate", path=str(Path(sys.executable).parent)) is None:
@@ -109,6 +129,8 @@ def test_every_overlay_is_valid_against_the_pinned_kubernetes_schemas(tmp_path):
     manifests = [tmp_path / f"{overlay}.yaml" for overlay in OVERLAYS]
     for overlay, manifest in zip(OVERLAYS, manifests, strict=True):
         manifest.write_text(render(overlay, tmp_path))
+    manifests.append(tmp_path / "edge.yaml")
+    manifests[-1].write_text(yaml.safe_dump_all(render_with_the_edge_check(tmp_path)))
     checked = validate(*manifests)
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
@@ -586,3 +608,40 @@ def answers(client) -> bool:
         return client.ping()
     except RedisConnectionError:
         return False
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_by_default_the_api_checks_no_edge_secret_and_the_network_policy_is_its_guard(rendered, overlay):
+    documents = rendered[overlay]
+    [api] = pod_specs(documents)["boolq-api"]["containers"]
+    # Pinned empty: ingress-nginx sends no X-Edge-Secret, so a value from secret.env would 403 every request.
+    assert [e for e in api["env"] if e["name"] == "EDGE_SECRET"] == [{"name": "EDGE_SECRET", "value": ""}]
+    # ... and the guard is the NetworkPolicy: only the controller's pods reach the replicas.
+    api_pod = ("boolq", pod_labels(documents)["boolq-api"])
+    assert admits(documents, INGRESS_CONTROLLER, api_pod)
+    assert not any(admits(documents, stranger, api_pod) for stranger in STRANGERS.values())
+    # No snippet: ingress-nginx refuses them by default (they can read any Secret the controller can).
+    annotations = [d["metadata"].get("annotations", {}) for d in documents if d["kind"] == "Ingress"]
+    assert not [key for a in annotations for key in a if "snippet" in key]
+
+
+def test_with_the_edge_component_the_controller_sends_the_secret_the_api_checks(tmp_path):
+    documents = render_with_the_edge_check(tmp_path)
+    [headers] = [d for d in documents if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "boolq-edge-headers"]
+    # The name the controller's proxy-set-headers gives (namespace/name): fixed, in the service's namespace.
+    assert headers["metadata"]["namespace"] == "boolq" and headers["data"] == {EDGE_HEADER: EDGE_SECRET}
+    # nginx sends each key as a request header; the replica reads it as WSGI's HTTP_X_EDGE_SECRET.
+    [api] = pod_specs(documents)["boolq-api"]["containers"]
+    secret = Settings(edge_secret=container_env(documents, api)["EDGE_SECRET"]).edge_secret
+    assert secret == EDGE_SECRET
+    [(header, value)] = headers["data"].items()
+    assert came_through_the_edge({"HTTP_" + header.upper().replace("-", "_"): value}, secret)
+    # Every Ingress goes to the service's own controller: no other application's backend gets the header.
+    assert {d["spec"]["ingressClassName"] for d in documents if d["kind"] == "Ingress"} == {EDGE_CLASS}
+    assert start_pod(documents, "boolq-api") is None
+
+
+@pytest.mark.parametrize("edge_secret", ["", "too-short"])
+def test_with_the_edge_component_the_api_refuses_to_start_without_a_valid_secret(tmp_path, edge_secret):
+    refused = start_pod(render_with_the_edge_check(tmp_path, edge_secret), "boolq-api")
+    assert refused is not None and "X-Edge-Secret must be 16 to 256" in refused.stderr
