@@ -559,6 +559,7 @@ def test_nothing_is_left_of_the_bitnami_chart(rendered, overlay):
     assert "bitnami" not in yaml.safe_dump_all(rendered[overlay]).lower()
 
 
+@pytest.mark.slow  # starts a redis-server
 def test_the_rendered_redis_asks_for_the_secrets_password_and_keeps_it_off_its_command_line(rendered, tmp_path):
     """The Redis container's command, run here by a real redis-server (Debian's; the image's 7.4 reads the same
     settings) with the rendered Secret's password: only the mount path and the port are changed."""
