@@ -47,6 +47,12 @@ def current_principal() -> Principal:
     return g.principal
 
 
+def may(action: str) -> bool:
+    """Whether the request's principal may do ``action``: for a page that shows data only then, and is empty, not
+    refused, otherwise (its script asks again with the key)."""
+    return current_principal().may(action)
+
+
 def check_allowed(action: str) -> Principal:
     """The principal, if it may do ``action``: else 401 without a key, 403 with one whose role may not."""
     principal = current_principal()

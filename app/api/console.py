@@ -7,7 +7,6 @@ behind nginx alike. Templates autoescape; the scripts write user strings with ``
 
 from __future__ import annotations
 
-import functools
 import math
 from pathlib import Path
 from typing import Literal
@@ -15,7 +14,7 @@ from typing import Literal
 from flask import Blueprint, jsonify, render_template, request, url_for
 from pydantic import Field, field_validator
 
-from app.api.auth import allowed, auth_required, owner_scope
+from app.api.auth import allowed, auth_required, may, owner_scope
 from app.api.body import parse
 from app.api.context import current_service
 from app.api.jobs import find_job
@@ -82,27 +81,10 @@ def console_globals():
     return {"auth_required": auth_required(), "api_root": request.script_root}
 
 
-def reads_are_open() -> bool:
-    """Whether pages may show job data to a visitor without a key: the API's rule for job reads (open without keys
-    and ``API_TOKEN``, or with ``PUBLIC_READS``). Otherwise pages carry no job data; their scripts fetch it
-    with the key."""
-    return not auth_required() or current_service().settings.public_reads
-
-
-def token_for_reads(view):
-    """The data views below follow the API's rule for job reads."""
-
-    @functools.wraps(view)
-    def checked(*args, **kwargs):
-        return view(*args, **kwargs) if reads_are_open() else allowed("read")(view)(*args, **kwargs)
-
-    return checked
-
-
 @bp.get("/")
 def jobs_page():
     query = parse(ConsoleJobsQuery, request.args.to_dict(), where="query")
-    if reads_are_open():
+    if may("read"):  # else the page carries no job data: its script fetches it with the key
         listing = job_listing(query)
     else:
         listing = {"jobs": [], "page": query.page, "per_page": query.per_page, "pages": 1, "total": 0, "hidden": True}
@@ -110,7 +92,7 @@ def jobs_page():
 
 
 @bp.get("/console/jobs")
-@token_for_reads
+@allowed("read")
 def jobs_rows():
     """The Jobs table's data (what ``/`` renders), for its live updates."""
     return jsonify(job_listing(parse(ConsoleJobsQuery, request.args.to_dict(), where="query")))
@@ -209,7 +191,7 @@ def number(value) -> str:
 
 @bp.get("/console/jobs/<job_id>")
 def job_page(job_id: str):
-    if not reads_are_open():  # the page's script reads the job with the token
+    if not may("read"):  # the page's script reads the job with the key
         view = {"job_id": job_id, "status": "…", "params": {}, "result": None, "error": None}
         return render_template("console/job.html", job=view, mlflow_url=None)
     view = jobs.describe_job(find_job(job_id))
@@ -226,7 +208,7 @@ def mlflow_run_url(view: dict) -> str | None:
 
 
 @bp.get("/console/jobs/<job_id>/live")
-@token_for_reads
+@allowed("read")
 def job_live(job_id: str):
     """The job's view plus its curves: from the worker's progress while it runs, from the run's metrics after."""
     job = find_job(job_id)
@@ -243,7 +225,7 @@ def job_live(job_id: str):
 
 
 @bp.get("/console/jobs/<job_id>/predictions")
-@token_for_reads
+@allowed("read")
 def job_predictions(job_id: str):
     """A page of the job's val predictions with each row's text and a text pair excerpt; optionally wrong only."""
     query = parse(ConsolePredictionsQuery, request.args.to_dict(), where="query")

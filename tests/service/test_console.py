@@ -251,14 +251,17 @@ def test_where_job_reads_need_the_token_pages_hold_no_job_data_and_the_data_view
     client = create_app(settings).test_client()
     bearer = {"Authorization": "Bearer t0ken"}
     job_id = client.post("/train", json=TINY_JOB, headers=bearer).get_json()["job_id"]
-    assert job_id[:8] not in client.get("/").get_data(as_text=True)  # with API_TOKEN set, job reads need it
+    page = client.get("/").get_data(as_text=True)
+    assert job_id[:8] not in page  # with API_TOKEN set, job reads need it
+    assert 'data-rendered="no"' in page  # so the page's script asks for the rows with the key
     assert "train_limit" not in client.get(f"/console/jobs/{job_id}").get_data(as_text=True)
     for path in ("/console/jobs", f"/console/jobs/{job_id}/live"):
         assert client.get(path).status_code == 401, path
         assert client.get(path, headers=bearer).status_code == 200, path
     assert client.get(f"/console/jobs/{job_id}/predictions").status_code == 401
     open_reads = create_app(settings.model_copy(update={"public_reads": True})).test_client()
-    assert job_id[:8] in open_reads.get("/").get_data(as_text=True)  # PUBLIC_READS=1: pages carry the data
+    page = open_reads.get("/").get_data(as_text=True)
+    assert job_id[:8] in page and 'data-rendered="yes"' in page  # PUBLIC_READS=1: pages carry the data
 
 
 def test_the_job_page_links_the_mlflow_run_only_when_tracking_goes_to_a_server():
