@@ -11,26 +11,25 @@ import threading
 
 from flask import Flask
 
+from app.api import audit, console, datasets, health, jobs, models, openapi, predict, predictions, sweeps
+from app.api.auth import refuse_foreign_origin, refuse_unknown_host
+from app.api.body import discard_unread_body
+from app.api.context import Service
+from app.api.edge import refuse_around_the_edge
+from app.api.errors import register_error_handlers
+from app.api.metrics import ServiceMetrics
+from app.api.proxy import TrustedProxyFix
 from app.config import Settings
+from app.service.admission import Admission
+from app.service.audit import AuditLog
+from app.service.jobs import training_queue
+from app.service.keys import KeyStore
+from app.service.redis_connection import connect_redis
+from app.service.serving import Serving
 
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the app from ``settings`` (default: the environment). Connects lazily: nothing blocks here."""
-    from app.api import audit, console, datasets, health, jobs, models, openapi, predict, predictions, sweeps
-    from app.api.auth import refuse_foreign_origin, refuse_unknown_host
-    from app.api.body import discard_unread_body
-    from app.api.context import Service
-    from app.api.edge import refuse_around_the_edge
-    from app.api.errors import register_error_handlers
-    from app.api.metrics import ServiceMetrics
-    from app.api.proxy import TrustedProxyFix
-    from app.service.admission import Admission
-    from app.service.audit import AuditLog
-    from app.service.jobs import training_queue
-    from app.service.keys import KeyStore
-    from app.service.redis_connection import connect_redis
-    from app.service.serving import Serving
-
     settings = settings or Settings()
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=settings.max_content_length)

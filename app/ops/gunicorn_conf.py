@@ -48,7 +48,7 @@ os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir)
 
 def child_exit(server, worker):
     """A dead worker's counters stay in the sum (they are monotonic); only its live gauges are dropped."""
-    from prometheus_client import multiprocess
+    from prometheus_client import multiprocess  # only after PROMETHEUS_MULTIPROC_DIR is set: it picks its mode then
 
     multiprocess.mark_process_dead(worker.pid, str(_metrics_dir))
 

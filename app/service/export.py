@@ -18,8 +18,12 @@ from pathlib import Path
 from rq import Queue
 
 from app.config import Settings
+from app.engine.onnx_export import ONNX_FILE, export_onnx, quantize_int8
 from app.service.model_access import fine_tuned_model
 from app.service.model_records import digest_files, folder_digest
+from app.service.model_store import download_lock
+from app.service.predict import Predictor
+from app.service.serving import served_model
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +35,6 @@ EXPORTED_FROM = ("config.json", "model.safetensors", "tokenizer.json", "tokenize
 def export_onnx_folder(model_folder: Path, destination: Path, quantize: str = "none", max_length: int | None = None):
     """Write ``model_folder``'s classifier as ``destination/model.onnx`` (+ config.json and the tokenizer), the
     graph ``SERVE_BACKEND=onnx`` runs; written into a temporary folder renamed into place when complete."""
-    from app.engine.onnx_export import ONNX_FILE, export_onnx, quantize_int8
-    from app.service.predict import Predictor
-
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, not {quantize!r}")
     predictor = Predictor(model_folder, max_length=max_length)
@@ -62,9 +63,6 @@ def cached_onnx_folder(model_folder: Path, cache: Path, quantize: str, max_lengt
     """This host's export of ``model_folder`` under ``cache/onnx/``, made on first use: keyed by the digest of the
     files it is made of, so a model changed in place (or another with the same name) is exported anew, and
     every process of the host reuses one export."""
-    from app.engine.onnx_export import ONNX_FILE
-    from app.service.model_store import download_lock
-
     names = tuple(name for name in EXPORTED_FROM if (model_folder / name).is_file())
     key = folder_digest(digest_files(model_folder, names))[:24]
     folder = cache / "onnx" / f"{key}-{quantize}-{max_length}"
@@ -79,6 +77,4 @@ def cached_onnx_folder(model_folder: Path, cache: Path, quantize: str, max_lengt
 def model_to_export(name: str, settings: Settings, queue: Queue) -> Path:
     """The checkpoint folder ``python -m app export`` reads: a job id (here or on the tracking server), a model
     folder under the roots, or ``champion`` (what /predict serves by default)."""
-    from app.service.serving import served_model
-
     return fine_tuned_model(served_model(name, settings, queue), settings)

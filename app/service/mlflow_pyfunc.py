@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pandas as pd
+
 from app.service.predict import Predictor
 
 
@@ -20,8 +22,6 @@ class ServedModel:
         self.predictor = predictor
 
     def predict(self, model_input, params=None):
-        import pandas as pd
-
         frame = pd.DataFrame(model_input)
         pairs = frame["text_pair"].tolist() if "text_pair" in frame else [None] * len(frame)
         texts = frame["text"].tolist()

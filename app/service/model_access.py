@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from huggingface_hub import constants
+
 from app.config import Settings
 from app.engine.model_names import MINILM_ALIAS, hub_reachable, in_hub_cache, is_hub_id
 from app.engine.run_folder import checkpoint_folder
@@ -67,7 +69,6 @@ def exists_quietly(path: Path) -> bool:
 
 def loadable_here(name: str) -> None:
     """Refuse a hub model no worker could load: not in the local cache while the hub is off or unreachable."""
-    from huggingface_hub import constants
 
     if name == MINILM_ALIAS or Path(name).is_absolute() or in_hub_cache(name):
         return

@@ -127,7 +127,7 @@ def refuse_if_too_large(job_id: str, published: PublishedModel, settings: Settin
 def download_published(runs, run, published: PublishedModel, folder: Path, deadline: float, settings: Settings):
     """The recorded files of ``run`` into ``folder``, config.json first and the weights last, each stopped at its
     recorded size and checked against its recorded sha256; then the folder's digest against the record's."""
-    from app.tracking.mlflow_runs import ArtifactTooLarge
+    from app.tracking.mlflow_runs import ArtifactTooLarge  # mlflow: heavy, and the API imports this module
 
     got = []
     for file in sorted(published.files, key=lambda f: (f.path != CONFIG, f.size)):
@@ -167,7 +167,7 @@ def check_config(config: dict, settings: Settings) -> None:
 @contextlib.contextmanager
 def refusals_explained(job_id: str, settings: Settings) -> Iterator[None]:
     """A refusal stays a refusal (logged with its run); anything else the server did is ModelStoreUnavailable."""
-    from app.tracking.mlflow_runs import RunNotFound
+    from app.tracking.mlflow_runs import RunNotFound  # mlflow: heavy, and the API imports this module
 
     try:
         yield
@@ -227,8 +227,8 @@ def download_checkpoint(
     job_id: str, record: CheckpointRecord, destination: Path, deadline: float, settings: Settings
 ) -> Path | None:
     """One recorded training state from its attempt's run, or None (logged) if the server has not that file."""
-    from app.tracking.mlflow_runs import ArtifactTooLarge
-    from app.tracking.mlflow_tracker import CHECKPOINT_ARTIFACT_PATH
+    from app.tracking.mlflow_runs import ArtifactTooLarge  # mlflow: heavy, and the API imports this module
+    from app.tracking.mlflow_tracker import CHECKPOINT_ARTIFACT_PATH  # mlflow: heavy, and the API imports this module
 
     runs = mlflow_runs(settings)
     try:
@@ -255,7 +255,7 @@ def records_redis(settings: Settings):
 
 
 def mlflow_runs(settings: Settings):
-    from app.tracking.mlflow_runs import MlflowRuns
+    from app.tracking.mlflow_runs import MlflowRuns  # mlflow: heavy, and the API imports this module
 
     return MlflowRuns.from_settings(settings)
 

@@ -156,7 +156,7 @@ def load_serving_model(folder: Path) -> torch.nn.Module:
 
 def onnx_session(folder: Path, backend: Backend, max_length: int, num_threads: int):
     """An ONNX Runtime session of the model in ``folder``, exported (and quantized) on first use on this host."""
-    from app.service.export import cached_onnx_folder
+    from app.service.export import cached_onnx_folder  # export loads models through Predictor: a cycle at the top
 
     exported = cached_onnx_folder(folder, backend.onnx_cache, backend.quantize, max_length)
     return ort_session(exported / ONNX_FILE, num_threads)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from app.config import Settings
 from app.service.jobs import JOB_ID_RULE
 from app.service.redis_connection import service_key
-from app.tracking import version_tags
+from app.tracking import parse_tracker_names, version_tags
 
 log = logging.getLogger(__name__)
 
@@ -148,17 +148,14 @@ class ModelRegistry:
     """The registered model's versions in MLflow, read and promoted through ``MlflowClient``."""
 
     def __init__(self, settings: Settings):
-        from app.tracking import parse_tracker_names
-
         if "mlflow" not in parse_tracker_names(settings.tracker):
             raise RegistryOff("the model registry is MLflow's: set TRACKER to include mlflow")
-        from app.tracking.mlflow_tracker import MlflowTracker, sqlite_setup_lock
+        # mlflow: heavy, and the API imports this module
+        from app.tracking.mlflow_tracker import MlflowClient, MlflowTracker, sqlite_setup_lock
 
         self.tracker = MlflowTracker.from_settings(settings)
         self.name = settings.registered_model_name
         with sqlite_setup_lock(self.tracker.tracking_uri):
-            from mlflow import MlflowClient
-
             self.client = MlflowClient(tracking_uri=self.tracker.tracking_uri, registry_uri=self.tracker.tracking_uri)
             self.client.search_registered_models(max_results=1)  # creates the tables of a new local store
 
@@ -169,7 +166,7 @@ class ModelRegistry:
         return [champion if champion and champion.version == int(v.version) else self.describe(v) for v in found]
 
     def version(self, number: int) -> ModelVersion:
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException  # mlflow: heavy, and the API imports this module
 
         try:
             return self.describe(self.client.get_model_version(self.name, str(number)))
@@ -185,7 +182,7 @@ class ModelRegistry:
         return self.describe(max(found, key=lambda v: int(v.version)))
 
     def champion(self) -> ModelVersion | None:
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException  # mlflow: heavy, and the API imports this module
 
         try:
             return self.describe(self.client.get_model_version_by_alias(self.name, CHAMPION))

@@ -33,6 +33,7 @@ from app.engine import run_folder
 from app.service import model_records, registry
 from app.service.jobs import JOB_ID_RULE, ProjectJob, fetched_or_none
 from app.service.redis_connection import connect_redis
+from app.tracking import parse_tracker_names
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ class Retention:
     def mlflow(self, protected: set[str]) -> list[Doomed]:
         """Runs on the tracking server that go: attempts that never finished, of ended jobs; finished runs past the
         policy. Only runs tagged with a job id; the datasets' experiment is left alone."""
-        from app.tracking.mlflow_tracker import RUN_ID_TAG
+        from app.tracking.mlflow_tracker import RUN_ID_TAG  # mlflow: optional (gc of run folders runs without it)
 
         runs = mlflow_runs(self.settings)
         experiment = runs.client.get_experiment_by_name(self.settings.mlflow_experiment_name)
@@ -195,6 +196,7 @@ class Retention:
     def delete_mlflow_run(self, item: Doomed) -> None:
         """The run's artifacts (through the server), its registered versions, the record of what a worker published
         from it, then the run itself (deleted; ``mlflow gc`` purges it)."""
+        # mlflow: optional (gc of run folders runs without it)
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
         runs = mlflow_runs(self.settings)
@@ -212,6 +214,7 @@ class Retention:
 
 def mlflow_runs(settings: Settings):
     """The experiment's runs on the tracking server, or in the local store under ARTIFACTS_DIR without one."""
+    # mlflow: optional (gc of run folders runs without it)
     from app.tracking.mlflow_runs import MlflowRuns
     from app.tracking.mlflow_tracker import local_store, use_client_settings
 
@@ -221,8 +224,6 @@ def mlflow_runs(settings: Settings):
 
 
 def uses_mlflow(settings: Settings) -> bool:
-    from app.tracking import parse_tracker_names
-
     return "mlflow" in parse_tracker_names(settings.tracker)
 
 
@@ -260,7 +261,7 @@ def artifacts_size(client, run_id: str, path: str | None = None) -> int:
 
 
 def job_id_of(run) -> str:
-    from app.tracking.mlflow_tracker import RUN_ID_TAG
+    from app.tracking.mlflow_tracker import RUN_ID_TAG  # mlflow: optional (gc of run folders runs without it)
 
     return run.data.tags.get(RUN_ID_TAG, "")
 

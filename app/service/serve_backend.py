@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.config import Settings
+from app.service.model_store import cache_dir
 
 
 @dataclass(frozen=True)
@@ -22,8 +23,6 @@ class Backend:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Backend:
-        from app.service.model_store import cache_dir
-
         return cls(settings.serve_backend, settings.serve_precision, settings.serve_quantize, cache_dir(settings))
 
 

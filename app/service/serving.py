@@ -115,7 +115,8 @@ class PredictorCache:
         return model.predict_fn.__self__ if isinstance(model, MicroBatcher) else model
 
     def load(self, folder: Path):
-        from app.engine.distributed import threads_per_rank  # here: the web process loads torch only to serve
+        # torch: the web process loads it only once it serves a model
+        from app.engine.distributed import threads_per_rank
         from app.service.predict import load_predictor
 
         # NUM_THREADS, else the host's cores shared among the replica's web processes: more threads than cores made
@@ -158,7 +159,7 @@ class Serving:
     ) -> list[Answer]:
         """Answers within PREDICT_MAX_TOKENS (refused before any compute) and PREDICT_TIMEOUT_S (stopped after,
         as when ``client_gone()`` says the client closed its connection)."""
-        from app.service import predict
+        from app.service import predict  # torch: the API loads it only once it serves a model
 
         settings = self.settings
         deadline = time.monotonic() + settings.predict_timeout_s

@@ -30,7 +30,9 @@ from app.service.jobs import ProjectJob
 from app.service.model_access import fine_tuned_model, resolve_for_training
 from app.service.model_records import publishing_tracker
 from app.service.model_store import resume_or_start_over
+from app.service.predict import load_predictor
 from app.service.redis_connection import connect_redis
+from app.service.serve_backend import Backend
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +77,6 @@ def fence_of(job: Job):
 def predict_job(params_dict: dict) -> dict:
     """Score every row of a dataset's split with a fine-tuned model; write ``predictions.jsonl`` and ``metrics.json``
     into ``ARTIFACTS_DIR/<job id>/`` and return the metrics (when the rows have labels)."""
-    from app.service.predict import load_predictor
-    from app.service.serve_backend import Backend
-
     settings = Settings()
     job = get_current_job()
     params = PredictionParams(**params_dict)

@@ -13,14 +13,17 @@ import os
 import signal
 import time
 
+import torch
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue, Worker, worker_registration
 from rq.serializers import JSONSerializer
+from rq.utils import now
 
 from app.config import Settings
+from app.engine.distributed import cpu_cores
 from app.engine.lifetime import die_with_parent
-from app.service import attempts
+from app.service import attempts, registry, sweeps
 from app.service.job_times import record_job_time
 from app.service.jobs import (
     MAINTENANCE_INTERVAL_S,
@@ -89,8 +92,6 @@ class TrainingWorker(Worker):
 
     def perform_job(self, job, queue, execution):
         """RQ's run of a job (in the work horse), timed for ``/metrics``: its wait in the queue, then its run."""
-        from rq.utils import now
-
         queue_name = self.queues[-1].name  # the service's queue (make_worker puts the class queue first)
         if job.enqueued_at is not None:
             record_job_time(self.connection, queue_name, "queue_wait", (now() - job.enqueued_at).total_seconds())
@@ -160,10 +161,6 @@ class TrainingWorker(Worker):
 
 def worker_capabilities(settings: Settings) -> dict:
     """This machine's class (gpu or cpu), GPUs and cores, as the worker advertises them."""
-    import torch
-
-    from app.engine.distributed import cpu_cores
-
     # NVML's count: CUDA stays uninitialised in this process, so the jobs it forks can still use it.
     gpus = 0 if settings.device == "cpu" else torch.cuda.device_count()
     return {"accelerator": "gpu" if gpus else "cpu", "gpus": gpus, "cpu_cores": cpu_cores()}
@@ -173,8 +170,6 @@ def periodic_check(settings: Settings, queue: Queue) -> None:
     """What a worker runs with RQ's maintenance: fail the jobs no worker can take (a gpu job with no gpu worker),
     advance unfinished sweeps, report an MLflow champion alias moved outside the service (never copied into Redis).
     A step that fails never skips the next."""
-    from app.service import registry, sweeps
-
     try:
         fail_jobs_without_workers(queue, settings)
     except Exception:

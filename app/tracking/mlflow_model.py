@@ -30,6 +30,7 @@ def write_mlmodel(model_folder: Path, label_names: tuple[str, ...], max_length: 
     if importlib.util.find_spec("mlflow") is None:
         log.info("MLflow is not installed: %s gets no MLmodel (mlflow models serve cannot load it)", model_folder)
         return
+    # MLflow is optional (the GPU image has none): imported only once find_spec has found it.
     import mlflow.pyfunc
     import pandas as pd
     from mlflow.models import Model, ModelSignature

@@ -21,6 +21,14 @@ from pathlib import Path
 
 from app.tracking.mlflow_tracker import RUN_ID_TAG, MlflowClient, use_client_settings
 
+# isort: split
+# After mlflow_tracker, which turns MLflow's telemetry off before mlflow is first imported.
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
+from mlflow.utils.credentials import get_default_host_creds
+from mlflow.utils.request_utils import augmented_raise_for_status
+from mlflow.utils.rest_utils import http_request
+
 # Longest wait for one read from the server: a stalled download is given up well before the fetch's deadline.
 STALL_S = 30.0
 CHUNK_BYTES = 1024 * 1024
@@ -91,9 +99,6 @@ class MlflowRuns:
 
     def run_info(self, run_id: str, deadline: float) -> RunInfo:
         """The run's status, artifact location and job tag, asked once (:class:`RunNotFound`: no such run)."""
-        from mlflow.utils.credentials import get_default_host_creds
-        from mlflow.utils.rest_utils import http_request
-
         answer = http_request(
             get_default_host_creds(self.tracking_uri),
             "/api/2.0/mlflow/runs/get",
@@ -114,17 +119,10 @@ class MlflowRuns:
         """The run's artifact file ``path`` written to ``destination``; its sha256. Streams from a server that
         serves artifacts and stops at the first byte past ``max_bytes`` (:class:`ArtifactTooLarge`) or at the
         deadline (TimeoutError); other stores are read whole, then measured."""
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-        from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
-
         destination.parent.mkdir(parents=True, exist_ok=True)
         repository = get_artifact_repository(run.artifact_uri, tracking_uri=self.tracking_uri)
         if not isinstance(repository, HttpArtifactRepository):
             return self.copy_whole(repository, path, destination, max_bytes)
-        from mlflow.utils.credentials import get_default_host_creds
-        from mlflow.utils.request_utils import augmented_raise_for_status
-        from mlflow.utils.rest_utils import http_request
-
         answer = http_request(
             get_default_host_creds(repository.artifact_uri),
             posixpath.join("/", path),

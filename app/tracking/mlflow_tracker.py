@@ -23,6 +23,7 @@ os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -243,8 +244,6 @@ class MlflowTracker:
 
     def delete_checkpoints(self) -> None:
         """A finished run needs no training state; the server keeps no second copy of the weights and optimizer."""
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
         try:
             repository = get_artifact_repository(self.artifact_uri, tracking_uri=self.tracking_uri)
             repository.delete_artifacts(CHECKPOINT_ARTIFACT_PATH)

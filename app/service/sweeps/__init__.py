@@ -17,7 +17,6 @@ from app.service.sweeps.driver import (
     create_sweep,
     end_trial,
     finish,
-    owner_of,
 )
 from app.service.sweeps.spec import SweepError, SweepNotFound, SweepRequest, validate_request
 from app.service.sweeps.study import (
@@ -26,11 +25,13 @@ from app.service.sweeps.study import (
     local_storage,
     make_pruner,
     make_sampler,
+    owner_of,
     storage,
     suggest,
+    sweep_ids,
     trial_params,
 )
-from app.service.sweeps.views import describe_sweep, sweep_ids, view_of
+from app.service.sweeps.views import describe_sweep, view_of
 
 __all__ = [
     "SweepError",

@@ -7,6 +7,8 @@ import logging
 import time
 import uuid
 
+import optuna
+from optuna.trial import TrialState
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue
@@ -20,7 +22,7 @@ from app.service.admission import Admission, NoRoom
 from app.service.redaction import without_server_addresses, without_server_paths
 from app.service.redis_connection import service_key
 from app.service.sweeps.spec import TRIAL_TASK, SweepRequest
-from app.service.sweeps.study import distributions, load_study, storage, trial_params
+from app.service.sweeps.study import distributions, load_study, owner_of, storage, sweep_ids, trial_params
 from app.tracking import models_travel_through_mlflow
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,6 @@ def create_sweep(
 
     Its trials are admitted like any job, counted against ``client``, and owned by ``owner`` (the key that asked);
     with no room for even one now, nothing is created (:class:`NoRoom`)."""
-    import optuna
 
     if queue is not None:
         Admission(queue, settings).check_room(client)
@@ -58,8 +59,6 @@ def create_sweep(
 def advance_unfinished(settings: Settings, queue: Queue) -> None:
     """Advance every sweep that has not ended: the workers' periodic check (a trial whose worker died, a trial
     the full queue kept from starting). One sweep's error is logged and never keeps the check from the others."""
-    from app.service.sweeps.views import sweep_ids
-
     for sweep_id in sweep_ids(settings):
         try:
             if not load_study(settings, sweep_id, telling=True).user_attrs.get("ended_at"):
@@ -88,8 +87,6 @@ def advance(settings: Settings, queue: Queue, sweep_id: str, ending: str | None 
 
 
 def top_up(settings: Settings, queue: Queue, study, ending: str | None) -> None:
-    from optuna.trial import TrialState
-
     sweep_id = study.study_name
     spec, attrs = study.user_attrs["spec"], study.user_attrs
     trials = study.get_trials(deepcopy=False)
@@ -148,12 +145,6 @@ def start_trial(
     return admission.admit(client, enqueue, ending)
 
 
-def owner_of(study) -> str | None:
-    """The key that created the sweep (None: before keys, or from the command line); its trials are the key's too."""
-    owner = study.user_attrs.get("owner")
-    return owner if isinstance(owner, str) else None
-
-
 def trial_job_status(queue: Queue, job_id: str | None) -> str:
     try:
         return jobs.public_status(jobs.fetch_job(queue, job_id)) if job_id else "failed"
@@ -163,7 +154,6 @@ def trial_job_status(queue: Queue, job_id: str | None) -> str:
 
 def end_trial(study, number: int, state, value: float | None = None, outcome: str | None = None, **attrs) -> bool:
     """Tell Optuna how a trial ended (once; False if it had already been told) and record what goes with it."""
-    from optuna.trial import TrialState
 
     trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
     for key, item in (attrs | ({"outcome": outcome} if outcome else {})).items():
@@ -224,7 +214,6 @@ def register_best(settings: Settings, queue: Queue | None, best, spec: dict) -> 
 
 def best_trial(study):
     """The completed trial with the highest dev accuracy (the earliest among equals); val plays no part."""
-    from optuna.trial import TrialState
 
     done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     return max(done, key=lambda t: (t.value, -t.number), default=None)
@@ -243,7 +232,6 @@ def cancel_sweep(settings: Settings, queue: Queue, sweep_id: str) -> None:
 
 def stop_trials(study, queue: Queue) -> None:
     """Cancel the sweep's queued and running trials, their jobs too."""
-    from optuna.trial import TrialState
 
     for trial in study.get_trials(deepcopy=False):
         if trial.state == TrialState.RUNNING:

@@ -1,9 +1,16 @@
-"""The Optuna side of a sweep: the study in a journal on the service's Redis, its sampler and pruner."""
+"""The Optuna side of a sweep: the study in a journal on the service's Redis, its sampler and pruner, which sweeps
+exist and whose they are."""
 
 from __future__ import annotations
 
 import functools
 import warnings
+
+import optuna
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.exceptions import ExperimentalWarning
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 
 from app.config import Settings
 from app.service.redis_connection import connect_redis, service_key
@@ -18,7 +25,6 @@ def storage(settings: Settings):
 @functools.lru_cache(maxsize=8)
 def journal_on_redis(settings: Settings, prefix: str):
     """One storage per process: a new one replays the whole journal, a kept one reads only what was appended."""
-    from optuna.storages import JournalStorage
 
     return JournalStorage(JsonJournalOnRedis(connect_redis(settings), prefix))
 
@@ -33,9 +39,6 @@ class JsonJournalOnRedis:
     """
 
     def __init__(self, connection, prefix: str):
-        from optuna.exceptions import ExperimentalWarning
-        from optuna.storages.journal import JournalRedisBackend
-
         warnings.filterwarnings("ignore", category=ExperimentalWarning)  # the Redis journal, stable in use since v3.1
         self._logs = JournalRedisBackend("redis://", prefix=prefix)  # redis-py connects lazily: never used
         self._logs._redis = connection
@@ -49,7 +52,6 @@ class JsonJournalOnRedis:
 
 def distributions(space: dict) -> dict:
     """Optuna distributions of the space (integer fields get integer distributions)."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     found = {}
     for name, entry in space.items():
@@ -65,7 +67,6 @@ def distributions(space: dict) -> dict:
 
 def suggest(trial, space: dict) -> dict:
     """Draw the space's values through ``trial``'s suggest API (the in-process loop of ``python -m app sweep``)."""
-    from optuna.distributions import CategoricalDistribution, IntDistribution
 
     drawn = {}
     for name, dist in distributions(space).items():
@@ -80,8 +81,6 @@ def suggest(trial, space: dict) -> dict:
 
 def local_storage(folder):
     """A journal file for a sweep run without a server (``python -m app sweep``)."""
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
 
     folder.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(folder / "sweeps.journal")))
@@ -94,7 +93,6 @@ def make_sampler(spec: dict, asked: int):
     Not the grid's: a GridSampler shuffles its grid by its seed and records each trial's place in that order, so
     every ask must see the same order (seed 0 when none is given), or a place names another point and a
     combination runs twice while another never does."""
-    import optuna
 
     if spec["sampler"] == "grid":
         return optuna.samplers.GridSampler(spec["space"], seed=spec.get("seed") or 0)
@@ -105,8 +103,6 @@ def make_sampler(spec: dict, asked: int):
 
 
 def make_pruner(spec: dict):
-    import optuna
-
     pruner = spec["pruner"]
     if pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=MEDIAN_STARTUP_TRIALS, n_warmup_steps=0)
@@ -118,7 +114,6 @@ def make_pruner(spec: dict):
 def load_study(settings: Settings, sweep_id: str, asked: int = 0, telling: bool = False):
     """The sweep's study with its sampler and pruner. ``telling``: to report and tell only, so a plain sampler
     (the grid sampler would try to stop an optimize loop that does not exist here when the grid is done)."""
-    import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -132,6 +127,21 @@ def load_study(settings: Settings, sweep_id: str, asked: int = 0, telling: bool 
         sampler=optuna.samplers.RandomSampler() if telling else make_sampler(spec, asked),
         pruner=make_pruner(spec),
     )
+
+
+def sweep_ids(settings: Settings, owner: str | None = None) -> list[str]:
+    """Every sweep of this service (``owner``'s only, if given), newest first."""
+    studies = storage(settings).get_all_studies()
+    if owner is not None:
+        studies = [s for s in studies if owner_of(s) == owner]
+    studies.sort(key=lambda s: s.user_attrs.get("created_at", 0), reverse=True)
+    return [s.study_name for s in studies]
+
+
+def owner_of(study) -> str | None:
+    """The key that created the sweep (None: before keys, or from the command line); its trials are the key's too."""
+    owner = study.user_attrs.get("owner")
+    return owner if isinstance(owner, str) else None
 
 
 def trial_params(spec: dict, sampled: dict) -> dict:

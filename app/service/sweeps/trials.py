@@ -6,6 +6,8 @@ when the pruner says so. ``trial_job`` is the worker's task (enqueued by name by
 from __future__ import annotations
 
 import logging
+import time
+import uuid
 
 import optuna
 from optuna.trial import TrialState
@@ -108,9 +110,6 @@ def trial_job(params_dict: dict, sweep_id: str, number: int) -> dict:
 def run_local_sweep(request: sweeps.SweepRequest, base: TrainParams, settings: Settings) -> dict:
     """``python -m app sweep``: the sweep in this process (``parallel`` threads), on a journal file under
     ARTIFACTS_DIR/sweeps; registers (and with ``promote`` promotes) the best trial. Returns the sweep's view."""
-    import time
-    import uuid
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = request.model_dump(mode="json", exclude_none=True) | {"base": base.model_dump()}
     sweep_id = str(uuid.uuid4())

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from optuna.trial import TrialState
 from rq import Queue
 
 from app.config import Settings
-from app.service.sweeps.driver import owner_of, trial_job_status
-from app.service.sweeps.study import load_study, storage
+from app.service.sweeps.driver import trial_job_status
+from app.service.sweeps.study import load_study, owner_of
 
 
 def describe_sweep(settings: Settings, queue: Queue | None, sweep_id: str, leaderboard_rows: bool = True) -> dict:
@@ -50,7 +51,6 @@ def view_of(study, queue: Queue | None, leaderboard_rows: bool = True) -> dict:
 
 def leaderboard(study, queue: Queue | None) -> list[dict]:
     """Every trial: searched params, dev accuracy per epoch, status, val accuracy, job id; best dev accuracy first."""
-    from optuna.trial import TrialState
 
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -78,15 +78,6 @@ def leaderboard(study, queue: Queue | None) -> list[dict]:
         )
     order = {"succeeded": 0, "running": 1, "queued": 2, "pruned": 3, "failed": 4, "cancelled": 5}
     return sorted(rows, key=lambda r: (order[r["status"]], -(r["dev_accuracy"] or 0.0), r["trial"]))
-
-
-def sweep_ids(settings: Settings, owner: str | None = None) -> list[str]:
-    """Every sweep of this service (``owner``'s only, if given), newest first."""
-    studies = storage(settings).get_all_studies()
-    if owner is not None:
-        studies = [s for s in studies if owner_of(s) == owner]
-    studies.sort(key=lambda s: s.user_attrs.get("created_at", 0), reverse=True)
-    return [s.study_name for s in studies]
 
 
 def iso(timestamp: float | None) -> str | None:
