@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import functools
+import json
 import warnings
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 DEFAULT_MODEL = "bert-base-multilingual-cased"
 # Most processes one run may train on (a rule of the parameter; a machine may give fewer, see MAX_DEVICES).
@@ -23,6 +37,11 @@ ColumnName = Annotated[str, Field(min_length=1, max_length=255)]
 BUILTIN_DATASET = "boolq"
 DATASET_ID_PATTERN = r"^(boolq|[0-9a-f]{16})$"
 Number = StrictFloat
+# Hugging Face's names (TrainingArguments, run_glue.py) for our fields: a request may use either, not both apart.
+HUGGING_FACE_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs", "max_seq_length": "max_length"}
+# TrainingArguments' batch size counts one device's examples; ours (batch_size) counts the whole step's, which the
+# ``devices`` ranks share: batch_size = per_device_train_batch_size × devices.
+PER_DEVICE_BATCH_SIZE = "per_device_train_batch_size"
 
 
 class StrictModel(BaseModel):
@@ -32,7 +51,8 @@ class StrictModel(BaseModel):
 
 
 class TrainParams(BaseModel):
-    """Hyperparameters of one fine-tuning run. Unknown fields are rejected."""
+    """Hyperparameters of one fine-tuning run. Unknown fields are rejected; Hugging Face's names for four of them
+    (``learning_rate``, ``num_train_epochs``, ``max_seq_length``, ``per_device_train_batch_size``) are accepted."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
@@ -121,6 +141,123 @@ class TrainParams(BaseModel):
         """The columns this request maps itself (the dataset's own mapping fills in the rest)."""
         given = {"text_column": self.text_column, "text_pair_column": self.text_pair_column}
         return {k: v for k, v in (given | {"label_column": self.label_column}).items() if v is not None}
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def accept_hugging_face_names(cls, data, handler, info: ValidationInfo):
+        """Hugging Face's names as aliases of ours: renamed before validation; an error names the field as the
+        request spelled it, and two spellings of one field that disagree are an error naming both."""
+        from_strings = info.mode not in ("python", "json")  # model_validate_strings (pydantic-core says "string")
+        if not isinstance(data, dict):
+            return handler(data)
+        ours, spelled_as = with_our_names(data, from_strings)
+        try:
+            if from_strings:  # a model validator turns strings back into plain input: parse them without one first
+                ours = FIELDS_FROM_STRINGS.model_validate_strings(ours).model_dump()
+            return handler(ours)
+        except ValidationError as exc:
+            raise (errors_as_spelled(exc, spelled_as) if spelled_as else exc) from None
+
+
+# TrainParams' fields without its validator: pydantic parses strings (``model_validate_strings``, the CLI's options)
+# only where no model validator stands between them and the fields.
+FIELDS_FROM_STRINGS = create_model(
+    TrainParams.__name__,
+    __config__=TrainParams.model_config,
+    **{name: (info.annotation, info) for name, info in TrainParams.model_fields.items()},
+)
+
+
+def with_our_names(data: dict, from_strings: bool = False) -> tuple[dict, dict[str, tuple[str, str]]]:
+    """``data`` with Hugging Face's names replaced by ours, and for each field given so, the name used and a note
+    for its errors. Both spellings of one field with different values raise a ValidationError naming both.
+    ``from_strings``: values are strings to parse (the CLI's ``model_validate_strings``)."""
+    ours, spelled_as, conflicts = dict(data), {}, []
+    for alias, name in HUGGING_FACE_NAMES.items():
+        if alias in ours:
+            value = ours.pop(alias)
+            if name in ours and not same_value(ours[name], value):
+                conflicts += disagreement(name, ours[name], alias, json.dumps(value), value)
+            else:
+                ours[name], spelled_as[name] = value, (alias, "")
+    if PER_DEVICE_BATCH_SIZE in ours:
+        conflicts += take_per_device_batch_size(ours, spelled_as, from_strings)
+    if conflicts:
+        raise ValidationError.from_exception_data(TrainParams.__name__, conflicts)
+    return ours, spelled_as
+
+
+def take_per_device_batch_size(ours: dict, spelled_as: dict, from_strings: bool) -> list[dict]:
+    """Replace ``per_device_train_batch_size`` in ``ours`` by the step's ``batch_size`` (it × ``devices``); the
+    errors naming both when ``batch_size`` is given too and differs."""
+    per_device, devices = ours.pop(PER_DEVICE_BATCH_SIZE), ours.get("devices", 1)
+    given = ours.get("batch_size")
+    if from_strings:
+        per_device, devices, given = parsed_count(per_device), parsed_count(devices), parsed_count(given)
+    counts = all(type(v) is int for v in (per_device, devices))  # else the field's own check says what is wrong
+    batch_size = per_device * devices if counts else per_device
+    product = f"{per_device} per device × {devices} devices = {batch_size} per step"
+    if "batch_size" in ours and not same_value(given, batch_size):
+        shown = product if counts else json.dumps(per_device)
+        return disagreement("batch_size", given, PER_DEVICE_BATCH_SIZE, shown, per_device)
+    ours["batch_size"] = str(batch_size) if from_strings else batch_size
+    spelled_as["batch_size"] = (PER_DEVICE_BATCH_SIZE, f" (batch_size = {product})" if counts else "")
+    return []
+
+
+COUNT_FROM_STRING = TypeAdapter(StrictInt)
+
+
+def parsed_count(value):
+    """A string holding an integer as that integer (as strings mode parses it); anything else as it is."""
+    try:
+        return COUNT_FROM_STRING.validate_strings(value) if isinstance(value, str) else value
+    except ValidationError:
+        return value
+
+
+def same_value(ours, theirs) -> bool:
+    """Equal as JSON values (so 1 and 1.0 agree, 1 and true do not)."""
+    return ours == theirs and isinstance(ours, bool) == isinstance(theirs, bool)
+
+
+def disagreement(name: str, value, alias: str, alias_shown: str, alias_value) -> list[dict]:
+    """One error on each of the two spellings, each naming both."""
+    message = (
+        f"{name} ({json.dumps(value)}) and {alias} ({alias_shown}) set the same parameter to different values; "
+        "give one of them"
+    )
+    error = PydanticCustomError("alias_conflict", message)
+    return [{"type": error, "loc": (name,), "input": value}, {"type": error, "loc": (alias,), "input": alias_value}]
+
+
+def errors_as_spelled(exc: ValidationError, spelled_as: dict[str, tuple[str, str]]) -> ValidationError:
+    """``exc`` with each error on a field given under Hugging Face's name moved to that name (with its note)."""
+    errors = []
+    for error in exc.errors(include_url=False):
+        loc, message = error["loc"], error["msg"]
+        if loc and loc[0] in spelled_as:
+            alias, note = spelled_as[loc[0]]
+            loc, message = (alias, *loc[1:]), message + note
+        errors.append({"type": PydanticCustomError(error["type"], message), "loc": loc, "input": error["input"]})
+    return ValidationError.from_exception_data(TrainParams.__name__, errors)
+
+
+def with_hugging_face_names(schema: dict) -> dict:
+    """TrainParams' JSON Schema with Hugging Face's names beside ours (for /openapi.json; the console's form and
+    the CLI show our names only)."""
+    properties = schema["properties"]
+    for alias, name in HUGGING_FACE_NAMES.items():
+        alias_of = {k: v for k, v in properties[name].items() if k not in ("default", "title")}
+        alias_of["description"] = f"Hugging Face's name for {name}: {alias_of.get('description', '')}"
+        properties[alias] = alias_of
+    properties[PER_DEVICE_BATCH_SIZE] = {
+        "type": "integer",
+        "minimum": 1,
+        "description": "Examples per device per step, as in Hugging Face's TrainingArguments: batch_size = this × "
+        "devices. Give this or batch_size.",
+    }
+    return schema
 
 
 class PredictionParams(StrictModel):

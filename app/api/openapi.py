@@ -16,6 +16,7 @@ from app.api.auth import auth_required
 from app.api.context import current_service
 from app.api.schemas import ErrorBody
 from app.config import Settings
+from app.params import TrainParams, with_hugging_face_names
 
 bp = Blueprint("openapi", __name__)
 
@@ -162,6 +163,8 @@ def openapi_document(app: Flask, settings: Settings, keys_in_use: bool) -> dict:
         models |= operation.models()
     _, top = models_json_schema([(m, "validation") for m in sorted(models, key=lambda m: m.__name__)], ref_template=REF)
     components = {"schemas": top["$defs"]}
+    if TrainParams.__name__ in components["schemas"]:  # the aliases a validator accepts, which pydantic cannot see
+        with_hugging_face_names(components["schemas"][TrainParams.__name__])
     if keys_in_use:
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     info = {

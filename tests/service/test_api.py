@@ -84,6 +84,19 @@ def test_schema_violations_are_422_naming_each_field_and_rule(client):
     assert "Extra inputs are not permitted" in error["fields"]["colour"]
 
 
+def test_train_takes_hugging_face_names_and_refuses_two_values_for_one_parameter(redis_url, tmp_path):
+    client = create_app(service_settings(redis_url, tmp_path, max_devices=2)).test_client()
+    names = {"learning_rate": 1e-4, "num_train_epochs": 1, "max_seq_length": 32, "per_device_train_batch_size": 4}
+    response = client.post("/train", json={"model": "minilm", "train_limit": 16, "devices": 2} | names)
+    assert response.status_code == 202, response.get_json()
+    params = client.get(f"/jobs/{response.get_json()['job_id']}").get_json()["params"]
+    assert (params["lr"], params["epochs"], params["max_length"], params["batch_size"]) == (1e-4, 1, 32, 8)
+    clash = client.post("/train", json=TINY_JOB | {"max_seq_length": 64})  # TINY_JOB's max_length is 32
+    assert clash.status_code == 422 and set(error_of(clash)["fields"]) == {"max_length", "max_seq_length"}
+    properties = client.get("/openapi.json").get_json()["components"]["schemas"]["TrainParams"]["properties"]
+    assert properties["learning_rate"]["exclusiveMinimum"] == 0 and "per_device_train_batch_size" in properties
+
+
 def test_bad_query_parameter_is_422_naming_it(client):
     response = client.post("/train?wait=perhaps", json=TINY_JOB)
     assert response.status_code == 422 and set(error_of(response)["fields"]) == {"wait"}
