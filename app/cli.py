@@ -334,23 +334,66 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
 def add_stack_parser(commands) -> None:
     stack = commands.add_parser(
         "stack",
-        help="run redis, API replicas, workers and nginx locally (the docker-compose topology, no Docker)",
+        help="run redis, API replicas, workers and nginx locally (the docker-compose topology, no Docker), "
+        "or one role of several machines (docs/several-machines.md)",
     )
-    stack.add_argument("--replicas", type=int_at_least(1), default=3, help="API replicas (default: 3)")
+    stack.add_argument(
+        "--role",
+        choices=("all", "worker", "api", "edge"),
+        default="all",
+        help="all: everything here (default); worker: RQ workers; api: replicas on TCP --host/--port (EDGE_SECRET "
+        "off loopback); edge: nginx in front of --replica addresses, sending EDGE_SECRET",
+    )
+    stack.add_argument("--replicas", type=int_at_least(1), help="API replicas (default: 3; --role api: 1)")
     stack.add_argument("--workers", type=int_at_least(0), default=2, help="RQ worker processes (default: 2)")
-    stack.add_argument("--port", type=int_at_least(1), default=4000, help="nginx port (default: 4000)")
-    stack.add_argument("--host", default="127.0.0.1", help="nginx address (default: 127.0.0.1; 0.0.0.0 for all)")
+    stack.add_argument(
+        "--port",
+        type=int_at_least(1),
+        help="nginx port (default: 4000); --role api: the first replica's (default: PORT, 5000), the next +1",
+    )
+    stack.add_argument(
+        "--host", default="127.0.0.1", help="nginx's (--role api: the replicas') address (default: 127.0.0.1)"
+    )
     stack.add_argument(
         "--web-workers", type=int_at_least(1), default=1, help="gunicorn processes per replica (default: 1)"
     )
-    stack.add_argument("--state-dir", type=Path, help="config, logs and Redis data (default: ARTIFACTS_DIR/.stack)")
+    stack.add_argument(
+        "--state-dir", type=Path, help="config, logs and Redis data (default: ARTIFACTS_DIR/.stack[-ROLE])"
+    )
     stack.add_argument("--redis-port", type=int_at_least(1), default=0, help="Redis port (default: a free one)")
     stack.add_argument(
         "--mlflow",
+        nargs="?",
+        const="",
+        metavar="URL",
+        help="alone (--role all): also run an MLflow tracking server (artifacts served by it) that models travel "
+        "through; with a URL (--role worker, api): that server, as MLFLOW_TRACKING_URI",
+    )
+    stack.add_argument("--redis", metavar="URL", help="--role worker, api: the service's Redis, as REDIS_URL")
+    stack.add_argument(
+        "--replica",
+        dest="upstreams",
+        type=replica_addresses,
+        action="extend",
+        metavar="HOST:PORT[,...]",
+        help="--role edge: a replica nginx sends requests to (repeat it, or a comma list)",
+    )
+    stack.add_argument(
+        "--print-config",
         action="store_true",
-        help="also run an MLflow tracking server (artifacts served by it) that models travel through",
+        help="--role edge: print the nginx config it would run (EDGE_SECRET included) and start nothing",
     )
     stack.set_defaults(handler=run_stack)
+
+
+def replica_addresses(raw: str) -> list[str]:
+    """An argparse type: ``host:port`` or a comma list of them, each checked."""
+    from app.ops.stack import replica_address
+
+    try:
+        return [replica_address(part) for part in raw.split(",") if part.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_gc_parser(commands) -> None:
@@ -653,19 +696,57 @@ def run_export(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_stack(args: argparse.Namespace, settings: Settings) -> int:
-    from app.ops.stack import StackOptions, run_stack
+    from urllib.parse import urlsplit
 
+    from app.ops.stack import StackOptions, print_edge_config, run_stack
+
+    role = args.role
+    mistake = stack_flag_mistake(args)
+    if mistake:
+        return usage_error(mistake)
+    # The flags are conveniences for the settings every process reads: the children get them as REDIS_URL and
+    # MLFLOW_TRACKING_URI.
+    updates = {"redis_url": args.redis, "mlflow_tracking_uri": args.mlflow or None}
+    settings = settings.model_copy(update={name: value for name, value in updates.items() if value})
     options = StackOptions(
-        replicas=args.replicas,
+        replicas=args.replicas or (1 if role == "api" else 3),
         workers=args.workers,
         host=args.host,
-        port=args.port,
+        port=args.port or (settings.port if role == "api" else 4000),
         web_workers=args.web_workers,
         state_dir=args.state_dir,
         redis_port=args.redis_port,
-        mlflow=args.mlflow,
+        mlflow=args.mlflow == "",
+        role=role,
+        upstreams=tuple(args.upstreams or ()),
     )
+    if args.redis and urlsplit(args.redis).password:
+        log.warning("--redis shows its password to every local user (ps); REDIS_URL in the environment does not")
+    if args.print_config:
+        return print_edge_config(options, settings)
     return run_stack(options, settings)
+
+
+def stack_flag_mistake(args: argparse.Namespace) -> str:
+    """What is wrong with this combination of ``stack`` flags and ``--role``, or ''."""
+    role = args.role
+    if args.mlflow == "" and role != "all":
+        return "--mlflow without a URL runs a tracking server with --role all only; give the server's URL"
+    if args.mlflow and role not in ("worker", "api"):
+        return "--mlflow URL: for --role worker or api (the processes that talk to the tracking server)"
+    if args.mlflow and not args.mlflow.startswith(("http://", "https://")):
+        return f"--mlflow {args.mlflow!r}: must be the tracking server's http:// or https:// URL"
+    if args.redis and role not in ("worker", "api"):
+        return "--redis: for --role worker or api (--role all runs its own Redis)"
+    if args.redis and not args.redis.startswith(("redis://", "rediss://", "unix://")):
+        return f"--redis {args.redis!r}: must be a redis://, rediss:// or unix:// URL"
+    if (args.upstreams or args.print_config) and role != "edge":
+        return "--replica and --print-config: for --role edge"
+    if role == "edge" and not args.upstreams:
+        return "--role edge needs its replicas: --replica HOST:PORT (repeat it, or a comma list)"
+    if role in ("worker", "edge") and args.replicas:
+        return f"--replicas: not for --role {role}"
+    return ""
 
 
 def run_demo(args: argparse.Namespace, settings: Settings) -> int:

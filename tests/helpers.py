@@ -165,6 +165,95 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return os.environ | env | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
+@dataclass(frozen=True)
+class HostUser:
+    """The Unix user one simulated machine runs as (when the suite runs as root), so its processes cannot read or
+    write another machine's folders; ``python`` is an interpreter with the suite's packages that this user may run."""
+
+    name: str
+    uid: int
+    gid: int
+    home: Path
+    python: str
+    python_env: dict[str, str] = field(default_factory=dict)
+
+    def identity(self) -> dict:
+        """subprocess.Popen's arguments that start a process as this user, without root's groups."""
+        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+
+    def env(self) -> dict[str, str]:
+        return {"HOME": str(self.home), "USER": self.name, "LOGNAME": self.name} | self.python_env
+
+
+def make_host_user(name: str, home: Path, python: tuple[str, dict[str, str]]) -> HostUser:
+    """The system user ``name`` (created once, no login, no home of its own), owning ``home``; as root only."""
+    import pwd
+    import subprocess
+
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent"]
+            + ["--shell", "/usr/sbin/nologin", name],
+            check=True,
+        )
+        entry = pwd.getpwnam(name)
+    os.chown(home, entry.pw_uid, entry.pw_gid)
+    home.chmod(0o700)
+    return HostUser(name, entry.pw_uid, entry.pw_gid, home, *python)
+
+
+def python_for_other_users(folder: Path) -> tuple[str, dict[str, str]]:
+    """An interpreter with this suite's packages that any user may run, and the variables it needs: this one, or
+    where its installation sits in a folder others cannot enter (a pyenv under /root), the same installation
+    hard-linked into ``folder`` (no copy; ``folder`` must be one others can enter), in a venv adding this one's
+    site-packages."""
+    import shutil
+    import site
+    import subprocess
+    import sys
+
+    def runs_for_nobody(python: str, env: dict[str, str]) -> subprocess.CompletedProcess | None:
+        try:
+            return subprocess.run(
+                [python, "-c", "import app.service.tasks"],
+                cwd=REPO_ROOT,
+                env=os.environ | env,
+                capture_output=True,
+                text=True,
+                user="nobody",
+                group="nogroup",
+                extra_groups=[],
+            )
+        except PermissionError:  # the interpreter itself is out of reach
+            return None
+
+    if (ran := runs_for_nobody(sys.executable, {})) and ran.returncode == 0:
+        return sys.executable, {}
+    base, linked = Path(sys.base_prefix), folder / "python"
+    stdlib = Path("lib") / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    link = {"copy_function": os.link, "symlinks": True}
+    shutil.copytree(base / "bin", linked / "bin", **link)
+    shutil.copytree(base / stdlib, linked / stdlib, ignore=shutil.ignore_patterns("site-packages"), **link)
+    for library in (base / "lib").glob("libpython*"):
+        if library.is_symlink():
+            (linked / "lib" / library.name).symlink_to(library.readlink())
+        else:
+            os.link(library, linked / "lib" / library.name)
+    env = {"LD_LIBRARY_PATH": str(linked / "lib")}  # before the interpreter's own runpath, under the closed folder
+    venv = folder / "venv"
+    subprocess.run(
+        [str(linked / "bin" / "python3"), "-m", "venv", "--without-pip", str(venv)], env=os.environ | env, check=True
+    )
+    packages = next(path for path in site.getsitepackages() if path.startswith(sys.prefix))
+    (venv / stdlib / "site-packages" / "suite.pth").write_text(f"import site; site.addsitedir({packages!r})\n")
+    python = str(venv / "bin" / "python")
+    ran = runs_for_nobody(python, env)
+    assert ran is not None and ran.returncode == 0, ran and ran.stderr
+    return python, env
+
+
 class Launcher:
     """Starts service processes (each in its own process group) and stops every one of them at teardown."""
 
@@ -172,36 +261,45 @@ class Launcher:
         self.folder = folder
         self.processes = []
 
-    def start(self, name: str, argv: list[str], settings, env: dict | None = None):
+    def start(self, name: str, argv: list[str], settings, env: dict | None = None, user: HostUser | None = None):
+        """``python -m app`` with ``argv``, as ``user`` when given (the test runs as root)."""
         import subprocess
         import sys
 
         log = (self.folder / f"{name}-{len(self.processes)}.log").open("w")
         process = subprocess.Popen(
-            [sys.executable, "-m", "app", *argv],
+            [user.python if user else sys.executable, "-m", "app", *argv],
             cwd=REPO_ROOT,
-            env=settings_env(settings) | (env or {}),
+            env=settings_env(settings) | (user.env() if user else {}) | (env or {}),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            **(user.identity() if user else {}),
         )
         process.log_path = Path(log.name)
         self.processes.append(process)
         return process
 
-    def worker(self, settings, env: dict | None = None):
+    def worker(self, settings, env: dict | None = None, user: HostUser | None = None):
         """A real ``python -m app worker``, returned once it has registered with Redis; ``env`` adds variables."""
         from redis import Redis
         from rq import Queue, Worker
 
         queue = Queue(settings.queue_name, connection=Redis.from_url(settings.redis_url))
         before = Worker.count(queue=queue)
-        process = self.start("worker", ["worker"], settings, env)
+        process = self.start("worker", ["worker"], settings, env, user)
         wait_for(lambda: Worker.count(queue=queue) > before or process.poll() is not None, 120, "the worker")
         assert process.poll() is None, process.log_path.read_text()
         return process
 
-    def server(self, settings, workers: int = 2, env: dict | None = None, socket: Path | None = None) -> str:
+    def server(
+        self,
+        settings,
+        workers: int = 2,
+        env: dict | None = None,
+        socket: Path | None = None,
+        user: HostUser | None = None,
+    ) -> str:
         """A real gunicorn (``python -m app serve``) on a free port, or on the unix socket ``socket`` as in the
         native stack; returns its URL (``http://…`` or ``unix:/…``) once it answers."""
         from app.ops.stack import answers_healthz
@@ -211,7 +309,7 @@ class Launcher:
             where, url = ["--host", "127.0.0.1", "--port", str(port)], f"http://127.0.0.1:{port}"
         else:
             where, url = ["--socket", str(socket)], f"unix:{socket}"
-        process = self.start("serve", ["serve", *where, "--workers", str(workers)], settings, env)
+        process = self.start("serve", ["serve", *where, "--workers", str(workers)], settings, env, user)
 
         def healthy():
             if process.poll() is not None:

@@ -76,8 +76,8 @@ def compose_layout() -> NginxLayout:
 def native_layout(
     listen: str, api_addresses: list[str], state_dir: Path, max_dataset_mb: int | None = None, edge_secret: str = ""
 ) -> NginxLayout:
-    """nginx run by ``python -m app stack``: local replicas (``unix:/path`` sockets, or ``host:port`` with
-    ``edge_secret``), and pid, logs and temp files under state_dir."""
+    """nginx run by ``python -m app stack``: local replicas on ``unix:/path`` sockets, or (``--role edge``) replicas
+    on other machines at ``host:port`` with ``edge_secret``; pid, logs and temp files under state_dir."""
     state_dir = state_dir.resolve()
     return NginxLayout(
         layout_name="native",

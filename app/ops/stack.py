@@ -1,19 +1,25 @@
-"""``python -m app stack``: the docker-compose topology without Docker.
+"""``python -m app stack``: the docker-compose topology without Docker, on one machine or one role per machine.
 
-redis-server, N API replicas (``python -m app serve``), M RQ workers (``python -m app worker``), nginx in
-front of the replicas and, with ``--mlflow``, an MLflow tracking server the workers upload models to and the
-replicas fetch them from (as on several machines), all children of this one command. Each child runs in its
-own process group, so a Ctrl-C reaches only the stack, which then stops nginx, the replicas and workers, and
-Redis (and MLflow) last, and makes sure no process of any group is left. While it runs, a child that dies is
-restarted with backoff (``app/ops/supervisor.py``); Redis on the same append-only file, the replicas answering
-503 meanwhile.
+``--role all`` (the default): redis-server, N API replicas (``python -m app serve``), M RQ workers (``python -m app
+worker``), nginx in front of the replicas and, with ``--mlflow``, an MLflow tracking server the workers upload
+models to and the replicas fetch them from (as on several machines), all children of this one command.
+``--role worker|api|edge``: one machine's part of a service spread over several (docs/several-machines.md), on
+the Redis and MLflow server its settings name: the workers; the replicas on TCP (behind EDGE_SECRET off
+loopback); nginx in front of replicas elsewhere (``--replica host:port``), sending EDGE_SECRET.
+
+Each child runs in its own process group, so a Ctrl-C reaches only the stack, which then stops nginx, the replicas
+and workers, and Redis (and MLflow) last, and makes sure no process of any group is left. While it runs, a child
+that dies is restarted with backoff (``app/ops/supervisor.py``); Redis on the same append-only file, the replicas
+answering 503 meanwhile.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import http.client
+import ipaddress
 import json
 import logging
 import os
@@ -28,6 +34,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import requests
@@ -51,6 +58,7 @@ from app.ops.mlflow_server import (
 from app.ops.nginx_config import native_layout, render_nginx_conf
 from app.ops.private_files import write_private
 from app.ops.supervisor import Supervisor
+from app.service.redis_connection import connect_redis
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +74,10 @@ MAX_SOCKET_PATH = 107
 SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
 
 
+# What one ``python -m app stack`` runs: everything on this machine, or one machine's part of the service.
+ROLES = ("all", "worker", "api", "edge")
+
+
 class StackError(Exception):
     """The stack cannot start or keep running; the message says which process and where its log is."""
 
@@ -74,12 +86,17 @@ class StackError(Exception):
 class StackOptions:
     replicas: int = 3
     workers: int = 2
+    # Where nginx listens (all, edge) or the replicas do (api: on port, port + 1, ...).
     host: str = "127.0.0.1"
     port: int = 4000
     web_workers: int = 1
     state_dir: Path | None = None
     redis_port: int = 0
+    # Run an MLflow tracking server too (all); the roles use the one MLFLOW_TRACKING_URI names.
     mlflow: bool = False
+    role: str = "all"
+    # edge: the replicas nginx sends requests to, ``host:port`` each.
+    upstreams: tuple[str, ...] = ()
 
 
 @dataclass
@@ -199,10 +216,12 @@ class Stack:
         self.options = options
         self.settings = settings
         self.artifacts_dir = settings.artifacts_dir.resolve()
-        self.state_dir = (options.state_dir or self.artifacts_dir / ".stack").resolve()
+        # One state folder per role, so a machine can run a worker and a replica on one ARTIFACTS_DIR.
+        default_state = ".stack" if options.role == "all" else f".stack-{options.role}"
+        self.state_dir = (options.state_dir or self.artifacts_dir / default_state).resolve()
         self.logs_dir = self.state_dir / "logs"
         self.state_file = self.state_dir / STATE_FILE_NAME
-        self.url = f"http://{options.host}:{options.port}"
+        self.url = f"http://{address(probe_host(options.host), options.port)}"
         self.stopping = threading.Event()
         self.children: list[Child] = []
         self.redis_url = ""
@@ -215,6 +234,23 @@ class Stack:
     # --- planning ---------------------------------------------------------------------------------------
 
     def plan(self) -> None:
+        """Build the children of this stack's role: their command lines, and nginx's config."""
+        role = self.options.role
+        if role == "all":
+            self.plan_all()
+            return
+        self.redis_url = self.settings.redis_url
+        if role == "worker":
+            self.logs_dir.mkdir(parents=True, exist_ok=True)
+            self.plan_workers()
+        elif role == "api":
+            self.plan_tcp_replicas()
+        elif role == "edge":
+            self.plan_edge()
+        else:
+            raise StackError(f"--role {role!r}: must be one of {', '.join(ROLES)}")
+
+    def plan_all(self) -> None:
         """Choose ports and build every child's command line; write the nginx config."""
         redis_bin, nginx_bin = find_binary("redis-server"), find_binary("nginx")
         ensure_port_free(self.options.host, self.options.port)
@@ -248,23 +284,12 @@ class Stack:
         # Replicas listen on unix sockets in the private state folder, not on loopback ports: no other local user
         # can reach one around nginx (forge X-Forwarded-For, skip its limits, hold a thread with half a request).
         sockets = [replica_socket(self.state_dir, number) for number in range(1, self.options.replicas + 1)]
-        # One metrics folder for every replica, emptied now: whichever replica answers /metrics (through nginx) adds
-        # up all replicas' gunicorn workers, so counters never go back when the next scrape lands elsewhere.
-        metrics_dir = self.state_dir / "metrics"
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-        metrics_dir.mkdir(mode=0o700)
-        for number, path in enumerate(sockets, start=1):
-            serve = ["serve", "--socket", str(path), "--workers", str(self.options.web_workers)]
-            self.children.append(
-                Child(
-                    f"api-{number}",
-                    "api",
-                    [sys.executable, "-m", "app", *serve],
-                    self.logs_dir / f"api-{number}.log",
-                    url=f"unix:{path}",
-                    own_env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
-                )
-            )
+        for path in sockets:
+            self.add_replica(["--socket", str(path)], f"unix:{path}")
+        self.plan_workers()
+        self.add_nginx(nginx_bin, [f"unix:{path}" for path in sockets])
+
+    def plan_workers(self) -> None:
         for number in range(1, self.options.workers + 1):
             self.children.append(
                 Child(
@@ -274,7 +299,53 @@ class Stack:
                     self.logs_dir / f"worker-{number}.log",
                 )
             )
-        conf_path = self.write_nginx_conf([f"unix:{path}" for path in sockets])
+
+    def plan_tcp_replicas(self) -> None:
+        """The api role: replicas on host:port, port + 1, ... for an edge on another machine. Off loopback, a
+        replica without EDGE_SECRET would answer whoever reaches its port, around nginx's limits: refused."""
+        host, first = self.options.host, self.options.port
+        if not is_loopback(host) and not self.settings.edge_secret:
+            raise StackError(
+                f"--host {host} is reachable from other machines: set EDGE_SECRET (the edge sends it; the replicas "
+                "refuse requests without it), or listen on 127.0.0.1"
+            )
+        ports = range(first, first + self.options.replicas)
+        for port in ports:
+            ensure_port_free(host, port)
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        for port in ports:
+            self.add_replica(["--host", host, "--port", str(port)], f"http://{address(probe_host(host), port)}")
+
+    def add_replica(self, where: list[str], url: str) -> None:
+        """One more ``python -m app serve`` listening ``where`` (``--socket PATH`` or ``--host H --port P``)."""
+        metrics_dir = self.state_dir / "metrics"
+        if not self.of_role("api"):
+            # One metrics folder for every replica, emptied now: whichever replica answers /metrics (through nginx)
+            # adds up all replicas' gunicorn workers, so counters never go back when the next scrape lands elsewhere.
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            metrics_dir.mkdir(mode=0o700)
+        number = len(self.of_role("api")) + 1
+        self.children.append(
+            Child(
+                f"api-{number}",
+                "api",
+                [sys.executable, "-m", "app", "serve", *where, "--workers", str(self.options.web_workers)],
+                self.logs_dir / f"api-{number}.log",
+                url=url,
+                own_env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
+            )
+        )
+
+    def plan_edge(self) -> None:
+        """The edge role: nginx in front of replicas on other machines, which it reaches over TCP."""
+        nginx_bin = find_binary("nginx")
+        ensure_port_free(self.options.host, self.options.port)
+        for directory in (self.logs_dir, self.state_dir / "nginx-temp"):
+            directory.mkdir(parents=True, exist_ok=True)
+        self.add_nginx(nginx_bin, list(self.options.upstreams))
+
+    def add_nginx(self, nginx_bin: str, upstreams: list[str]) -> None:
+        conf_path = self.write_nginx_conf(upstreams)
         nginx_argv = [nginx_bin, "-c", str(conf_path), "-p", str(self.state_dir)]
         nginx_argv += ["-e", str(self.logs_dir / "nginx-error.log"), "-g", "daemon off;"]
         self.children.append(Child("nginx", "nginx", nginx_argv, self.logs_dir / "nginx.log", url=self.url))
@@ -301,12 +372,26 @@ class Stack:
             )
         )
 
-    def write_nginx_conf(self, api_addresses: list[str]) -> Path:
+    def nginx_conf(self, api_addresses: list[str]) -> str:
+        """nginx's config for these replicas: ``unix:`` sockets (all) need no secret, TCP ones (edge) EDGE_SECRET."""
+        over_tcp = any(not server.startswith("unix:") for server in api_addresses)
+        if over_tcp and not self.settings.edge_secret:
+            raise StackError(
+                "the edge reaches its replicas over TCP: set EDGE_SECRET, the same as the replicas' (they answer "
+                "403 without it)"
+            )
         layout = native_layout(
-            f"{self.options.host}:{self.options.port}", api_addresses, self.state_dir, self.settings.max_dataset_mb
+            address(self.options.host, self.options.port),
+            api_addresses,
+            self.state_dir,
+            self.settings.max_dataset_mb,
+            edge_secret=self.settings.edge_secret if over_tcp else "",
         )
+        return render_nginx_conf(layout)
+
+    def write_nginx_conf(self, api_addresses: list[str]) -> Path:
         conf_path = self.state_dir / "nginx.conf"
-        conf_path.write_text(render_nginx_conf(layout))
+        write_private(conf_path, self.nginx_conf(api_addresses))  # it may hold EDGE_SECRET
         return conf_path
 
     def of_role(self, role: str) -> list[Child]:
@@ -315,10 +400,15 @@ class Stack:
     # --- starting ---------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start in dependency order, each stage ready before the next: Redis (+ MLflow), replicas + workers, nginx."""
+        """Start in dependency order, each stage ready before the next: Redis (+ MLflow), replicas + workers, nginx.
+        A role waits for the Redis it is given (started elsewhere, maybe at the same time) before starting anything."""
         env = self.env = self.child_environment()
         self.start_children(self.of_role("redis") + self.of_role("mlflow"), env)
-        self.wait_until("redis answers PING", self.redis_answers, self.of_role("redis"))
+        if self.options.role != "edge":
+            where = redacted_url(self.redis_url) if self.options.role != "all" else "redis"
+            self.wait_until(f"{where} answers PING", self.redis_answers, self.of_role("redis"))
+        if self.options.role in ("worker", "api"):
+            self.report_tracking_server()
         if self.mlflow_url:
             self.wait_until("the MLflow server answers /health", self.mlflow_answers, self.of_role("mlflow"))
             self.check_mlflow_credentials()
@@ -327,7 +417,11 @@ class Stack:
         self.wait_until("every API replica answers /healthz", self.replicas_healthy, self.of_role("api"))
         self.wait_until("every worker is registered", self.workers_registered, self.of_role("worker"))
         self.start_children(self.of_role("nginx"), env)
-        self.wait_until("nginx answers /healthz", self.nginx_healthy, self.of_role("nginx"))
+        if self.options.role == "edge":  # its replicas are other machines': up now, or later
+            self.wait_until("nginx answers", self.nginx_answers, self.of_role("nginx"))
+            self.report_upstreams()
+        elif self.of_role("nginx"):
+            self.wait_until("nginx answers /healthz", self.nginx_healthy, self.of_role("nginx"))
 
     def check_mlflow_credentials(self) -> None:
         """Settle the password the children log in with: MLFLOW_TRACKING_PASSWORD when set (the admin's password is
@@ -351,10 +445,12 @@ class Stack:
 
     def child_environment(self) -> dict[str, str]:
         """What every child gets: the stack's Redis and folder, and its MLflow server and credentials when it runs
-        one."""
+        one, else the tracking server of its settings (``--mlflow URL`` included)."""
         tracking = {}
         if self.mlflow_url:
             tracking = {"MLFLOW_TRACKING_URI": self.mlflow_url} | SERVER_ENV | self.mlflow_credentials.client_env()
+        elif self.settings.mlflow_tracking_uri:
+            tracking = {"MLFLOW_TRACKING_URI": self.settings.mlflow_tracking_uri}
         return environment_with(
             REDIS_URL=self.redis_url, ARTIFACTS_DIR=str(self.artifacts_dir), PYTHONUNBUFFERED="1", **tracking
         )
@@ -380,9 +476,16 @@ class Stack:
             time.sleep(POLL_INTERVAL_S)
         log.info("ready: %s", what)
 
+    @functools.cached_property
+    def redis_client(self) -> redis.Redis:
+        """The stack's own Redis (once planned), or (a role) the service's, Sentinels included."""
+        if self.options.role == "all":
+            return redis.Redis.from_url(self.redis_url, socket_timeout=1)
+        return connect_redis(self.settings)
+
     def redis_answers(self) -> bool:
         try:
-            return redis.Redis.from_url(self.redis_url, socket_timeout=1).ping()
+            return self.redis_client.ping()
         except redis.RedisError:
             return False
 
@@ -393,11 +496,44 @@ class Stack:
         return all(answers_healthz(child.url) for child in self.of_role("api"))
 
     def workers_registered(self) -> bool:
-        connection = redis.Redis.from_url(self.redis_url, socket_timeout=1)
-        return Worker.count(connection=connection) >= len(self.of_role("worker"))
+        """Whether each of our workers has a record in Redis (other machines' workers may share it)."""
+        ours = {child.pid for child in self.of_role("worker")}
+        if not ours:
+            return True
+        here = socket.gethostname()
+        registered = {w.pid for w in Worker.all(connection=self.redis_client) if w.hostname == here}
+        return ours <= registered
 
     def nginx_healthy(self) -> bool:
         return answers_healthz(self.url)
+
+    def nginx_answers(self) -> bool:
+        """Whether nginx answers at all (a 502 included: no replica answering yet)."""
+        try:
+            requests.get(f"{self.url}/healthz", timeout=2)
+        except requests.RequestException:
+            return False
+        return True
+
+    def report_tracking_server(self) -> None:
+        """Warn now, not at the first job, when the MLflow server this role's settings name does not answer."""
+        uri = self.settings.mlflow_tracking_uri
+        if not uri.startswith(("http://", "https://")):
+            log.warning(
+                "MLFLOW_TRACKING_URI is %r: models stay on this machine; replicas and workers on other machines "
+                "share them only through an MLflow server (--mlflow URL)",
+                uri,
+            )
+        elif not server_answers(uri):
+            log.warning("the MLflow server at %s does not answer /health yet", redacted_url(uri))
+
+    def report_upstreams(self) -> None:
+        """Say which of the edge's replicas answer now: one that does not is tried again by nginx, not fatal."""
+        for upstream in self.options.upstreams:
+            if answers_healthz(f"http://{upstream}"):
+                log.info("replica %s answers /healthz", upstream)
+            else:
+                log.warning("replica %s does not answer /healthz yet; nginx tries it again on each request", upstream)
 
     # --- running ----------------------------------------------------------------------------------------
 
@@ -417,14 +553,16 @@ class Stack:
         state = {
             "pid": os.getpid(),
             "url": self.url,
-            "redis_url": self.of_role("redis")[0].url,  # no password: redis_url_file holds the full URL
-            "redis_url_file": str(self.state_dir / REDIS_URL_FILE_NAME),
+            # No password: redis_url_file holds the stack's full URL; a role's is in its own settings.
+            "redis_url": self.of_role("redis")[0].url if self.of_role("redis") else redacted_url(self.redis_url),
+            "role": self.options.role,
+            "redis_url_file": str(self.state_dir / REDIS_URL_FILE_NAME) if self.of_role("redis") else "",
             "mlflow_url": self.mlflow_url,
             # The server's admin credentials (JSON, readable by the stack's user alone).
             "mlflow_credentials_file": str(self.mlflow_dir / CREDENTIALS_NAME) if self.mlflow_url else "",
             "artifacts_dir": str(self.artifacts_dir),
             "state_dir": str(self.state_dir),
-            "nginx_conf": str(self.state_dir / "nginx.conf"),
+            "nginx_conf": str(self.state_dir / "nginx.conf") if self.of_role("nginx") else "",
             "children": [child.describe() for child in self.children],
         }
         temporary = self.state_file.with_suffix(".tmp")
@@ -432,17 +570,25 @@ class Stack:
         temporary.replace(self.state_file)
 
     def summary(self, seconds: float) -> str:
-        lines = [f"boolq stack ready in {seconds:.1f} s; Ctrl-C (or SIGTERM to pid {os.getpid()}) stops it all."]
-        lines.append(f"  {'API via nginx':<14} {self.url:<28} log {self.logs_dir / 'nginx-access.log'}")
+        role = "" if self.options.role == "all" else f" ({self.options.role} role)"
+        lines = [f"boolq stack{role} ready in {seconds:.1f} s; Ctrl-C (or SIGTERM to pid {os.getpid()}) stops it all."]
+        if self.of_role("nginx"):
+            lines.append(f"  {'API via nginx':<14} {self.url:<28} log {self.logs_dir / 'nginx-access.log'}")
+        for upstream in self.options.upstreams:
+            lines.append(f"  {'replica':<14} http://{upstream}")
         for child in self.children:
             if child.role != "nginx":
                 lines.append(f"  {child.name:<14} {child.url or '-':<28} pid {child.pid:<7} log {child.log_path}")
+        if self.options.role in ("worker", "api"):
+            lines.append(f"  {'redis':<14} {redacted_url(self.redis_url)}")
+            lines.append(f"  {'MLflow':<14} {redacted_url(self.settings.mlflow_tracking_uri) or '-'}")
         lines.append(f"  {'artifacts':<14} {self.artifacts_dir}")
         if self.mlflow_url:
             lines.append(f"  {'models via':<14} MLflow at {self.mlflow_url} (MLFLOW_TRACKING_URI of every process)")
             lines.append(f"  {'MLflow login':<14} {self.mlflow_dir / CREDENTIALS_NAME} (user and password)")
         lines.append(f"  {'state':<14} {self.state_file}")
-        lines.append(f"Try: curl {self.url}/healthz")
+        if self.options.role in ("all", "edge"):
+            lines.append(f"Try: curl {self.url}/healthz")
         return "\n".join(lines)
 
     # --- stopping ---------------------------------------------------------------------------------------
@@ -455,6 +601,42 @@ class Stack:
         with contextlib.suppress(FileNotFoundError):
             self.state_file.unlink()
         log.info("stack stopped; no process left")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: whatever it resolves to, assume other machines reach it
+
+
+def probe_host(host: str) -> str:
+    """The address to reach a server bound to ``host`` from this machine (a wildcard: loopback)."""
+    return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1", "[::]": "::1"}.get(host, host)
+
+
+def address(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def replica_address(raw: str) -> str:
+    """A replica the edge sends requests to: ``host:port`` (``[v6]:port``), checked; raises ValueError."""
+    host, _, port = raw.strip().rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535 or "/" in host or " " in host:
+        raise ValueError(f"{raw!r} is not host:port (a replica's address and port, e.g. 10.0.0.7:5000)")
+    return f"{host}:{int(port)}"
+
+
+def redacted_url(url: str) -> str:
+    """``redis://:pw@host:6379/0`` → ``redis://host:6379/0``: a URL as the stack prints and records it."""
+    parts = urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def replica_socket(state_dir: Path, number: int) -> Path:
@@ -531,6 +713,16 @@ def exclusive_state_dir(state_dir: Path):
         except BlockingIOError as exc:
             raise StackError(f"another stack is running with state folder {state_dir}; use --state-dir") from exc
         yield
+
+
+def print_edge_config(options: StackOptions, settings: Settings) -> int:
+    """Print the nginx config ``--role edge`` would run (for teams who run their own nginx); starts nothing."""
+    try:
+        print(Stack(options, settings).nginx_conf(list(options.upstreams)), end="")
+    except StackError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
 
 
 def run_stack(options: StackOptions, settings: Settings) -> int:

@@ -1,6 +1,7 @@
 """Hosts that share nothing but Redis and an MLflow tracking server: worker A, worker B and API replica C, each with
-its own ARTIFACTS_DIR, MODEL_CACHE_DIR and HF home that none of the others is given. Models, predictions and
-checkpoints reach the other hosts only through ``mlflow server --serve-artifacts``.
+its own ARTIFACTS_DIR, MODEL_CACHE_DIR and HF home that none of the others is given and, when the suite runs as root,
+its own Unix user owning them, so a host cannot even read another's folder. Models, predictions and checkpoints reach
+the other hosts only through ``mlflow server --serve-artifacts``.
 
 The tests run in file order on one cluster: B is started (and A stopped) where a test needs the other host.
 """
@@ -9,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +27,17 @@ from rq import Queue
 from app.config import SAMPLE_DATA_DIR, Settings
 from app.engine.training import train_and_evaluate
 from app.params import TrainParams
-from tests.helpers import REPO_ROOT, TINY_JOB, MlflowServer, service_settings, wait_for, work_horse_pids
+from tests.helpers import (
+    REPO_ROOT,
+    TINY_JOB,
+    HostUser,
+    MlflowServer,
+    make_host_user,
+    python_for_other_users,
+    service_settings,
+    wait_for,
+    work_horse_pids,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -44,11 +57,18 @@ class Host:
     name: str
     folder: Path
     settings: Settings
+    user: HostUser | None = None  # as root: the host's own Unix user
     process: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
     def env(self) -> dict[str, str]:
-        return {"HF_HOME": str(self.folder / "hf-home")}
+        return {"HF_HOME": str(self.folder / "hf-home")} | (self.user.env() if self.user else {})
+
+    def run(self, argv: list[str], **options) -> subprocess.CompletedProcess:
+        """``python argv`` on this host: as its user, with its environment."""
+        python, identity = (self.user.python, self.user.identity()) if self.user else (sys.executable, {})
+        env = os.environ | {"HF_HUB_OFFLINE": "1", "NUM_THREADS": "1"} | self.env
+        return subprocess.run([python, *argv], cwd=REPO_ROOT, env=env, **identity, **options)
 
     @property
     def runs(self) -> Path:
@@ -68,7 +88,7 @@ class Cluster:
 
     def start_worker(self, name: str) -> None:
         host = self.hosts[name]
-        host.process = self.launcher.worker(host.settings, host.env)
+        host.process = self.launcher.worker(host.settings, host.env, host.user)
 
     def stop_worker(self, name: str) -> None:
         """SIGTERM: RQ's warm shutdown, finishing (or failing) the job under way and then taking no other."""
@@ -94,7 +114,26 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(mlflow_server, redis_url, launcher, tmp_path_factory):
+def machines(tmp_path_factory):
+    """Each host's folder (0700) and user: as root, a system user per host (boolq-host-a, -b, -c) owning a folder in
+    /tmp (pytest's folders are root's alone); otherwise the test's own user and folders."""
+    if os.geteuid() != 0:
+        yield {name: (tmp_path_factory.mktemp(f"host-{name}"), None) for name in "ABC"}
+        return
+    shared = Path(tempfile.mkdtemp(prefix="boolq-multihost-"))
+    shared.chmod(0o755)
+    try:
+        python = python_for_other_users(shared)
+        homes = {name: shared / f"host-{name}" for name in "ABC"}
+        for home in homes.values():
+            home.mkdir()
+        yield {name: (home, make_host_user(f"boolq-host-{name.lower()}", home, python)) for name, home in homes.items()}
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(mlflow_server, redis_url, machines, launcher, tmp_path_factory):  # machines' folders outlive processes
     """Worker A and replica C running; B defined (started by the tests that need it)."""
     common = service_settings(
         redis_url,
@@ -104,15 +143,14 @@ def cluster(mlflow_server, redis_url, launcher, tmp_path_factory):
         checkpoint_every_s=0,
     )
     hosts = {}
-    for name in "ABC":
-        folder = tmp_path_factory.mktemp(f"host-{name}")
+    for name, (folder, user) in machines.items():
         folder.chmod(0o700)
         settings = common.model_copy(
             update={"artifacts_dir": folder / "runs", "model_cache_dir": folder / "model-cache"}
         )
-        hosts[name] = Host(name, folder, settings)
+        hosts[name] = Host(name, folder, settings, user)
     queue = Queue(common.queue_name, connection=Redis.from_url(redis_url))
-    api = launcher.server(hosts["C"].settings, workers=1, env=hosts["C"].env)
+    api = launcher.server(hosts["C"].settings, workers=1, env=hosts["C"].env, user=hosts["C"].user)
     cluster = Cluster(api, mlflow_server, hosts, queue, launcher)
     cluster.start_worker("A")
     mlflow_server.wait_until_answering()
@@ -133,11 +171,9 @@ def test_a_job_trained_on_a_is_served_by_c_as_a_itself_predicts(cluster, tiny_jo
 
     served = cluster.predict(model=tiny_job)
     assert served.status_code == 200, served.text
-    local = subprocess.run(
-        [sys.executable, "-m", "app", "predict", "--model-dir", str(a.runs / tiny_job)]
+    local = a.run(
+        ["-m", "app", "predict", "--model-dir", str(a.runs / tiny_job)]
         + ["--text", QUESTION, "--text-pair", PASSAGE, "--top-k", "2"],
-        cwd=REPO_ROOT,
-        env=os.environ | {"HF_HUB_OFFLINE": "1", "NUM_THREADS": "1"} | a.env,
         capture_output=True,
         text=True,
         timeout=300,
@@ -147,6 +183,20 @@ def test_a_job_trained_on_a_is_served_by_c_as_a_itself_predicts(cluster, tiny_jo
     assert served.json()["probability"] == pytest.approx(on_a["yes"], abs=1e-6)
     assert served.json()["answer"] == (on_a["yes"] >= 0.5)
     assert (c.settings.model_cache_dir / tiny_job / "model" / "config.json").is_file()  # fetched from MLflow
+
+
+def test_as_root_each_host_runs_as_its_own_user_and_cannot_read_another_hosts_folder(cluster, tiny_job):
+    a, c = cluster.hosts["A"], cluster.hosts["C"]
+    if os.geteuid() != 0:  # one user for all: what the folders' 0700 alone keeps apart is nothing
+        assert a.user is None and os.stat(f"/proc/{a.process.pid}").st_uid == os.geteuid()
+        return
+    assert os.stat(f"/proc/{a.process.pid}").st_uid == a.user.uid != c.user.uid
+    assert {p.stat().st_uid for p in (a.runs, a.runs / tiny_job, a.runs / tiny_job / "model")} == {a.user.uid}
+    assert cluster.predict(model=tiny_job).status_code == 200
+    assert (c.settings.model_cache_dir / tiny_job).stat().st_uid == c.user.uid  # fetched by C's replica
+    peek = ["-c", f"import os; os.listdir({str(a.runs)!r})"]
+    refused = c.run(peek, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "PermissionError" in refused.stderr, refused.stderr
 
 
 def test_c_returns_the_predictions_a_wrote(cluster, tiny_job):
