@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make compose-smoke`: build the images and run the compose stack for real, then talk to it through nginx on
-# localhost:4000 only. Steps: build → up (3 API replicas, 1 worker) → /healthz from every replica → a tiny
-# minilm job with POST /train?wait=true → /predict with its model → down -v leaves nothing behind.
+# localhost:4000 only. Steps: build → up (3 API replicas, 1 worker, each with the Kubernetes pods' security
+# context: deploy/compose-pod-security.yml) → that context checked inside each of them → /healthz from every
+# replica → a tiny minilm job with POST /train?wait=true → /predict with its model → down -v leaves nothing behind.
 # Each step is printed with its time; exit 0 only when all passed; the stack is taken down whatever happens.
 #
 # Engine: Docker when a Docker daemon answers, else podman (rootful) through a `podman system service`
@@ -26,7 +27,8 @@ QUESTION='{"question": "is the sky blue", "passage": "The sky appears blue becau
 
 started=$SECONDS
 ENGINE=""
-compose_args=()
+# The API replicas and the worker run as the Kubernetes pods do: uid 10001, read-only root, no capabilities.
+compose_args=(-f docker-compose.yml -f deploy/compose-pod-security.yml)
 service_pid=""
 health_pid=""
 run_dir=""
@@ -133,7 +135,7 @@ t0=$SECONDS
 compose build
 pass "images built in $((SECONDS - t0)) s"
 
-step "docker-compose up -d (3 API replicas, 1 worker)"
+step "docker-compose up -d (3 API replicas, 1 worker, the pods' security context)"
 t0=$SECONDS
 compose up -d
 for _ in $(seq 60); do
@@ -142,6 +144,33 @@ for _ in $(seq 60); do
 done
 curl -fsS -o /dev/null "$URL/healthz" || fail "nginx does not answer $URL/healthz"
 pass "stack answering on $URL after $((SECONDS - t0)) s"
+
+step "the pods' security context inside each API replica and worker"
+# What the process itself sees: its uid, its capabilities (bounding set included), no_new_privs, a root filesystem
+# it cannot write, and the folders it must write to.
+PROBE='
+import errno, os, pathlib, tempfile
+status = dict(line.split(":", 1) for line in pathlib.Path("/proc/self/status").read_text().splitlines())
+try:
+    open("/srv/.probe", "w")
+    root = "writable"
+except OSError as exc:
+    root = errno.errorcode[exc.errno]
+for folder in ("/tmp", os.environ["ARTIFACTS_DIR"], os.environ["HF_HOME"], os.environ["XDG_CACHE_HOME"]):
+    os.makedirs(folder, exist_ok=True)
+    tempfile.TemporaryFile(dir=folder).close()
+caps = ",".join("%s=%x" % (name, int(status[name], 16)) for name in ("CapEff", "CapPrm", "CapBnd"))
+ids = "uid=%s gid=%s" % (status["Uid"].split()[1], status["Gid"].split()[1])
+print("%s %s no_new_privs=%s root=%s" % (ids, caps, status["NoNewPrivs"].strip(), root))
+'
+EXPECTED='uid=10001 gid=10001 CapEff=0,CapPrm=0,CapBnd=0 no_new_privs=1 root=EROFS'
+containers=$(compose ps -q api worker)
+[ "$(echo "$containers" | wc -l)" = 4 ] || fail "expected 3 API containers and 1 worker, got: $(echo $containers)"
+for container in $containers; do
+  seen=$("$ENGINE" exec "$container" python -c "$PROBE" 2>&1) || fail "probe in $container: $seen"
+  [ "$seen" = "$EXPECTED" ] || fail "container $container: $seen (expected $EXPECTED)"
+done
+pass "4 containers: $EXPECTED; /tmp, the volumes and the caches writable"
 
 step "GET /healthz through nginx, answered by all 3 replicas (X-Replica)"
 replicas=""

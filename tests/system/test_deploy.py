@@ -30,6 +30,8 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 LOCAL_IMAGES_ENV = ROOT / "deploy" / "local-images.env"
 MLFLOW_OVERRIDE = ROOT / "deploy" / "compose-mlflow.yml"
 MLFLOW_UI_OVERRIDE = ROOT / "deploy" / "compose-mlflow-ui.yml"
+POD_SECURITY_OVERRIDE = ROOT / "deploy" / "compose-pod-security.yml"
+K8S_BASE = ROOT / "deploy" / "k8s" / "base"
 NGINX_START = ROOT / "nginx" / "start.sh"
 
 
@@ -197,6 +199,33 @@ def test_with_the_mlflow_override_api_and_workers_share_no_volume_and_log_to_the
     command = services["mlflow"]["command"]
     assert "--serve-artifacts" in command and "--backend-store-uri=sqlite:////data/mlflow/mlflow.db" in command
     assert mounts(services["mlflow"]) == [("mlflow-data", "/data/mlflow")]
+
+
+def test_the_pod_security_override_runs_api_and_worker_as_the_kubernetes_pods_do():
+    """deploy/compose-pod-security.yml (what `make compose-smoke` runs) against deploy/k8s/base's securityContext."""
+    proc = docker_compose("-f", str(POD_SECURITY_OVERRIDE), "config")
+    assert proc.returncode == 0, proc.stderr
+    services = yaml.safe_load(proc.stdout)["services"]
+    for name in ("api", "worker"):
+        (deployment,) = [
+            d for d in yaml.safe_load_all((K8S_BASE / f"{name}.yaml").read_text()) if d["kind"] == "Deployment"
+        ]
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        context = container["securityContext"]
+        service = services[name]
+        assert service["user"] == f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
+        assert service["read_only"] is context["readOnlyRootFilesystem"] is True, name
+        assert service["cap_drop"] == context["capabilities"]["drop"] == ["ALL"], name
+        assert context["allowPrivilegeEscalation"] is False and service["security_opt"] == ["no-new-privileges"]
+        assert service["tmpfs"] == ["/tmp:size=2g"]
+        # Every folder the container writes to is a volume or under /tmp, as every one of the pod's is a volume.
+        writable = {target for _, target in mounts(service)} | {"/tmp"}
+        environment = service["environment"]
+        for variable in ("ARTIFACTS_DIR", "HF_HOME", "XDG_CACHE_HOME", "MPLCONFIGDIR"):
+            folder = Path(environment[variable])
+            assert any(folder == Path(w) or Path(w) in folder.parents for w in writable), (name, variable, folder)
+        assert {mount["mountPath"] for mount in container["volumeMounts"]} >= {"/data", "/tmp"}
 
 
 def test_compose_mlflow_asks_for_the_password_the_service_logs_in_with():

@@ -359,3 +359,93 @@ def test_with_mlflow_stopped_mid_run_the_job_fails_fast_c_answers_503_and_all_re
     assert cluster.predict(model=uncached).status_code == 200
     again = cluster.train(TINY_JOB)
     assert cluster.ended(again)["status"] == "succeeded"
+
+
+WEIGHTS = "model.safetensors"
+# Staging files of an upload under way on the server (MLflow's local artifact store renames them when complete).
+STAGING_PREFIX = ".artifact.uploading."
+
+
+def live_worker(cluster: Cluster) -> Host:
+    """The host whose worker runs now (the tests before this one start and stop A and B)."""
+    (host,) = [h for h in cluster.hosts.values() if h.process is not None and h.process.poll() is None]
+    return host
+
+
+def run_artifacts_on_server(cluster: Cluster, job_id: str) -> Path | None:
+    """Where the MLflow server keeps the artifacts of the job's run (``mlflow-artifacts:/<experiment>/<run>/…``
+    under its ``--artifacts-destination``), once the worker has created that run."""
+    from urllib.parse import urlsplit
+
+    from app.tracking.mlflow_runs import MlflowRuns
+
+    runs = MlflowRuns(cluster.mlflow.url, cluster.hosts["A"].settings.mlflow_experiment_name).runs_of_job(job_id, False)
+    if not runs:
+        return None
+    return cluster.mlflow.folder / "artifacts" / urlsplit(runs[0].info.artifact_uri).path.lstrip("/")
+
+
+def is_reading(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` holds ``path`` open for reading only: MLflow's client opens each file it uploads
+    and closes it once the server has answered that file's PUT."""
+    fds = Path(f"/proc/{pid}/fd")
+    for fd in os.listdir(fds):
+        try:
+            if os.readlink(fds / fd) != str(path):
+                continue
+            info = dict(line.split(":", 1) for line in (fds.parent / "fdinfo" / fd).read_text().splitlines())
+        except FileNotFoundError:  # closed meanwhile
+            continue
+        if int(info["flags"].strip(), 8) & os.O_ACCMODE == os.O_RDONLY:
+            return True
+    return False
+
+
+def complete_files(folder: Path) -> set[str]:
+    if not folder.is_dir():
+        return set()
+    return {path.name for path in folder.iterdir() if not path.name.startswith(STAGING_PREFIX)}
+
+
+def test_with_mlflow_killed_while_the_model_uploads_the_job_fails_and_its_run_folder_is_unfinished(cluster):
+    """The server dies in the middle of the finished model's upload: held there (SIGSTOP) the moment the worker
+    sends the weights, checked to be short of the model's files, then killed (SIGKILL). The job fails
+    TrackingFailed and is not re-run, and the worker's run folder loses the metrics.json it had written, so
+    nothing takes the half-uploaded run for a finished one (docs/several-machines.md)."""
+    host = live_worker(cluster)
+    job_id = cluster.train(TINY_JOB)
+    wait_for(lambda: cluster.job(job_id)["status"] == "running", 120, "the job to start", 0.1)
+    (horse,) = work_horse_pids(host.process.pid)
+    on_server = wait_for(lambda: run_artifacts_on_server(cluster, job_id), 120, "the job's MLflow run", 0.2)
+    model = (host.runs / job_id / "model").resolve()
+    # metrics.json is written last, then the run's files and the model are uploaded: from then on, watch closely.
+    wait_for(lambda: host.has_finished_run(job_id), 300, "the job to finish training", 0.05)
+    wait_for(lambda: is_reading(horse, model / WEIGHTS), 60, "the worker to send the model's weights", 0.002)
+    server = cluster.mlflow.process
+    os.killpg(server.pid, signal.SIGSTOP)
+    try:
+        assert (on_server / "metrics.json").is_file()  # the run's own files went first
+        uploaded, local = complete_files(on_server / "model"), complete_files(model)
+        assert uploaded < local, f"not stopped mid-upload: the server had {sorted(uploaded)} of {sorted(local)}"
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+    killed = time.monotonic()
+    try:
+        view = cluster.ended(job_id, timeout_s=120)
+        print(f"killed with {len(uploaded)} of the model's {len(local)} files on the server; job ended after "
+              f"{time.monotonic() - killed:.1f} s")  # fmt: skip
+    finally:
+        cluster.mlflow.start()
+        cluster.mlflow.wait_until_answering()
+
+    assert view["status"] == "failed" and view["attempt"] == 1, view
+    assert view["error"]["type"] == "TrackingFailed", view["error"]
+    assert "mlflow tracking server failed" in view["error"]["message"]
+    assert not host.has_finished_run(job_id) and (host.runs / job_id / "params.json").is_file()
+    served = cluster.predict(model=job_id)
+    assert served.status_code == 422 and "not a succeeded job id" in served.json()["error"]["message"], served.text
+    from app.tracking.mlflow_runs import MlflowRuns
+
+    runs = MlflowRuns(cluster.mlflow.url, host.settings.mlflow_experiment_name)
+    assert runs.runs_of_job(job_id, finished_only=False) and not runs.runs_of_job(job_id, finished_only=True)

@@ -187,17 +187,12 @@ def test_a_revoked_key_is_refused_at_once_by_every_gunicorn_worker(launcher, red
 
 
 @pytest.mark.slow
-def test_nginx_rate_limits_sweeps_like_train(behind_nginx):
-    import requests
+def test_nginx_holds_train_and_sweeps_together_to_one_rate_limit(behind_nginx):
+    """Both queue training: one limit for the two (a /sweeps with a zone of its own, or none, lets too many in)."""
+    from tests.rate_limits import TRAIN_LIMIT, assert_held_to, paced_posts
 
-    with requests.Session() as session:
-        codes = [
-            session.post(
-                f"{behind_nginx}/sweeps", data="{bad", headers={"Content-Type": "application/json"}
-            ).status_code
-            for _ in range(40)
-        ]
-    assert codes.count(400) >= 20 and codes.count(429) >= 10, codes
+    answers = paced_posts(behind_nginx, ["/sweeps", "/train"], b"{bad", 8, TRAIN_LIMIT, at_least_s=8, at_most_s=40)
+    assert_held_to(TRAIN_LIMIT, answers)
 
 
 @pytest.mark.slow

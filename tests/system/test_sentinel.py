@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import time
+from datetime import UTC, datetime
 
 import pytest
 import requests
@@ -97,7 +98,13 @@ def sentinel_redis(tmp_path, launcher):
         redis.stop_all()
 
 
+# Long enough to be training through the failover: about 36 steps of 8 rows, 64 tokens (tens of seconds here).
+RUNNING_JOB = dict(model="minilm", train_limit=320, eval_limit=8, max_length=64, epochs=1, batch_size=8)
+
+
 def test_the_api_answers_503_during_a_failover_then_serves_and_no_job_is_lost(sentinel_redis, launcher, tmp_path):
+    """Every setting at its default (JOB_RETRIES included) but the Redis ones. The job running at the kill trains
+    on through the gap and ends on the new master, on its first attempt; the queued one runs after it."""
     redis, master_port, replica_port, sentinel_port = sentinel_redis
     # REDIS_URL names the first master (the test helpers count workers through it); the service asks the Sentinel.
     settings = service_settings(
@@ -105,16 +112,18 @@ def test_the_api_answers_503_during_a_failover_then_serves_and_no_job_is_lost(se
         tmp_path,
         redis_sentinels=f"127.0.0.1:{sentinel_port}",
         redis_sentinel_master=MASTER_NAME,
-        job_retries=1,
     )
+    assert settings.job_retries == Settings.model_fields["job_retries"].default
     url = launcher.server(settings, workers=1)
     worker = launcher.worker(settings)
-    running, queued = (requests.post(f"{url}/train", json=TINY_JOB, timeout=30).json()["job_id"] for _ in range(2))
-    wait_for(lambda: job(url, running).json()["status"] == "running", 120, "the first job to start")
+    running = requests.post(f"{url}/train", json=RUNNING_JOB, timeout=30).json()["job_id"]
+    queued = requests.post(f"{url}/train", json=TINY_JOB, timeout=30).json()["job_id"]
+    progress = wait_for(lambda: training_progress(url, running), 300, "the first job to report a training step", 0.1)
+    assert progress["step"] < progress["total_steps"]
     assert Redis(port=master_port).wait(1, 5000) == 1  # the replica holds both jobs before the master dies
 
     redis.kill("master")
-    killed_at = time.monotonic()
+    killed_at, killed_wall = time.monotonic(), time.time()
     gap, served = [], None
     while served is None and time.monotonic() - killed_at < 30:
         response = job(url, queued)
@@ -130,11 +139,34 @@ def test_the_api_answers_503_during_a_failover_then_serves_and_no_job_is_lost(se
     sentinel = Redis(port=sentinel_port, decode_responses=True)
     assert sentinel.sentinel_get_master_addr_by_name(MASTER_NAME) == ("127.0.0.1", replica_port)
 
+    views = {}
     for job_id in (running, queued):
-        wait_for(lambda j=job_id: job(url, j).json()["status"] not in ("queued", "running"), 180, f"job {job_id}")
-        assert job(url, job_id).json()["status"] == "succeeded", job(url, job_id).json()
+        wait_for(lambda j=job_id: job(url, j).json()["status"] not in ("queued", "running"), 300, f"job {job_id}")
+        views[job_id] = view = job(url, job_id).json()
+        assert view["status"] == "succeeded", view
+        assert view["attempt"] == 1 and view["previous_attempt"] is None, view  # carried on, not re-run
+        assert view["max_attempts"] == 1 + settings.job_retries, view
+    ran = views[running]
+    assert iso_seconds(ran["started_at"]) < killed_wall < iso_seconds(ran["ended_at"])  # running at the kill
+    # Its last step's progress was written after the kill, so to the new master.
+    assert ran["progress"]["step"] == ran["progress"]["total_steps"] > progress["step"], ran["progress"]
+    assert iso_seconds(views[queued]["started_at"]) >= iso_seconds(ran["ended_at"])
     assert worker.poll() is None, worker.log_path.read_text()
-    print(f"failover: {len(gap)} answers 503, served again {served:.1f} s after SIGKILL")
+    print(f"failover: {len(gap)} answers 503, served again {served:.1f} s after SIGKILL; the running job was at "
+          f"step {progress['step']} of {progress['total_steps']}")  # fmt: skip
+
+
+def training_progress(url: str, job_id: str) -> dict | None:
+    """The job's progress once it is running and has taken a training step."""
+    view = job(url, job_id).json()
+    progress = view["progress"] or {}
+    return progress if view["status"] == "running" and progress.get("step", 0) >= 1 else None
+
+
+def iso_seconds(text: str) -> float:
+    """A job view's timestamp (RQ's UTC, with or without its zone) in seconds since the epoch."""
+    moment = datetime.fromisoformat(text)
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def job(url: str, job_id: str) -> requests.Response:
