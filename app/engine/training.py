@@ -4,18 +4,18 @@ A plain PyTorch loop (the original tutorial recipe: AdamW, linear schedule, clip
 each epoch). Its speed comes from small helpers elsewhere: one fast-tokenizer call per split, length-grouped
 batches and dynamic padding (``app.engine.encoding``), a fused AdamW, a last layer that computes only the [CLS]
 position the classifier reads, and bf16 autocast where the CPU/GPU does bf16 natively (``app.engine.modeling``).
+The loop's state and its checkpoints, for resuming, are ``app.engine.checkpointing``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import pickle
 import random
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +24,17 @@ from transformers import get_linear_schedule_with_warmup
 
 from app.engine import distributed, run_folder
 from app.engine.attention import use_cheap_cpu_attention
+from app.engine.checkpointing import Checkpoints, TrainHistory, resume_or_start
 from app.engine.data import Dataset, DatasetSpec, Example, digest, load_dataset, split_train_dev
-from app.engine.encoding import Encoded, device_batches, encode, length_grouped_batches, to_device, width_multiple
+from app.engine.encoding import (
+    DeviceSplit,
+    Encoded,
+    device_batches,
+    encode,
+    length_grouped_batches,
+    to_device,
+    width_multiple,
+)
 from app.engine.evaluation import (
     accuracy,
     classification_metrics,
@@ -310,36 +319,6 @@ def configure_torch(seed: int, num_threads: int) -> None:
     torch.manual_seed(seed)
 
 
-@dataclass
-class TrainHistory:
-    """What ``fine_tune`` did: the per-step loss curve, dev accuracy after each epoch, the epoch whose weights the
-    model ends with, the epoch it stopped at, where it resumed (None: from the start) and how it went."""
-
-    epochs: int
-    loss: list[float] = field(default_factory=list)
-    dev_accuracy: list[float] = field(default_factory=list)
-    kept_epoch: int = 0
-    stopped_epoch: int = 0
-    resumed_from_step: int | None = None
-    examples_trained: int = 0
-    loss_syncs: int = 0
-
-    def __post_init__(self):
-        self.kept_epoch = self.kept_epoch or self.epochs  # without keep-best: the last epoch's weights
-
-    @property
-    def kept_dev_accuracy(self) -> float:
-        return self.dev_accuracy[self.kept_epoch - 1]
-
-    @property
-    def early_stopped(self) -> bool:
-        return self.stopped_epoch < self.epochs
-
-    def is_best_so_far(self) -> bool:
-        """True when the latest dev accuracy beats every earlier one (a tie keeps the earlier epoch)."""
-        return self.dev_accuracy[-1] > max(self.dev_accuracy[:-1], default=-1.0)
-
-
 def fine_tune(
     model: torch.nn.Module,
     pad_id: int,
@@ -362,45 +341,45 @@ def fine_tune(
     prepare_for_training(model)
     optimizer = make_optimizer(model, params)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(params.warmup_ratio * total_steps), total_steps)
-    state = resume_or_start(params, checkpoints if resume else None, model, optimizer, scheduler, generator)
-    history = state.history
-    device = device_of(model)
+    state = resume_or_start(params.epochs, checkpoints if resume else None, model, optimizer, scheduler, generator)
+    history, device = state.history, device_of(model)
     if sync_every_s is None:
         sync_every_s = GPU_SYNC_EVERY_S if device.type == "cuda" else 0.0
     reports = LossReports(sync_every_s, history, tracker, on_progress, total_steps)
-    epoch = TrainEpoch(
-        model,
-        to_device(train_set, pad_id, device, with_prepared_mask=takes_prepared_mask(model)),
-        [len(ids) for ids in train_set.input_ids],
-        params.batch_size,
-        optimizer,
-        scheduler,
-        generator,
-    )
+    train_split = to_device(train_set, pad_id, device, with_prepared_mask=takes_prepared_mask(model))
+    trained = distributed.wrap(model)  # DDP on several ranks (for the steps only); the model itself on one
     keep_best = params.keep_best_epoch or params.early_stopping_patience is not None
-    for number in range(state.epoch, params.epochs + 1):
-        state.epoch, state.epoch_order = number, generator.get_state()  # the batch order is redrawn from here
-        epoch.run(state, reports, checkpoints)
+    for epoch in range(state.epoch, params.epochs + 1):
+        state.epoch, state.epoch_order = epoch, generator.get_state()  # the batch order is redrawn from here
+        trained.train()
+        for rows, weight, batch in epoch_batches(train_split, params.batch_size, generator, state.batches_done):
+            loss = train_step(trained, batch, optimizer, scheduler, weight)
+            state.step, state.batches_done = state.step + 1, state.batches_done + 1
+            reports.add(state.step, loss, rows)
+            checkpoint_due = checkpoints is not None and checkpoints.due()
+            if reports.due() or checkpoint_due:
+                reports.publish(epoch)
+            if checkpoint_due:
+                checkpoints.save(state, model, optimizer, scheduler)
+        reports.publish(epoch)
         dev_accuracy = distributed.computed_on_rank_zero(  # DDP: one figure on every rank, so they decide alike
             lambda: accuracy(dev_set.labels, predict_probabilities(model, pad_id, dev_set))
         )
         history.dev_accuracy.append(dev_accuracy)
         tracker.log_metrics({"dev_accuracy": dev_accuracy}, step=state.step)
-        log.info("epoch %d/%d: dev accuracy %.4f", number, params.epochs, dev_accuracy)
+        log.info("epoch %d/%d: dev accuracy %.4f", epoch, params.epochs, dev_accuracy)
         if keep_best and history.is_best_so_far():
             state.best_weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-            history.kept_epoch = number
-        reports.report(number, state.step, dev_accuracy)
-        history.stopped_epoch = number
+            history.kept_epoch = epoch
+        reports.report(epoch, state.step, dev_accuracy)
+        history.stopped_epoch = epoch
         if stops_early(params, history):
             log.info(
-                "early stop after epoch %d: no better dev accuracy for %d epochs",
-                number,
-                params.early_stopping_patience,
+                "early stop after epoch %d: no better dev accuracy for %d epochs", epoch, params.early_stopping_patience
             )
             break
-        state.epoch, state.batches_done, state.epoch_order = number + 1, 0, generator.get_state()
-        if checkpoints is not None and number < params.epochs:
+        state.epoch, state.batches_done, state.epoch_order = epoch + 1, 0, generator.get_state()
+        if checkpoints is not None and epoch < params.epochs:
             checkpoints.save(state, model, optimizer, scheduler)
     history.examples_trained, history.loss_syncs = reports.seen, reports.losses.syncs  # this process's, for its speed
     if state.best_weights is not None:
@@ -417,17 +396,15 @@ def prepare_for_training(model: torch.nn.Module) -> None:
     compute_last_layer_for_first_token_only(model)
 
 
-def resume_or_start(
-    params: TrainParams, checkpoints: Checkpoints | None, model, optimizer, scheduler, generator: torch.Generator
-) -> TrainingState:
-    """The saved training state loaded into the model, optimizer, scheduler and generators, or a fresh start when
-    there is none (or it was refused)."""
-    restored = checkpoints.restore(model, optimizer, scheduler, generator) if checkpoints is not None else None
-    if restored is None:
-        return TrainingState(history=TrainHistory(epochs=params.epochs))
-    log.info("resuming at epoch %d, step %d", restored.epoch, restored.step)
-    restored.history.resumed_from_step = restored.step
-    return restored
+def epoch_batches(
+    split: DeviceSplit, batch_size: int, generator: torch.Generator, done: int
+) -> Iterator[tuple[int, float, dict[str, torch.Tensor]]]:
+    """The epoch's batches after the first ``done`` (a resumed epoch), each as its rows, the weight of this rank's
+    share and that share on the device. The epoch's order is drawn from ``generator`` now, the tensors as they go."""
+    batches = length_grouped_batches(split.host_lengths, batch_size, generator)[done:]
+    shares = [distributed.share_of_batch(indices) for indices in batches]  # DDP: this rank's slices (all on one)
+    steps = device_batches(split, [share for share, _ in shares], width_multiple(split.labels.device))
+    return zip([len(indices) for indices in batches], [weight for _, weight in shares], steps, strict=True)
 
 
 def stops_early(params: TrainParams, history: TrainHistory) -> bool:
@@ -435,41 +412,6 @@ def stops_early(params: TrainParams, history: TrainHistory) -> bool:
     (never after the last epoch: there is nothing left to stop)."""
     patience, epoch = params.early_stopping_patience, history.stopped_epoch
     return patience is not None and epoch - history.kept_epoch >= patience and epoch < params.epochs
-
-
-@dataclass
-class TrainEpoch:
-    """One pass over the train split: the model, the split on its device, the batch size and what each step
-    updates."""
-
-    model: torch.nn.Module
-    train_split: dict
-    lengths: list[int]
-    batch_size: int
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    generator: torch.Generator
-
-    def __post_init__(self):
-        self.trained = distributed.wrap(self.model)  # DDP on several ranks (steps only); the model itself on one
-
-    def run(self, state: TrainingState, reports: LossReports, checkpoints: Checkpoints | None) -> None:
-        """Train on the epoch's batches not yet done, saving the training state whenever ``checkpoints`` is due."""
-        batches = length_grouped_batches(self.lengths, self.batch_size, self.generator)[state.batches_done :]
-        shares = [distributed.share_of_batch(indices) for indices in batches]  # DDP: this rank's slices (all on one)
-        pad_multiple = width_multiple(device_of(self.model))
-        steps = device_batches(self.train_split, [share for share, _ in shares], pad_multiple)
-        self.trained.train()
-        for indices, (_, weight), batch in zip(batches, shares, steps, strict=True):
-            loss = train_step(self.trained, batch, self.optimizer, self.scheduler, weight)
-            state.step, state.batches_done = state.step + 1, state.batches_done + 1
-            reports.add(state.step, loss, len(indices))
-            checkpoint_due = checkpoints is not None and checkpoints.due()
-            if reports.due() or checkpoint_due:
-                reports.publish(state.epoch)
-            if checkpoint_due:
-                checkpoints.save(state, self.model, self.optimizer, self.scheduler)
-        reports.publish(state.epoch)
 
 
 class LossReports:
@@ -547,104 +489,6 @@ class PendingLosses:
         return list(zip(steps, values, strict=True))
 
 
-@dataclass
-class TrainingState:
-    """Where the loop is: the epoch under way, its batches done, total steps, and the generator state its
-    batch order was drawn from (so a resumed epoch redraws the same order and skips the batches done)."""
-
-    history: TrainHistory
-    epoch: int = 1
-    batches_done: int = 0
-    step: int = 0
-    epoch_order: torch.Tensor | None = None
-    best_weights: dict[str, torch.Tensor] | None = None
-
-
-class Checkpoints:
-    """The run's training state on disk: saved after each epoch and every ``every_s`` seconds (0: epoch ends only),
-    with the model, optimizer, scheduler and every random generator, so a resumed run continues identically."""
-
-    def __init__(self, path: Path, every_s: float = 0, on_saved: Callable[[Path], None] | None = None):
-        self.path = path
-        self.every_s = every_s
-        self.on_saved = on_saved  # the tracker's upload, so a retry on another host can resume too
-        self.saved_at = time.monotonic()
-
-    def due(self) -> bool:
-        return self.every_s > 0 and time.monotonic() - self.saved_at >= self.every_s
-
-    def save(self, state: TrainingState, model, optimizer, scheduler) -> None:
-        if not distributed.is_rank_zero():  # DDP: every rank holds the same state; rank 0 keeps the one copy
-            return
-        snapshot = {
-            "loop": dict(vars(state)) | {"history": asdict(state.history)},  # not asdict(state): no copy of weights
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": {"python": python_rng_state(), "numpy": numpy_rng_state(), "torch": torch.get_rng_state()},
-        }
-        if torch.cuda.is_available():
-            snapshot["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-        run_folder.write_atomically(self.path, lambda tmp: torch.save(snapshot, tmp))
-        self.saved_at = time.monotonic()
-        if self.on_saved is not None:
-            self.on_saved(self.path)
-        log.debug("checkpoint at epoch %d, step %d", state.epoch, state.step)
-
-    def restore(self, model, optimizer, scheduler, generator: torch.Generator) -> TrainingState | None:
-        """Load the saved state into the model, optimizer, scheduler and generators; return the loop's state,
-        or None (nothing loaded: the run starts over) when the file holds more than tensors and plain data."""
-        try:
-            # weights_only: whoever can write the run folder must not run code in the worker through a pickle.
-            snapshot = torch.load(self.path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            log.warning("checkpoint %s refused (not tensors and plain data), starting over: %s", self.path, exc)
-            return None
-        loop = snapshot["loop"]
-        try:
-            state = TrainingState(**loop | {"history": TrainHistory(**loop["history"])})
-        except TypeError as exc:  # written by a version whose loop state had other fields
-            log.warning("checkpoint %s is of another version, starting over: %s", self.path, exc)
-            return None
-        model.load_state_dict(snapshot["model"])
-        optimizer.load_state_dict(snapshot["optimizer"])
-        scheduler.load_state_dict(snapshot["scheduler"])
-        rng = snapshot["rng"]
-        restore_python_rng(rng["python"])
-        restore_numpy_rng(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        generator.set_state(state.epoch_order)
-        return state
-
-    def remove(self) -> None:
-        if distributed.is_rank_zero():
-            self.path.unlink(missing_ok=True)
-
-
-def python_rng_state() -> dict:
-    """``random``'s state as plain data (a checkpoint loads with ``weights_only``)."""
-    version, internal, gauss = random.getstate()
-    return {"version": version, "internal": list(internal), "gauss": gauss}
-
-
-def restore_python_rng(state: dict) -> None:
-    random.setstate((state["version"], tuple(state["internal"]), state["gauss"]))
-
-
-def numpy_rng_state() -> dict:
-    """numpy's global generator state as a tensor and numbers (a checkpoint loads with ``weights_only``)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    keys = torch.from_numpy(keys.astype(np.int64))
-    return {"name": name, "keys": keys, "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}
-
-
-def restore_numpy_rng(state: dict) -> None:
-    keys = state["keys"].numpy().astype(np.uint32)
-    np.random.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["cached"]))
-
-
 def make_optimizer(model: torch.nn.Module, params: TrainParams, fused: bool = True) -> torch.optim.Optimizer:
     # fused: one kernel over all parameters instead of ~10 elementwise passes each (~3x faster optimizer step
     # on CPU alone; within a whole training step the gain is small once freed memory is reused, bench/README.md).
@@ -691,8 +535,3 @@ def train_step(
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return distributed.mean_over_ranks(loss.detach())  # DDP: the whole batch's loss on every rank
-
-
-def report(on_progress: ProgressCallback | None, progress: Progress) -> None:
-    if on_progress is not None:
-        on_progress(progress)
