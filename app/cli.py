@@ -553,16 +553,12 @@ def dataset_to_train_on(args: argparse.Namespace, params: TrainParams, settings:
 
 def launch_ranks(args: argparse.Namespace, params, settings: Settings) -> int:
     """``--devices N``: run this same command as N ranks through torchrun; its exit code (non-zero if a rank failed)."""
-    from app.config import environment_with
     from app.engine import distributed
 
     try:
-        distributed.check_devices(params.devices, settings.device)
+        return distributed.launch_ranks(params.devices, ["app", *args.argv], settings)
     except distributed.DevicesNotAvailable as exc:
         return usage_error(f"--devices: {exc}")
-    threads = distributed.threads_per_rank(params.devices, settings.num_threads)
-    env = environment_with(OMP_NUM_THREADS=str(threads))  # what each rank takes; also quiets torchrun's warning
-    return distributed.run_ranks(params.devices, ["app", *args.argv], env)
 
 
 def train_as_rank(args: argparse.Namespace, params, settings: Settings, tracker) -> int:

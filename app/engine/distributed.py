@@ -16,12 +16,13 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from app.config import Settings, environment_with
 from app.engine.lifetime import die_with_parent
 from app.engine.modeling import resolve_device
 
@@ -179,7 +180,13 @@ def torchrun_command(devices: int, module_args: list[str]) -> list[str]:
     ]
 
 
-def run_ranks(devices: int, module_args: list[str], env: Mapping[str, str]) -> int:
+def launch_ranks(devices: int, module_args: list[str], settings: Settings) -> int:
     """Run ``devices`` ranks of ``python -m <module_args>`` through torchrun and wait; its exit code (non-zero when
-    any rank failed). torchrun stays in this process's group, so killing the group stops it, and the ranks with it."""
+    any rank failed). The one launch of the CLI's ``--devices`` and a worker's multi-device job.
+
+    DevicesNotAvailable first when this machine cannot give that many (``check_devices``). Each rank gets its share
+    of the cores as OMP_NUM_THREADS (``threads_per_rank``), which also quiets torchrun's warning. torchrun stays in
+    this process's group, so killing the group stops it, and the ranks with it."""
+    check_devices(devices, settings.device)
+    env = environment_with(OMP_NUM_THREADS=str(threads_per_rank(devices, settings.num_threads)))
     return subprocess.run(torchrun_command(devices, module_args), env=env, check=False).returncode

@@ -18,7 +18,7 @@ from rq import get_current_job
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from app.config import Settings, environment_with
+from app.config import Settings
 from app.engine import distributed, run_folder
 from app.engine.data import DatasetSpec, Example, load_dataset
 from app.engine.evaluation import classification_metrics
@@ -124,13 +124,11 @@ def train_on_ranks(job: Job, params: TrainParams, settings: Settings) -> dict:
 
     This work horse only launches and waits, so a cancel or timeout (RQ kills its process group) kills torchrun,
     and the kernel then kills the ranks (``distributed.die_with_torchrun``)."""
-    distributed.check_devices(params.devices, settings.device)
-    threads = distributed.threads_per_rank(params.devices, settings.num_threads)
     with tempfile.TemporaryDirectory(prefix="boolq-ranks-") as folder:
         result_file = Path(folder) / "result.json"
-        env = environment_with(OMP_NUM_THREADS=str(threads))
         token = attempts.held.get(job.id, "")
-        code = distributed.run_ranks(params.devices, ["app.service.tasks", job.id, str(result_file), token], env)
+        rank_args = ["app.service.tasks", job.id, str(result_file), token]
+        code = distributed.launch_ranks(params.devices, rank_args, settings)
         if code != 0 or not result_file.is_file():
             raise distributed.RanksFailed(
                 f"a rank of {params.devices} failed (torchrun exit code {code}); see the worker's log"
