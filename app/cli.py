@@ -651,16 +651,16 @@ class ProgressBar:
 def run_predict(args: argparse.Namespace, settings: Settings) -> int:
     quiet_libraries()
     from app.engine.run_folder import find_run
-    from app.service.predict import ModelDirError, Predictor
+    from app.service.predict import ModelDirError, load_predictor
+    from app.service.serve_backend import Backend
 
     try:
-        predictor = Predictor(find_run(settings.artifacts_dir, args.model))
+        folder = find_run(settings.artifacts_dir, args.model)
+        predictor = load_predictor(
+            folder, settings.predict_max_padding, settings.num_threads, Backend.from_settings(settings)
+        )
     except (ModelDirError, FileNotFoundError) as exc:
         return usage_error(f"--model: {exc}")
-    if settings.num_threads > 0:
-        import torch
-
-        torch.set_num_threads(settings.num_threads)
     (answer,) = predictor.predict([(args.text, args.text_pair)])
     print(json.dumps(answer.to_dict(top_k=args.top_k or 0)))
     return 0
