@@ -20,6 +20,7 @@ from app.api.context import current_service
 from app.api.jobs import find_job
 from app.params import StrictModel, TrainParams, field_kinds
 from app.service import jobs
+from app.service.model_access import with_default_model
 from app.service.predictions import read_job_predictions, val_examples_by_idx
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -137,16 +138,17 @@ def job_row(view: dict) -> dict:
 @bp.get("/console/new")
 def new_job_page():
     settings = current_service().settings
-    return render_template("console/new_job.html", fields=form_fields(settings.default_model))
+    return render_template("console/new_job.html", fields=form_fields(with_default_model({}, settings)))
 
 
-def form_fields(default_model: str) -> list[dict]:
-    """The new-job form, one entry per ``TrainParams`` field, read from its JSON Schema (type, bounds, help)."""
+def form_fields(defaults: dict) -> list[dict]:
+    """The new-job form, one entry per ``TrainParams`` field, read from its JSON Schema (type, bounds, help); a
+    field's value is ``defaults``' where it has one (the server's choices), else the schema's default."""
     schema = TrainParams.model_json_schema()
     fields = []
     for name, prop in schema["properties"].items():
         kind = picked_from_datasets(name) or field_kinds()[name]
-        default = default_model if name == "model" else prop.get("default")
+        default = defaults.get(name, prop.get("default"))
         fields.append(
             {
                 "name": name,

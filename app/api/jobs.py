@@ -25,7 +25,7 @@ from app.params import TrainParams
 from app.service import datasets, jobs, sweeps
 from app.service import predictions as predictions_of
 from app.service.admission import RETRY_AFTER_S, check_cost
-from app.service.model_access import loadable_here, model_for_training
+from app.service.model_access import loadable_here, model_for_training, with_default_model
 from app.service.redaction import without_server_paths
 
 bp = Blueprint("jobs", __name__)
@@ -48,8 +48,7 @@ JOB_ID_PATTERN = re.compile(jobs.JOB_ID_RULE)
 def train():
     service = current_service()
     query = parse(TrainQuery, request.args.to_dict(), where="query")
-    body = {"model": service.settings.default_model} | json_object()
-    params = parse(TrainParams, body)
+    params = parse(TrainParams, with_default_model(json_object(), service.settings))
     # Checked here, resolved again by the worker: the job keeps the name as the client gave it.
     loadable_here(model_for_training(params.model, service.settings))
     dataset = datasets.DatasetStore(service.settings, service.queue.connection).check_mapping(params)

@@ -101,6 +101,12 @@ def model_for_training(name: str, settings: Settings) -> str:
     return name
 
 
+def with_default_model(fields: dict, settings: Settings) -> dict:
+    """A training request's fields (a ``POST /train`` body, a sweep's base, the console's form), with DEFAULT_MODEL
+    where they name no model: the one place that setting applies."""
+    return {"model": settings.default_model} | fields
+
+
 def resolve_for_training(params: TrainParams, settings: Settings) -> TrainParams:
     """``params`` with its model as the engine loads it (a job keeps the name as the client gave it)."""
     return params.model_copy(update={"model": model_for_training(params.model, settings)})

@@ -204,6 +204,15 @@ def test_a_queued_job_can_be_cancelled_and_then_not_again(client):
     assert again.status_code == 409 and "cancelled" in error_of(again)["message"]
 
 
+def test_a_train_body_naming_no_model_queues_the_servers_default_model(client):
+    body = {name: value for name, value in TINY_JOB.items() if name != "model"}
+    response = client.post("/train", json=body)
+    assert response.status_code == 202, response.get_json()
+    job_id = response.get_json()["job_id"]
+    assert client.get(f"/jobs/{job_id}").get_json()["params"]["model"] == "minilm"  # DEFAULT_MODEL, not TrainParams'
+    client.post(f"/jobs/{job_id}/cancel")
+
+
 def test_wait_true_answers_202_with_the_job_id_when_the_timeout_passes(client):
     started = time.monotonic()
     response = client.post("/train?wait=true&timeout=0.5", json=TINY_JOB)

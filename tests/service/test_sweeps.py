@@ -279,6 +279,13 @@ def test_a_bad_sweep_is_refused_with_422_naming_the_field_and_rule(client, body,
     assert matching and any(rule in v for v in matching.values()), error["fields"]
 
 
+def test_a_sweep_whose_base_names_no_model_trains_the_servers_default_model(settings):
+    from app.service.sweeps import SweepRequest, validate_request
+
+    base = validate_request(SweepRequest(space={"lr": [1e-4]}), settings)
+    assert base.model == settings.default_model == "minilm"  # DEFAULT_MODEL, not TrainParams' own default
+
+
 def test_the_cli_runs_a_sweep_locally_and_prints_the_leaderboard(tmp_path, settings):
     space = tmp_path / "space.json"
     space.write_text(json.dumps({"base": BASE | {"epochs": 1}, "space": {"lr": [1e-4, 2e-4]}, "sampler": "grid"}))

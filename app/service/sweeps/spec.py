@@ -22,7 +22,7 @@ from app.config import Settings
 from app.params import StrictModel, TrainParams, field_kinds
 from app.service.admission import HUB_TRAIN_ROWS, OverLimit, available_train_rows, check_cost
 from app.service.jobs import TRIAL_TASK as TRIAL_TASK  # the trial task's name, for the driver
-from app.service.model_access import ModelNotAllowed, model_for_training
+from app.service.model_access import ModelNotAllowed, model_for_training, with_default_model
 
 # The TrainParams fields that set a trial's cost (check_cost).
 COST_FIELDS = ("epochs", "train_limit", "max_length", "batch_size")
@@ -113,7 +113,7 @@ def validate_request(request: SweepRequest, settings: Settings, dataset_rows: in
     if errors:  # the rules below read every value: not for a spec over its size
         raise SweepError(errors)
     try:
-        base = TrainParams(**({"model": settings.default_model} | request.base))
+        base = TrainParams(**with_default_model(request.base, settings))
         model_for_training(base.model, settings)
     except ValidationError as exc:
         errors |= {f"base.{'.'.join(map(str, e['loc']))}": e["msg"] for e in exc.errors(include_url=False)}
