@@ -5,14 +5,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
+from tqdm import tqdm
 
 from app.config import Settings
+from app.engine.data import DataError
+from app.engine.memory import keep_freed_memory_in_heap
+from app.engine.model_names import ModelNotAvailable
+from app.engine.run_folder import find_run
+from app.ops.allocator import restart_with_allocator
 from app.params import TrainParams
+from app.service.serve_backend import Backend
+from app.tracking import make_tracker
 
 log = logging.getLogger("app")
 
@@ -103,7 +114,7 @@ def add_sweep_parser(commands) -> None:
 
 
 def run_sweep(args: argparse.Namespace, settings: Settings) -> int:
-    from app.service import sweeps
+    from app.service import sweeps  # why: optuna and redis, which `train --help` and a GPU image do without
 
     try:
         body = json.loads(args.space.read_text())
@@ -123,7 +134,7 @@ def run_sweep(args: argparse.Namespace, settings: Settings) -> int:
     except sweeps.SweepError as exc:
         return usage_error(str(exc))
     quiet_libraries()
-    from app.service.sweeps.trials import run_local_sweep  # torch loads here, once the request is valid
+    from app.service.sweeps.trials import run_local_sweep  # why: torch loads here, once the request is valid
 
     view = run_local_sweep(request, base, settings)
     print(json.dumps(view) if args.json else leaderboard_table(view))
@@ -202,6 +213,7 @@ def add_datasets_parser(commands) -> None:
 
 
 def run_datasets(args: argparse.Namespace, settings: Settings) -> int:
+    # why (this command's imports): redis, which the other commands do without (a GPU image has none)
     from app.service import datasets
     from app.service.redis_connection import connect_redis
 
@@ -242,6 +254,7 @@ def add_keys_parser(commands) -> None:
 
 
 def run_keys(args: argparse.Namespace, settings: Settings) -> int:
+    # why (this command's imports): redis, which the other commands do without (a GPU image has none)
     from app.service.audit import AuditLog
     from app.service.keys import KeyExists, KeyNotFound, KeyStore
     from app.service.redis_connection import connect_redis
@@ -269,8 +282,6 @@ def run_keys(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def isoformat(timestamp: float) -> str:
-    from datetime import UTC, datetime
-
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
 
 
@@ -292,8 +303,6 @@ def add_serve_parser(commands) -> None:
 
 def run_serve(args: argparse.Namespace, settings: Settings) -> int:
     """Replace this process with gunicorn, so signals and exit codes are gunicorn's own."""
-    import os
-
     config = Path(__file__).resolve().parent / "ops" / "gunicorn_conf.py"
     port = args.port if args.port is not None else settings.port
     bind = f"unix:{args.socket.resolve()}" if args.socket else f"{args.host}:{port}"
@@ -319,7 +328,8 @@ def add_worker_parser(commands) -> None:
 
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
-    import app.service.tasks  # noqa: F401  (loaded once here, so each forked job starts without importing torch)
+    # why: torch, loaded once here (not by the other commands), so each forked job starts without importing it
+    import app.service.tasks  # noqa: F401
     from app.service.jobs import training_queue
     from app.service.redis_connection import connect_redis
     from app.service.workers import make_worker, periodic_check
@@ -388,7 +398,7 @@ def add_stack_parser(commands) -> None:
 
 def replica_addresses(raw: str) -> list[str]:
     """An argparse type: ``host:port`` or a comma list of them, each checked."""
-    from app.ops.stack import replica_address
+    from app.ops.stack import replica_address  # why: as in run_stack (redis, rq, requests)
 
     try:
         return [replica_address(part) for part in raw.split(",") if part.strip()]
@@ -412,7 +422,7 @@ def add_gc_parser(commands) -> None:
 
 
 def run_gc(args: argparse.Namespace, settings: Settings) -> int:
-    from app.service.retention import Policy, collect_garbage
+    from app.service.retention import Policy, collect_garbage  # why: rq, redis and MLflow's client, for gc alone
 
     if args.older_than is not None and args.older_than < 0:
         return usage_error("--older-than: must be 0 or more days")
@@ -493,8 +503,6 @@ def describe_validation_error(exc: ValidationError) -> str:
 
 
 def run_train(args: argparse.Namespace, settings: Settings) -> int:
-    from app.tracking import make_tracker
-
     try:
         params = parse_train_params(args)
     except ValidationError as exc:
@@ -514,9 +522,8 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as exc:
         return usage_error(str(exc))
     quiet_libraries()
-    from app.engine import distributed
-    from app.engine.memory import keep_freed_memory_in_heap
-    from app.engine.run import run_training  # torch loads here, once the options are valid
+    from app.engine import distributed  # why: torch loads here, once the options are valid
+    from app.engine.run import run_training
 
     if distributed.launched_by_torchrun():
         return train_as_rank(args, params, settings, tracker)
@@ -539,12 +546,12 @@ def dataset_to_train_on(args: argparse.Namespace, params: TrainParams, settings:
     """``(params, spec)``: with ``--data``, the file checked now (exit 2 naming the problem) and ``params.dataset``
     set to its id; with ``--dataset``, the service's stored dataset; else BoolQ (spec None)."""
     if args.data:
-        from app.service import datasets  # here, not above: a BoolQ run needs no redis (the GPU image has none)
+        from app.service import datasets  # why: redis, which a BoolQ run does without (a GPU image has none)
 
         spec, dataset_id = datasets.local_file_spec(args.data, args.val_data, params)
         return params.model_copy(update={"dataset": dataset_id}), spec
     if params.dataset != params.model_fields["dataset"].default:
-        from app.service import datasets
+        from app.service import datasets  # why: as above
         from app.service.redis_connection import connect_redis
 
         return params, datasets.DatasetStore(settings, connect_redis(settings)).spec_for_training(params)
@@ -553,7 +560,7 @@ def dataset_to_train_on(args: argparse.Namespace, params: TrainParams, settings:
 
 def launch_ranks(args: argparse.Namespace, params, settings: Settings) -> int:
     """``--devices N``: run this same command as N ranks through torchrun; its exit code (non-zero if a rank failed)."""
-    from app.engine import distributed
+    from app.engine import distributed  # why: torch, which only training loads
 
     try:
         return distributed.launch_ranks(params.devices, ["app", *args.argv], settings)
@@ -563,8 +570,7 @@ def launch_ranks(args: argparse.Namespace, params, settings: Settings) -> int:
 
 def train_as_rank(args: argparse.Namespace, params, settings: Settings, tracker) -> int:
     """One of torchrun's ranks: train in its process group; rank 0 prints the results as a one-process run does."""
-    from app.engine import distributed
-    from app.engine.memory import keep_freed_memory_in_heap
+    from app.engine import distributed  # why: torch, which only training loads
     from app.engine.run import run_training
 
     keep_freed_memory_in_heap()
@@ -624,8 +630,6 @@ class ProgressBar:
         return self
 
     def update(self, progress) -> None:
-        from tqdm import tqdm
-
         if self.bar is None:
             self.bar = tqdm(
                 total=progress.total_steps,
@@ -650,9 +654,7 @@ class ProgressBar:
 
 def run_predict(args: argparse.Namespace, settings: Settings) -> int:
     quiet_libraries()
-    from app.engine.run_folder import find_run
-    from app.service.predict import ModelDirError, load_predictor
-    from app.service.serve_backend import Backend
+    from app.service.predict import ModelDirError, load_predictor  # why: torch, which only predicting loads
 
     try:
         folder = find_run(settings.artifacts_dir, args.model)
@@ -668,6 +670,7 @@ def run_predict(args: argparse.Namespace, settings: Settings) -> int:
 
 def run_export(args: argparse.Namespace, settings: Settings) -> int:
     quiet_libraries()
+    # why (this command's imports): torch, ONNX and redis, which the other commands do without
     from redis.exceptions import RedisError
 
     from app.service.export import export_onnx_folder, model_to_export
@@ -692,9 +695,7 @@ def run_export(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_stack(args: argparse.Namespace, settings: Settings) -> int:
-    from urllib.parse import urlsplit
-
-    from app.ops.stack import StackOptions, print_edge_config, run_stack
+    from app.ops.stack import StackOptions, print_edge_config, run_stack  # why: redis, rq and requests, for stack alone
 
     role = args.role
     mistake = stack_flag_mistake(args)
@@ -746,7 +747,7 @@ def stack_flag_mistake(args: argparse.Namespace) -> str:
 
 
 def run_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from app.ops.demo import DemoOptions, run_demo
+    from app.ops.demo import DemoOptions, run_demo  # why: requests, which training does without
 
     return run_demo(DemoOptions(port=args.port), settings)
 
@@ -758,7 +759,7 @@ def usage_error(message: str) -> int:
 
 def quiet_libraries() -> None:
     """Keep transformers' load reports and save progress bars off the user's terminal."""
-    import transformers
+    import transformers  # why: torch; `--help` and the service commands load neither
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -774,8 +775,6 @@ def main(argv: list[str] | None = None) -> int:
         first = exc.errors()[0]
         return usage_error(f"environment variable {str(first['loc'][0]).upper()}: {first['msg']}")
     if argv is None and args.handler in (run_train, run_sweep, run_worker):  # a process of its own that trains
-        from app.ops.allocator import restart_with_allocator
-
         restart_with_allocator(settings)
     try:
         return args.handler(args, settings)
@@ -787,11 +786,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    """Errors that say what to fix in one line (exit 1, no traceback); imported only once one happened,
-    so that commands that never train do not load torch."""
-    from app.engine.data import DataError
-    from app.engine.model_names import ModelNotAvailable
-    from app.engine.modeling import DeviceNotAvailable
-    from app.ops.demo import DemoError
+    """Errors that say what to fix in one line (exit 1, no traceback)."""
+    from app.engine.modeling import DeviceNotAvailable  # why: torch, imported only once an error happened
+    from app.ops.demo import DemoError  # why: requests, as in run_demo
 
     return DataError, DemoError, DeviceNotAvailable, ModelNotAvailable

@@ -1,7 +1,7 @@
 """The built-in ``boolq`` dataset: local jsonl (SuperGLUE or original format) or google/boolq from the hub.
 
 The one module that knows BoolQ's fields: question → ``text``, passage → ``text_pair``, the boolean answer →
-label ``no`` (0) / ``yes`` (1). Everything downstream trains on :class:`app.engine.data.Example`.
+label ``no`` (0) / ``yes`` (1). Everything downstream trains on :class:`app.engine.examples.Example`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from app.engine.data import DataError, Dataset, Example
+from huggingface_hub import constants
+
+from app.engine.examples import DataError, Dataset, Example
 
 NAME = "boolq"
 LABEL_NAMES = ("no", "yes")
@@ -77,13 +79,11 @@ def parse_example(row: object, default_idx: int) -> Example:
 
 def load_boolq_from_hub() -> Dataset:
     """Download google/boolq with ``datasets``; offline, fail at once with a pointer to local files."""
-    from huggingface_hub import constants
-
     hint = "pass --data-dir (or set DATA_DIR to) a folder holding train.jsonl and val.jsonl"
     if constants.HF_HUB_OFFLINE:
         raise DataError(f"HF_HUB_OFFLINE is set, so {HUB_DATASET} cannot be downloaded; {hint}")
     try:
-        import datasets
+        import datasets  # why: pyarrow and pandas (seconds), for the hub copy only; the web process imports this module
 
         hub = datasets.load_dataset(HUB_DATASET)
     except Exception as exc:  # any network or cache failure means the same thing to the user

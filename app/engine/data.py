@@ -3,7 +3,8 @@ optional text pair and the label; :func:`load_dataset` turns it into generic :cl
 
 Files (CSV, TSV, JSON Lines, Parquet) and hub datasets are read with Hugging Face ``datasets`` (Arrow,
 memory-mapped); the built-in ``boolq`` entry is :mod:`app.engine.boolq`. Every problem with the data is a
-:class:`DataError` naming the file, the row or line where it can, and the fix. Torch-free: the API validates
+:class:`DataError` naming the file, the row or line where it can, and the fix (those types live in
+:mod:`app.engine.examples`, which both readers build on; import them from here). Torch-free: the API validates
 uploads with it.
 """
 
@@ -12,11 +13,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from huggingface_hub import constants
 from pydantic import BaseModel, ConfigDict, Field
+
+from app.engine.boolq import load_boolq
+from app.engine.examples import DataError, Dataset, Example
 
 log = logging.getLogger(__name__)
 
@@ -36,32 +40,6 @@ SUFFIXES = {
 }
 # Rows of a CSV/TSV file start on this line (line 1 is the header); JSON Lines rows on line 1.
 HEADER_LINES = {"csv": 1, "tsv": 1, "jsonl": 0}
-
-
-class DataError(ValueError):
-    """The data could not be found or is malformed; the message says where and why."""
-
-
-@dataclass(frozen=True)
-class Example:
-    """One row as the engine trains on it: a text, an optional second text, and a label id."""
-
-    idx: int
-    text: str
-    text_pair: str | None
-    label: int
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """A dataset's rows, split into train and val, with its label names (label id i is ``label_names[i]``)."""
-
-    name: str
-    source: str
-    label_names: tuple[str, ...]
-    train: list[Example]
-    val: list[Example]
-    file_sha256: str | None = None  # of the file read (an uploaded dataset's content address); None for BoolQ
 
 
 class DatasetSpec(BaseModel):
@@ -107,9 +85,7 @@ def format_of(path: str | Path) -> str:
 
 def load_dataset(spec: DatasetSpec, max_rows: int = 0) -> Dataset:
     """The spec's rows as train and val examples; ``max_rows`` > 0 refuses files with more rows than that."""
-    if spec.format == "boolq":
-        from app.engine.boolq import load_boolq  # the BoolQ entry reads its own folder layout
-
+    if spec.format == "boolq":  # the BoolQ entry reads its own folder layout
         return load_boolq(spec.source)
     if spec.format == "hub":
         train_table, val_table = read_hub(spec)
@@ -218,7 +194,7 @@ def read_table(path: Path, fmt: str, max_rows: int = 0):
         raise DataError(f"{path.name}: the file is empty; upload a file with a header and rows")
     if fmt != "parquet":
         check_utf8(path)
-    import datasets  # heavy (pyarrow, pandas): only where a file is read
+    import datasets  # why: pyarrow and pandas (seconds): only where a file is read, not at the web process's start
 
     datasets.disable_progress_bars()
     builder, options = {
@@ -266,13 +242,11 @@ def reader_problem(exc: Exception, fmt: str) -> str:
 
 def read_hub(spec: DatasetSpec):
     """``hub:<name>[:<config>]``'s train and val splits; offline, a DataError at once."""
-    from huggingface_hub import constants
-
     name, _, config = spec.source.removeprefix("hub:").partition(":")
     if constants.HF_HUB_OFFLINE:
         raise DataError(f"HF_HUB_OFFLINE is set, so {name} cannot be downloaded; upload the files instead")
     try:
-        import datasets
+        import datasets  # why: as in read_table
 
         hub = datasets.load_dataset(name, config or None)
     except Exception as exc:  # any network or cache failure means the same thing to the user
@@ -293,7 +267,7 @@ def digest(rows: list[Example]) -> str:
 
 def split_off(examples: list[Example], share: float, seed: int) -> tuple[list[Example], list[Example]]:
     """Hold out ``share`` of ``examples``, stratified by label and fixed by ``seed``."""
-    # Imported here: the API and its console read rows through this module without loading scikit-learn.
+    # why (both): the API and its console read rows through this module without loading numpy and scikit-learn.
     import numpy as np
     from sklearn.model_selection import train_test_split
 

