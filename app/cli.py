@@ -21,7 +21,7 @@ from app.engine.memory import keep_freed_memory_in_heap
 from app.engine.model_names import ModelNotAvailable
 from app.engine.run_folder import find_run
 from app.ops.allocator import restart_with_allocator
-from app.params import TrainParams
+from app.params import PER_DEVICE_BATCH_SIZE, TrainParams
 from app.service.serve_backend import Backend
 from app.tracking import make_tracker
 
@@ -47,7 +47,6 @@ HF_ALIASES = {
     "lr": ["--learning-rate"],
     "epochs": ["--num-train-epochs"],
     "model": ["--model-name-or-path"],
-    "batch_size": ["--per-device-train-batch-size"],
     "eps": ["--adam-epsilon"],
     "max_length": ["--max-seq-length"],
 }
@@ -68,6 +67,12 @@ def add_train_parser(commands) -> None:
             train.add_argument(*flags, dest=name, nargs="?", const="true", metavar="true|false", help=option_help(info))
         else:
             train.add_argument(*flags, dest=name, metavar=name.upper(), help=option_help(info))
+    train.add_argument(
+        "--per-device-train-batch-size",
+        dest=PER_DEVICE_BATCH_SIZE,
+        metavar="N",
+        help="as in TrainingArguments: each device's batch (--batch-size = N x --devices; give one or the other)",
+    )
     train.add_argument(
         "--data-dir",
         help="BoolQ: folder with train.jsonl and val.jsonl, or 'hub' (default: DATA_DIR)",
@@ -492,7 +497,8 @@ def option_help(info) -> str:
 
 def parse_train_params(args: argparse.Namespace) -> TrainParams:
     """Validate the given options with TrainParams, parsing each string as its field's type ('32' → 32)."""
-    given = {name: getattr(args, name) for name in TrainParams.model_fields if getattr(args, name) is not None}
+    names = [*TrainParams.model_fields, PER_DEVICE_BATCH_SIZE]
+    given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
     return TrainParams.model_validate_strings(given)
 
 

@@ -64,6 +64,8 @@ def test_help_shows_defaults_and_ranges_without_loading_torch():
             {"lr": 1e-4, "epochs": 3, "model": "minilm"},
         ),
         (["--per-device-train-batch-size", "8", "--adam-epsilon", "1e-6"], {"batch_size": 8, "eps": 1e-6}),
+        # per device, as in TrainingArguments and POST /train: the step's batch is it x --devices
+        (["--per-device-train-batch-size", "8", "--devices", "2"], {"batch_size": 16, "devices": 2}),
     ],
 )
 def test_boolean_flags_and_hugging_face_spellings(argv, expected):
