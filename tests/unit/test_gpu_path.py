@@ -147,10 +147,10 @@ def test_the_loss_history_is_tracked_in_one_call_per_read_back():
 
 
 @pytest.mark.slow
-def test_a_run_that_cannot_resume_saves_no_training_state(tmp_path):
+def test_a_run_that_cannot_resume_saves_no_training_state(tmp_path, tiny_model_dir):
     state = tmp_path / "r" / "training_state.pt"
     seen = []
-    params = TrainParams(model="minilm", batch_size=8, epochs=2, max_length=32, train_limit=24, eval_limit=8)
+    params = TrainParams(model=str(tiny_model_dir), batch_size=8, epochs=2, max_length=32, train_limit=24, eval_limit=8)
     train_and_evaluate(params, SAMPLE_DATA_DIR, tmp_path, run_id="r", on_progress=lambda p: seen.append(state.exists()))
     assert seen and not any(seen)  # not even after the first epoch
 

@@ -7,11 +7,11 @@ import torch
 from safetensors import safe_open
 
 from app.config import SAMPLE_DATA_DIR
-from app.engine.modeling import load_classifier, load_tokenizer
+from app.engine.modeling import load_classifier
 from app.engine.training import fine_tune, train_and_evaluate
 from app.params import TrainParams
 from app.tracking import NullTracker
-from tests.helpers import random_split, save_tiny_checkpoint
+from tests.helpers import random_split, save_tiny_checkpoint, save_tiny_model
 
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -50,9 +50,7 @@ def test_a_half_precision_checkpoint_fine_tunes_like_its_fp32_original(tmp_path,
 
 @pytest.mark.slow
 def test_a_bf16_checkpoint_trained_end_to_end_is_saved_in_fp32(tmp_path):
-    vocab_size = len(load_tokenizer("minilm"))
-    folder = save_tiny_checkpoint(tmp_path / "bf16", torch.bfloat16, vocab_size)
-    load_tokenizer("minilm").save_pretrained(folder)
+    folder = save_tiny_model(tmp_path / "bf16", torch.bfloat16)
     params = TrainParams(model=str(folder), batch_size=8, epochs=1, max_length=32, train_limit=24, eval_limit=8)
     result = train_and_evaluate(params, SAMPLE_DATA_DIR, tmp_path / "runs", run_id="half")
     saved = tmp_path / "runs" / "half" / "model"

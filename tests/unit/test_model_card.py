@@ -8,23 +8,30 @@ from pathlib import Path
 
 import pytest
 
+from app.engine.model_card import model_card
 from app.service.model_records import digest_files
 from app.service.predict import Predictor
 from tests.helpers import mixed_length_pairs
 
 
-def test_the_model_card_says_what_the_model_is_how_well_it_does_and_what_for(tiny_run):
+def test_the_model_card_says_what_the_model_is_how_well_it_does_and_what_for(tiny_run, tiny_model_dir):
     run_dir = Path(tiny_run[0].run_dir)
     card = (run_dir / "model" / "README.md").read_text()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert 'pipeline_tag: "text-classification"' in card
-    assert 'base_model: "sentence-transformers/all-MiniLM-L6-v2"' in card
+    assert f"base_model: {json.dumps(str(tiny_model_dir))}" in card  # a folder is named as given
     assert metrics["dataset"]["val_digest"] in card
     assert f"| accuracy | {metrics['accuracy']:.4f} |" in card
     assert f"| majority baseline | {metrics['majority_baseline']:.4f} |" in card
     assert "- 0: `no`" in card and "- 1: `yes`" in card
-    assert "lr=0.0001" in card and "max_length=64" in card
+    assert "lr=0.01" in card and "max_length=64" in card
     assert "## Intended use and limits" in card
+
+
+def test_the_model_card_names_minilm_by_its_hub_id_and_its_alias():
+    card = model_card({"model": "minilm"}, {})
+    assert 'base_model: "sentence-transformers/all-MiniLM-L6-v2"' in card
+    assert "- Base model: `sentence-transformers/all-MiniLM-L6-v2` (alias `minilm`)" in card
 
 
 def test_mlflow_loads_the_model_folder_and_answers_as_the_predictor(tiny_run):
