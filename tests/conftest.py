@@ -1,6 +1,6 @@
-"""Fixtures (helpers live in tests/helpers.py): the bundled sample, one real tiny fine-tuning run of minilm, a
-private redis-server, an MLflow tracking server, and a launcher of real service processes; and the run's hooks:
-the peak memory of the test processes, and skips only where ALLOWED_SKIPS says."""
+"""Fixtures (helpers live in tests/helpers.py): the bundled sample, the tests' tiny BERT and one real fine-tuning
+run of it, a private redis-server, an MLflow tracking server, and a launcher of real service processes; and the
+run's hooks: the peak memory of the test processes, and skips only where ALLOWED_SKIPS says."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from tests.helpers import (
     MlflowServer,
     free_port,
     nginx_in_front,
+    one_torch_thread,
+    save_tiny_model,
     service_settings,
     wait_for,
 )
@@ -30,17 +32,27 @@ def sample_data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """One real fine-tuning run of minilm, shared by the tests that read its outputs."""
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tests' tiny BERT (random weights, seed 0) with minilm's tokenizer, saved as a model folder."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_params(tiny_model_dir) -> dict:
+    return TINY_PARAMS | {"model": str(tiny_model_dir)}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_params, tmp_path_factory):
+    """One real fine-tuning run of the tiny model, shared by the tests that read its outputs or serve it: seconds
+    on any CPU, where minilm's took minutes on 2 busy cores without bf16."""
     from app.engine.training import train_and_evaluate
 
     progress = []
-    result = train_and_evaluate(
-        TrainParams(**TINY_PARAMS),
-        SAMPLE_DATA_DIR,
-        tmp_path_factory.mktemp("runs"),
-        on_progress=progress.append,
-    )
+    with one_torch_thread():
+        result = train_and_evaluate(
+            TrainParams(**tiny_params), SAMPLE_DATA_DIR, tmp_path_factory.mktemp("runs"), on_progress=progress.append
+        )
     return result, progress
 
 

@@ -1,7 +1,8 @@
 """Bounded requests: a huge /predict is refused or stopped (and its CPU released), and wait=true waiters
 never take every thread of a replica, so health and reads stay fast while 20 clients wait.
 
-Real gunicorn processes, a real Redis and a real fine-tuned minilm (the session's tiny run).
+Real gunicorn processes, a real Redis and a real minilm-sized classifier (the session's tiny run with minilm's
+weights), so that a huge request computes for minutes.
 """
 
 from __future__ import annotations
@@ -32,11 +33,17 @@ def error_of(response) -> dict:
 
 @pytest.fixture(scope="module")
 def wide_model_settings(tiny_run, redis_url, tmp_path_factory):
-    """Settings whose ARTIFACTS_DIR holds 'wide': the tiny run, answering at 512 tokens per item."""
+    """Settings whose ARTIFACTS_DIR holds 'wide': the tiny run's folder with minilm's weights in its model (the
+    new head untrained: only the cost counts here), answering at 512 tokens per item."""
+    from app.engine.modeling import load_classifier, load_tokenizer
+
     folder = tmp_path_factory.mktemp("bounds")
     settings = service_settings(redis_url, folder)
     wide = settings.artifacts_dir / "wide"
     shutil.copytree(tiny_run[0].run_dir, wide)
+    shutil.rmtree(wide / "model")
+    load_classifier("minilm").save_pretrained(wide / "model")
+    load_tokenizer("minilm").save_pretrained(wide / "model")
     params = json.loads((wide / "params.json").read_text())
     (wide / "params.json").write_text(json.dumps(params | {"max_length": 512}))
     return settings
