@@ -55,14 +55,15 @@ services:
 
 # Everything, in TEST_WORKERS pytest processes (whole files each, so module fixtures stay together): most tests
 # wait on servers and subprocesses, so two processes on 2 cores finish sooner than one. Installs the system
-# services first when it can (root + apt).
+# services first when it can (root + apt). Each run lists its slowest tests, so a CI log shows where time went.
 TEST_WORKERS ?= 2
 test: services lint
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
 
-# tests/unit: no service, no process of its own (torch runs in the test process).
+# tests/unit: no service, no process of its own (torch runs in the test process), no model bigger than the tests'
+# tiny BERT: a minute on any 2 cores (docs/development.md, "The unit tier's time").
 test-fast: lint
-	$(BIN)/python -m pytest tests/unit
+	$(BIN)/python -m pytest tests/unit --durations=10
 
 # Build the images and run the compose stack for real (Docker, or podman without a Docker daemon) and talk to it
 # through nginx on localhost:4000; builds without a registry from local base images (README, "Deploy").

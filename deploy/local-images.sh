@@ -5,7 +5,8 @@
 #   localhost/python:3.11-bookworm     } stand-ins for python:3.11-slim, nginx:1.28-alpine and redis:7-alpine
 #   localhost/nginx:1.22-bookworm      } (deploy/local-bases.Dockerfile; their RUN apt-get reaches Debian's
 #   localhost/redis:7-bookworm         }  packages through the engine's network)
-#   wheelhouse/                        the requirements as wheels for Linux x86_64, CPython 3.11 (pip download)
+#   wheelhouse/                        the requirements as wheels for Linux x86_64, CPython 3.11 (pip download),
+#                                      kept in CACHE_DIR for the next clone: the same requirements.txt reuses it
 # deploy/local-images.env points compose at them:
 #   docker-compose --env-file deploy/local-images.env up --build
 # Needs root (debootstrap), debootstrap, an engine (ENGINE: podman, the default, or docker), and Debian's mirror
@@ -21,6 +22,7 @@ CACHE_DIR=${CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/boolq-service}
 TORCH_INDEX_URL=${TORCH_INDEX_URL-https://download.pytorch.org/whl/cpu}
 TORCH_VERSION=2.13.0
 WHEELHOUSE=wheelhouse
+WHEEL_CACHE=$CACHE_DIR/wheelhouse  # the last complete wheelhouse, shared by every clone on this machine
 ENV_FILE=deploy/local-images.env
 
 DEBIAN_IMAGE=localhost/debian:bookworm
@@ -77,6 +79,13 @@ wheelhouse() {
     step "$WHEELHOUSE: complete for this requirements.txt"
     return
   fi
+  if [ -f "$WHEEL_CACHE/.complete" ] && [ "$(cat "$WHEEL_CACHE/.complete")" = "$wanted" ]; then
+    # Same files, same modes: the image build's COPY of the wheelhouse (checksummed by content) stays cached.
+    step "$WHEELHOUSE: copied from $WHEEL_CACHE (complete for this requirements.txt)"
+    cp -p "$WHEEL_CACHE"/*.whl "$WHEELHOUSE"/
+    echo "$wanted" >"$stamp"
+    return
+  fi
   local probe="import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=10)"
   if [ -n "$TORCH_INDEX_URL" ] && "$PYTHON" -c "$probe" "$TORCH_INDEX_URL/torch/" 2>/dev/null; then
     step "$WHEELHOUSE: torch==$TORCH_VERSION from $TORCH_INDEX_URL"
@@ -105,6 +114,10 @@ wheelhouse() {
     return 1
   fi
   echo "$wanted" >"$stamp"
+  step "$WHEELHOUSE: kept in $WHEEL_CACHE for the next clone"
+  rm -rf "$WHEEL_CACHE.tmp" && mkdir -p "$WHEEL_CACHE.tmp"
+  cp -p "$WHEELHOUSE"/*.whl "$WHEEL_CACHE.tmp"/ && echo "$wanted" >"$WHEEL_CACHE.tmp/.complete"
+  rm -rf "$WHEEL_CACHE" && mv "$WHEEL_CACHE.tmp" "$WHEEL_CACHE"
 }
 
 # The first requirement the base image's pip cannot find in the wheelhouse (with no index); empty when none.
